@@ -1,0 +1,119 @@
+"""Typed settings: ``config.toml`` for choices, the environment (or ``.env``) for overrides.
+
+Environment variables use the prefix ``FLAMINGO_`` and ``__`` between levels, e.g.
+``FLAMINGO_MODEL__PRECISION=int8``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config.toml"
+
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8", "nf4"]
+
+
+class ModelSettings(BaseModel):
+    name: str = Field(
+        "openflamingo/OpenFlamingo-9B-vitl-mpt7b",
+        description="A registry name or a local model directory holding flamingo.json.",
+    )
+    precision: Precision = "auto"
+    device: str = Field("auto", description="'auto' picks cuda when present, else cpu.")
+    llama_path: str = Field(
+        "huggyllama/llama-7b",
+        description="LLaMA-7B in Hugging Face format, for the v1 openflamingo/OpenFlamingo-9B.",
+    )
+
+
+class ImageSettings(BaseModel):
+    max_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0)
+    max_side_kept: int = Field(1024, ge=224, description="Larger images are scaled down to this short side.")
+
+
+class PromptSettings(BaseModel):
+    max_chars: int = Field(2000, gt=0)
+
+
+class Range(BaseModel):
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"range low {self.low} is above high {self.high}")
+        return self
+
+
+class GenerationSettings(BaseModel):
+    """Defaults and the ranges users may choose from; the ranges are inclusive."""
+
+    max_new_tokens_default: int = Field(30, gt=0)
+    max_new_tokens: Range = Range(low=1, high=256)
+    temperature: Range = Range(low=0.05, high=2.0)
+    top_p: Range = Range(low=0.05, high=1.0)
+    top_k: Range = Range(low=1, high=500)
+    num_beams: Range = Range(low=1, high=5)
+    repetition_penalty: Range = Range(low=1.0, high=2.0)
+    length_penalty: Range = Range(low=-2.0, high=2.0)
+    no_repeat_ngram_size: Range = Range(low=0, high=10)
+
+    @model_validator(mode="after")
+    def _default_in_range(self) -> GenerationSettings:
+        if not self.max_new_tokens.low <= self.max_new_tokens_default <= self.max_new_tokens.high:
+            raise ValueError("max_new_tokens_default must lie within max_new_tokens")
+        return self
+
+
+class ServiceSettings(BaseModel):
+    max_queue: int = Field(32, gt=0, description="Requests waiting beyond this are refused as busy.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FLAMINGO_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    model: ModelSettings = ModelSettings()
+    images: ImageSettings = ImageSettings()
+    prompts: PromptSettings = PromptSettings()
+    generation: GenerationSettings = GenerationSettings()
+    service: ServiceSettings = ServiceSettings()
+    data_dir: Path = PROJECT_ROOT / "data"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=settings_cls.model_config.get("toml_file"))
+        return (init_settings, env_settings, dotenv_settings, toml)
+
+
+def load_settings(config_path: Path | None = None) -> Settings:
+    """Read settings from a TOML file (the project's ``config.toml`` by default)."""
+    path = config_path or DEFAULT_CONFIG_PATH
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    return _FromFile()

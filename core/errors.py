@@ -1,0 +1,43 @@
+"""Domain errors: each carries the sentence the person who made the request should read.
+
+Adapters (the CLI, the Discord cogs) show ``str(error)`` for any ``FlamingoError`` and treat
+every other exception as a bug to log.
+"""
+
+from __future__ import annotations
+
+
+class FlamingoError(Exception):
+    """Base class: the message is written for the end user."""
+
+
+class BadImage(FlamingoError):
+    """An uploaded file cannot be used as an image."""
+
+
+class BadPrompt(FlamingoError):
+    """A prompt or example text breaks the prompt format or the model's limits."""
+
+
+class BadParameter(FlamingoError):
+    """A generation parameter is out of its allowed range or makes no sense with the others."""
+
+
+class UnknownTask(FlamingoError):
+    """The named task does not exist."""
+
+
+class ModelLoadError(FlamingoError):
+    """The model, its files or its checkpoint cannot be loaded."""
+
+
+class ServiceBusy(FlamingoError):
+    """The request queue is full."""
+
+
+class ServiceClosed(FlamingoError):
+    """The model service is shutting down and accepts no more work."""
+
+
+class GenerationFailed(FlamingoError):
+    """The model raised while answering; the details are logged, not shown."""

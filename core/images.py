@@ -1,0 +1,121 @@
+"""Turn uploaded bytes into a safe RGB image, or refuse them with a message a person understands.
+
+Only common raster formats are opened (Pillow can parse many more, some through external
+programs). The pixel count is checked from the header before any pixel is decoded, because
+Pillow's own decompression-bomb guard only warns below ~179 million pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from core.config import ImageSettings
+from core.errors import BadImage
+
+ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_ACCEPTED_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+_WHITE = (255, 255, 255)
+# A centred crop wider than this keeps everything the vision encoder's centre crop sees.
+MAX_ASPECT_RATIO = 2.0
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+def _open(data: bytes, settings: ImageSettings) -> Image.Image:
+    if not data:
+        raise BadImage("The file is empty.")
+    if len(data) > settings.max_bytes:
+        raise BadImage(f"The file is {_megabytes(len(data))}; the limit is {_megabytes(settings.max_bytes)}.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError:
+        raise BadImage(_too_many_pixels_message(settings)) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise BadImage(f"This file is not an image I can read; send a {_ACCEPTED_NAMES} file.") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise BadImage("The image has no pixels.")
+    if width * height > settings.max_pixels:
+        raise BadImage(f"The image is {width}×{height} pixels; {_too_many_pixels_message(settings)}")
+    return image
+
+
+def _too_many_pixels_message(settings: ImageSettings) -> str:
+    return f"images may have at most {settings.max_pixels / 1e6:g} million pixels."
+
+
+def _to_eight_bit(image: Image.Image) -> Image.Image:
+    """Scale 16/32-bit integer and float greyscale to 0..255 (Pillow's convert clips instead)."""
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        low, high = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - low) / (high - low or 1.0) * 255.0
+    else:
+        top = 255.0 if image.mode == "I" and pixels.max() <= 255 else 65535.0
+        scaled = np.clip(pixels, 0, top) / top * 255.0
+    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith(("I", "F")):
+        image = _to_eight_bit(image)
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _shrink(image: Image.Image, max_short_side: int) -> Image.Image:
+    width, height = image.size
+    short = min(width, height)
+    if short <= max_short_side:
+        return image
+    scale = max_short_side / short
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def load_image(data: bytes, settings: ImageSettings) -> Image.Image:
+    """Decode an upload: first frame, EXIF orientation applied, transparency on white, RGB, bounded size."""
+    image = _open(data, settings)
+    try:
+        if image.format == "JPEG":
+            # Let libjpeg decode at a reduced scale when the image is far larger than we keep.
+            image.draft("RGB", (settings.max_side_kept, settings.max_side_kept))
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image)
+    except Image.DecompressionBombError:
+        raise BadImage(_too_many_pixels_message(settings)) from None
+    except (OSError, ValueError, SyntaxError, EOFError):
+        raise BadImage("The image file is damaged or incomplete; try saving it again.") from None
+    return _shrink(image, settings.max_side_kept)
+
+
+def crop_extreme_aspect(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """Centre-crop very elongated images before the encoder's resize-then-centre-crop.
+
+    Resizing a 10000×1 image so that its short side is 224 would allocate billions of pixels. The
+    kept region still contains everything the encoder's own centre crop looks at.
+    """
+    width, height = image.size
+    if max(width, height) <= max_ratio * min(width, height):
+        return image
+    if width > height:
+        keep = max(1, int(max_ratio * height))
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    keep = max(1, int(max_ratio * width))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))

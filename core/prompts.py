@@ -1,0 +1,74 @@
+"""The OpenFlamingo prompt format, and the checks that keep user text inside it.
+
+``<image>`` marks where an image is read, ``<|endofchunk|>`` ends an in-context example, and a
+request is an unfinished chunk appended to its task's examples::
+
+    <image>Output:A cat.<|endofchunk|><image>Output:
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from core.errors import BadPrompt
+
+IMAGE_TOKEN = "<image>"
+END_OF_CHUNK = "<|endofchunk|>"
+_ALLOWED_CONTROLS = {"\n", "\r", "\t"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One in-context example: an image and a text with exactly one ``<image>`` marker."""
+
+    image: Image.Image
+    text: str
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    prompt_template: str
+    examples: tuple[Example, ...] = ()
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def check_user_text(text: str, *, images: int, reserved: Iterable[str], max_chars: int, what: str) -> str:
+    """Return ``text`` stripped, or raise ``BadPrompt`` saying exactly what is wrong with it.
+
+    ``reserved`` are the tokenizer's special tokens; ``<image>`` is allowed only as many times as
+    there are images.
+    """
+    text = text.strip()
+    if not text:
+        raise BadPrompt(f"The {what} is empty.")
+    if len(text) > max_chars:
+        raise BadPrompt(f"The {what} is {len(text)} characters long; the limit is {max_chars}.")
+    bad_controls = sorted(
+        {f"U+{ord(c):04X}" for c in text if unicodedata.category(c) == "Cc" and c not in _ALLOWED_CONTROLS}
+    )
+    if bad_controls:
+        raise BadPrompt(f"The {what} contains control characters ({', '.join(bad_controls)}); remove them.")
+    for token in sorted(set(reserved) - {IMAGE_TOKEN}, key=len, reverse=True):
+        if token and token in text:
+            raise BadPrompt(f"The {what} contains the reserved token `{token}`; remove it.")
+    markers = text.count(IMAGE_TOKEN)
+    if markers != images:
+        raise BadPrompt(
+            f"The {what} has {_plural(markers, IMAGE_TOKEN + ' marker')} but {_plural(images, 'image')} "
+            f"{'was' if images == 1 else 'were'} given; put one `{IMAGE_TOKEN}` where each image should be read."
+        )
+    return text
+
+
+def assemble_prompt(examples: Sequence[Example], request: str) -> str:
+    """Examples as finished chunks, then the request as an unfinished one."""
+    return "".join(example.text + END_OF_CHUNK for example in examples) + request

@@ -1,0 +1,128 @@
+"""Entry point. ``python main.py describe IMAGE ... --prompt "<image>Output:"`` answers offline.
+
+The answer alone goes to stdout; progress and errors go to stderr, so the output can be piped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+from core.builtin_tasks import DEFAULT_TASK, load_builtin_tasks
+from core.config import Settings, load_settings
+from core.errors import BadImage, FlamingoError, UnknownTask
+from core.generation import GenerationParams, generation_kwargs
+from core.images import load_image
+from core.prompts import END_OF_CHUNK, check_user_text
+from core.service import start_service
+
+log = logging.getLogger("flamingo")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py", description="OpenFlamingo for Discord servers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    describe = commands.add_parser("describe", help="answer a prompt about local images, without Discord")
+    describe.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    describe.add_argument("--prompt", help="text with one <image> per image (default: the task's template)")
+    describe.add_argument("--task", default=DEFAULT_TASK, help="built-in task whose examples are prepended")
+    describe.add_argument("--config", type=Path, help="settings file (default: config.toml)")
+    describe.add_argument("--model", help="registry name or local model directory")
+    describe.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8", "nf4"])
+    describe.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    generation = describe.add_argument_group("generation")
+    generation.add_argument("--max-new-tokens", type=int)
+    generation.add_argument("--do-sample", action="store_true")
+    generation.add_argument("--temperature", type=float)
+    generation.add_argument("--top-p", type=float)
+    generation.add_argument("--top-k", type=int)
+    generation.add_argument("--num-beams", type=int, default=1)
+    generation.add_argument("--repetition-penalty", type=float)
+    generation.add_argument("--length-penalty", type=float)
+    generation.add_argument("--no-repeat-ngram-size", type=int)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    overrides = {key: getattr(args, key) for key in ("model", "precision", "device") if getattr(args, key)}
+    if "model" in overrides:
+        overrides["name"] = overrides.pop("model")
+    return settings.model_copy(update={"model": settings.model.model_copy(update=overrides)})
+
+
+def _read_image(path: Path, settings: Settings) -> object:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise BadImage(f"Cannot read {path}: {error.strerror or error}.") from None
+    try:
+        return load_image(data, settings.images)
+    except BadImage as error:
+        raise BadImage(f"{path}: {error}") from None
+
+
+def describe(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    params = GenerationParams(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty,
+        length_penalty=args.length_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+    )
+    # Everything that needs no model is checked before the (slow) model load.
+    generation_kwargs(params, settings.generation)
+    tasks = load_builtin_tasks(settings.data_dir, settings.images)
+    if args.task not in tasks:
+        raise UnknownTask(f"There is no task called {args.task!r}; built-in tasks: {', '.join(sorted(tasks))}.")
+    task = tasks[args.task]
+    prompt = args.prompt if args.prompt is not None else task.prompt_template
+    check_user_text(
+        prompt, images=len(args.images), reserved=[END_OF_CHUNK], max_chars=settings.prompts.max_chars, what="prompt"
+    )
+    images = [_read_image(path, settings) for path in args.images]
+
+    with contextlib.redirect_stdout(sys.stderr):
+        service = start_service(settings)
+    loaded = service.engine.loaded
+    log.info(
+        "Loaded %s (%s) in %.1f s: language model %.1f MiB, whole model %.1f MiB",
+        loaded.spec.name,
+        loaded.precision.name,
+        loaded.load_seconds,
+        loaded.language_model_bytes / 2**20,
+        loaded.total_bytes / 2**20,
+    )
+    try:
+        answer = asyncio.run(service.answer(images, prompt, task, params))
+    finally:
+        service.close()
+    if not answer.text:
+        log.info("(the model gave an empty answer)")
+    print(answer.text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    try:
+        return describe(args)
+    except FlamingoError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create or update .venv from the pinned requirements; a no-op when they have not changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-$(command -v python3.11 || command -v python3)}
+wanted=$(cat requirements.txt requirements-dev.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
+stamp=.venv/.requirements.sha256
+
+if [[ -f $stamp && $(cat "$stamp") == "$wanted" ]]; then
+    exit 0
+fi
+echo "Setting up .venv (first run or changed requirements)..." >&2
+"$python" -m venv .venv
+.venv/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+.venv/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+echo "$wanted" > "$stamp"

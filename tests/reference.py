@@ -1,0 +1,48 @@
+"""The reference: upstream open_flamingo, built by its own factory and called as its evaluation code does."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from open_flamingo import create_model_and_transforms
+
+from tests.make_tiny_model import MANIFEST_NAME
+
+
+class Reference:
+    def __init__(self, model_dir: Path) -> None:
+        manifest = json.loads((model_dir / MANIFEST_NAME).read_text())
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.model, self.image_processor, self.tokenizer = create_model_and_transforms(
+                clip_vision_encoder_path=f"local-dir:{model_dir / 'vision'}",
+                clip_vision_encoder_pretrained=None,
+                lang_encoder_path=str(model_dir / "lm"),
+                tokenizer_path=str(model_dir / "lm"),
+                cross_attn_every_n_layers=manifest["cross_attn_every_n_layers"],
+                use_local_files=True,
+            )
+        self.model.load_state_dict(torch.load(model_dir / "checkpoint.pt"), strict=False)
+        self.model.eval()
+        self.stop_ids = {self.model.eoc_token_id, self.tokenizer.eos_token_id}
+
+    def generate(self, images: Sequence[object], prompt: str, **kwargs: object) -> tuple[int, ...]:
+        """New tokens up to (not including) the first end-of-chunk or end-of-sequence token."""
+        vision_x = torch.stack([self.image_processor(image) for image in images]).unsqueeze(1).unsqueeze(0)
+        encoded = self.tokenizer([prompt], return_tensors="pt")
+        with torch.inference_mode():
+            output = self.model.generate(
+                vision_x=vision_x,
+                lang_x=encoded["input_ids"],
+                attention_mask=encoded["attention_mask"],
+                **kwargs,
+            )
+        new_tokens = output[0, encoded["input_ids"].shape[1] :].tolist()
+        for index, token in enumerate(new_tokens):
+            if token in self.stop_ids:
+                return tuple(new_tokens[:index])
+        return tuple(new_tokens)
