@@ -12,13 +12,14 @@ import logging
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from core.builtin_tasks import DEFAULT_TASK, load_builtin_tasks
 from core.config import Settings, load_settings
 from core.errors import BadImage, FlamingoError, UnknownTask
 from core.generation import GenerationParams, generation_kwargs
 from core.images import load_image
 from core.prompts import END_OF_CHUNK, check_user_text
-from core.service import start_service
 
 log = logging.getLogger("flamingo")
 
@@ -55,7 +56,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings.model_copy(update={"model": settings.model.model_copy(update=overrides)})
 
 
-def _read_image(path: Path, settings: Settings) -> object:
+def _read_image(path: Path, settings: Settings) -> Image.Image:
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -90,6 +91,9 @@ def describe(args: argparse.Namespace) -> int:
         prompt, images=len(args.images), reserved=[END_OF_CHUNK], max_chars=settings.prompts.max_chars, what="prompt"
     )
     images = [_read_image(path, settings) for path in args.images]
+
+    # Imported here: torch and transformers take seconds to import, and refusals should be instant.
+    from core.service import start_service
 
     with contextlib.redirect_stdout(sys.stderr):
         service = start_service(settings)

@@ -6,6 +6,7 @@ silently ignored, so nobody wonders why their temperature changed nothing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +31,8 @@ class GenerationParams:
 
 
 def _check_range(name: str, value: float, allowed: Range, integer: bool) -> None:
+    if not math.isfinite(value):
+        raise BadParameter(f"{name} must be a finite number (got {value}).")
     if integer and value != int(value):
         raise BadParameter(f"{name} must be a whole number (got {value}).")
     if not allowed.low <= value <= allowed.high:

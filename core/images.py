@@ -8,6 +8,7 @@ Pillow's own decompression-bomb guard only warns below ~179 million pixels.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -16,47 +17,53 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from core.config import ImageSettings
 from core.errors import BadImage
 
-ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Multi-picture JPEGs (MPO, from phone cameras) open through the JPEG plugin.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _ACCEPTED_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 _WHITE = (255, 255, 255)
 # A centred crop wider than this keeps everything the vision encoder's centre crop sees.
 MAX_ASPECT_RATIO = 2.0
 
 
-def _megabytes(size: int) -> str:
-    return f"{size / (1024 * 1024):.1f} MB"
+def _sizes(size: int, limit: int) -> tuple[str, str]:
+    """Both in MB, or in bytes where one decimal would make them look equal."""
+    shown = tuple(f"{n / (1024 * 1024):.1f} MB" for n in (size, limit))
+    return shown if shown[0] != shown[1] else (f"{size:,} bytes", f"{limit:,} bytes")
 
 
 def _open(data: bytes, settings: ImageSettings) -> Image.Image:
     if not data:
         raise BadImage("The file is empty.")
     if len(data) > settings.max_bytes:
-        raise BadImage(f"The file is {_megabytes(len(data))}; the limit is {_megabytes(settings.max_bytes)}.")
+        size, limit = _sizes(len(data), settings.max_bytes)
+        raise BadImage(f"The file is {size}; the limit is {limit}.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError:
-        raise BadImage(_too_many_pixels_message(settings)) from None
+        raise BadImage(_too_many_pixels(settings, "far more than that")) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise BadImage(f"This file is not an image I can read; send a {_ACCEPTED_NAMES} file.") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise BadImage("The image has no pixels.")
     if width * height > settings.max_pixels:
-        raise BadImage(f"The image is {width}×{height} pixels; {_too_many_pixels_message(settings)}")
+        raise BadImage(_too_many_pixels(settings, f"{width}×{height} pixels"))
     return image
 
 
-def _too_many_pixels_message(settings: ImageSettings) -> str:
-    return f"images may have at most {settings.max_pixels / 1e6:g} million pixels."
+def _too_many_pixels(settings: ImageSettings, actual: str) -> str:
+    return f"Images may have at most {settings.max_pixels / 1e6:g} million pixels; this one has {actual}."
 
 
 def _to_eight_bit(image: Image.Image) -> Image.Image:
     """Scale 16/32-bit integer and float greyscale to 0..255 (Pillow's convert clips instead)."""
     pixels = np.asarray(image, dtype=np.float64)
     if image.mode == "F":
-        low, high = float(pixels.min()), float(pixels.max())
+        finite = pixels[np.isfinite(pixels)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        pixels = np.nan_to_num(pixels, nan=low, posinf=high, neginf=low)
         scaled = (pixels - low) / (high - low or 1.0) * 255.0
     else:
         top = 255.0 if image.mode == "I" and pixels.max() <= 255 else 65535.0
@@ -85,19 +92,26 @@ def _shrink(image: Image.Image, max_short_side: int) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a malformed EXIF block is ignored, since the pixels are fine."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError, struct.error):
+        return image
+
+
 def load_image(data: bytes, settings: ImageSettings) -> Image.Image:
     """Decode an upload: first frame, EXIF orientation applied, transparency on white, RGB, bounded size."""
     image = _open(data, settings)
     try:
-        if image.format == "JPEG":
+        if image.format in ("JPEG", "MPO"):
             # Let libjpeg decode at a reduced scale when the image is far larger than we keep.
             image.draft("RGB", (settings.max_side_kept, settings.max_side_kept))
         image.seek(0)
         image.load()
-        image = ImageOps.exif_transpose(image)
-        image = _to_rgb(image)
+        image = _to_rgb(_upright(image))
     except Image.DecompressionBombError:
-        raise BadImage(_too_many_pixels_message(settings)) from None
+        raise BadImage(_too_many_pixels(settings, "far more than that")) from None
     except (OSError, ValueError, SyntaxError, EOFError):
         raise BadImage("The image file is damaged or incomplete; try saving it again.") from None
     return _shrink(image, settings.max_side_kept)

@@ -58,7 +58,7 @@ class TinyModelSpec:
     hidden: int = 64
     layers: int = 4
     heads: int = 4
-    intermediate: int = 172
+    intermediate: int = 192
     vocab: int = 400
     max_positions: int = 512
     cross_attn_every_n_layers: int = 2

@@ -1,0 +1,168 @@
+"""Strict checkpoint loading and the loader's promises (no warnings, no stdout, one-line errors)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from core.config import ModelSettings
+from core.errors import ModelLoadError
+from core.loading import load_model
+from tests.make_tiny_model import MANIFEST_NAME, TinyModelSpec, write_model
+
+
+def _variant(source: Path, target: Path, checkpoint: dict | None = None, **manifest_changes: object) -> Path:
+    """A copy of a model directory with an edited checkpoint and manifest."""
+    shutil.copytree(source, target)
+    if checkpoint is not None:
+        torch.save(checkpoint, target / "checkpoint.pt")
+    manifest = json.loads((target / MANIFEST_NAME).read_text()) | manifest_changes
+    (target / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return target
+
+
+def _load(directory: Path, precision: str = "fp32"):
+    return load_model(ModelSettings(name=str(directory), precision=precision, device="cpu"))
+
+
+def _checkpoint(directory: Path) -> dict[str, torch.Tensor]:
+    return torch.load(directory / "checkpoint.pt")
+
+
+@pytest.fixture(scope="module")
+def every_layer_dir(tmp_path_factory) -> Path:
+    """A tiny LLaMA trained with cross-attention in every layer."""
+    return write_model(tmp_path_factory.mktemp("n1") / "m", TinyModelSpec(family="llama", cross_attn_every_n_layers=1))
+
+
+def test_the_right_checkpoint_loads_silently(model_dirs, caplog, capsys):
+    transformers.utils.logging.enable_propagation()
+    try:
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+            warnings.simplefilter("always")
+            loaded = _load(model_dirs["llama"])
+    finally:
+        transformers.utils.logging.disable_propagation()
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert capsys.readouterr().out == ""
+    gate = loaded.model.lang_encoder.gated_cross_attn_layers[1].attn_gate
+    assert gate.item() == pytest.approx(0.75)
+
+
+def test_checkpoint_built_with_other_cross_attention_spacing_is_refused(every_layer_dir, tmp_path):
+    wrong = _variant(every_layer_dir, tmp_path / "wrong", cross_attn_every_n_layers=2)
+    with pytest.raises(ModelLoadError) as refused:
+        _load(wrong)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert str(wrong / "checkpoint.pt") in message
+    assert "unexpected keys: lang_encoder.model.layers.0.gated_cross_attn_layer" in message
+
+
+def test_model_expecting_more_cross_attention_than_trained_is_refused(model_dirs, tmp_path):
+    wrong = _variant(model_dirs["llama"], tmp_path / "wrong", cross_attn_every_n_layers=1)
+    with pytest.raises(ModelLoadError, match=r"trained tensors missing: lang_encoder\.model\.layers\.0\.gated_cross"):
+        _load(wrong)
+
+
+def test_missing_trained_tensor_is_refused(model_dirs, tmp_path):
+    checkpoint = _checkpoint(model_dirs["llama"])
+    del checkpoint["perceiver.latents"]
+    with pytest.raises(ModelLoadError, match=r"1 trained tensors missing: perceiver\.latents$"):
+        _load(_variant(model_dirs["llama"], tmp_path / "m", checkpoint))
+
+
+def test_unknown_key_is_refused(model_dirs, tmp_path):
+    checkpoint = _checkpoint(model_dirs["llama"]) | {"lang_encoder.adapter.weight": torch.zeros(2)}
+    with pytest.raises(ModelLoadError, match=r"1 unexpected keys: lang_encoder\.adapter\.weight"):
+        _load(_variant(model_dirs["llama"], tmp_path / "m", checkpoint))
+
+
+def test_shape_mismatch_is_refused(model_dirs, tmp_path):
+    checkpoint = _checkpoint(model_dirs["llama"])
+    checkpoint["perceiver.latents"] = torch.zeros(64, 32)
+    with pytest.raises(ModelLoadError, match=r"shape mismatches: perceiver\.latents \(64, 32\) vs \(64, 64\)"):
+        _load(_variant(model_dirs["llama"], tmp_path / "m", checkpoint))
+
+
+def test_stale_buffers_of_older_transformers_are_accepted(model_dirs, tmp_path):
+    layer = "lang_encoder.gpt_neox.layers.0.decoder_layer.attention"
+    checkpoint = _checkpoint(model_dirs["gptneox"]) | {
+        f"{layer}.bias": torch.ones(1, 1, 8, 8, dtype=torch.bool),
+        f"{layer}.masked_bias": torch.tensor(-1e9),
+        f"{layer}.rotary_emb.inv_freq": torch.ones(4),
+    }
+    loaded = _load(_variant(model_dirs["gptneox"], tmp_path / "m", checkpoint))
+    assert loaded.spec.cross_attn_every_n_layers == 2
+
+
+def test_tensors_saved_under_the_other_module_path_count(model_dirs, tmp_path):
+    """Upstream registers each cross-attention layer twice; either saved name must satisfy the check."""
+    checkpoint = {
+        key.replace("lang_encoder.model.layers.3.gated_cross_attn_layer.", "lang_encoder.gated_cross_attn_layers.3."): v
+        for key, v in _checkpoint(model_dirs["llama"]).items()
+    }
+    assert any(key.startswith("lang_encoder.gated_cross_attn_layers.3.") for key in checkpoint)
+    loaded = _load(_variant(model_dirs["llama"], tmp_path / "m", checkpoint))
+    gate = loaded.model.lang_encoder.model.layers[3].gated_cross_attn_layer.attn_gate
+    assert gate.item() == pytest.approx(0.85)
+
+
+def test_training_checkpoint_layout_is_unwrapped(model_dirs, tmp_path):
+    saved = {"model_state_dict": {f"module.{k}": v for k, v in _checkpoint(model_dirs["llama"]).items()}, "epoch": 3}
+    loaded = _load(_variant(model_dirs["llama"], tmp_path / "m", saved))
+    assert loaded.model.lang_encoder.gated_cross_attn_layers[1].attn_gate.item() == pytest.approx(0.75)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"not a checkpoint", r"cannot read checkpoint .*checkpoint\.pt"),
+        (None, r"cannot read checkpoint .*checkpoint\.pt"),
+        ([1, 2, 3], r"is not a dictionary of tensors"),
+    ],
+    ids=["garbage", "pickle-with-code", "list"],
+)
+def test_unreadable_or_unsafe_checkpoints_are_refused(model_dirs, tmp_path, capsys, content, message):
+    directory = _variant(model_dirs["llama"], tmp_path / "m")
+    if isinstance(content, bytes):
+        (directory / "checkpoint.pt").write_bytes(content)
+    else:
+        torch.save(_Exploit() if content is None else content, directory / "checkpoint.pt")
+    with pytest.raises(ModelLoadError, match=message):
+        _load(directory)
+    assert "pickled code ran" not in capsys.readouterr().out
+
+
+def test_missing_language_model_files_give_one_line(model_dirs, tmp_path):
+    directory = _variant(model_dirs["llama"], tmp_path / "m")
+    (directory / "lm" / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"^cannot load the language model of .*: ") as refused:
+        _load(directory)
+    assert "\n" not in str(refused.value)
+
+
+def test_directory_without_manifest_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"is a directory but has no flamingo\.json"):
+        _load(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gptneox", "mpt"])
+def test_every_part_computes_in_one_dtype(model_dirs, family):
+    loaded = _load(model_dirs[family], precision="bf16")
+    dtypes = {p.dtype for p in loaded.model.parameters() if p.is_floating_point()}
+    assert dtypes == {torch.bfloat16}
+    assert loaded.context_length == 512

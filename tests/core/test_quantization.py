@@ -1,0 +1,54 @@
+"""int8 and nf4 (bitsandbytes, CPU backend) through the whole Flamingo model, not only the bare LM."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from core.config import ModelSettings
+from core.engine import FlamingoEngine, holds_conditioning
+from core.generation import GenerationParams
+from core.loading import load_model
+from core.prompts import Example, Task
+from tests.conftest import tiny_settings
+
+QUANTIZED_LAYER = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_quantized_model_answers_through_flamingo(model_dirs, llama_engine: FlamingoEngine, photos, precision):
+    settings = tiny_settings(model_dirs["llama"], precision=precision)
+    loaded = load_model(settings.model)
+    engine = FlamingoEngine(loaded, settings)
+
+    q_proj = loaded.model.lang_encoder.model.layers[0].decoder_layer.self_attn.q_proj
+    assert isinstance(q_proj, QUANTIZED_LAYER[precision])
+    flamingo_parts = [
+        loaded.model.vision_encoder,
+        loaded.model.perceiver,
+        loaded.model.lang_encoder.gated_cross_attn_layers,
+    ]
+    assert {p.dtype for part in flamingo_parts for p in part.parameters()} == {loaded.precision.dtype}
+    assert loaded.language_model_bytes < llama_engine.loaded.language_model_bytes
+
+    task = Task("t", "", "<image>Output:", (Example(photos["astronaut"], "<image>Output:An astronaut."),))
+    answers = {
+        name: engine.run(engine.prepare([photos[name]], "<image>Output:", task, GenerationParams(max_new_tokens=8)))
+        for name in ("rocket", "chelsea")
+    }
+    assert all(len(answer.token_ids) > 0 for answer in answers.values())
+    assert answers["rocket"].token_ids != answers["chelsea"].token_ids
+    assert not holds_conditioning(loaded.model)
+
+
+def test_quantized_memory_is_reported_smaller_than_fp32(model_dirs):
+    sizes = {
+        precision: load_model(ModelSettings(name=str(model_dirs["llama"]), precision=precision, device="cpu"))
+        for precision in ("fp32", "int8", "nf4")
+    }
+    fp32, int8, nf4 = (sizes[p].language_model_bytes for p in ("fp32", "int8", "nf4"))
+    print(f"language model bytes: fp32 {fp32}, int8 {int8}, nf4 {nf4}")
+    assert int8 < fp32 / 2
+    assert nf4 < fp32 / 2
+    assert sizes["int8"].precision.dtype == torch.float16

@@ -1,0 +1,159 @@
+"""The service: one worker owns the model; callers never see each other's answers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from core.engine import Answer, FlamingoEngine, PreparedRequest, holds_conditioning
+from core.errors import BadPrompt, GenerationFailed, ServiceBusy, ServiceClosed
+from core.generation import GenerationParams
+from core.prompts import Example, Task
+
+
+class GatedEngine:
+    """The real engine behind a gate, so a test decides when the worker may proceed."""
+
+    def __init__(self, engine: FlamingoEngine) -> None:
+        self.engine = engine
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.ran: list[str] = []
+
+    def prepare(self, *args, **kwargs) -> PreparedRequest:
+        return self.engine.prepare(*args, **kwargs)
+
+    def run(self, request: PreparedRequest, should_stop) -> Answer:
+        self.started.set()
+        assert self.gate.wait(timeout=30)
+        self.ran.append(request.prompt)
+        return self.engine.run(request, should_stop)
+
+
+@pytest.fixture(scope="module")
+def task(photos) -> Task:
+    return Task("t", "", "<image>Output:", (Example(photos["astronaut"], "<image>Output:An astronaut."),))
+
+
+async def test_concurrent_callers_each_get_their_own_answer(llama_engine, make_service, photos, task):
+    requests = [
+        ([photos[name]], prompt, GenerationParams(max_new_tokens=tokens, num_beams=beams))
+        for name, prompt, tokens, beams in [
+            ("rocket", "<image>Output:", 8, 1),
+            ("chelsea", "<image>Output:", 6, 1),
+            ("camera", "A photo: <image>Output:", 8, 2),
+            ("coffee", "<image>Question:What is this? Short answer:", 5, 1),
+            ("rocket", "<image>Question:Is it day? Short answer:", 7, 3),
+            ("chelsea", "<image>Output:", 9, 2),
+        ]
+    ]
+    expected = [
+        llama_engine.run(llama_engine.prepare(images, prompt, task, params)) for images, prompt, params in requests
+    ]
+    service = make_service(llama_engine, max_queue=16)
+    answers = await asyncio.gather(
+        *(service.answer(images, prompt, task, params) for images, prompt, params in requests)
+    )
+    assert [a.token_ids for a in answers] == [e.token_ids for e in expected]
+    assert [a.prompt for a in answers] == [e.prompt for e in expected]
+    assert len({a.token_ids for a in answers}) > 1
+
+
+async def test_full_queue_is_refused_as_busy(llama_engine, make_service, photos, task):
+    gated = GatedEngine(llama_engine)
+    service = make_service(gated, max_queue=2)
+    ask = lambda: service.answer([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=2))  # noqa: E731
+    running = asyncio.create_task(ask())
+    await asyncio.to_thread(gated.started.wait, 10)
+    waiting = [asyncio.create_task(ask()) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(ServiceBusy, match=r"busy \(2 requests are already waiting\)"):
+        await ask()
+    gated.gate.set()
+    answers = await asyncio.gather(running, *waiting)
+    assert len(answers) == 3
+
+
+async def test_cancelled_request_never_reaches_the_model(llama_engine, make_service, photos, task):
+    gated = GatedEngine(llama_engine)
+    service = make_service(gated)
+    first = asyncio.create_task(
+        service.answer([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=2))
+    )
+    await asyncio.to_thread(gated.started.wait, 10)
+    withdrawn = asyncio.create_task(service.answer([photos["chelsea"]], "<image>Withdrawn:", task, GenerationParams()))
+    await asyncio.sleep(0)
+    withdrawn.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await withdrawn
+    gated.gate.set()
+    await first
+    after = await service.answer([photos["coffee"]], "<image>After:", task, GenerationParams(max_new_tokens=2))
+    assert after.prompt.endswith("<image>After:")
+    assert [prompt.rsplit(">", 1)[-1] for prompt in gated.ran] == ["Output:", "After:"]
+
+
+def test_stop_request_ends_generation_between_tokens(llama_engine, photos, task):
+    prepared = llama_engine.prepare([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=50))
+    assert len(llama_engine.run(prepared, should_stop=lambda: True).token_ids) <= 1
+    assert len(llama_engine.run(prepared).token_ids) > 1
+
+
+async def test_bad_input_is_refused_before_queueing(llama_engine, make_service, photos, task):
+    gated = GatedEngine(llama_engine)
+    service = make_service(gated)
+    with pytest.raises(BadPrompt, match="has 0 <image> markers"):
+        await service.answer([photos["rocket"]], "Output:", task, GenerationParams())
+    assert service.waiting == 0
+    assert not gated.started.is_set()
+
+
+async def test_failed_request_leaves_no_conditioned_state(llama_engine, make_service, photos, task, monkeypatch):
+    model = llama_engine.loaded.model
+    params = GenerationParams(max_new_tokens=6)
+    baseline = llama_engine.run(llama_engine.prepare([photos["rocket"]], "<image>Output:", task, params))
+    final_norm = model.lang_encoder.model.norm
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated fault after the layers were conditioned")
+
+    monkeypatch.setattr(final_norm, "forward", broken)
+    prepared = llama_engine.prepare([photos["rocket"]], "<image>Output:", task, params)
+    # Upstream alone keeps the failed request's images on the layers...
+    with pytest.raises(RuntimeError, match="simulated fault"):
+        model.generate(vision_x=prepared.vision_x, lang_x=prepared.input_ids, max_new_tokens=2)
+    assert holds_conditioning(model)
+    with pytest.raises(AssertionError, match="Expect vision_x to be None"), torch.inference_mode():
+        model(vision_x=prepared.vision_x, lang_x=prepared.input_ids)
+    # ...and the service clears them.
+    service = make_service(llama_engine)
+    with pytest.raises(GenerationFailed, match="Something went wrong while the model was answering"):
+        await service.answer([photos["rocket"]], "<image>Output:", task, params)
+    assert not holds_conditioning(model)
+    monkeypatch.undo()
+    again = await service.answer([photos["rocket"]], "<image>Output:", task, params)
+    assert again.token_ids == baseline.token_ids
+    with torch.inference_mode():
+        logits = model(vision_x=prepared.vision_x, lang_x=prepared.input_ids).logits
+    assert logits.shape[1] == prepared.input_ids.shape[1]
+    assert not holds_conditioning(model)
+
+
+async def test_closing_withdraws_waiting_requests_and_refuses_new_ones(llama_engine, make_service, photos, task):
+    gated = GatedEngine(llama_engine)
+    service = make_service(gated)
+    params = GenerationParams(max_new_tokens=2)
+    running = asyncio.create_task(service.answer([photos["rocket"]], "<image>Output:", task, params))
+    await asyncio.to_thread(gated.started.wait, 10)
+    waiting = asyncio.create_task(service.answer([photos["chelsea"]], "<image>Output:", task, params))
+    await asyncio.sleep(0)
+    gated.gate.set()
+    await asyncio.to_thread(service.close)
+    assert len((await running).token_ids) <= 2
+    with pytest.raises(ServiceClosed, match="was not run"):
+        await waiting
+    with pytest.raises(ServiceClosed, match="shutting down"):
+        await service.answer([photos["chelsea"]], "<image>Output:", task, params)
