@@ -38,7 +38,7 @@ _DECODER_LAYERS = {
     "mpt": "transformer.blocks",
     "mosaicgpt": "transformer.blocks",
 }
-_LOAD_ERRORS = (OSError, ValueError, KeyError, HfHubHTTPError)
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError, HfHubHTTPError)
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,10 @@ def _load_language_model(spec: ModelSpec, plan: PrecisionPlan, device: torch.dev
     }
     if plan.quantization is not None:
         kwargs |= {"quantization_config": plan.quantization, "device_map": {"": device}}
-    lm = AutoModelForCausalLM.from_pretrained(spec.lang_encoder_path, **kwargs)
+    return with_embedding_accessors(AutoModelForCausalLM.from_pretrained(spec.lang_encoder_path, **kwargs))
+
+
+def with_embedding_accessors(lm: PreTrainedModel) -> PreTrainedModel:
     try:
         lm.get_input_embeddings()
     except NotImplementedError:
@@ -170,7 +173,7 @@ def _resize_embeddings(lm: PreTrainedModel, vocab_size: int) -> None:
                 table[old_size:] = table[:old_size].mean(dim=0)
 
 
-def _decoder_layers_attr(lm: PreTrainedModel) -> str:
+def decoder_layers_attr(lm: PreTrainedModel) -> str:
     class_name = type(lm).__name__.lower()
     for family, attr in _DECODER_LAYERS.items():
         if family in class_name:
@@ -214,7 +217,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         raise ModelLoadError(f"cannot load the {step} of {spec.name}: {first_line}") from None
 
     extend_instance(lm, FlamingoLMMixin)
-    lm.set_decoder_layers_attr_name(_decoder_layers_attr(lm))
+    lm.set_decoder_layers_attr_name(decoder_layers_attr(lm))
     model = Flamingo(
         SimpleNamespace(visual=visual),
         lm,

@@ -17,14 +17,15 @@ from core.generation import GenerationParams
 from tests.conftest import IMAGES
 
 
-def describe(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def describe(*args: str | Path, hf_home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"} | ({"HF_HOME": str(hf_home)} if hf_home else {})
     return subprocess.run(
         [sys.executable, "main.py", "describe", *map(str, args)],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
         timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        env=env,
     )
 
 
@@ -128,3 +129,13 @@ def test_describe_refusals_are_one_clear_line(model_dirs, tmp_path, args, messag
     assert last_line.startswith("error: ")
     assert "Traceback" not in result.stderr
     assert re.search(message, last_line), last_line
+
+
+def test_registry_model_offline_and_not_cached_is_one_clear_line(tmp_path):
+    """HF_HUB_OFFLINE is honoured: nothing is fetched, and the refusal names the missing part."""
+    result = describe(IMAGES / "chelsea.jpg", "--model", "openflamingo/OpenFlamingo-4B-vitl-rpj3b", hf_home=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: cannot load the vision encoder of openflamingo/OpenFlamingo-4B-vitl-rpj3b: ")
+    assert "weights for tag 'openai'" in last_line

@@ -14,7 +14,7 @@ import transformers
 
 from core.config import ModelSettings
 from core.errors import ModelLoadError
-from core.loading import load_model
+from core.loading import decoder_layers_attr, load_model, with_embedding_accessors
 from tests.make_tiny_model import MANIFEST_NAME, TinyModelSpec, write_model
 
 
@@ -166,3 +166,44 @@ def test_every_part_computes_in_one_dtype(model_dirs, family):
     dtypes = {p.dtype for p in loaded.model.parameters() if p.is_floating_point()}
     assert dtypes == {torch.bfloat16}
     assert loaded.context_length == 512
+
+
+@pytest.mark.parametrize(
+    ("class_name", "attr"),
+    [
+        ("LlamaForCausalLM", "model.layers"),
+        ("GPTNeoXForCausalLM", "gpt_neox.layers"),
+        ("MptForCausalLM", "transformer.blocks"),
+        ("MosaicGPT", "transformer.blocks"),
+    ],
+)
+def test_decoder_blocks_are_found_for_every_released_family(class_name, attr):
+    """MPT-1B's MosaicGPT cannot be built here (hub code); its names are checked instead."""
+    fake = type(class_name, (torch.nn.Module,), {})()
+    assert decoder_layers_attr(fake) == attr
+
+
+def test_unknown_language_model_class_is_refused():
+    with pytest.raises(ModelLoadError, match="unsupported language model class OPTForCausalLM"):
+        decoder_layers_attr(type("OPTForCausalLM", (torch.nn.Module,), {})())
+
+
+def test_mosaicgpt_gets_embedding_accessors(model_dirs):
+    """MosaicGPT raises NotImplementedError from get_input_embeddings; the loader adds them on transformer.wte."""
+
+    class MosaicGPT(transformers.PreTrainedModel):
+        config_class = transformers.MptConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.transformer = torch.nn.Module()
+            self.transformer.wte = torch.nn.Embedding(10, 4)
+
+    model = MosaicGPT(transformers.MptConfig(d_model=4, n_heads=1, n_layers=1, vocab_size=10))
+    with pytest.raises(NotImplementedError):
+        model.get_input_embeddings()
+    with_accessors = with_embedding_accessors(model)
+    assert with_accessors.get_input_embeddings() is model.transformer.wte
+    replacement = torch.nn.Embedding(12, 4)
+    with_accessors.set_input_embeddings(replacement)
+    assert model.transformer.wte is replacement
