@@ -207,3 +207,36 @@ def test_mosaicgpt_gets_embedding_accessors(model_dirs):
     replacement = torch.nn.Embedding(12, 4)
     with_accessors.set_input_embeddings(replacement)
     assert model.transformer.wte is replacement
+
+
+def test_hub_code_shipped_with_a_native_model_is_never_run(model_dirs, tmp_path):
+    """anas-awadalla/mpt-7b's config points at its own modeling code; the native MPT class loads it instead."""
+    directory = _variant(model_dirs["mpt"], tmp_path / "m")
+    config_path = directory / "lm" / "config.json"
+    config = json.loads(config_path.read_text()) | {
+        "architectures": ["MPTForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_mpt.MPTConfig",
+            "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM",
+        },
+        "attn_config": {
+            "alibi": True,
+            "alibi_bias_max": 8,
+            "attn_impl": "torch",
+            "attn_pdrop": 0,
+            "clip_qkv": None,
+            "prefix_lm": False,
+            "qk_ln": False,
+            "softmax_scale": None,
+            "attn_uses_sequence_id": False,
+        },
+        "norm_type": "low_precision_layernorm",
+        "no_bias": True,
+        "learned_pos_emb": True,
+        "logit_scale": None,
+    }
+    config_path.write_text(json.dumps(config))
+    for module in ("configuration_mpt.py", "modeling_mpt.py"):
+        (directory / "lm" / module).write_text("raise SystemExit('hub code ran')\n")
+    loaded = _load(directory)
+    assert isinstance(loaded.model.lang_encoder, transformers.MptForCausalLM)
