@@ -23,8 +23,32 @@ class BadParameter(FlamingoError):
     """A generation parameter is out of its allowed range or makes no sense with the others."""
 
 
-class UnknownTask(FlamingoError):
+class TaskError(FlamingoError):
+    """A change to a task library cannot be made."""
+
+
+class UnknownTask(TaskError):
     """The named task does not exist."""
+
+
+class TaskExists(TaskError):
+    """The guild already has a task of that name."""
+
+
+class ExampleNotFound(TaskError):
+    """The task has no example at that position."""
+
+
+class LimitReached(TaskError):
+    """A configured cap (tasks per guild, examples per task, context length) would be exceeded."""
+
+
+class ReadOnlyTask(TaskError):
+    """Built-in tasks cannot be changed, only copied."""
+
+
+class BadName(TaskError):
+    """A task name is too long, too short, or uses characters that are not allowed."""
 
 
 class ModelLoadError(FlamingoError):
