@@ -1,6 +1,8 @@
-"""Entry point. ``python main.py describe IMAGE ... --prompt "<image>Output:"`` answers offline.
+"""Entry point: ``python main.py`` runs the bot; ``describe`` answers offline; ``backup`` copies the database.
 
-The answer alone goes to stdout; progress and errors go to stderr, so the output can be piped.
+Configuration and the token are checked before the model stack is imported (torch and friends
+take seconds), so a missing token is reported at once. ``describe`` prints only the answer on
+stdout; progress and errors go to stderr.
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from PIL import Image
 
 from core.builtin_tasks import DEFAULT_TASK, load_builtin_tasks
-from core.config import Settings, load_settings
+from core.config import ConfigError, Settings, load_settings
 from core.errors import BadImage, FlamingoError, UnknownTask
 from core.generation import GenerationParams, generation_kwargs
 from core.images import load_image
@@ -26,12 +29,15 @@ log = logging.getLogger("flamingo")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="OpenFlamingo for Discord servers.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--config", type=Path, help="settings file (default: config.toml)")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("run", help="run the bot (the default)")
+    backup = commands.add_parser("backup", help="copy the task database safely, even while the bot runs")
+    backup.add_argument("target", type=Path, metavar="PATH")
     describe = commands.add_parser("describe", help="answer a prompt about local images, without Discord")
     describe.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     describe.add_argument("--prompt", help="text with one <image> per image (default: the task's template)")
     describe.add_argument("--task", default=DEFAULT_TASK, help="built-in task whose examples are prepended")
-    describe.add_argument("--config", type=Path, help="settings file (default: config.toml)")
     describe.add_argument("--model", help="registry name or local model directory")
     describe.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8", "nf4"])
     describe.add_argument("--device", help="auto, cpu, cuda or cuda:N")
@@ -48,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _describe_settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
     overrides = {key: getattr(args, key) for key in ("model", "precision", "device") if getattr(args, key)}
     if "model" in overrides:
@@ -68,7 +74,7 @@ def _read_image(path: Path, settings: Settings) -> Image.Image:
 
 
 def describe(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _describe_settings(args)
     params = GenerationParams(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
@@ -116,12 +122,50 @@ def describe(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _serve(settings: Settings, token: str) -> None:
+    from cogs.utils.bot import FlamingoBot
+
+    bot = FlamingoBot(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, lambda: loop.create_task(bot.close()))
+    async with bot:
+        await bot.start(token)
+
+
+def run_bot(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    if settings.discord_token is None or not settings.discord_token.get_secret_value().strip():
+        raise ConfigError("no Discord bot token: set DISCORD_TOKEN in the environment or in a .env file")
+    import discord
+
+    discord.utils.setup_logging(level=getattr(logging, settings.logging.level))
+    try:
+        asyncio.run(_serve(settings, settings.discord_token.get_secret_value().strip()))
+    except discord.LoginFailure:
+        raise ConfigError("Discord refused the bot token; check DISCORD_TOKEN") from None
+    return 0
+
+
+def backup(args: argparse.Namespace) -> int:
+    from core.store import backup_database
+
+    settings = load_settings(args.config)
+    source = settings.storage.database_path
+    if not source.is_file():
+        raise ConfigError(f"there is no database at {source} yet")
+    backup_database(source, args.target)
+    print(f"Copied {source} to {args.target}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    command = {"describe": describe, "backup": backup}.get(args.command, run_bot)
     try:
-        return describe(args)
-    except FlamingoError as error:
+        return command(args)
+    except (FlamingoError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

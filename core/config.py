@@ -7,9 +7,9 @@ Environment variables use the prefix ``FLAMINGO_`` and ``__`` between levels, e.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -81,6 +81,48 @@ class ServiceSettings(BaseModel):
     max_queue: int = Field(32, gt=0, description="Requests waiting beyond this are refused as busy.")
 
 
+class DiscordSettings(BaseModel):
+    owner_ids: list[int] = Field(default_factory=list, description="Empty: the application's owner or team.")
+    admin_guild_id: int | None = Field(None, description="The only guild that sees the owner's admin commands.")
+    sync_commands_on_start: bool = True
+    api_base_url: str = "https://discord.com/api/v10"
+
+
+class LimitSettings(BaseModel):
+    max_tasks_per_guild: int = Field(50, gt=0)
+    max_examples_per_task: int = Field(8, gt=0)
+    max_example_chars: int = Field(400, gt=0)
+    max_description_chars: int = Field(200, gt=0)
+    max_template_chars: int = Field(400, gt=0)
+
+
+class StorageSettings(BaseModel):
+    database: Path = Field(Path("data/flamingo.db"), description="Relative paths are relative to the project.")
+
+    @property
+    def database_path(self) -> Path:
+        return self.database if self.database.is_absolute() else PROJECT_ROOT / self.database
+
+
+class LoggingSettings(BaseModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_prompts: bool = Field(False, description="Prompts are private to the people who wrote them.")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and what is allowed."""
+
+
+class _TomlWithoutSecrets(TomlConfigSettingsSource):
+    """The committed file must never carry the token, so a token found there is an error."""
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        if {"discord_token", "DISCORD_TOKEN"} & set(values):
+            raise ConfigError("config.toml must not hold the bot token; set DISCORD_TOKEN in the environment or .env")
+        return values
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FLAMINGO_",
@@ -94,7 +136,12 @@ class Settings(BaseSettings):
     prompts: PromptSettings = PromptSettings()
     generation: GenerationSettings = GenerationSettings()
     service: ServiceSettings = ServiceSettings()
+    discord: DiscordSettings = DiscordSettings()
+    limits: LimitSettings = LimitSettings()
+    storage: StorageSettings = StorageSettings()
+    logging: LoggingSettings = LoggingSettings()
     data_dir: Path = PROJECT_ROOT / "data"
+    discord_token: SecretStr | None = Field(None, validation_alias=AliasChoices("DISCORD_TOKEN", "discord_token"))
 
     @classmethod
     def settings_customise_sources(
@@ -105,15 +152,31 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=settings_cls.model_config.get("toml_file"))
+        toml = _TomlWithoutSecrets(settings_cls, toml_file=settings_cls.model_config.get("toml_file"))
         return (init_settings, env_settings, dotenv_settings, toml)
 
 
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "settings"
+    return f"{key}: {first['msg']} (got {first.get('input')!r})"
+
+
 def load_settings(config_path: Path | None = None) -> Settings:
-    """Read settings from a TOML file (the project's ``config.toml`` by default)."""
+    """Read settings from a TOML file (the project's ``config.toml`` by default).
+
+    Raises ``ConfigError`` with one line naming the bad key and what it allows.
+    """
     path = config_path or DEFAULT_CONFIG_PATH
+    if not path.is_file():
+        raise ConfigError(f"no configuration file at {path}")
 
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=path)
 
-    return _FromFile()
+    try:
+        return _FromFile()
+    except ValidationError as error:
+        raise ConfigError(f"bad setting {_describe(error)}") from None
+    except ValueError as error:  # TOML syntax
+        raise ConfigError(f"cannot read {path}: {error}") from None

@@ -74,6 +74,13 @@ class FlamingoEngine:
         self.reserved_tokens = frozenset(tokenizer.all_special_tokens) | frozenset(tokenizer.get_added_vocab())
         self._stop_ids = {loaded.model.eoc_token_id, tokenizer.eos_token_id} - {None}
 
+    @property
+    def context_length(self) -> int:
+        return self.loaded.context_length
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.loaded.tokenizer(text)["input_ids"])
+
     def check_text(self, text: str, images: int, what: str = "prompt") -> str:
         return check_user_text(
             text, images=images, reserved=self.reserved_tokens, max_chars=self.settings.prompts.max_chars, what=what
@@ -89,7 +96,7 @@ class FlamingoEngine:
     ) -> PreparedRequest:
         kwargs = generation_kwargs(params, self.settings.generation)
         request_text = self.check_text(prompt, len(images))
-        full_prompt = assemble_prompt(task.examples, request_text)
+        full_prompt = assemble_prompt((example.text for example in task.examples), request_text)
         encoded = self.loaded.tokenizer(full_prompt, return_tensors="pt")
         input_ids = encoded["input_ids"]
         all_images = [example.image for example in task.examples] + list(images)

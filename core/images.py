@@ -31,12 +31,17 @@ def _sizes(size: int, limit: int) -> tuple[str, str]:
     return shown if shown[0] != shown[1] else (f"{size:,} bytes", f"{limit:,} bytes")
 
 
-def _open(data: bytes, settings: ImageSettings) -> Image.Image:
-    if not data:
+def check_file_size(size: int, settings: ImageSettings) -> None:
+    """Also used before downloading an attachment whose size is announced."""
+    if size == 0:
         raise BadImage("The file is empty.")
-    if len(data) > settings.max_bytes:
-        size, limit = _sizes(len(data), settings.max_bytes)
-        raise BadImage(f"The file is {size}; the limit is {limit}.")
+    if size > settings.max_bytes:
+        shown, limit = _sizes(size, settings.max_bytes)
+        raise BadImage(f"The file is {shown}; the limit is {limit}.")
+
+
+def _open(data: bytes, settings: ImageSettings) -> Image.Image:
+    check_file_size(len(data), settings)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -133,3 +138,14 @@ def crop_extreme_aspect(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO)
     keep = max(1, int(max_ratio * width))
     top = (height - keep) // 2
     return image.crop((0, top, width, top + keep))
+
+
+STORED_SHORT_SIDE = 448
+_STORED_QUALITY = 90
+
+
+def encode_for_storage(image: Image.Image) -> bytes:
+    """A task example as saved: JPEG, short side at most twice the encoder's 224 pixels."""
+    buffer = io.BytesIO()
+    _shrink(image, STORED_SHORT_SIDE).save(buffer, format="JPEG", quality=_STORED_QUALITY)
+    return buffer.getvalue()

@@ -9,7 +9,7 @@ request is an unfinished chunk appended to its task's examples::
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from PIL import Image
@@ -69,6 +69,6 @@ def check_user_text(text: str, *, images: int, reserved: Iterable[str], max_char
     return text
 
 
-def assemble_prompt(examples: Sequence[Example], request: str) -> str:
+def assemble_prompt(example_texts: Iterable[str], request: str) -> str:
     """Examples as finished chunks, then the request as an unfinished one."""
-    return "".join(example.text + END_OF_CHUNK for example in examples) + request
+    return "".join(text + END_OF_CHUNK for text in example_texts) + request

@@ -1,0 +1,1 @@
+"""Discord adapters: each cog turns interactions into calls to ``core`` and results into replies."""

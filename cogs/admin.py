@@ -1,0 +1,94 @@
+"""``/admin``: the owner's tools, registered only in the configured admin guild."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import discord
+import psutil
+import torch
+from discord import app_commands
+from discord.ext import commands
+
+import core
+from cogs.utils.bot import EXTENSIONS, FlamingoBot
+from cogs.utils.checks import OwnerGroup
+
+log = logging.getLogger(__name__)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h {minutes}m {seconds}s" if days else f"{hours}h {minutes}m {seconds}s"
+
+
+def status_embed(bot: FlamingoBot) -> discord.Embed:
+    loaded = bot.service.engine.loaded
+    device = loaded.device
+    if device.type == "cuda":
+        memory = f"{torch.cuda.memory_allocated(device) / 2**30:.2f} GiB on the GPU"
+    else:
+        memory = f"{psutil.Process().memory_info().rss / 2**30:.2f} GiB resident"
+    embed = discord.Embed(title="flamingo-bot status", colour=discord.Colour.green())
+    fields = {
+        "Model": loaded.spec.name,
+        "Precision": loaded.precision.name,
+        "Device": str(device),
+        "Memory": memory,
+        "Queue": f"{bot.service.waiting} waiting",
+        "Uptime": _duration(time.monotonic() - bot.started_at),
+        "Guilds": str(len(bot.guilds)),
+        "Version": core.__version__,
+    }
+    for name, value in fields.items():
+        embed.add_field(name=name, value=value)
+    return embed
+
+
+class Admin(commands.Cog):
+    admin = OwnerGroup(name="admin", description="Owner tools")
+
+    def __init__(self, bot: FlamingoBot) -> None:
+        self.bot = bot
+
+    @admin.command(description="Reload one cog, or all of them, without reloading the model")
+    @app_commands.describe(cog="e.g. cogs.inference; empty reloads all")
+    @app_commands.choices(cog=[app_commands.Choice(name=name, value=name) for name in EXTENSIONS])
+    async def reload(self, interaction: discord.Interaction, cog: str | None = None) -> None:
+        names = [cog] if cog else list(EXTENSIONS)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await self.bot.reload_cogs(names)
+        await interaction.followup.send(f"Reloaded {', '.join(names)}.", ephemeral=True)
+
+    @admin.command(description="Sync slash commands globally, or to one guild while developing")
+    async def sync(self, interaction: discord.Interaction, guild_id: str | None = None) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        target = int(guild_id) if guild_id and guild_id.isdigit() else None
+        count = await self.bot.sync_commands(target)
+        where = f"guild {target}" if target else "everywhere"
+        await interaction.followup.send(f"Synced {count} commands {where}.", ephemeral=True)
+
+    @admin.command(description="Model, memory, queue and uptime")
+    async def status(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_message(embed=status_embed(self.bot), ephemeral=True)
+
+    @admin.command(description="Finish the current request, refuse queued ones, and disconnect")
+    async def shutdown(self, interaction: discord.Interaction) -> None:
+        waiting = self.bot.service.waiting
+        await interaction.response.send_message(
+            f"Shutting down; {waiting} waiting requests will be told to try later.", ephemeral=True
+        )
+        log.info("shutdown requested by %s", interaction.user.id)
+        asyncio.get_running_loop().create_task(self.bot.close())
+
+
+async def setup(bot: FlamingoBot) -> None:
+    guild_id = bot.settings.discord.admin_guild_id
+    if guild_id is None:
+        log.warning("discord.admin_guild_id is not set: the /admin commands are not registered")
+        return
+    await bot.add_cog(Admin(bot), guild=discord.Object(guild_id))

@@ -1,0 +1,104 @@
+"""``/comprehend``: an image and a prompt in, the model's answer out."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs.utils.bot import FlamingoBot
+from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, clip, defer_publicly
+from core.engine import Answer
+from core.generation import GenerationParams, generation_kwargs
+from core.images import check_file_size, encode_for_storage, load_image
+
+log = logging.getLogger(__name__)
+
+_ANSWER_COLOUR = discord.Colour.from_rgb(232, 93, 117)
+
+
+def answer_message(user: discord.abc.User, prompt: str, task: str, answer: Answer, image: bytes) -> dict:
+    """The reply: the answer as an embed under the user's image; a long answer also as a file."""
+    text = answer.text or "*(the model gave an empty answer)*"
+    embed = discord.Embed(description=clip(text, EMBED_DESCRIPTION_LIMIT), colour=_ANSWER_COLOUR)
+    embed.set_author(name=f"{user.display_name} asked", icon_url=user.display_avatar.url)
+    embed.add_field(name="Prompt", value=clip(discord.utils.escape_markdown(prompt), EMBED_FIELD_LIMIT), inline=False)
+    embed.set_image(url="attachment://image.jpg")
+    embed.set_footer(text=f"task: {task} · {len(answer.token_ids)} tokens · {answer.seconds:.1f} s")
+    files = [discord.File(io.BytesIO(image), filename="image.jpg")]
+    if len(text) > EMBED_DESCRIPTION_LIMIT:
+        files.append(discord.File(io.BytesIO(answer.text.encode()), filename="answer.txt"))
+    return {"embed": embed, "attachments": files}
+
+
+class Inference(commands.Cog):
+    def __init__(self, bot: FlamingoBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(description="Ask OpenFlamingo about an image.")
+    @app_commands.describe(
+        image="The picture to read",
+        prompt="Your text, with <image> where the picture is read (default: the task's prompt)",
+        task="Whose examples guide the answer (default: this server's default task, else caption)",
+        max_new_tokens="Longest answer, in tokens",
+        do_sample="Sample instead of taking the most likely words",
+        temperature="Sampling randomness (needs do_sample)",
+        top_p="Nucleus sampling mass (needs do_sample)",
+        top_k="Sample among this many likeliest tokens (needs do_sample)",
+        num_beams="Beam search width",
+        repetition_penalty="Above 1 discourages repeating",
+        length_penalty="Beam search preference for longer answers (needs num_beams > 1)",
+        no_repeat_ngram_size="Never repeat a sequence of this many tokens",
+    )
+    async def comprehend(
+        self,
+        interaction: discord.Interaction,
+        image: discord.Attachment,
+        prompt: str | None = None,
+        task: str | None = None,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        num_beams: int = 1,
+        repetition_penalty: float | None = None,
+        length_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+    ) -> None:
+        self.bot.track(asyncio.current_task())  # type: ignore[arg-type]
+        settings = self.bot.settings
+        params = GenerationParams(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
+            length_penalty=length_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
+        # Refusals that need no download and no model are given at once, privately.
+        generation_kwargs(params, settings.generation)
+        check_file_size(image.size, settings.images)
+        if prompt is not None:
+            self.bot.service.engine.check_text(prompt, 1)
+
+        await defer_publicly(interaction)
+        chosen = await self.bot.library.resolve(interaction.guild_id, task)
+        text = prompt if prompt is not None else chosen.prompt_template
+        picture = await asyncio.to_thread(load_image, await image.read(), settings.images)
+        if settings.logging.log_prompts:
+            log.info("/comprehend by %s in %s: %r", interaction.user.id, interaction.guild_id, text)
+        answer = await self.bot.service.answer([picture], text, chosen, params)
+        shown = await asyncio.to_thread(encode_for_storage, picture)
+        await interaction.edit_original_response(**answer_message(interaction.user, text, chosen.name, answer, shown))
+
+
+async def setup(bot: FlamingoBot) -> None:
+    await bot.add_cog(Inference(bot))

@@ -1,0 +1,154 @@
+"""Task libraries: ``/tasks`` to browse (everyone), ``/manage-tasks`` to change (Manage Server).
+
+Two groups rather than one, because Discord ignores ``default_permissions`` on subcommands.
+"""
+
+from __future__ import annotations
+
+import io
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs.utils.bot import FlamingoBot
+from cogs.utils.checks import ManageServerGroup
+from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, clip
+from core.images import check_file_size
+from core.tasks import TaskDetails, TaskInfo, TaskLibrary
+
+_COLOUR = discord.Colour.blurple()
+
+
+def _line(task: TaskInfo) -> str:
+    kind = "built-in" if task.builtin else "this server"
+    return f"**{task.name}** ({kind}, {task.example_count} examples): {discord.utils.escape_markdown(task.description)}"
+
+
+def task_list_embed(tasks: list[TaskInfo], default: str) -> discord.Embed:
+    lines: list[str] = []
+    for index, task in enumerate(tasks):
+        line = _line(task) + (" · *default*" if task.name == default else "")
+        rest = len(tasks) - index
+        if sum(len(x) + 1 for x in lines) + len(line) + 20 > EMBED_DESCRIPTION_LIMIT:
+            lines.append(f"… and {rest} more")
+            break
+        lines.append(line)
+    return discord.Embed(title="Tasks", description="\n".join(lines), colour=_COLOUR)
+
+
+def task_details_message(details: TaskDetails) -> dict:
+    """A header embed, then one embed per example with its image as a thumbnail (at most 10 each)."""
+    info = details.info
+    header = discord.Embed(title=info.name, description=discord.utils.escape_markdown(info.description), colour=_COLOUR)
+    header.add_field(name="Prompt template", value=f"`{details.prompt_template}`", inline=False)
+    origin = "built-in, read-only" if info.builtin else "this server's"
+    header.set_footer(text=f"{origin} · {info.example_count} examples")
+    embeds, files = [header], []
+    for example in details.examples[:9]:
+        filename = f"example-{example.position}.jpg"
+        embed = discord.Embed(description=clip(f"`{example.text}`", 1000), colour=_COLOUR)
+        embed.set_author(name=f"Example {example.position}")
+        embed.set_thumbnail(url=f"attachment://{filename}")
+        embeds.append(embed)
+        files.append(discord.File(io.BytesIO(example.image), filename=filename))
+    return {"embeds": embeds, "files": files}
+
+
+class Tasks(commands.Cog):
+    browse = app_commands.Group(name="tasks", description="Browse the tasks that guide the model's answers")
+    manage = ManageServerGroup(name="manage-tasks", description="Create and change this server's tasks")
+
+    def __init__(self, bot: FlamingoBot) -> None:
+        self.bot = bot
+
+    @property
+    def library(self) -> TaskLibrary:
+        return self.bot.library
+
+    @browse.command(name="list", description="The built-in tasks and this server's")
+    async def list_tasks(self, interaction: discord.Interaction) -> None:
+        tasks = await self.library.list_tasks(interaction.guild_id)
+        default = await self.library.default_task_name(interaction.guild_id)
+        await interaction.response.send_message(embed=task_list_embed(tasks, default), ephemeral=True)
+
+    @browse.command(name="show", description="A task's prompt and examples")
+    @app_commands.describe(task="The task's name")
+    async def show(self, interaction: discord.Interaction, task: str) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        details = await self.library.details(interaction.guild_id, task)
+        await interaction.followup.send(**task_details_message(details), ephemeral=True)
+
+    @manage.command(description="Create a task (add examples to it afterwards)")
+    @app_commands.describe(
+        name="Lowercase letters, digits, - and _",
+        template="The prompt used when a request gives none; must contain <image>",
+        description="What the task is for",
+    )
+    async def create(self, interaction: discord.Interaction, name: str, template: str, description: str = "") -> None:
+        created = await self.library.create(interaction.guild_id, name, description, template, interaction.user.id)
+        await self._done(interaction, f"Created task **{created}**. Add examples with `/manage-tasks add-example`.")
+
+    @manage.command(name="add-example", description="Add an image and its text to a task")
+    @app_commands.describe(task="The task", image="The example's picture", text="The example's text, with one <image>")
+    async def add_example(
+        self, interaction: discord.Interaction, task: str, image: discord.Attachment, text: str
+    ) -> None:
+        check_file_size(image.size, self.bot.settings.images)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        position = await self.library.add_example(interaction.guild_id, task, await image.read(), text)
+        await interaction.followup.send(f"Added example {position} to **{task}**.", ephemeral=True)
+
+    @manage.command(name="edit-example", description="Change the text of an example")
+    async def edit_example(self, interaction: discord.Interaction, task: str, position: int, text: str) -> None:
+        await self.library.edit_example(interaction.guild_id, task, position, text)
+        await self._done(interaction, f"Changed example {position} of **{task}**.")
+
+    @manage.command(name="remove-example", description="Remove an example; later ones move up")
+    async def remove_example(self, interaction: discord.Interaction, task: str, position: int) -> None:
+        await self.library.remove_example(interaction.guild_id, task, position)
+        await self._done(interaction, f"Removed example {position} from **{task}**.")
+
+    @manage.command(name="move-example", description="Move an example to another position")
+    @app_commands.describe(position="Where it is now", to="Where it should be")
+    async def move_example(self, interaction: discord.Interaction, task: str, position: int, to: int) -> None:
+        await self.library.move_example(interaction.guild_id, task, position, to)
+        await self._done(interaction, f"Moved example {position} of **{task}** to position {to}.")
+
+    @manage.command(description="Change a task's description or prompt template")
+    async def edit(
+        self, interaction: discord.Interaction, task: str, description: str | None = None, template: str | None = None
+    ) -> None:
+        await self.library.update(interaction.guild_id, task, description, template)
+        await self._done(interaction, f"Updated **{task}**.")
+
+    @manage.command(description="Rename a task")
+    async def rename(self, interaction: discord.Interaction, task: str, new_name: str) -> None:
+        renamed = await self.library.rename(interaction.guild_id, task, new_name)
+        await self._done(interaction, f"Renamed **{task}** to **{renamed}**.")
+
+    @manage.command(description="Delete a task and its examples")
+    async def delete(self, interaction: discord.Interaction, task: str) -> None:
+        deleted = await self.library.delete(interaction.guild_id, task)
+        await self._done(interaction, f"Deleted **{deleted}**.")
+
+    @manage.command(description="Copy a task (built-in or this server's) under a new name, to edit it")
+    async def copy(self, interaction: discord.Interaction, task: str, new_name: str) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        copied = await self.library.copy(interaction.guild_id, task, new_name, interaction.user.id)
+        await interaction.followup.send(f"Copied **{task}** to **{copied}**.", ephemeral=True)
+
+    @manage.command(name="set-default", description="The task /comprehend uses when none is given")
+    @app_commands.describe(task="Leave empty to go back to caption")
+    async def set_default(self, interaction: discord.Interaction, task: str | None = None) -> None:
+        chosen = await self.library.set_default(interaction.guild_id, task)
+        shown = chosen or await self.library.default_task_name(interaction.guild_id)
+        await self._done(interaction, f"The default task is now **{shown}**.")
+
+    @staticmethod
+    async def _done(interaction: discord.Interaction, message: str) -> None:
+        await interaction.response.send_message(message, ephemeral=True)
+
+
+async def setup(bot: FlamingoBot) -> None:
+    await bot.add_cog(Tasks(bot))

@@ -1,0 +1,1 @@
+"""Shared pieces of the Discord side: the bot class, permission checks, error replies."""

@@ -1,0 +1,111 @@
+"""The bot: owns the one model service, the task store and the task library.
+
+They live here, not in a cog module, so that reloading a cog swaps its code without reloading the
+model's weights or reopening the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs.utils.errors import reply_with_error
+from core.builtin_tasks import load_builtin_tasks
+from core.config import Settings
+from core.service import InferenceService, start_service
+from core.store import TaskStore
+from core.tasks import TaskLibrary
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("cogs.inference", "cogs.tasks", "cogs.admin")
+# How long an interaction that arrives during a reload may wait for it before being told to retry.
+_RELOAD_WAIT_SECONDS = 2.0
+_SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+class FlamingoTree(app_commands.CommandTree):
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        """Hold interactions while cogs reload, so none finds its command missing."""
+        bot: FlamingoBot = self.client  # type: ignore[assignment]
+        try:
+            await asyncio.wait_for(bot.commands_ready.wait(), _RELOAD_WAIT_SECONDS)
+        except TimeoutError:
+            log.warning("an interaction waited %.0f s for a reload", _RELOAD_WAIT_SECONDS)
+        return True
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        await reply_with_error(interaction, error)
+
+
+class FlamingoBot(commands.Bot):
+    service: InferenceService
+    store: TaskStore
+    library: TaskLibrary
+
+    def __init__(self, settings: Settings, service: InferenceService | None = None) -> None:
+        discord.http.Route.BASE = settings.discord.api_base_url
+        owner_ids = set(settings.discord.owner_ids) or None
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            help_command=None,
+            intents=discord.Intents(guilds=True),
+            allowed_mentions=discord.AllowedMentions.none(),
+            owner_ids=owner_ids,
+            tree_cls=FlamingoTree,
+        )
+        self.settings = settings
+        self._given_service = service
+        self.started_at = time.monotonic()
+        self.commands_ready = asyncio.Event()
+        self.commands_ready.set()
+        self.in_flight: set[asyncio.Task[object]] = set()
+
+    async def setup_hook(self) -> None:
+        self.service = self._given_service or await asyncio.to_thread(start_service, self.settings)
+        self.store = await TaskStore.open(self.settings.storage.database_path)
+        builtins = await asyncio.to_thread(load_builtin_tasks, self.settings.data_dir, self.settings.images)
+        self.library = TaskLibrary(self.store, builtins, self.service.engine, self.settings)
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        if self.settings.discord.sync_commands_on_start:
+            await self.sync_commands()
+
+    async def sync_commands(self, guild_id: int | None = None) -> int:
+        """Global commands everywhere, admin commands in the admin guild; or all of one guild's."""
+        if guild_id is not None:
+            return len(await self.tree.sync(guild=discord.Object(guild_id)))
+        synced = len(await self.tree.sync())
+        admin_guild = self.settings.discord.admin_guild_id
+        if admin_guild is not None:
+            synced += len(await self.tree.sync(guild=discord.Object(admin_guild)))
+        return synced
+
+    async def reload_cogs(self, names: list[str]) -> None:
+        self.commands_ready.clear()
+        try:
+            for name in names:
+                await self.reload_extension(name)
+        finally:
+            self.commands_ready.set()
+
+    def track(self, task: asyncio.Task[object]) -> None:
+        """Remember work that must be allowed to answer before the bot disconnects."""
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+
+    async def close(self) -> None:
+        """Finish the request being answered, refuse the queued ones, let them reply, then disconnect."""
+        if getattr(self, "service", None) is not None:
+            await asyncio.to_thread(self.service.close)
+        pending = [task for task in self.in_flight if task is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=_SHUTDOWN_GRACE_SECONDS)
+        await super().close()
+        if getattr(self, "store", None) is not None:
+            await self.store.close()

@@ -1,0 +1,39 @@
+"""Permission rules: each declares Discord's default permission and checks it at run time too.
+
+Server admins can override ``default_permissions`` in their integration settings, so the run-time
+check is what actually protects a guild's tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import discord
+from discord import app_commands
+
+
+class ManageServerGroup(app_commands.Group):
+    """A command group for changing a guild's data: Manage Server, in guilds only."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(guild_only=True, default_permissions=discord.Permissions(manage_guild=True), **kwargs)
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if interaction.guild_id is None:
+            raise app_commands.NoPrivateMessage()
+        if not interaction.permissions.manage_guild:
+            raise app_commands.MissingPermissions(["manage_guild"])
+        return True
+
+
+class NotOwner(app_commands.CheckFailure):
+    """Raised for anyone but the bot's owner."""
+
+
+class OwnerGroup(app_commands.Group):
+    """Commands for the bot's owner (from config, else the application's owner or team)."""
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if not await interaction.client.is_owner(interaction.user):  # type: ignore[attr-defined]
+            raise NotOwner()
+        return True

@@ -1,0 +1,36 @@
+"""Sending replies that respect Discord's limits and never leave an interaction 'thinking'."""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+
+log = logging.getLogger(__name__)
+
+PUBLIC_DEFER = "public_defer"
+EMBED_DESCRIPTION_LIMIT = 4096
+EMBED_FIELD_LIMIT = 1024
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+async def defer_publicly(interaction: discord.Interaction) -> None:
+    """Acknowledge within Discord's 3 seconds; remembered so an error can replace the public 'thinking'."""
+    await interaction.response.defer(thinking=True)
+    interaction.extras[PUBLIC_DEFER] = True
+
+
+async def send_private(interaction: discord.Interaction, content: str) -> None:
+    """An ephemeral message, whatever state the interaction is in."""
+    if not interaction.response.is_done():
+        await interaction.response.send_message(content, ephemeral=True)
+        return
+    if interaction.extras.pop(PUBLIC_DEFER, False):
+        try:
+            await interaction.delete_original_response()
+        except discord.HTTPException:
+            log.debug("could not delete the deferred response", exc_info=True)
+    await interaction.followup.send(content, ephemeral=True)

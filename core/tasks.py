@@ -1,0 +1,256 @@
+"""Per-guild task libraries: the rules for names, texts and sizes, over the store and the built-ins.
+
+Built-in tasks are visible in every guild and read-only; a guild copies one to change it. Every
+change is checked so that a saved task always fits the model's context with the default number
+of new tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from core.builtin_tasks import DEFAULT_TASK
+from core.config import Settings
+from core.errors import BadName, LimitReached, ReadOnlyTask, UnknownTask
+from core.images import encode_for_storage, load_image
+from core.prompts import Example, Task, assemble_prompt
+from core.store import StoredTask, TaskStore
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_NAME_RULE = "1 to 32 characters: lowercase letters, digits, '-' and '_', starting with a letter or digit"
+
+
+class TextRules(Protocol):
+    """What the library needs from the model: its text checks and its token counts."""
+
+    def check_text(self, text: str, images: int, what: str = "prompt") -> str: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    description: str
+    example_count: int
+    builtin: bool
+
+
+@dataclass(frozen=True)
+class ExampleView:
+    position: int
+    text: str
+    image: bytes
+
+
+@dataclass(frozen=True)
+class TaskDetails:
+    info: TaskInfo
+    prompt_template: str
+    examples: list[ExampleView]
+
+
+def check_name(name: str) -> str:
+    name = name.strip()
+    if not NAME_PATTERN.fullmatch(name):
+        raise BadName(f"“{name}” is not a valid task name; use {_NAME_RULE}.")
+    return name
+
+
+class TaskLibrary:
+    def __init__(self, store: TaskStore, builtins: dict[str, Task], rules: TextRules, settings: Settings) -> None:
+        self.store = store
+        self.builtins = builtins
+        self.rules = rules
+        self.settings = settings
+        self.limits = settings.limits
+
+    # Reading
+
+    async def list_tasks(self, guild_id: int | None) -> list[TaskInfo]:
+        builtins = [TaskInfo(t.name, t.description, len(t.examples), builtin=True) for t in self.builtins.values()]
+        stored = await self.store.list_tasks(guild_id) if guild_id is not None else []
+        return builtins + [TaskInfo(s.name, s.description, s.example_count, builtin=False) for s in stored]
+
+    async def default_task_name(self, guild_id: int | None) -> str:
+        chosen = await self.store.get_default_task(guild_id) if guild_id is not None else None
+        return chosen or DEFAULT_TASK
+
+    async def resolve(self, guild_id: int | None, name: str | None) -> Task:
+        """The task to run: the one named, else the guild's default, else ``caption``."""
+        if name is None:
+            name = await self.default_task_name(guild_id)
+        builtin = self.builtins.get(name.strip().lower())
+        if builtin is not None:
+            return builtin
+        stored = await self.store.get_task(guild_id, name) if guild_id is not None else None
+        if stored is None:
+            raise self._unknown(name)
+        return await asyncio.to_thread(self._to_task, stored)
+
+    async def details(self, guild_id: int | None, name: str) -> TaskDetails:
+        """A task with its examples' stored image bytes, for showing it."""
+        builtin = self.builtins.get(name.strip().lower())
+        if builtin is not None:
+            images = await asyncio.to_thread(lambda: [encode_for_storage(e.image) for e in builtin.examples])
+            pairs = zip(builtin.examples, images, strict=True)
+            views = [ExampleView(i, example.text, image) for i, (example, image) in enumerate(pairs, 1)]
+            info = TaskInfo(builtin.name, builtin.description, len(views), builtin=True)
+            return TaskDetails(info, builtin.prompt_template, views)
+        if guild_id is None:
+            raise self._unknown(name)
+        stored = await self._stored(guild_id, name)
+        info = TaskInfo(stored.name, stored.description, len(stored.examples), builtin=False)
+        views = [ExampleView(e.position, e.text, e.image) for e in stored.examples]
+        return TaskDetails(info, stored.prompt_template, views)
+
+    # Changing
+
+    async def create(self, guild_id: int, name: str, description: str, template: str, author_id: int) -> str:
+        name = self._new_name(name)
+        description = self._check_length(description.strip(), self.limits.max_description_chars, "description")
+        template = self._check_template(template)
+        await self.store.create_task(
+            guild_id, name, description, template, author_id, max_tasks=self.limits.max_tasks_per_guild
+        )
+        return name
+
+    async def copy(self, guild_id: int, source: str, new_name: str, author_id: int) -> str:
+        new_name = self._new_name(new_name)
+        builtin = self.builtins.get(source.strip().lower())
+        if builtin is not None:
+            images = await asyncio.to_thread(lambda: [encode_for_storage(e.image) for e in builtin.examples])
+            description, template = builtin.description, builtin.prompt_template
+            examples = list(zip(images, (e.text for e in builtin.examples), strict=True))
+        else:
+            stored = await self._stored(guild_id, source)
+            description, template = stored.description, stored.prompt_template
+            examples = [(e.image, e.text) for e in stored.examples]
+        await self.store.create_task(
+            guild_id,
+            new_name,
+            description,
+            template,
+            author_id,
+            max_tasks=self.limits.max_tasks_per_guild,
+            examples=examples,
+        )
+        return new_name
+
+    async def update(self, guild_id: int, name: str, description: str | None, template: str | None) -> None:
+        stored = await self._stored_for_change(guild_id, name)
+        if description is not None:
+            description = self._check_length(description.strip(), self.limits.max_description_chars, "description")
+        if template is not None:
+            template = self._check_template(template)
+            self._check_fits(stored.name, [e.text for e in stored.examples], template)
+        await self.store.update_task(guild_id, stored.name, description=description, prompt_template=template)
+
+    async def rename(self, guild_id: int, name: str, new_name: str) -> str:
+        stored = await self._stored_for_change(guild_id, name)
+        new_name = self._new_name(new_name)
+        await self.store.rename_task(guild_id, stored.name, new_name)
+        return new_name
+
+    async def delete(self, guild_id: int, name: str) -> str:
+        stored = await self._stored_for_change(guild_id, name)
+        await self.store.delete_task(guild_id, stored.name)
+        return stored.name
+
+    async def add_example(self, guild_id: int, name: str, upload: bytes, text: str) -> int:
+        stored = await self._stored_for_change(guild_id, name)
+        text = self._check_example_text(text)
+        if len(stored.examples) >= self.limits.max_examples_per_task:
+            raise LimitReached(
+                f"Task “{stored.name}” already has {len(stored.examples)} examples, the most a task may have."
+            )
+        self._check_fits(stored.name, [e.text for e in stored.examples] + [text], stored.prompt_template)
+        image = await asyncio.to_thread(load_image, upload, self.settings.images)
+        stored_bytes = await asyncio.to_thread(encode_for_storage, image)
+        return await self.store.add_example(
+            guild_id, stored.name, stored_bytes, text, max_examples=self.limits.max_examples_per_task
+        )
+
+    async def edit_example(self, guild_id: int, name: str, position: int, text: str) -> None:
+        stored = await self._stored_for_change(guild_id, name)
+        text = self._check_example_text(text)
+        texts = [text if e.position == position else e.text for e in stored.examples]
+        self._check_fits(stored.name, texts, stored.prompt_template)
+        await self.store.edit_example(guild_id, stored.name, position, text)
+
+    async def remove_example(self, guild_id: int, name: str, position: int) -> None:
+        stored = await self._stored_for_change(guild_id, name)
+        await self.store.remove_example(guild_id, stored.name, position)
+
+    async def move_example(self, guild_id: int, name: str, position: int, new_position: int) -> None:
+        stored = await self._stored_for_change(guild_id, name)
+        await self.store.move_example(guild_id, stored.name, position, new_position)
+
+    async def set_default(self, guild_id: int, name: str | None) -> str | None:
+        if name is None:
+            await self.store.set_default_task(guild_id, None)
+            return None
+        task = await self.resolve(guild_id, name)
+        await self.store.set_default_task(guild_id, task.name)
+        return task.name
+
+    # Rules
+
+    def _unknown(self, name: str) -> UnknownTask:
+        builtins = ", ".join(sorted(self.builtins))
+        return UnknownTask(
+            f"There is no task called “{name}” here; the built-in tasks are {builtins}, "
+            "and /tasks list shows this server's."
+        )
+
+    async def _stored(self, guild_id: int, name: str) -> StoredTask:
+        stored = await self.store.get_task(guild_id, name)
+        if stored is None:
+            raise self._unknown(name)
+        return stored
+
+    async def _stored_for_change(self, guild_id: int, name: str) -> StoredTask:
+        if name.strip().lower() in self.builtins:
+            raise ReadOnlyTask(f"“{name}” is a built-in task and cannot be changed; copy it to make your own.")
+        return await self._stored(guild_id, name)
+
+    def _new_name(self, name: str) -> str:
+        name = check_name(name)
+        if name in self.builtins:
+            raise BadName(f"“{name}” is the name of a built-in task; choose another.")
+        return name
+
+    @staticmethod
+    def _check_length(text: str, limit: int, what: str) -> str:
+        if len(text) > limit:
+            raise LimitReached(f"The {what} is {len(text)} characters long; the limit is {limit}.")
+        return text
+
+    def _check_template(self, template: str) -> str:
+        template = self._check_length(template.strip(), self.limits.max_template_chars, "prompt template")
+        return self.rules.check_text(template, 1, what="prompt template")
+
+    def _check_example_text(self, text: str) -> str:
+        text = self._check_length(text.strip(), self.limits.max_example_chars, "example text")
+        return self.rules.check_text(text, 1, what="example text")
+
+    def _check_fits(self, name: str, texts: Sequence[str], template: str) -> None:
+        """Examples, the template and the default answer length must fit the model's context."""
+        tokens = self.rules.count_tokens(assemble_prompt(texts, template))
+        room = self.rules.context_length - self.settings.generation.max_new_tokens_default
+        if tokens > room:
+            raise LimitReached(
+                f"Task “{name}” would need {tokens} tokens before the answer; the model leaves room for {room}. "
+                "Shorten the examples or remove one."
+            )
+
+    def _to_task(self, stored: StoredTask) -> Task:
+        examples = tuple(Example(load_image(e.image, self.settings.images), e.text) for e in stored.examples)
+        return Task(stored.name, stored.description, stored.prompt_template, examples)

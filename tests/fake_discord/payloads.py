@@ -1,0 +1,109 @@
+"""Discord API v10 objects as the real API sends them, for the fields discord.py reads."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+DISCORD_EPOCH_MS = 1_420_070_400_000
+_sequence = itertools.count(1)
+
+# https://discord.com/developers/docs/topics/permissions
+MANAGE_GUILD = 1 << 5
+MANAGE_MESSAGES = 1 << 13
+# View channel, send messages, embed links, attach files, read history, use application commands.
+EVERYONE_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 31)
+
+
+def snowflake() -> int:
+    """Unique ids that also encode a creation time, like Discord's."""
+    return ((int(time.time() * 1000) - DISCORD_EPOCH_MS) << 22) | (next(_sequence) & 0x3FFFFF)
+
+
+def user_payload(user_id: int, name: str, bot: bool = False) -> dict[str, Any]:
+    return {
+        "id": str(user_id),
+        "username": name,
+        "global_name": name.title(),
+        "discriminator": "0",
+        "avatar": None,
+        "bot": bot,
+        "public_flags": 0,
+    }
+
+
+@dataclass
+class Member:
+    id: int
+    name: str
+    permissions: int = EVERYONE_PERMISSIONS
+    roles: list[int] = field(default_factory=list)
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "user": user_payload(self.id, self.name),
+            "roles": [str(r) for r in self.roles],
+            "joined_at": "2024-01-01T00:00:00+00:00",
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "pending": False,
+            "permissions": str(self.permissions),
+            "nick": None,
+            "avatar": None,
+        }
+
+
+@dataclass
+class Channel:
+    id: int
+    guild_id: int | None
+    name: str = "general"
+
+    def payload(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": str(self.id), "type": 0, "name": self.name, "position": 0, "nsfw": False}
+        if self.guild_id is not None:
+            data["guild_id"] = str(self.guild_id)
+            data["permission_overwrites"] = []
+        return data
+
+
+@dataclass
+class Guild:
+    id: int
+    name: str
+    owner_id: int
+    channels: list[Channel] = field(default_factory=list)
+    members: dict[int, Member] = field(default_factory=dict)
+
+
+@dataclass
+class Attachment:
+    id: int
+    filename: str
+    data: bytes
+    content_type: str | None
+    url: str
+
+    def payload(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": str(self.id),
+            "filename": self.filename,
+            "size": len(self.data),
+            "url": self.url,
+            "proxy_url": self.url,
+        }
+        if self.content_type:
+            data["content_type"] = self.content_type
+        return data
+
+
+def option(name: str, value: Any, kind: int) -> dict[str, Any]:
+    return {"name": name, "type": kind, "value": value}
+
+
+OPTION_TYPES = {str: 3, int: 4, bool: 5, float: 10}
+ATTACHMENT_OPTION = 11
+SUB_COMMAND = 1

@@ -1,0 +1,452 @@
+"""A local stand-in for Discord's REST API (v10), on 127.0.0.1, that the real bot talks to.
+
+It keeps what a user would see of each interaction and rejects requests the way Discord does
+(missing auth, oversized messages, acknowledging after 3 seconds, tokens older than 15 minutes),
+so that a bot bug shows up as a failed test rather than passing silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from tests.fake_discord.payloads import (
+    ATTACHMENT_OPTION,
+    OPTION_TYPES,
+    SUB_COMMAND,
+    Attachment,
+    Channel,
+    Guild,
+    Member,
+    snowflake,
+    user_payload,
+)
+
+API = "/api/v10"
+EPHEMERAL = 1 << 6
+ACK_WINDOW_SECONDS = 3.0
+TOKEN_LIFETIME_SECONDS = 15 * 60
+# https://discord.com/developers/docs/resources/message#embed-object-embed-limits
+LIMITS = {
+    "content": 2000,
+    "embeds": 10,
+    "files": 10,
+    "title": 256,
+    "description": 4096,
+    "fields": 25,
+    "field_name": 256,
+    "field_value": 1024,
+    "footer": 2048,
+    "author": 256,
+    "embed_total": 6000,
+}
+
+
+class DiscordError(Exception):
+    def __init__(self, status: int, code: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Message:
+    id: int
+    content: str = ""
+    embeds: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)
+    components: list[dict[str, Any]] = field(default_factory=list)
+    ephemeral: bool = False
+    loading: bool = False
+    deleted: bool = False
+
+
+@dataclass
+class InteractionRecord:
+    id: int
+    token: str
+    created: float
+    original: Message | None = None
+    followups: list[Message] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def visible(self) -> list[Message]:
+        """What the user sees, in order: the original response, then followups."""
+        messages = [self.original] if self.original and not self.original.deleted else []
+        return messages + [m for m in self.followups if not m.deleted]
+
+    async def answered(self, timeout: float = 60) -> list[Message]:
+        """Wait until the user sees something that is not a 'thinking' placeholder."""
+        async with asyncio.timeout(timeout):
+            while not self.visible or any(m.loading for m in self.visible):
+                self.changed.clear()
+                await self.changed.wait()
+        return self.visible
+
+
+def _check_limits(payload: dict[str, Any], files: dict[str, bytes]) -> None:
+    problems = []
+    if len(payload.get("content") or "") > LIMITS["content"]:
+        problems.append("content: Must be 2000 or fewer in length.")
+    embeds = payload.get("embeds") or []
+    if len(embeds) > LIMITS["embeds"]:
+        problems.append("embeds: Must be 10 or fewer in length.")
+    if len(files) > LIMITS["files"]:
+        problems.append("files: Must be 10 or fewer.")
+    total = 0
+    for embed in embeds:
+        for key in ("title", "description"):
+            total += len(embed.get(key) or "")
+            if len(embed.get(key) or "") > LIMITS[key]:
+                problems.append(f"embeds.{key}: Must be {LIMITS[key]} or fewer in length.")
+        fields = embed.get("fields") or []
+        if len(fields) > LIMITS["fields"]:
+            problems.append("embeds.fields: Must be 25 or fewer in length.")
+        for item in fields:
+            total += len(item["name"]) + len(item["value"])
+            if not item["value"] or len(item["value"]) > LIMITS["field_value"]:
+                problems.append("embeds.fields.value: Must be between 1 and 1024 in length.")
+        total += len((embed.get("footer") or {}).get("text", "")) + len((embed.get("author") or {}).get("name", ""))
+    if total > LIMITS["embed_total"]:
+        problems.append("embeds: Embed size exceeds maximum size of 6000")
+    if not (payload.get("content") or embeds or files or payload.get("components")):
+        problems.append("Cannot send an empty message")
+    if problems:
+        raise DiscordError(400, 50035, "Invalid Form Body: " + "; ".join(problems))
+
+
+class FakeDiscord:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.token = "fake-bot-token"
+        self.application_id = snowflake()
+        self.bot_user_id = self.application_id
+        self.owner = Member(snowflake(), "owner")
+        self.global_commands: list[dict[str, Any]] = []
+        self.guild_commands: dict[int, list[dict[str, Any]]] = {}
+        self.attachments: dict[int, Attachment] = {}
+        self.interactions: dict[str, InteractionRecord] = {}
+        self.requests: list[tuple[str, str]] = []
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    # Lifecycle
+
+    async def start(self) -> str:
+        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
+        bot_routes = [
+            web.get(f"{API}/users/@me", self._current_user),
+            web.get(f"{API}/oauth2/applications/@me", self._application),
+            web.put(f"{API}/applications/{{app}}/commands", self._sync_global),
+            web.put(f"{API}/applications/{{app}}/guilds/{{guild}}/commands", self._sync_guild),
+        ]
+        open_routes = [
+            web.post(f"{API}/interactions/{{id}}/{{token}}/callback", self._callback),
+            web.patch(f"{API}/webhooks/{{app}}/{{token}}/messages/@original", self._edit_original),
+            web.delete(f"{API}/webhooks/{{app}}/{{token}}/messages/@original", self._delete_original),
+            web.post(f"{API}/webhooks/{{app}}/{{token}}", self._followup),
+            web.get("/cdn/attachments/{id}/{filename}", self._cdn),
+        ]
+        app.add_routes(bot_routes + open_routes)
+        self._bot_paths = {route.path for route in bot_routes}
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://127.0.0.1:{port}"
+        return f"{self.base_url}{API}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        self.requests.append((request.method, request.path))
+        route = request.match_info.route.resource
+        needs_auth = route is not None and route.canonical in self._bot_paths
+        if needs_auth and request.headers.get("Authorization") != f"Bot {self.token}":
+            return self._error(401, 0, "401: Unauthorized")
+        try:
+            return await handler(request)
+        except DiscordError as error:
+            return self._error(error.status, error.code, error.message)
+
+    @staticmethod
+    def _error(status: int, code: int, message: str) -> web.Response:
+        body = json.dumps({"message": message, "code": code})
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    @staticmethod
+    def _json(data: Any, status: int = 200) -> web.Response:
+        # Exactly application/json: discord.py parses only that (aiohttp's json_response adds a charset).
+        return web.Response(status=status, body=json.dumps(data), headers={"Content-Type": "application/json"})
+
+    # Test API
+
+    def add_guild(self, name: str = "Test Server") -> Guild:
+        guild = Guild(snowflake(), name, self.owner.id)
+        guild.channels.append(Channel(snowflake(), guild.id))
+        guild.members[self.owner.id] = Member(self.owner.id, "owner", permissions=(1 << 3))  # administrator
+        return guild
+
+    def add_member(self, guild: Guild, name: str, permissions: int | None = None) -> Member:
+        member = Member(snowflake(), name) if permissions is None else Member(snowflake(), name, permissions)
+        guild.members[member.id] = member
+        return member
+
+    def upload(self, filename: str, data: bytes, content_type: str | None = "image/png") -> Attachment:
+        attachment_id = snowflake()
+        url = f"{self.base_url}/cdn/attachments/{attachment_id}/{filename}"
+        attachment = Attachment(attachment_id, filename, data, content_type, url)
+        self.attachments[attachment_id] = attachment
+        return attachment
+
+    def command(self, name: str, guild: Guild | None) -> dict[str, Any]:
+        """A command the bot registered; users can only invoke those."""
+        candidates = (self.guild_commands.get(guild.id, []) if guild else []) + self.global_commands
+        for command in candidates:
+            if command["name"] == name:
+                return command
+        raise LookupError(f"the bot never registered /{name}")
+
+    def interaction_payload(
+        self, command_line: str, member: Member, guild: Guild | None, **options: Any
+    ) -> dict[str, Any]:
+        """An INTERACTION_CREATE for ``/command [subcommand]`` with the given option values."""
+        root, *sub = command_line.split()
+        command = self.command(root, guild)
+        resolved: dict[str, Any] = {}
+        given = []
+        for name, value in options.items():
+            if value is None:
+                continue
+            if isinstance(value, Attachment):
+                resolved.setdefault("attachments", {})[str(value.id)] = value.payload()
+                given.append({"name": name, "type": ATTACHMENT_OPTION, "value": str(value.id)})
+            else:
+                given.append({"name": name, "type": OPTION_TYPES[type(value)], "value": value})
+        if sub:
+            given = [{"name": sub[0], "type": SUB_COMMAND, "options": given}]
+        data: dict[str, Any] = {"id": command["id"], "name": root, "type": 1, "options": given}
+        if resolved:
+            data["resolved"] = resolved
+        payload: dict[str, Any] = {
+            "id": str(snowflake()),
+            "application_id": str(self.application_id),
+            "type": 2,
+            "data": data,
+            "token": f"interaction-token-{snowflake()}",
+            "version": 1,
+            "locale": "en-US",
+            "app_permissions": str((1 << 31) - 1),
+            "entitlements": [],
+            "attachment_size_limit": 10 * 1024 * 1024,
+        }
+        if guild is not None:
+            channel = guild.channels[0]
+            payload |= {
+                "guild_id": str(guild.id),
+                "guild_locale": "en-US",
+                "channel_id": str(channel.id),
+                "channel": channel.payload(),
+                "member": member.payload(),
+                "authorizing_integration_owners": {"0": str(guild.id)},
+                "context": 0,
+            }
+        else:
+            channel = Channel(snowflake(), None)
+            payload |= {
+                "channel_id": str(channel.id),
+                "channel": channel.payload() | {"type": 1, "recipients": [user_payload(member.id, member.name)]},
+                "user": user_payload(member.id, member.name),
+                "authorizing_integration_owners": {"1": str(member.id)},
+                "context": 1,
+            }
+        self.interactions[payload["token"]] = InteractionRecord(int(payload["id"]), payload["token"], self.clock())
+        return payload
+
+    def record(self, payload: dict[str, Any]) -> InteractionRecord:
+        return self.interactions[payload["token"]]
+
+    # Bot routes
+
+    async def _current_user(self, request: web.Request) -> web.Response:
+        return self._json(user_payload(self.bot_user_id, "flamingo", bot=True) | {"verified": True, "flags": 0})
+
+    async def _application(self, request: web.Request) -> web.Response:
+        return self._json(
+            {
+                "id": str(self.application_id),
+                "name": "flamingo",
+                "icon": None,
+                "description": "",
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "verify_key": "0" * 64,
+                "flags": 0,
+                "owner": user_payload(self.owner.id, self.owner.name),
+                "team": None,
+            }
+        )
+
+    def _registered(self, request: web.Request, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if request.match_info["app"] != str(self.application_id):
+            raise DiscordError(403, 50001, "Missing Access")
+        app_id = str(self.application_id)
+        return [c | {"id": str(snowflake()), "application_id": app_id, "version": "1"} for c in commands]
+
+    async def _sync_global(self, request: web.Request) -> web.Response:
+        self.global_commands = self._registered(request, await request.json())
+        return self._json(self.global_commands)
+
+    async def _sync_guild(self, request: web.Request) -> web.Response:
+        guild_id = int(request.match_info["guild"])
+        self.guild_commands[guild_id] = [
+            c | {"guild_id": str(guild_id)} for c in self._registered(request, await request.json())
+        ]
+        return self._json(self.guild_commands[guild_id])
+
+    # Interaction routes (no bot auth: the interaction token is the credential)
+
+    def _interaction(self, token: str, *, acknowledging: bool = False) -> InteractionRecord:
+        record = self.interactions.get(token)
+        if record is None:
+            raise DiscordError(404, 10062, "Unknown interaction")
+        age = self.clock() - record.created
+        if acknowledging and age > ACK_WINDOW_SECONDS:
+            raise DiscordError(404, 10062, "Unknown interaction")
+        if age > TOKEN_LIFETIME_SECONDS:
+            raise DiscordError(401, 50027, "Invalid Webhook Token")
+        return record
+
+    @staticmethod
+    async def _message_body(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]]:
+        if not request.content_type.startswith("multipart/"):
+            return await request.json(), {}
+        payload: dict[str, Any] = {}
+        files: dict[str, bytes] = {}
+        reader = await request.multipart()
+        async for part in reader:
+            if part.name == "payload_json":
+                payload = json.loads(await part.text())
+            else:
+                files[part.filename or part.name] = await part.read()
+        return payload, files
+
+    def _message_json(self, message: Message) -> dict[str, Any]:
+        return {
+            "id": str(message.id),
+            "type": 20,
+            "channel_id": str(snowflake()),
+            "content": message.content,
+            "author": user_payload(self.bot_user_id, "flamingo", bot=True),
+            "embeds": message.embeds,
+            "attachments": [
+                {
+                    "id": str(snowflake()),
+                    "filename": n,
+                    "size": len(d),
+                    "url": f"{self.base_url}/x/{n}",
+                    "proxy_url": f"{self.base_url}/x/{n}",
+                }
+                for n, d in message.files.items()
+            ],
+            "components": message.components,
+            "flags": EPHEMERAL if message.ephemeral else 0,
+            "timestamp": "2026-01-01T00:00:00+00:00",
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "pinned": False,
+        }
+
+    @staticmethod
+    def _apply(message: Message, payload: dict[str, Any], files: dict[str, bytes]) -> None:
+        _check_limits(payload | {"content": payload.get("content", message.content)}, files or message.files)
+        if "content" in payload:
+            message.content = payload["content"] or ""
+        if "embeds" in payload:
+            message.embeds = payload["embeds"] or []
+        if "components" in payload:
+            message.components = payload["components"] or []
+        if "attachments" in payload or files:
+            message.files = files
+        message.loading = False
+
+    async def _callback(self, request: web.Request) -> web.Response:
+        record = self._interaction(request.match_info["token"], acknowledging=True)
+        if record.original is not None:
+            raise DiscordError(400, 40060, "Interaction has already been acknowledged.")
+        body, files = await self._message_body(request)
+        kind, data = body["type"], body.get("data") or {}
+        message = Message(snowflake(), ephemeral=bool(int(data.get("flags") or 0) & EPHEMERAL))
+        if kind == 4:
+            self._apply(message, data, files)
+        elif kind == 5:
+            message.loading = True
+        else:
+            raise DiscordError(400, 50035, f"Invalid Form Body: unsupported callback type {kind}")
+        record.original = message
+        record.changed.set()
+        response = {
+            "interaction": {
+                "id": str(record.id),
+                "type": 2,
+                "response_message_id": str(message.id),
+                "response_message_loading": message.loading,
+                "response_message_ephemeral": message.ephemeral,
+            }
+        }
+        if request.query.get("with_response") in ("1", "true", "True"):
+            response["resource"] = {"type": kind, "message": self._message_json(message)}
+        return self._json(response)
+
+    async def _edit_original(self, request: web.Request) -> web.Response:
+        record = self._interaction(request.match_info["token"])
+        if record.original is None or record.original.deleted:
+            raise DiscordError(404, 10008, "Unknown Message")
+        body, files = await self._message_body(request)
+        self._apply(record.original, body, files)
+        record.changed.set()
+        return self._json(self._message_json(record.original))
+
+    async def _delete_original(self, request: web.Request) -> web.Response:
+        record = self._interaction(request.match_info["token"])
+        if record.original is None or record.original.deleted:
+            raise DiscordError(404, 10008, "Unknown Message")
+        record.original.deleted = True
+        record.changed.set()
+        return web.Response(status=204)
+
+    async def _followup(self, request: web.Request) -> web.Response:
+        record = self._interaction(request.match_info["token"])
+        if record.original is None:
+            raise DiscordError(400, 40060, "The interaction has not been acknowledged.")
+        body, files = await self._message_body(request)
+        original = record.original
+        if original.loading and not original.deleted:
+            # The first followup after a deferral replaces the 'thinking' message, keeping its visibility.
+            self._apply(original, body, files)
+            message = original
+        else:
+            message = Message(snowflake(), ephemeral=bool(int(body.get("flags") or 0) & EPHEMERAL))
+            self._apply(message, body, files)
+            record.followups.append(message)
+        record.changed.set()
+        return self._json(self._message_json(message))
+
+    async def _cdn(self, request: web.Request) -> web.Response:
+        attachment = self.attachments.get(int(request.match_info["id"]))
+        if attachment is None:
+            raise DiscordError(404, 0, "Not Found")
+        return web.Response(body=attachment.data, content_type=attachment.content_type or "application/octet-stream")
