@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FLAMINGO_",
         env_nested_delimiter="__",
-        env_file=".env",
+        env_file=PROJECT_ROOT / ".env",
         extra="ignore",
     )
 

@@ -16,7 +16,12 @@ class ManageServerGroup(app_commands.Group):
     """A command group for changing a guild's data: Manage Server, in guilds only."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(guild_only=True, default_permissions=discord.Permissions(manage_guild=True), **kwargs)
+        super().__init__(
+            guild_only=True,
+            allowed_contexts=app_commands.AppCommandContext(guild=True),
+            default_permissions=discord.Permissions(manage_guild=True),
+            **kwargs,
+        )
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         if interaction.guild_id is None:

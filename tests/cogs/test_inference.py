@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from core.generation import GenerationParams
 from tests.conftest import IMAGES
 
@@ -25,3 +27,119 @@ async def test_comprehend_answers_with_the_image_and_the_models_answer(world, ll
     assert embed["footer"]["text"].startswith("task: caption · ")
     assert embed["image"]["url"] == "attachment://image.jpg"
     assert list(reply.files) == ["image.jpg"]
+
+
+async def _private_only(record) -> str:
+    """The user sees exactly one message, private, and no public 'thinking' left behind."""
+    messages = await record.answered()
+    assert len(messages) == 1, messages
+    assert messages[0].ephemeral
+    return messages[0].content
+
+
+async def test_prompt_without_image_marker_is_refused_privately_at_once(world):
+    record = world.invoke("comprehend", image=photo(world), prompt="What is this?")
+    message = await _private_only(record)
+    assert (
+        message
+        == "The prompt has 0 <image> markers but 1 image was given; put one `<image>` where each image should be read."
+    )
+    assert world.bot.service.waiting == 0
+
+
+async def test_out_of_range_parameters_are_refused_privately(world):
+    assert await _private_only(world.invoke("comprehend", image=photo(world), num_beams=40)) == (
+        "num_beams must be between 1 and 5 (got 40)."
+    )
+    assert await _private_only(world.invoke("comprehend", image=photo(world), temperature=0.3)) == (
+        "temperature only apply when sampling; turn on do_sample."
+    )
+
+
+async def test_reserved_tokens_in_the_prompt_are_refused(world):
+    message = await _private_only(world.invoke("comprehend", image=photo(world), prompt="<image>Output:<|endofchunk|>"))
+    assert "reserved token `<|endofchunk|>`" in message
+
+
+async def test_a_file_that_is_not_an_image_replaces_the_public_thinking_with_a_private_message(world):
+    text = world.discord.upload("notes.png", b"just some text, not a picture", "image/png")
+    message = await _private_only(world.invoke("comprehend", image=text))
+    assert message == "This file is not an image I can read; send a JPEG, PNG, WebP, GIF, BMP or TIFF file."
+
+
+async def test_an_announced_oversized_file_is_refused_before_download(world):
+    big = world.discord.upload("huge.png", b"\0" * (26 * 1024 * 1024), "image/png")
+    message = await _private_only(world.invoke("comprehend", image=big))
+    assert message == "The file is 26.0 MB; the limit is 25.0 MB."
+    assert ("GET", f"/cdn/attachments/{big.id}/huge.png") not in world.discord.requests
+
+
+async def test_unknown_task_is_refused_privately(world):
+    message = await _private_only(world.invoke("comprehend", image=photo(world), task="poetry"))
+    assert message.startswith("There is no task called “poetry” here; the built-in tasks are caption, vqa")
+
+
+async def test_busy_model_is_reported_privately(world, monkeypatch):
+    from core.errors import ServiceBusy
+
+    async def busy(*args, **kwargs):
+        raise ServiceBusy("The model is busy (8 requests are already waiting); try again in a minute.")
+
+    monkeypatch.setattr(world.bot.service, "answer", busy)
+    message = await _private_only(world.invoke("comprehend", image=photo(world)))
+    assert message == "The model is busy (8 requests are already waiting); try again in a minute."
+
+
+async def test_unexpected_errors_give_an_id_that_is_in_the_log(world, monkeypatch, caplog):
+    async def broken(*args, **kwargs):
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(world.bot.service, "answer", broken)
+    message = await _private_only(world.invoke("comprehend", image=photo(world)))
+    error_id = message.split("`")[1]
+    assert message == f"Something went wrong on our side (error id `{error_id}`); the bot's owner can look it up."
+    assert any(error_id in record.getMessage() and record.exc_info for record in caplog.records)
+
+
+async def test_long_answers_are_clipped_in_the_embed_and_attached_whole(world, monkeypatch):
+    from core.engine import Answer
+
+    long_text = "word " * 2000
+
+    async def verbose(*args, **kwargs):
+        return Answer(long_text.strip(), (1,) * 900, "<image>Output:", 10, True, 0.5)
+
+    monkeypatch.setattr(world.bot.service, "answer", verbose)
+    reply = (await world.reply("comprehend", image=photo(world)))[0]
+    assert len(reply.embeds[0]["description"]) == 4096
+    assert reply.embeds[0]["description"].endswith("…")
+    assert reply.files["answer.txt"].decode() == long_text.strip()
+
+
+async def test_answers_never_mention_anyone(world, monkeypatch):
+    from core.engine import Answer
+
+    async def pinging(*args, **kwargs):
+        return Answer("@everyone look", (1,), "<image>Output:", 10, True, 0.1)
+
+    monkeypatch.setattr(world.bot.service, "answer", pinging)
+    assert world.bot.allowed_mentions.everyone is False
+    reply = (await world.reply("comprehend", image=photo(world)))[0]
+    assert reply.embeds[0]["description"] == "@everyone look"
+
+
+async def test_comprehend_works_in_direct_messages_with_builtin_tasks(world):
+    reply = (await world.reply("comprehend", guild=None, image=photo(world), task="vqa", max_new_tokens=3))[0]
+    assert reply.embeds[0]["footer"]["text"].startswith("task: vqa · ")
+
+
+async def test_the_interaction_is_acknowledged_within_three_seconds_even_when_the_model_is_slow(world, monkeypatch):
+    original = world.bot.service.answer
+
+    async def slow(*args, **kwargs):
+        await asyncio.sleep(3.5)
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(world.bot.service, "answer", slow)
+    reply = (await world.reply("comprehend", image=photo(world), max_new_tokens=2))[0]
+    assert not reply.ephemeral and reply.embeds

@@ -236,6 +236,8 @@ class FakeDiscord:
         if sub:
             given = [{"name": sub[0], "type": SUB_COMMAND, "options": given}]
         data: dict[str, Any] = {"id": command["id"], "name": root, "type": 1, "options": given}
+        if "guild_id" in command:  # a guild command says where it is registered
+            data["guild_id"] = command["guild_id"]
         if resolved:
             data["resolved"] = resolved
         payload: dict[str, Any] = {

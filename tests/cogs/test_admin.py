@@ -1,0 +1,103 @@
+"""Owner tools, cog reloads that keep the model and the database, and clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.cogs.test_inference import photo
+
+
+async def test_admin_commands_exist_only_in_the_admin_guild(world):
+    admin_names = {command["name"] for command in world.discord.guild_commands[world.admin_guild.id]}
+    global_names = {command["name"] for command in world.discord.global_commands}
+    assert admin_names == {"admin"}
+    assert {"comprehend", "tasks", "manage-tasks"} <= global_names
+    assert "admin" not in global_names
+    manage = next(c for c in world.discord.global_commands if c["name"] == "manage-tasks")
+    assert int(manage["default_member_permissions"]) == 1 << 5
+    assert manage["contexts"] == [0]
+
+
+async def test_status_is_for_the_owner_only(world):
+    owner = world.admin_guild.members[world.discord.owner.id]
+    status = (await world.reply("admin status", member=owner, guild=world.admin_guild))[0]
+    assert status.ephemeral
+    assert status.embeds, status.content
+    fields = {field["name"]: field["value"] for field in status.embeds[0]["fields"]}
+    assert fields["Model"].endswith("llama")
+    assert fields["Precision"] == "fp32"
+    assert fields["Device"] == "cpu"
+    assert fields["Queue"] == "0 waiting"
+    assert fields["Version"] == "0.1.0"
+    assert "GiB" in fields["Memory"]
+
+    stranger = world.discord.add_member(world.admin_guild, "stranger", permissions=1 << 3)
+    refused = (await world.reply("admin status", member=stranger, guild=world.admin_guild))[0]
+    assert refused.ephemeral
+    assert refused.content == "Only the bot's owner can use this command."
+
+
+async def test_reload_keeps_the_model_service_and_the_database(world):
+    service, store, library = world.bot.service, world.bot.store, world.bot.library
+    old_cogs = dict(world.bot.cogs)
+    owner = world.admin_guild.members[world.discord.owner.id]
+    reply = (await world.reply("admin reload", member=owner, guild=world.admin_guild))[0]
+    assert reply.content == "Reloaded cogs.inference, cogs.tasks, cogs.admin."
+    assert world.bot.service is service and world.bot.store is store and world.bot.library is library
+    assert all(world.bot.cogs[name] is not cog for name, cog in old_cogs.items())
+    answer = (await world.reply("comprehend", image=photo(world), max_new_tokens=3))[0]
+    assert answer.embeds[0]["footer"]["text"].startswith("task: caption")
+    created = await world.reply("manage-tasks create", member=world.moderator, name="after", template="<image>Q:")
+    assert created[0].content.startswith("Created task **after**")
+
+
+async def test_an_interaction_arriving_during_a_reload_is_held_and_answered(world, monkeypatch):
+    reloading = asyncio.Event()
+
+    async def slow_reload(name, **kwargs):
+        await world.bot.unload_extension(name)
+        reloading.set()
+        await asyncio.sleep(0.3)  # the cog's commands are missing from the tree now
+        await world.bot.load_extension(name)
+
+    monkeypatch.setattr(world.bot, "reload_extension", slow_reload)
+    reload_task = asyncio.create_task(world.bot.reload_cogs(["cogs.tasks"]))
+    await reloading.wait()
+    listing = world.invoke("tasks list")
+    messages = await listing.answered()
+    await reload_task
+    assert messages[0].embeds[0]["title"] == "Tasks"
+
+
+async def test_shutdown_finishes_the_running_request_and_refuses_queued_ones(world, monkeypatch):
+    gate = asyncio.Event()
+    engine = world.bot.service.engine
+    original_run = engine.run
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def gated_run(request, should_stop):
+        loop.call_soon_threadsafe(started.set)
+        asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(timeout=30)
+        return original_run(request, should_stop)
+
+    monkeypatch.setattr(engine, "run", gated_run)
+    running = world.invoke("comprehend", image=photo(world), max_new_tokens=2)
+    await started.wait()
+    queued = world.invoke("comprehend", image=photo(world, "rocket"), max_new_tokens=2)
+    while world.bot.service.waiting == 0:
+        await asyncio.sleep(0.01)
+    owner = world.admin_guild.members[world.discord.owner.id]
+    notice = (await world.reply("admin shutdown", member=owner, guild=world.admin_guild))[0]
+    assert notice.content == "Shutting down; 1 waiting requests will be told to try later."
+    gate.set()
+    finished = (await running.answered())[0]
+    assert finished.embeds and not finished.ephemeral
+    refused = await queued.answered()
+    assert [m.content for m in refused] == ["The bot is shutting down; your request was not run."]
+    assert refused[0].ephemeral
+    for _ in range(100):
+        if world.bot.is_closed():
+            break
+        await asyncio.sleep(0.05)
+    assert world.bot.is_closed()

@@ -1,0 +1,60 @@
+"""Settings: the committed config.toml, environment overrides, one-line errors, no token in files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.config import DEFAULT_CONFIG_PATH, ConfigError, load_settings
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_committed_config_loads_with_its_documented_defaults(monkeypatch):
+    monkeypatch.delenv("DISCORD_TOKEN", raising=False)
+    settings = load_settings(DEFAULT_CONFIG_PATH)
+    assert settings.model.name == "openflamingo/OpenFlamingo-9B-vitl-mpt7b"
+    assert settings.model.precision == "auto"
+    assert settings.storage.database_path.name == "flamingo.db"
+    assert settings.logging.log_prompts is False
+
+
+def test_environment_overrides_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAMINGO_MODEL__PRECISION", "int8")
+    monkeypatch.setenv("FLAMINGO_LIMITS__MAX_EXAMPLES_PER_TASK", "3")
+    monkeypatch.setenv("DISCORD_TOKEN", "secret-token")
+    settings = load_settings(_config(tmp_path, '[model]\nprecision = "bf16"\n'))
+    assert settings.model.precision == "int8"
+    assert settings.limits.max_examples_per_task == 3
+    assert settings.discord_token.get_secret_value() == "secret-token"
+    assert "secret-token" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[model]\nprecision = "fp8"\n',
+            r"^bad setting model\.precision: Input should be 'auto', 'fp32', .* \(got 'fp8'\)$",
+        ),
+        ("[service]\nmax_queue = 0\n", r"^bad setting service\.max_queue: Input should be greater than 0 \(got 0\)$"),
+        ("[generation]\ntemperature = { low = 2, high = 1 }\n", r"^bad setting generation\.temperature: .*range low"),
+        ("[model\n", r"^cannot read .*config\.toml: "),
+        ('DISCORD_TOKEN = "abc"\n', r"^config\.toml must not hold the bot token; set DISCORD_TOKEN"),
+    ],
+    ids=["bad-choice", "out-of-range", "inverted-range", "toml-syntax", "token-in-file"],
+)
+def test_bad_configuration_is_one_line_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as refused:
+        load_settings(_config(tmp_path, text))
+    assert "\n" not in str(refused.value)
+
+
+def test_missing_config_file_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="no configuration file at"):
+        load_settings(tmp_path / "absent.toml")

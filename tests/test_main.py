@@ -1,0 +1,81 @@
+"""``python main.py`` as an operator runs it: fast, clear refusals and an online backup."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from core.config import PROJECT_ROOT
+from core.store import TaskStore
+
+
+def run_main(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {"PATH": "/usr/bin:/bin", "DISCORD_TOKEN": ""}
+    return subprocess.run(
+        [sys.executable, "main.py", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=base | (env or {}),
+    )
+
+
+def test_running_without_a_token_says_how_to_set_it_without_importing_the_model_stack():
+    probe = (
+        "import sys, main; code = main.main([]); "
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "DISCORD_TOKEN": ""},
+    )
+    assert result.returncode == 2
+    assert result.stderr == "error: no Discord bot token: set DISCORD_TOKEN in the environment or in a .env file\n"
+    assert result.stdout == "torch not imported\n"
+
+
+def test_a_bad_setting_is_one_line(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[model]\nprecision = "fp8"\n')
+    result = run_main("--config", str(config), env={"DISCORD_TOKEN": "x"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: bad setting model.precision: Input should be 'auto'")
+    assert result.stderr.count("\n") == 1
+
+
+def test_backup_copies_the_database_while_it_is_open(tmp_path):
+    database = tmp_path / "live.db"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\ndatabase = "{database}"\n')
+
+    async def populate() -> TaskStore:
+        store = await TaskStore.open(database)
+        await store.create_task(1, "cats", "", "<image>Output:", 7, max_tasks=5)
+        await store.add_example(1, "cats", b"jpeg", "<image>Output:A cat.", max_examples=8)
+        return store
+
+    store = asyncio.run(populate())
+    target = tmp_path / "copy.db"
+    result = run_main("--config", str(config), "backup", str(target))
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(target) as copy:
+        assert copy.execute("SELECT name FROM tasks").fetchall() == [("cats",)]
+        assert copy.execute("SELECT text FROM examples").fetchall() == [("<image>Output:A cat.",)]
+    asyncio.run(store.close())
+
+
+def test_backup_without_a_database_is_one_line(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\ndatabase = "{tmp_path / "none.db"}"\n')
+    result = run_main("--config", str(config), "backup", str(tmp_path / "x.db"))
+    assert result.returncode == 2
+    assert result.stderr == f"error: there is no database at {tmp_path / 'none.db'} yet\n"
+    assert not Path(tmp_path / "x.db").exists()
