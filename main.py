@@ -128,7 +128,7 @@ async def _serve(settings: Settings, token: str) -> None:
     bot = FlamingoBot(settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, lambda: loop.create_task(bot.close()))
+        loop.add_signal_handler(signum, bot.request_shutdown)
     async with bot:
         await bot.start(token)
 

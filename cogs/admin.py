@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -83,7 +82,7 @@ class Admin(commands.Cog):
             f"Shutting down; {waiting} waiting requests will be told to try later.", ephemeral=True
         )
         log.info("shutdown requested by %s", interaction.user.id)
-        asyncio.get_running_loop().create_task(self.bot.close())
+        self.bot.request_shutdown()
 
 
 async def setup(bot: FlamingoBot) -> None:

@@ -65,6 +65,7 @@ class FlamingoBot(commands.Bot):
         self.commands_ready = asyncio.Event()
         self.commands_ready.set()
         self.in_flight: set[asyncio.Task[object]] = set()
+        self._closing: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
         self.service = self._given_service or await asyncio.to_thread(start_service, self.settings)
@@ -93,6 +94,11 @@ class FlamingoBot(commands.Bot):
                 await self.reload_extension(name)
         finally:
             self.commands_ready.set()
+
+    def request_shutdown(self) -> None:
+        """Close from a signal handler or a command; the task is kept so it cannot be collected."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self.close(), name="flamingo-shutdown")
 
     def track(self, task: asyncio.Task[object]) -> None:
         """Remember work that must be allowed to answer before the bot disconnects."""
