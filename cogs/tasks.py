@@ -22,7 +22,8 @@ _COLOUR = discord.Colour.blurple()
 
 def _line(task: TaskInfo) -> str:
     kind = "built-in" if task.builtin else "this server"
-    return f"**{task.name}** ({kind}, {task.example_count} examples): {discord.utils.escape_markdown(task.description)}"
+    count = f"{task.example_count} example" + ("" if task.example_count == 1 else "s")
+    return f"**{task.name}** ({kind}, {count}): {discord.utils.escape_markdown(task.description)}"
 
 
 def task_list_embed(tasks: list[TaskInfo], default: str) -> discord.Embed:

@@ -86,6 +86,7 @@ class DiscordSettings(BaseModel):
     admin_guild_id: int | None = Field(None, description="The only guild that sees the owner's admin commands.")
     sync_commands_on_start: bool = True
     api_base_url: str = "https://discord.com/api/v10"
+    gateway_url: str = Field("wss://gateway.discord.gg/", description="Also used after a session is invalidated.")
 
 
 class LimitSettings(BaseModel):

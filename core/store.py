@@ -90,6 +90,11 @@ def _example_row(task_id: int, position: int, image: bytes, text: str) -> tuple[
     return task_id, position, text, image, hashlib.sha256(image).hexdigest()
 
 
+def _key(name: str) -> str:
+    """How names compare: surrounding spaces ignored, case folded (SQLite's NOCASE folds ASCII only)."""
+    return name.strip().casefold()
+
+
 class TaskStore:
     """The per-guild task library; open it with ``await TaskStore.open(path)``."""
 
@@ -162,7 +167,7 @@ class TaskStore:
     async def _find(self, guild_id: int, name: str) -> sqlite3.Row | None:
         return await self._one(
             "SELECT * FROM tasks WHERE guild_id = ? AND name_key = ?",
-            (guild_id, name.casefold()),
+            (guild_id, _key(name)),
         )
 
     async def _require(self, guild_id: int, name: str) -> sqlite3.Row:
@@ -204,7 +209,7 @@ class TaskStore:
     async def _retarget_default(self, guild_id: int, old_name: str, new_name: str | None) -> None:
         """Keep the guild default on the same task after a rename, or clear it when the task goes."""
         row = await self._one("SELECT default_task FROM guild_settings WHERE guild_id = ?", (guild_id,))
-        if row is not None and row[0] is not None and row[0].casefold() == old_name.casefold():
+        if row is not None and row[0] is not None and _key(row[0]) == _key(old_name):
             await self._db.execute(
                 "UPDATE guild_settings SET default_task = ? WHERE guild_id = ?",
                 (new_name, guild_id),
@@ -267,7 +272,7 @@ class TaskStore:
             cursor = await db.execute(
                 """INSERT INTO tasks (guild_id, name, name_key, description, prompt_template, created_by,
                 created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                (guild_id, name, name.casefold(), description, prompt_template, created_by, now, now),
+                (guild_id, name, _key(name), description, prompt_template, created_by, now, now),
             )
             await db.executemany(
                 "INSERT INTO examples (task_id, position, text, image, image_sha256) VALUES (?, ?, ?, ?, ?)",
@@ -294,7 +299,7 @@ class TaskStore:
                 raise TaskExists(f"This server already has a task called “{clash['name']}”.")
             await db.execute(
                 "UPDATE tasks SET name = ?, name_key = ? WHERE id = ?",
-                (new_name, new_name.casefold(), task["id"]),
+                (new_name, _key(new_name), task["id"]),
             )
             await self._touch(task["id"])
             await self._retarget_default(guild_id, task["name"], new_name)

@@ -11,8 +11,10 @@ import logging
 import time
 
 import discord
+import yarl
 from discord import app_commands
 from discord.ext import commands
+from discord.gateway import DiscordWebSocket
 
 from cogs.utils.errors import reply_with_error
 from core.builtin_tasks import load_builtin_tasks
@@ -49,7 +51,10 @@ class FlamingoBot(commands.Bot):
     library: TaskLibrary
 
     def __init__(self, settings: Settings, service: InferenceService | None = None) -> None:
+        # Both are needed: REST routes come from Route.BASE, while an unsharded bot connects (and
+        # falls back after an invalidated session) to DEFAULT_GATEWAY without asking /gateway/bot.
         discord.http.Route.BASE = settings.discord.api_base_url
+        DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord.gateway_url)
         owner_ids = set(settings.discord.owner_ids) or None
         super().__init__(
             command_prefix=commands.when_mentioned,

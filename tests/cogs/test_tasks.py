@@ -9,7 +9,7 @@ from PIL import Image
 from core.config import ImageSettings
 from core.generation import GenerationParams
 from core.images import load_image
-from core.prompts import Example, Task
+from core.prompts import Example, Task, assemble_prompt
 from tests.conftest import IMAGES
 from tests.fake_discord.payloads import MANAGE_GUILD
 
@@ -33,6 +33,13 @@ def unknown(name: str) -> str:
     return (
         f"There is no task called “{name}” here; the built-in tasks are caption, vqa, "
         "and /tasks list shows this server's."
+    )
+
+
+def too_long(tokens: int, room: int) -> str:
+    return (
+        f"Task “pets” would need {tokens} tokens before the answer; the model leaves room for {room}. "
+        "Shorten the examples or remove one."
     )
 
 
@@ -69,6 +76,7 @@ async def shown(world, task: str, member=None, guild="default"):
     """The private /tasks show message: (header embed, example embeds, files)."""
     messages = await world.reply("tasks show", member, guild, task=task)
     assert len(messages) == 1 and messages[0].ephemeral
+    assert messages[0].embeds, messages[0].content
     header, *examples = messages[0].embeds
     return header, examples, messages[0].files
 
@@ -146,6 +154,17 @@ async def test_task_names_are_found_whatever_their_case(world):
     assert header["title"] == "caption"
 
 
+async def test_task_names_are_found_with_stray_spaces_like_built_in_ones(world):
+    """Names are stripped when created and when a built-in is looked up, so a server task's lookup should strip too."""
+    await pets_with(world, "chelsea")
+    header, _, _ = await shown(world, " caption ")
+    assert header["title"] == "caption"
+    header, examples, _ = await shown(world, " pets ")
+    assert header["title"] == "pets" and len(examples) == 1
+    assert (await footer_task(world, task=" pets ")).startswith("task: pets · ")
+    assert await private(world, "manage-tasks delete", world.moderator, task=" pets ") == "Deleted **pets**."
+
+
 async def test_a_new_task_without_examples_shows_only_its_header(world):
     await create(world, name="empty", template="<image>Say:")
     header, examples, files = await shown(world, "empty")
@@ -163,14 +182,14 @@ async def test_built_in_tasks_show_their_photos_as_read_only(world):
     assert [e["thumbnail"]["url"] for e in examples] == [f"attachment://example-{i}.jpg" for i in range(1, 5)]
     assert sorted(files) == [f"example-{i}.jpg" for i in range(1, 5)]
     assert all(data.startswith(b"\xff\xd8") for data in files.values())
-    assert picture_size(files["example-1.jpg"]) == (448, 448)  # the 512×512 astronaut, shrunk for storage
+    assert picture_size(files["example-1.jpg"]) == (448, 448)  # the 512 by 512 astronaut, shrunk for storage
 
 
 # Changing examples
 
 
 async def test_examples_are_edited_moved_and_removed_in_order(world):
-    first, second, third = await pets_with(world, "chelsea", "coffee", "rocket")
+    first, _, third = await pets_with(world, "chelsea", "coffee", "rocket")
 
     edited = "<image>Pet:No pet here, only coffee."
     message = await private(world, "manage-tasks edit-example", world.moderator, task="pets", position=2, text=edited)
@@ -217,7 +236,7 @@ async def test_edit_changes_the_description_and_the_template(world):
     assert header["description"] == "Who is this?"
     assert header["fields"][0]["value"] == "`<image>Animal:`"
     assert len(examples) == 1
-    assert "**pets** (this server, 1 examples): Who is this?" in await listed(world)
+    assert "**pets** (this server, 1 example): Who is this?" in await listed(world)
 
 
 async def test_rename_moves_the_task_to_its_new_name(world):
@@ -250,7 +269,7 @@ async def test_the_default_task_is_used_by_comprehend_and_follows_renames(world)
     assert message == "The default task is now **pets**."
     lines = await listed(world)
     assert not lines[0].endswith("*default*")
-    assert lines[2] == "**pets** (this server, 1 examples): Names the pet · *default*"
+    assert lines[2] == "**pets** (this server, 1 example): Names the pet · *default*"
     assert (await footer_task(world)).startswith("task: pets · ")
     assert (await footer_task(world, task="vqa")).startswith("task: vqa · ")
 
@@ -418,6 +437,7 @@ async def test_templates_need_exactly_one_image_marker(world):
 
 async def test_example_texts_must_fit_the_prompt_format(world):
     texts = await pets_with(world, "chelsea")
+    mod = world.moderator
     refusals = {
         "<image>Pet:A cat.<image>": f"The example text has 2 <image> markers but 1 image was given; {MARKER_HINT}",
         "Pet:A cat.": f"The example text has 0 <image> markers but 1 image was given; {MARKER_HINT}",
@@ -426,11 +446,9 @@ async def test_example_texts_must_fit_the_prompt_format(world):
     }
     for text, expected in refusals.items():
         upload = photo(world, "coffee")
-        message = await private(world, "manage-tasks add-example", world.moderator, task="pets", image=upload, text=text)
+        message = await private(world, "manage-tasks add-example", mod, task="pets", image=upload, text=text)
         assert message == expected, text
-        message = await private(
-            world, "manage-tasks edit-example", world.moderator, task="pets", position=1, text=text
-        )
+        message = await private(world, "manage-tasks edit-example", world.moderator, task="pets", position=1, text=text)
         assert message == expected, text
     assert await example_texts(world, "pets") == texts
 
@@ -438,7 +456,7 @@ async def test_example_texts_must_fit_the_prompt_format(world):
 async def test_an_example_image_that_is_not_an_image_is_refused(world):
     await create(world)
     fake = world.discord.upload("notes.png", b"just some text, not a picture", "image/png")
-    message = await private(world, "manage-tasks add-example", world.moderator, task="pets", image=fake, text="<image>A")
+    message = await private(world, "manage-tasks add-example", world.moderator, task="pets", image=fake, text="<image>")
     assert message == NOT_AN_IMAGE
     _, examples, _ = await shown(world, "pets")
     assert examples == []
@@ -479,12 +497,84 @@ async def test_example_positions_must_exist(world):
     mod = world.moderator
     for position in (0, 3, 99, -1):
         missing = f"Task “pets” has no example {position}; it has 2."
-        message = await private(world, "manage-tasks edit-example", mod, task="pets", position=position, text="<image>A")
+        message = await private(world, "manage-tasks edit-example", mod, task="pets", position=position, text="<image>")
         assert message == missing
         assert await private(world, "manage-tasks remove-example", mod, task="pets", position=position) == missing
         assert await private(world, "manage-tasks move-example", mod, task="pets", position=position, to=1) == missing
         assert await private(world, "manage-tasks move-example", mod, task="pets", position=1, to=position) == missing
     assert await example_texts(world, "pets") == texts
+
+
+async def test_templates_and_attachments_have_size_limits(world):
+    message = await private(world, "manage-tasks create", world.moderator, name="pets", template="<image>" + "t" * 394)
+    assert message == "The prompt template is 401 characters long; the limit is 400."
+    await create(world)
+    big = world.discord.upload("huge.png", b"\0" * (26 * 1024 * 1024), "image/png")
+    message = await private(world, "manage-tasks add-example", world.moderator, task="pets", image=big, text="<image>")
+    assert message == "The file is 26.0 MB; the limit is 25.0 MB."
+    assert ("GET", f"/cdn/attachments/{big.id}/huge.png") not in world.discord.requests
+    empty = world.discord.upload("empty.png", b"", "image/png")
+    message = await private(
+        world, "manage-tasks add-example", world.moderator, task="pets", image=empty, text="<image>"
+    )
+    assert message == "The file is empty."
+    _, examples, _ = await shown(world, "pets")
+    assert examples == []
+
+
+async def test_examples_must_leave_room_for_the_answer(world, llama_engine):
+    await create(world)
+    long = "<image>" + "a1 " * 131
+    assert len(long) == 400
+    await add(world, "pets", small_image(world), long, 1)
+    await add(world, "pets", small_image(world), "<image>Pet:A cat.", 2)
+    room = llama_engine.context_length - world.bot.settings.generation.max_new_tokens_default
+    tokens = llama_engine.count_tokens(
+        assemble_prompt([long.strip(), "<image>Pet:A cat.", long.strip()], "<image>Pet:")
+    )
+    assert tokens > room
+    message = await private(
+        world, "manage-tasks add-example", world.moderator, task="pets", image=small_image(world), text=long
+    )
+    assert message == too_long(tokens, room)
+    tokens = llama_engine.count_tokens(assemble_prompt([long.strip(), long.strip()], "<image>Pet:"))
+    message = await private(world, "manage-tasks edit-example", world.moderator, task="pets", position=2, text=long)
+    assert message == too_long(tokens, room)
+    template = "<image>" + "b2 " * 131
+    tokens = llama_engine.count_tokens(assemble_prompt([long.strip(), "<image>Pet:A cat."], template.strip()))
+    message = await private(world, "manage-tasks edit", world.moderator, task="pets", template=template)
+    assert message == too_long(tokens, room)
+    assert await example_texts(world, "pets") == [long.strip(), "<image>Pet:A cat."]
+    header, _, _ = await shown(world, "pets")
+    assert header["fields"][0]["value"] == "`<image>Pet:`"
+
+
+async def test_descriptions_are_shown_as_written_not_as_markdown(world):
+    await create(world, description="*not bold* and _not italic_")
+    assert (await listed(world))[2] == r"**pets** (this server, 0 examples): \*not bold\* and \_not italic\_"
+    header, _, _ = await shown(world, "pets")
+    assert header["description"] == r"\*not bold\* and \_not italic\_"
+
+
+async def test_a_long_task_list_is_shortened_to_fit_one_embed(world):
+    for index in range(20):
+        await create(world, name=f"task-{index:02}", template="<image>X:", description=f"{index:02}" + "d" * 198)
+    lines = await listed(world)
+    assert len("\n".join(lines)) <= 4096
+    shown_tasks = [line for line in lines if line.startswith("**")]
+    assert lines[-1] == f"… and {22 - len(shown_tasks)} more"
+    assert 2 < len(shown_tasks) < 22
+    assert shown_tasks[-1].startswith(f"**task-{len(shown_tasks) - 3:02}** (this server, 0 examples): ")
+
+
+async def test_a_server_holds_at_most_fifty_tasks(world):
+    for index in range(50):
+        await create(world, name=f"t{index}", template="<image>X:")
+    full = "This server already has 50 tasks, the most it may have; delete one first."
+    assert await private(world, "manage-tasks create", world.moderator, name="one-more", template="<image>X:") == full
+    assert await private(world, "manage-tasks copy", world.moderator, task="caption", new_name="one-more") == full
+    await private(world, "manage-tasks delete", world.moderator, task="t0")
+    await create(world, name="one-more", template="<image>X:")
 
 
 # Guilds
@@ -527,9 +617,7 @@ async def test_a_default_task_in_one_server_does_not_change_another(world):
     await private(world, "manage-tasks set-default", world.moderator, task="pets")
     other = world.discord.add_guild("Other")
     reader = world.discord.add_member(other, "other-reader")
-    messages = await world.reply(
-        "comprehend", reader, other, image=photo(world, "rocket"), max_new_tokens=2
-    )
+    messages = await world.reply("comprehend", reader, other, image=photo(world, "rocket"), max_new_tokens=2)
     assert messages[0].embeds[0]["footer"]["text"].startswith("task: caption · ")
 
 
@@ -551,6 +639,32 @@ async def test_a_task_holds_at_most_eight_examples(world):
     assert all(picture_size(data) == (12, 8) for data in files.values())
 
 
+async def test_changes_made_at_the_same_moment_still_respect_the_caps(world):
+    await create(world, name="colours", template="<image>Colour:")
+    for position in range(1, 8):
+        await add(world, "colours", small_image(world, position * 20), f"<image>Colour:Shade {position}.", position)
+    records = [
+        world.invoke(
+            "manage-tasks add-example", world.moderator, task="colours", image=small_image(world), text="<image>C:8."
+        )
+        for _ in range(2)
+    ]
+    answers = sorted([(await record.answered())[0].content for record in records])
+    assert answers == [
+        "Added example 8 to **colours**.",
+        "Task “colours” already has 8 examples, the most a task may have.",
+    ]
+
+    records = [
+        world.invoke("manage-tasks create", world.moderator, name="twins", template="<image>T:") for _ in range(2)
+    ]
+    answers = sorted([(await record.answered())[0].content for record in records])
+    assert answers == [
+        "Created task **twins**. Add examples with `/manage-tasks add-example`.",
+        "This server already has a task called “twins”.",
+    ]
+
+
 # The answer
 
 
@@ -564,8 +678,14 @@ async def test_comprehend_with_a_server_task_reads_its_stored_examples(world, ll
 
     _, _, files = await shown(world, "pets")
     stored = [load_image(files[f"example-{i}.jpg"], ImageSettings()) for i in (1, 2)]
-    task = Task("pets", "Names the pet", "<image>Pet:", tuple(Example(i, t) for i, t in zip(stored, texts, strict=True)))
+    examples = tuple(Example(image, text) for image, text in zip(stored, texts, strict=True))
+    task = Task("pets", "Names the pet", "<image>Pet:", examples)
     request = llama_engine.prepare([photos["rocket"]], "<image>Pet:", task, GenerationParams(max_new_tokens=6))
     assert request.prompt == f"{texts[0]}<|endofchunk|>{texts[1]}<|endofchunk|><image>Pet:"
     expected = llama_engine.run(request)
     assert embed["description"] == (expected.text or "*(the model gave an empty answer)*")
+    # The comparison means something: without the examples this model answers differently.
+    bare = Task("pets", "", "<image>Pet:")
+    params = GenerationParams(max_new_tokens=6)
+    without = llama_engine.run(llama_engine.prepare([photos["rocket"]], "<image>Pet:", bare, params))
+    assert without.text != expected.text

@@ -11,7 +11,9 @@ DISCORD_EPOCH_MS = 1_420_070_400_000
 _sequence = itertools.count(1)
 
 # https://discord.com/developers/docs/topics/permissions
+ADMINISTRATOR = 1 << 3
 MANAGE_GUILD = 1 << 5
+ALL_PERMISSIONS = (1 << 51) - 1
 MANAGE_MESSAGES = 1 << 13
 # View channel, send messages, embed links, attach files, read history, use application commands.
 EVERYONE_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 31)
@@ -41,6 +43,11 @@ class Member:
     permissions: int = EVERYONE_PERMISSIONS
     roles: list[int] = field(default_factory=list)
 
+    @property
+    def effective_permissions(self) -> int:
+        """Discord resolves Administrator to every permission in interaction payloads."""
+        return ALL_PERMISSIONS if self.permissions & ADMINISTRATOR else self.permissions
+
     def payload(self) -> dict[str, Any]:
         return {
             "user": user_payload(self.id, self.name),
@@ -50,7 +57,7 @@ class Member:
             "mute": False,
             "flags": 0,
             "pending": False,
-            "permissions": str(self.permissions),
+            "permissions": str(self.effective_permissions),
             "nick": None,
             "avatar": None,
         }

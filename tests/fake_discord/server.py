@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from tests.fake_discord.gateway import Gateway
+from tests.fake_discord.limits import Clock, RateLimiter
 from tests.fake_discord.payloads import (
     ATTACHMENT_OPTION,
+    EVERYONE_PERMISSIONS,
     OPTION_TYPES,
     SUB_COMMAND,
     Attachment,
@@ -122,19 +124,22 @@ def _check_limits(payload: dict[str, Any], files: dict[str, bytes]) -> None:
 
 
 class FakeDiscord:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.limits = RateLimiter(self.clock)
         self.token = "fake-bot-token"
         self.application_id = snowflake()
         self.bot_user_id = self.application_id
         self.owner = Member(snowflake(), "owner")
         self.global_commands: list[dict[str, Any]] = []
         self.guild_commands: dict[int, list[dict[str, Any]]] = {}
+        self.guilds: dict[int, Guild] = {}
         self.attachments: dict[int, Attachment] = {}
         self.interactions: dict[str, InteractionRecord] = {}
         self.requests: list[tuple[str, str]] = []
         self._runner: web.AppRunner | None = None
         self.base_url = ""
+        self.gateway = Gateway(self)
 
     # Lifecycle
 
@@ -142,6 +147,7 @@ class FakeDiscord:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         bot_routes = [
             web.get(f"{API}/users/@me", self._current_user),
+            web.get(f"{API}/gateway/bot", self._gateway_bot),
             web.get(f"{API}/oauth2/applications/@me", self._application),
             web.put(f"{API}/applications/{{app}}/commands", self._sync_global),
             web.put(f"{API}/applications/{{app}}/guilds/{{guild}}/commands", self._sync_guild),
@@ -152,6 +158,8 @@ class FakeDiscord:
             web.delete(f"{API}/webhooks/{{app}}/{{token}}/messages/@original", self._delete_original),
             web.post(f"{API}/webhooks/{{app}}/{{token}}", self._followup),
             web.get("/cdn/attachments/{id}/{filename}", self._cdn),
+            web.get(f"{API}/gateway", self._gateway_url),
+            web.get("/gateway", self.gateway.handle),
         ]
         app.add_routes(bot_routes + open_routes)
         self._bot_paths = {route.path for route in bot_routes}
@@ -171,13 +179,22 @@ class FakeDiscord:
     async def _middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
         route = request.match_info.route.resource
-        needs_auth = route is not None and route.canonical in self._bot_paths
+        canonical = route.canonical if route is not None else request.path
+        needs_auth = canonical in self._bot_paths
         if needs_auth and request.headers.get("Authorization") != f"Bot {self.token}":
             return self._error(401, 0, "401: Unauthorized")
+        major = request.match_info.get("token") or request.match_info.get("guild") or ""
+        bucket = f"{request.method} {canonical} {major}"
+        refusal = self.limits.check(request, bucket)
+        if refusal is not None:
+            return refusal
         try:
-            return await handler(request)
+            response = await handler(request)
         except DiscordError as error:
-            return self._error(error.status, error.code, error.message)
+            response = self._error(error.status, error.code, error.message)
+        if isinstance(response, web.Response):
+            response.headers.update(self.limits.headers(bucket))
+        return response
 
     @staticmethod
     def _error(status: int, code: int, message: str) -> web.Response:
@@ -195,7 +212,66 @@ class FakeDiscord:
         guild = Guild(snowflake(), name, self.owner.id)
         guild.channels.append(Channel(snowflake(), guild.id))
         guild.members[self.owner.id] = Member(self.owner.id, "owner", permissions=(1 << 3))  # administrator
+        self.guilds[guild.id] = guild
         return guild
+
+    async def join(self, name: str = "Test Server") -> Guild:
+        """A guild that adds the bot while it is connected (GUILD_CREATE on the live session)."""
+        guild = self.add_guild(name)
+        await self.gateway.dispatch("GUILD_CREATE", self.guild_payload(guild))
+        return guild
+
+    def bot_user(self) -> dict[str, Any]:
+        return user_payload(self.bot_user_id, "flamingo", bot=True) | {"verified": True, "flags": 0}
+
+    def guild_payload(self, guild: Guild) -> dict[str, Any]:
+        everyone = {
+            "id": str(guild.id),
+            "name": "@everyone",
+            "permissions": str(EVERYONE_PERMISSIONS),
+            "position": 0,
+            "color": 0,
+            "hoist": False,
+            "managed": False,
+            "mentionable": False,
+            "flags": 0,
+        }
+        bot_member = Member(self.bot_user_id, "flamingo").payload() | {"user": self.bot_user()}
+        return {
+            "id": str(guild.id),
+            "name": guild.name,
+            "icon": None,
+            "owner_id": str(guild.owner_id),
+            "roles": [everyone],
+            "channels": [c.payload() for c in guild.channels],
+            "members": [bot_member],
+            "member_count": len(guild.members) + 1,
+            "unavailable": False,
+            "large": False,
+            "joined_at": "2026-01-01T00:00:00+00:00",
+            "features": [],
+            "emojis": [],
+            "stickers": [],
+            "threads": [],
+            "stage_instances": [],
+            "guild_scheduled_events": [],
+            "voice_states": [],
+            "presences": [],
+            "premium_tier": 0,
+            "preferred_locale": "en-US",
+            "nsfw_level": 0,
+            "mfa_level": 0,
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "afk_timeout": 300,
+            "system_channel_flags": 0,
+        }
+
+    async def send_interaction(self, payload: dict[str, Any]) -> InteractionRecord:
+        """Deliver an interaction over the gateway, as Discord does when a user runs a command."""
+        await self.gateway.dispatch("INTERACTION_CREATE", payload)
+        return self.record(payload)
 
     def add_member(self, guild: Guild, name: str, permissions: int | None = None) -> Member:
         member = Member(snowflake(), name) if permissions is None else Member(snowflake(), name, permissions)
@@ -281,7 +357,24 @@ class FakeDiscord:
     # Bot routes
 
     async def _current_user(self, request: web.Request) -> web.Response:
-        return self._json(user_payload(self.bot_user_id, "flamingo", bot=True) | {"verified": True, "flags": 0})
+        return self._json(self.bot_user())
+
+    async def _gateway_bot(self, request: web.Request) -> web.Response:
+        return self._json(
+            {
+                "url": self.gateway.url,
+                "shards": 1,
+                "session_start_limit": {
+                    "total": 1000,
+                    "remaining": 999,
+                    "reset_after": 86_400_000,
+                    "max_concurrency": 1,
+                },
+            }
+        )
+
+    async def _gateway_url(self, request: web.Request) -> web.Response:
+        return self._json({"url": self.gateway.url})
 
     async def _application(self, request: web.Request) -> web.Response:
         return self._json(
