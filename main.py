@@ -161,7 +161,8 @@ def backup(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    if args.command in ("describe", "backup"):
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     command = {"describe": describe, "backup": backup}.get(args.command, run_bot)
     try:
         return command(args)

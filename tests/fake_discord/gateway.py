@@ -73,6 +73,12 @@ class Gateway:
         """The newest session (a bot without shards has one)."""
         return list(self.sessions.values())[-1]
 
+    @property
+    def live_session(self) -> Session:
+        """The newest connected session, else the newest (it gets the events when it resumes)."""
+        connected = [s for s in self.sessions.values() if s.transport is not None]
+        return connected[-1] if connected else self.session
+
     async def wait_for_session(self, timeout: float = 60) -> Session:
         async with asyncio.timeout(timeout):
             while not self.sessions or not self.session.identified.is_set():

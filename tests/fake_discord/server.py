@@ -269,8 +269,12 @@ class FakeDiscord:
         }
 
     async def send_interaction(self, payload: dict[str, Any]) -> InteractionRecord:
-        """Deliver an interaction over the gateway, as Discord does when a user runs a command."""
-        await self.gateway.dispatch("INTERACTION_CREATE", payload)
+        """Deliver an interaction over the gateway, as Discord does when a user runs a command.
+
+        One session gets it, the newest connected one: tests may keep several bot processes
+        connected, and one interaction must reach one bot.
+        """
+        await self.gateway.live_session.dispatch("INTERACTION_CREATE", payload)
         return self.record(payload)
 
     def add_member(self, guild: Guild, name: str, permissions: int | None = None) -> Member:

@@ -1,0 +1,83 @@
+"""Restarts, signals and kills, each with a bot process of its own."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+
+from tests.e2e.conftest import E2E, Scene, new_bot
+from tests.fake_discord.payloads import MANAGE_GUILD
+
+pytestmark = E2E
+
+
+async def _scene(stand_in, name: str) -> Scene:
+    guild = await stand_in.join(name)
+    return Scene(
+        stand_in,
+        guild,
+        stand_in.add_member(guild, "reader"),
+        stand_in.add_member(guild, "moderator", permissions=MANAGE_GUILD | (1 << 31)),
+    )
+
+
+async def test_tasks_survive_a_restart_and_sigterm_stops_cleanly(stand_in, model_dirs, tmp_path):
+    bot = new_bot(stand_in, model_dirs, tmp_path)
+    await bot.start()
+    scene = await _scene(stand_in, "Keepers")
+    await scene.ask("manage-tasks create", scene.moderator, name="kept", template="<image>Kept:", description="stays")
+    await scene.ask(
+        "manage-tasks add-example", scene.moderator, task="kept", image=scene.photo(), text="<image>Kept:a cat"
+    )
+    await scene.ask("manage-tasks edit-example", scene.moderator, task="kept", position=1, text="<image>Kept:the cat")
+    await scene.ask("manage-tasks create", scene.moderator, name="dropped", template="<image>Gone:")
+    await scene.ask("manage-tasks delete", scene.moderator, task="dropped")
+    assert await bot.stop(signal.SIGTERM) == 0
+
+    await bot.start()
+    listing = (await scene.ask("tasks list"))[0].embeds[0]["description"]
+    assert "**kept** (this server, 1 example): stays" in listing
+    assert "dropped" not in listing
+    shown = await scene.ask("tasks show", task="kept")
+    assert shown[0].embeds[1]["description"] == "`<image>Kept:the cat`"
+    answer = (await scene.ask("comprehend", image=scene.photo("rocket"), task="kept", max_new_tokens=3))[0]
+    assert answer.embeds[0]["footer"]["text"].startswith("task: kept")
+    assert await bot.stop(signal.SIGINT) == 0
+
+
+async def test_sigkill_during_task_writes_keeps_the_last_committed_state(stand_in, model_dirs, tmp_path):
+    bot = new_bot(stand_in, model_dirs, tmp_path)
+    await bot.start()
+    scene = await _scene(stand_in, "Crashers")
+    await scene.ask("manage-tasks create", scene.moderator, name="busy", template="<image>Busy:")
+    writes = [
+        await scene.send(
+            "manage-tasks add-example",
+            scene.moderator,
+            task="busy",
+            image=scene.photo(),
+            text=f"<image>Busy:number {i}",
+        )
+        for i in range(8)
+    ]
+    await writes[2].answered()
+    await bot.stop(signal.SIGKILL)
+    confirmed = [w for w in writes if w.original and w.original.content.startswith("Added example")]
+    assert len(confirmed) >= 3
+
+    with sqlite3.connect(tmp_path / "tasks.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert db.execute("SELECT COUNT(*) FROM examples WHERE task_id NOT IN (SELECT id FROM tasks)").fetchone() == (
+            0,
+        )
+        assert db.execute("SELECT COUNT(*) FROM examples WHERE length(image) = 0").fetchone() == (0,)
+
+    await bot.start()
+    shown = await scene.ask("tasks show", task="busy")
+    stored = [embed["description"] for embed in shown[0].embeds[1:]]
+    sent = {f"`<image>Busy:number {i}`" for i in range(8)}
+    confirmed_texts = {f"`<image>Busy:number {writes.index(w)}`" for w in confirmed}
+    assert confirmed_texts <= set(stored) <= sent
+    assert len(set(stored)) == len(stored)
+    assert sorted(shown[0].files) == sorted(f"example-{n}.jpg" for n in range(1, len(stored) + 1))
+    assert await bot.stop() == 0
