@@ -147,3 +147,11 @@ async def test_rate_limited_webhook_routes_are_retried_and_delivered_once(scene,
     assert len(seen) == 1 and seen[0].embeds
     edits = [r for r in stand_in.requests if r[0] == "PATCH" and record.token in r[1]]
     assert len(edits) == 3
+
+
+async def test_a_server_error_on_the_webhook_is_retried_and_delivered_once(scene, stand_in):
+    fault = stand_in.limits.inject("PATCH", "/messages/@original", status=502, times=1)
+    record = await scene.send("comprehend", image=scene.photo(), max_new_tokens=3)
+    seen = await record.answered()
+    assert fault.served == 1
+    assert len(seen) == 1 and seen[0].embeds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sqlite3
 
@@ -60,10 +61,14 @@ async def test_sigkill_during_task_writes_keeps_the_last_committed_state(stand_i
         )
         for i in range(8)
     ]
-    await writes[2].answered()
+    def confirmed_writes() -> list:
+        return [w for w in writes if w.original and w.original.content.startswith("Added example")]
+
+    async with asyncio.timeout(60):
+        while len(confirmed_writes()) < 3:
+            await asyncio.sleep(0.005)
     await bot.stop(signal.SIGKILL)
-    confirmed = [w for w in writes if w.original and w.original.content.startswith("Added example")]
-    assert len(confirmed) >= 3
+    confirmed = confirmed_writes()
 
     with sqlite3.connect(tmp_path / "tasks.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import zlib
 
 import aiohttp
+import discord
 import pytest
+import yarl
+from discord import app_commands
 
 from tests.fake_discord.payloads import Member
-from tests.fake_discord.server import API, FakeDiscord
+from tests.fake_discord.server import API, FakeDiscord, Message
 
 
 @pytest.fixture
@@ -159,3 +163,86 @@ async def test_gateway_refuses_a_bad_token_and_replays_missed_events_on_resume(s
             resumed = await _receive(ws, inflator)
     assert (replayed["t"], replayed["d"]["id"]) == ("INTERACTION_CREATE", "missed")
     assert resumed["t"] == "RESUMED"
+
+
+async def test_autocomplete_with_too_many_choices_is_refused(stand_in):
+    payload = stand_in.autocomplete_payload("ping", Member(5, "user"), stand_in.add_guild(), focused="q", q="ca")
+    url = f"{stand_in.base_url}{API}/interactions/{payload['id']}/{payload['token']}/callback"
+    choices = [{"name": f"task {i}", "value": str(i)} for i in range(26)]
+    async with aiohttp.ClientSession() as session:
+        response = await _post(session, url, {"type": 8, "data": {"choices": choices}})
+        body = await response.json()
+    assert (response.status, body["code"]) == (400, 50035)
+    assert "Must be 25 or fewer" in body["message"]
+
+
+async def test_discord_py_handles_every_interaction_kind_through_the_stand_in(stand_in):
+    """A plain discord.py client: context menu, autocomplete, a button and a modal round-trip."""
+    discord.http.Route.BASE = f"{stand_in.base_url}{API}"
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(stand_in.gateway.url)
+    client = discord.Client(intents=discord.Intents(guilds=True))
+    tree = app_commands.CommandTree(client)
+
+    class Name(discord.ui.Modal, title="Your name"):
+        name = discord.ui.TextInput(label="Name")
+
+        async def on_submit(self, interaction: discord.Interaction) -> None:
+            await interaction.response.send_message(f"Hello {self.name.value}", ephemeral=True)
+
+    class Buttons(discord.ui.View):
+        @discord.ui.button(label="Again", custom_id="again")
+        async def again(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+            await interaction.response.edit_message(content="clicked", view=None)
+
+        @discord.ui.button(label="Name", custom_id="name")
+        async def ask_name(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+            await interaction.response.send_modal(Name())
+
+    @tree.command(description="pick")
+    async def pick(interaction: discord.Interaction, fruit: str) -> None:
+        await interaction.response.send_message(f"picked {fruit}", view=Buttons())
+
+    @pick.autocomplete("fruit")
+    async def fruits(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return [app_commands.Choice(name=f, value=f) for f in ("apple", "apricot", "banana") if f.startswith(current)]
+
+    @tree.context_menu(name="Shout")
+    async def shout(interaction: discord.Interaction, message: discord.Message) -> None:
+        await interaction.response.send_message(message.content.upper(), ephemeral=True)
+
+    runner = asyncio.create_task(client.start(stand_in.token))
+    try:
+        await stand_in.gateway.wait_for_session()
+        await tree.sync()
+        guild, user = stand_in.add_guild(), Member(77, "user")
+
+        typing = await stand_in.send_interaction(
+            stand_in.autocomplete_payload("pick", user, guild, "fruit", fruit="ap")
+        )
+        await typing.wait_for(lambda: typing.choices is not None)
+        assert [c["name"] for c in typing.choices] == ["apple", "apricot"]
+
+        picking = await stand_in.send_interaction(stand_in.interaction_payload("pick", user, guild, fruit="apple"))
+        picked = (await picking.answered())[0]
+        assert picked.content == "picked apple"
+        assert [c["custom_id"] for c in picked.components[0]["components"]] == ["again", "name"]
+
+        clicked = await stand_in.send_interaction(stand_in.component_payload(picked, "again", user, guild))
+        await clicked.answered()
+        assert (picked.content, picked.components) == ("clicked", [])
+
+        target = stand_in.message_json(Message(123, content="quiet please"))
+        shouted = await stand_in.send_interaction(stand_in.context_menu_payload("Shout", user, guild, target))
+        assert [(m.content, m.ephemeral) for m in await shouted.answered()] == [("QUIET PLEASE", True)]
+
+        asked = await stand_in.send_interaction(stand_in.component_payload(picked, "name", user, guild))
+        await asked.wait_for(lambda: asked.modal is not None)
+        modal = asked.modal
+        text_input = modal["components"][0]["components"][0]["custom_id"]
+        submitted = await stand_in.send_interaction(
+            stand_in.modal_payload(modal["custom_id"], {text_input: "Ada"}, user, guild)
+        )
+        assert [(m.content, m.ephemeral) for m in await submitted.answered()] == [("Hello Ada", True)]
+    finally:
+        await client.close()
+        await runner

@@ -75,6 +75,9 @@ class InteractionRecord:
     created: float
     original: Message | None = None
     followups: list[Message] = field(default_factory=list)
+    choices: list[dict[str, Any]] | None = None
+    modal: dict[str, Any] | None = None
+    target: Message | None = None  # the message whose component was used
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -83,12 +86,15 @@ class InteractionRecord:
         messages = [self.original] if self.original and not self.original.deleted else []
         return messages + [m for m in self.followups if not m.deleted]
 
-    async def answered(self, timeout: float = 60) -> list[Message]:
-        """Wait until the user sees something that is not a 'thinking' placeholder."""
+    async def wait_for(self, done: Callable[[], bool], timeout: float = 60) -> None:
         async with asyncio.timeout(timeout):
-            while not self.visible or any(m.loading for m in self.visible):
+            while not done():
                 self.changed.clear()
                 await self.changed.wait()
+
+    async def answered(self, timeout: float = 60) -> list[Message]:
+        """Wait until the user sees something that is not a 'thinking' placeholder."""
+        await self.wait_for(lambda: bool(self.visible) and not any(m.loading for m in self.visible), timeout)
         return self.visible
 
 
@@ -121,6 +127,23 @@ def _check_limits(payload: dict[str, Any], files: dict[str, bytes]) -> None:
         problems.append("Cannot send an empty message")
     if problems:
         raise DiscordError(400, 50035, "Invalid Form Body: " + "; ".join(problems))
+
+
+def _checked_choices(choices: Any) -> list[dict[str, Any]]:
+    if not isinstance(choices, list) or len(choices) > 25:
+        raise DiscordError(400, 50035, "Invalid Form Body: data.choices: Must be 25 or fewer in length.")
+    for choice in choices:
+        if not 1 <= len(str(choice.get("name", ""))) <= 100:
+            raise DiscordError(400, 50035, "Invalid Form Body: data.choices.name: Must be between 1 and 100 in length.")
+    return choices
+
+
+def _checked_modal(data: dict[str, Any]) -> dict[str, Any]:
+    if not data.get("custom_id") or not 1 <= len(data.get("title") or "") <= 45:
+        raise DiscordError(400, 50035, "Invalid Form Body: data.title: Must be between 1 and 45 in length.")
+    if not 1 <= len(data.get("components") or []) <= 5:
+        raise DiscordError(400, 50035, "Invalid Form Body: data.components: Must be between 1 and 5 in length.")
+    return data
 
 
 class FakeDiscord:
@@ -297,13 +320,7 @@ class FakeDiscord:
                 return command
         raise LookupError(f"the bot never registered /{name}")
 
-    def interaction_payload(
-        self, command_line: str, member: Member, guild: Guild | None, **options: Any
-    ) -> dict[str, Any]:
-        """An INTERACTION_CREATE for ``/command [subcommand]`` with the given option values."""
-        root, *sub = command_line.split()
-        command = self.command(root, guild)
-        resolved: dict[str, Any] = {}
+    def _options(self, options: dict[str, Any], resolved: dict[str, Any]) -> list[dict[str, Any]]:
         given = []
         for name, value in options.items():
             if value is None:
@@ -313,17 +330,24 @@ class FakeDiscord:
                 given.append({"name": name, "type": ATTACHMENT_OPTION, "value": str(value.id)})
             else:
                 given.append({"name": name, "type": OPTION_TYPES[type(value)], "value": value})
+        return given
+
+    def _command_data(self, command_line: str, guild: Guild | None, options: list[dict[str, Any]]) -> dict[str, Any]:
+        root, *sub = command_line.split()
+        command = self.command(root, guild)
         if sub:
-            given = [{"name": sub[0], "type": SUB_COMMAND, "options": given}]
-        data: dict[str, Any] = {"id": command["id"], "name": root, "type": 1, "options": given}
+            options = [{"name": sub[0], "type": SUB_COMMAND, "options": options}]
+        data: dict[str, Any] = {"id": command["id"], "name": root, "type": command.get("type", 1), "options": options}
         if "guild_id" in command:  # a guild command says where it is registered
             data["guild_id"] = command["guild_id"]
-        if resolved:
-            data["resolved"] = resolved
+        return data
+
+    def _envelope(self, kind: int, data: dict[str, Any], member: Member, guild: Guild | None) -> dict[str, Any]:
+        """The fields every interaction carries, and a record of what the user will see."""
         payload: dict[str, Any] = {
             "id": str(snowflake()),
             "application_id": str(self.application_id),
-            "type": 2,
+            "type": kind,
             "data": data,
             "token": f"interaction-token-{snowflake()}",
             "version": 1,
@@ -354,6 +378,58 @@ class FakeDiscord:
             }
         self.interactions[payload["token"]] = InteractionRecord(int(payload["id"]), payload["token"], self.clock())
         return payload
+
+    def interaction_payload(
+        self, command_line: str, member: Member, guild: Guild | None, **options: Any
+    ) -> dict[str, Any]:
+        """A slash command ``/command [subcommand]`` with the given option values."""
+        resolved: dict[str, Any] = {}
+        data = self._command_data(command_line, guild, self._options(options, resolved))
+        if resolved:
+            data["resolved"] = resolved
+        return self._envelope(2, data, member, guild)
+
+    def autocomplete_payload(
+        self, command_line: str, member: Member, guild: Guild | None, focused: str, **options: Any
+    ) -> dict[str, Any]:
+        """A user typing in option ``focused`` (its partial text as a string, as Discord sends it)."""
+        given = self._options(options, {})
+        for option in given:
+            if option["name"] == focused:
+                option["focused"] = True
+                option["value"] = str(option["value"])
+        return self._envelope(4, self._command_data(command_line, guild, given), member, guild)
+
+    def context_menu_payload(
+        self, name: str, member: Member, guild: Guild | None, message: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A message context menu command on ``message`` (a message object as Discord sends it)."""
+        data = self._command_data(name, guild, []) | {
+            "type": 3,
+            "target_id": message["id"],
+            "resolved": {"messages": {message["id"]: message}},
+        }
+        data.pop("options")
+        return self._envelope(2, data, member, guild)
+
+    def component_payload(
+        self, message: Message, custom_id: str, member: Member, guild: Guild | None, component_type: int = 2
+    ) -> dict[str, Any]:
+        """A click on a button (or a select) of one of the bot's messages."""
+        data = {"custom_id": custom_id, "component_type": component_type}
+        payload = self._envelope(3, data, member, guild)
+        payload["message"] = self.message_json(message)
+        self.record(payload).target = message
+        return payload
+
+    def modal_payload(
+        self, custom_id: str, values: dict[str, str], member: Member, guild: Guild | None
+    ) -> dict[str, Any]:
+        """A submitted modal: one text input per row, as Discord sends them."""
+        rows = [
+            {"type": 1, "components": [{"type": 4, "custom_id": key, "value": value}]} for key, value in values.items()
+        ]
+        return self._envelope(5, {"custom_id": custom_id, "components": rows}, member, guild)
 
     def record(self, payload: dict[str, Any]) -> InteractionRecord:
         return self.interactions[payload["token"]]
@@ -400,7 +476,9 @@ class FakeDiscord:
         if request.match_info["app"] != str(self.application_id):
             raise DiscordError(403, 50001, "Missing Access")
         app_id = str(self.application_id)
-        return [c | {"id": str(snowflake()), "application_id": app_id, "version": "1"} for c in commands]
+        # Discord echoes commands with its defaults filled in (context menus get an empty description).
+        defaults = {"type": 1, "description": "", "options": [], "default_member_permissions": None, "nsfw": False}
+        return [defaults | c | {"id": str(snowflake()), "application_id": app_id, "version": "1"} for c in commands]
 
     async def _sync_global(self, request: web.Request) -> web.Response:
         self.global_commands = self._registered(request, await request.json())
@@ -440,7 +518,7 @@ class FakeDiscord:
                 files[part.filename or part.name] = await part.read()
         return payload, files
 
-    def _message_json(self, message: Message) -> dict[str, Any]:
+    def message_json(self, message: Message) -> dict[str, Any]:
         return {
             "id": str(message.id),
             "type": 20,
@@ -493,9 +571,18 @@ class FakeDiscord:
             self._apply(message, data, files)
         elif kind == 5:
             message.loading = True
+        elif kind in (6, 7) and record.target is not None:
+            message = record.target
+            if kind == 7:
+                self._apply(message, data, files)
+        elif kind == 8:
+            record.choices = _checked_choices(data.get("choices"))
+        elif kind == 9:
+            record.modal = _checked_modal(data)
         else:
-            raise DiscordError(400, 50035, f"Invalid Form Body: unsupported callback type {kind}")
-        record.original = message
+            raise DiscordError(400, 50035, f"Invalid Form Body: callback type {kind} does not fit this interaction")
+        if kind in (4, 5, 6, 7):
+            record.original = message
         record.changed.set()
         response = {
             "interaction": {
@@ -507,7 +594,7 @@ class FakeDiscord:
             }
         }
         if request.query.get("with_response") in ("1", "true", "True"):
-            response["resource"] = {"type": kind, "message": self._message_json(message)}
+            response["resource"] = {"type": kind, "message": self.message_json(message)}
         return self._json(response)
 
     async def _edit_original(self, request: web.Request) -> web.Response:
@@ -517,7 +604,7 @@ class FakeDiscord:
         body, files = await self._message_body(request)
         self._apply(record.original, body, files)
         record.changed.set()
-        return self._json(self._message_json(record.original))
+        return self._json(self.message_json(record.original))
 
     async def _delete_original(self, request: web.Request) -> web.Response:
         record = self._interaction(request.match_info["token"])
@@ -542,7 +629,7 @@ class FakeDiscord:
             self._apply(message, body, files)
             record.followups.append(message)
         record.changed.set()
-        return self._json(self._message_json(message))
+        return self._json(self.message_json(message))
 
     async def _cdn(self, request: web.Request) -> web.Response:
         attachment = self.attachments.get(int(request.match_info["id"]))
