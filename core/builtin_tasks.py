@@ -42,5 +42,5 @@ def load_builtin_tasks(data_dir: Path, image_settings: ImageSettings) -> dict[st
             )
             for example in spec.examples
         )
-        tasks[spec.name] = Task(spec.name, spec.description, spec.prompt_template, examples)
+        tasks[spec.name] = Task(spec.name, spec.description, spec.prompt_template, examples, key=f"builtin/{spec.name}")
     return tasks

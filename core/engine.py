@@ -17,6 +17,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from core.config import Settings
+from core.decoding import FlamingoDecoder
 from core.errors import BadPrompt, GenerationFailed
 from core.generation import GenerationParams, generation_kwargs
 from core.images import crop_extreme_aspect
@@ -28,8 +29,10 @@ from core.prompts import IMAGE_TOKEN, Task, assemble_prompt, check_user_text
 class PreparedRequest:
     prompt: str
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    vision_x: torch.Tensor
+    prefix_length: int  # tokens up to the end of the task's last example
+    task_key: str | None
+    example_images: tuple[Image.Image, ...]
+    request_images: tuple[Image.Image, ...]
     generate_kwargs: dict[str, Any]
 
 
@@ -73,6 +76,14 @@ class FlamingoEngine:
         tokenizer = loaded.tokenizer
         self.reserved_tokens = frozenset(tokenizer.all_special_tokens) | frozenset(tokenizer.get_added_vocab())
         self._stop_ids = {loaded.model.eoc_token_id, tokenizer.eos_token_id} - {None}
+        service = settings.service
+        self.decoder = FlamingoDecoder(
+            loaded.model,
+            loaded.precision.dtype,
+            loaded.device,
+            prefix_cache_bytes=service.prefix_cache_mb * 2**20,
+            image_cache_bytes=service.image_cache_mb * 2**20,
+        )
 
     @property
     def context_length(self) -> int:
@@ -86,10 +97,8 @@ class FlamingoEngine:
             text, images=images, reserved=self.reserved_tokens, max_chars=self.settings.prompts.max_chars, what=what
         )
 
-    def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Shape (1, images, frames=1, channels, height, width), as upstream expects."""
-        frames = [self.loaded.image_transform(crop_extreme_aspect(image)) for image in images]
-        return torch.stack(frames).unsqueeze(1).unsqueeze(0)
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        return self.loaded.image_transform(crop_extreme_aspect(image))
 
     def prepare(
         self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams
@@ -111,43 +120,77 @@ class FlamingoEngine:
                 f"{kwargs['max_new_tokens']} new tokens were asked for, but the model reads at most {budget}. "
                 "Shorten the prompt, lower max_new_tokens or use a task with fewer examples."
             )
+        end_of_chunks = (input_ids[0] == self.loaded.model.eoc_token_id).nonzero().flatten().tolist()
+        prefix_length = end_of_chunks[len(task.examples) - 1] + 1 if task.examples else 0
         return PreparedRequest(
             prompt=full_prompt,
             input_ids=input_ids,
-            attention_mask=encoded["attention_mask"],
-            vision_x=self._pixels(all_images),
+            prefix_length=prefix_length,
+            task_key=task.key,
+            example_images=tuple(example.image for example in task.examples),
+            request_images=tuple(images),
             generate_kwargs=kwargs,
         )
 
     def run(self, request: PreparedRequest, should_stop: Callable[[], bool] = lambda: False) -> Answer:
         """Decode one request. Only the service's worker thread may call this."""
-        model, tokenizer = self.loaded.model, self.loaded.tokenizer
-        device, dtype = self.loaded.device, self.loaded.precision.dtype
         started = time.perf_counter()
         try:
-            with torch.inference_mode():
-                output = model.generate(
-                    vision_x=request.vision_x.to(device=device, dtype=dtype),
-                    lang_x=request.input_ids.to(device),
-                    attention_mask=request.attention_mask.to(device),
-                    pad_token_id=tokenizer.pad_token_id,
-                    stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]),
-                    **request.generate_kwargs,
-                )
+            if request.generate_kwargs.get("num_beams", 1) > 1:
+                new_tokens = self._beam_search(request, should_stop)
+            else:
+                new_tokens = self._decode(request, should_stop)
         except torch.OutOfMemoryError:
             raise GenerationFailed(
                 "The model ran out of memory on this request; try fewer examples, fewer beams or fewer new tokens."
             ) from None
         finally:
-            clear_conditioning(model)
-        new_tokens = output[0, request.input_ids.shape[1] :].tolist()
+            clear_conditioning(self.loaded.model)
         stop = next((i for i, token in enumerate(new_tokens) if token in self._stop_ids), None)
         kept = new_tokens if stop is None else new_tokens[:stop]
         return Answer(
-            text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
+            text=self.loaded.tokenizer.decode(kept, skip_special_tokens=True).strip(),
             token_ids=tuple(kept),
             prompt=request.prompt,
             prompt_tokens=request.input_ids.shape[1],
             finished=stop is not None,
             seconds=time.perf_counter() - started,
         )
+
+    def _decode(self, request: PreparedRequest, should_stop: Callable[[], bool]) -> list[int]:
+        """The fast path: the task's prefix from cache, then a lean loop over the request's tokens."""
+        ids = request.input_ids[0].tolist()
+        media_token = self.loaded.model.media_token_id
+        prefix = self.decoder.prefix(
+            request.task_key, ids[: request.prefix_length], request.example_images, self._pixels, media_token
+        )
+        images = self.decoder.image_features(request.request_images, self._pixels)
+        return self.decoder.decode(
+            prefix,
+            ids[request.prefix_length :],
+            images,
+            media_token,
+            request.generate_kwargs,
+            self._stop_ids,
+            should_stop,
+        )
+
+    def vision_x(self, request: PreparedRequest) -> torch.Tensor:
+        """All the prompt's images as upstream takes them: (1, images, frames=1, channels, height, width)."""
+        frames = [self._pixels(image) for image in (*request.example_images, *request.request_images)]
+        batch = torch.stack(frames).unsqueeze(1).unsqueeze(0)
+        return batch.to(device=self.loaded.device, dtype=self.loaded.precision.dtype)
+
+    def _beam_search(self, request: PreparedRequest, should_stop: Callable[[], bool]) -> list[int]:
+        """Beam search goes through upstream's generate, on the whole prompt."""
+        model, device = self.loaded.model, self.loaded.device
+        with torch.inference_mode():
+            output = model.generate(
+                vision_x=self.vision_x(request),
+                lang_x=request.input_ids.to(device),
+                attention_mask=torch.ones_like(request.input_ids, device=device),
+                pad_token_id=self.loaded.tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]),
+                **request.generate_kwargs,
+            )
+        return output[0, request.input_ids.shape[1] :].tolist()

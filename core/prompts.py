@@ -35,6 +35,7 @@ class Task:
     description: str
     prompt_template: str
     examples: tuple[Example, ...] = ()
+    key: str | None = None  # identifies this version of the task, for caches; None: not cached
 
 
 def _plural(count: int, word: str) -> str:

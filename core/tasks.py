@@ -253,4 +253,5 @@ class TaskLibrary:
 
     def _to_task(self, stored: StoredTask) -> Task:
         examples = tuple(Example(load_image(e.image, self.settings.images), e.text) for e in stored.examples)
-        return Task(stored.name, stored.description, stored.prompt_template, examples)
+        key = f"guild/{stored.guild_id}/{stored.name}/{stored.created_at.isoformat()}/{stored.revision}"
+        return Task(stored.name, stored.description, stored.prompt_template, examples, key=key)

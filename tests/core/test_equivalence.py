@@ -6,6 +6,7 @@ This is the guard for every speed-up: greedy and beam outputs must be token-iden
 from __future__ import annotations
 
 import pytest
+import torch
 
 from core.engine import FlamingoEngine
 from core.generation import GenerationParams
@@ -70,3 +71,85 @@ def test_a_different_image_changes_the_answer(engines: dict[str, FlamingoEngine]
         for name in ("rocket", "chelsea", "camera")
     }
     assert len(set(answers.values())) == 3, answers
+
+
+def _keyed(photos, names: list[str], key: str) -> Task:
+    return Task("keyed", "", "<image>Output:", tuple(Example(photos[n], CAPTIONS[n]) for n in names), key=key)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answers_from_the_prefix_cache_equal_the_reference(engines, references, photos, family):
+    engine, reference = engines[family], references[family]
+    task = _keyed(photos, ["astronaut", "coffee", "chelsea"], key=f"equivalence/{family}")
+    params = GenerationParams(max_new_tokens=10)
+    hits = engine.decoder.prefixes.hits
+    answers = [
+        engine.run(engine.prepare([photos[name]], "<image>Output:", task, params)) for name in ("rocket", "camera")
+    ]
+    assert engine.decoder.prefixes.hits == hits + 1
+    full_prompt = "".join(CAPTIONS[n] + END_OF_CHUNK for n in ("astronaut", "coffee", "chelsea")) + "<image>Output:"
+    for name, answer in zip(("rocket", "camera"), answers, strict=True):
+        examples = [photos[n] for n in ("astronaut", "coffee", "chelsea")]
+        assert answer.token_ids == reference.generate([*examples, photos[name]], full_prompt, max_new_tokens=10)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "options",
+    [{"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 2}, {"repetition_penalty": 1.2, "no_repeat_ngram_size": 3}],
+    ids=["repetition-penalty", "no-repeat-ngram", "both"],
+)
+def test_greedy_with_logit_processors_equals_the_reference(engines, references, photos, family, options):
+    engine, reference = engines[family], references[family]
+    task = _task(photos, ["astronaut"])
+    ours = engine.run(
+        engine.prepare([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, **options))
+    )
+    expected = reference.generate(
+        [photos["astronaut"], photos["rocket"]],
+        CAPTIONS["astronaut"] + END_OF_CHUNK + "<image>Output:",
+        max_new_tokens=12,
+        **options,
+    )
+    assert ours.token_ids == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_draws_the_same_tokens_as_the_reference_for_the_same_seed(engines, references, photos, family):
+    engine, reference = engines[family], references[family]
+    task = _task(photos, ["coffee"])
+    options = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95}
+    torch.manual_seed(1234)
+    ours = engine.run(
+        engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, **options))
+    )
+    torch.manual_seed(1234)
+    expected = reference.generate(
+        [photos["coffee"], photos["chelsea"]],
+        CAPTIONS["coffee"] + END_OF_CHUNK + "<image>Output:",
+        max_new_tokens=12,
+        **options,
+    )
+    assert ours.token_ids == expected
+
+
+def test_image_features_are_computed_once_per_image(llama_engine, photos):
+    decoder = llama_engine.decoder
+    task = Task("none", "", "<image>Output:")
+    params = GenerationParams(max_new_tokens=2)
+    llama_engine.run(llama_engine.prepare([photos["coffee"]], "<image>Output:", task, params))
+    hits = decoder.images.hits
+    llama_engine.run(llama_engine.prepare([photos["coffee"]], "<image>Q:", task, params))
+    assert decoder.images.hits == hits + 1
+
+
+def test_prefix_cache_is_bounded_in_bytes(photos):
+    from core.decoding import LruCache
+
+    cache: LruCache[str, bytes] = LruCache(10, len)
+    for key, value in [("a", b"1234"), ("b", b"5678"), ("c", b"9012")]:
+        cache.put(key, value)
+    assert cache.get("a") is None and cache.get("c") == b"9012"
+    assert cache.stats() == {"entries": 2, "bytes": 8, "hits": 1, "misses": 1}
+    cache.put("huge", b"x" * 11)
+    assert cache.get("huge") is None

@@ -111,9 +111,12 @@ async def test_bad_input_is_refused_before_queueing(llama_engine, make_service, 
     assert not gated.started.is_set()
 
 
-async def test_failed_request_leaves_no_conditioned_state(llama_engine, make_service, photos, task, monkeypatch):
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["cached-decoder", "upstream-beam-search"])
+async def test_failed_request_leaves_no_conditioned_state(
+    llama_engine, make_service, photos, task, monkeypatch, num_beams
+):
     model = llama_engine.loaded.model
-    params = GenerationParams(max_new_tokens=6)
+    params = GenerationParams(max_new_tokens=6, num_beams=num_beams)
     baseline = llama_engine.run(llama_engine.prepare([photos["rocket"]], "<image>Output:", task, params))
     final_norm = model.lang_encoder.model.norm
 
@@ -124,10 +127,10 @@ async def test_failed_request_leaves_no_conditioned_state(llama_engine, make_ser
     prepared = llama_engine.prepare([photos["rocket"]], "<image>Output:", task, params)
     # Upstream alone keeps the failed request's images on the layers...
     with pytest.raises(RuntimeError, match="simulated fault"):
-        model.generate(vision_x=prepared.vision_x, lang_x=prepared.input_ids, max_new_tokens=2)
+        model.generate(vision_x=llama_engine.vision_x(prepared), lang_x=prepared.input_ids, max_new_tokens=2)
     assert holds_conditioning(model)
     with pytest.raises(AssertionError, match="Expect vision_x to be None"), torch.inference_mode():
-        model(vision_x=prepared.vision_x, lang_x=prepared.input_ids)
+        model(vision_x=llama_engine.vision_x(prepared), lang_x=prepared.input_ids)
     # ...and the service clears them.
     service = make_service(llama_engine)
     with pytest.raises(GenerationFailed, match="Something went wrong while the model was answering"):
@@ -137,7 +140,7 @@ async def test_failed_request_leaves_no_conditioned_state(llama_engine, make_ser
     again = await service.answer([photos["rocket"]], "<image>Output:", task, params)
     assert again.token_ids == baseline.token_ids
     with torch.inference_mode():
-        logits = model(vision_x=prepared.vision_x, lang_x=prepared.input_ids).logits
+        logits = model(vision_x=llama_engine.vision_x(prepared), lang_x=prepared.input_ids).logits
     assert logits.shape[1] == prepared.input_ids.shape[1]
     assert not holds_conditioning(model)
 

@@ -61,6 +61,7 @@ async def test_sigkill_during_task_writes_keeps_the_last_committed_state(stand_i
         )
         for i in range(8)
     ]
+
     def confirmed_writes() -> list:
         return [w for w in writes if w.original and w.original.content.startswith("Added example")]
 

@@ -1,0 +1,242 @@
+"""A lean decode loop over the Flamingo model, with the task's prefix computed once.
+
+Why it is exact: Flamingo's text attends only to the latest image before it, and a causal LM's
+keys and values for a prefix do not depend on what follows. So a task's examples (their image
+features and the LM's key/value cache) can be computed once; a request then runs only its own
+tokens against that cache. Its first tokens, before its own ``<image>``, attend to the last
+example's image, which the prefix state keeps for them.
+
+Conditioning is passed to upstream's layers explicitly for each forward (image features and each
+token's image index) and cleared afterwards, instead of through the mixin's forward, which
+recomputes image positions from the token ids it sees and would lose the prefix's images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+from einops import rearrange
+from open_flamingo.src.flamingo import Flamingo
+from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+from PIL import Image
+from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+Key = TypeVar("Key")
+Value = TypeVar("Value")
+_HF_DEFAULT_TOP_K = 50  # what transformers' generate applies when sampling without top_k
+
+
+class LruCache(Generic[Key, Value]):
+    """Least-recently-used entries dropped first, bounded by their summed size; counted for status."""
+
+    def __init__(self, capacity: int, size_of: Callable[[Value], int]) -> None:
+        self.capacity = capacity
+        self._size_of = size_of
+        self._entries: OrderedDict[Key, Value] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Key) -> Value | None:
+        value = self._entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: Key, value: Value) -> None:
+        size = self._size_of(value)
+        if size > self.capacity:
+            return
+        if key in self._entries:
+            self.bytes -= self._size_of(self._entries.pop(key))
+        self._entries[key] = value
+        self.bytes += size
+        while self.bytes > self.capacity:
+            _, dropped = self._entries.popitem(last=False)
+            self.bytes -= self._size_of(dropped)
+
+    def stats(self) -> dict[str, int]:
+        return {"entries": len(self._entries), "bytes": self.bytes, "hits": self.hits, "misses": self.misses}
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.nelement() * tensor.element_size()
+
+
+@dataclass(frozen=True)
+class PrefixState:
+    """A task's examples, run once: their token ids, the LM's cache for them, the last image."""
+
+    token_ids: tuple[int, ...]
+    key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    last_image: torch.Tensor | None  # (latents, dim) of the last example, for text before <image>
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(_tensor_bytes(k) + _tensor_bytes(v) for k, v in self.key_values)
+        return total + (_tensor_bytes(self.last_image) if self.last_image is not None else 0)
+
+
+def image_key(image: Image.Image) -> str:
+    """Identical pixels give identical features, whatever file they came from."""
+    digest = hashlib.sha256(image.tobytes())
+    digest.update(f"{image.mode}{image.size}".encode())
+    return digest.hexdigest()
+
+
+def logits_processors(kwargs: dict[str, Any]) -> LogitsProcessorList:
+    """The processors transformers' ``generate`` would build for these parameters, in its order."""
+    processors = LogitsProcessorList()
+    if kwargs.get("repetition_penalty") not in (None, 1.0):
+        processors.append(RepetitionPenaltyLogitsProcessor(kwargs["repetition_penalty"]))
+    if kwargs.get("no_repeat_ngram_size"):
+        processors.append(NoRepeatNGramLogitsProcessor(kwargs["no_repeat_ngram_size"]))
+    if kwargs.get("do_sample"):
+        if kwargs.get("temperature") not in (None, 1.0):
+            processors.append(TemperatureLogitsWarper(kwargs["temperature"]))
+        processors.append(TopKLogitsWarper(kwargs.get("top_k") or _HF_DEFAULT_TOP_K))
+        if kwargs.get("top_p") not in (None, 1.0):
+            processors.append(TopPLogitsWarper(kwargs["top_p"]))
+    return processors
+
+
+class FlamingoDecoder:
+    """Runs Flamingo forwards with explicit conditioning; owns the image and prefix caches."""
+
+    def __init__(
+        self, model: Flamingo, dtype: torch.dtype, device: torch.device, prefix_cache_bytes: int, image_cache_bytes: int
+    ) -> None:
+        self.model = model
+        self.dtype = dtype
+        self.device = device
+        lm = model.lang_encoder
+        mro = type(lm).__mro__
+        # The language model's own forward, beneath the Flamingo mixin.
+        self._lm_forward = mro[mro.index(FlamingoLMMixin) + 1].forward
+        self._layers = lm._get_decoder_layers()
+        self.prefixes: LruCache[tuple[str, tuple[int, ...]], PrefixState] = LruCache(
+            prefix_cache_bytes, lambda state: state.nbytes
+        )
+        self.images: LruCache[str, torch.Tensor] = LruCache(image_cache_bytes, _tensor_bytes)
+
+    def image_features(
+        self, images: Sequence[Image.Image], pixels: Callable[[Image.Image], torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """(latents, dim) per image; images seen before come from the cache."""
+        keys = [image_key(image) for image in images]
+        found = {key: self.images.get(key) for key in dict.fromkeys(keys)}
+        missing = [key for key, features in found.items() if features is None]
+        if missing:
+            batch = torch.stack([pixels(images[keys.index(key)]) for key in missing]).to(self.device, self.dtype)
+            with torch.inference_mode():
+                tokens = self.model.vision_encoder(batch)[1]
+                latents = self.model.perceiver(rearrange(tokens, "(b t f) v d -> b t f v d", b=1, f=1))[0]
+            for key, features in zip(missing, latents, strict=True):
+                found[key] = features
+                self.images.put(key, features)
+        return [found[key] for key in keys]  # type: ignore[misc]
+
+    def _forward(
+        self, ids: torch.Tensor, media: torch.Tensor | None, image_index: torch.Tensor, cache: DynamicCache, past: int
+    ) -> torch.Tensor:
+        """Logits of the last position; ``image_index`` is each token's 1-based image (0: none)."""
+        # Upstream numbers a token's image by a cumulative sum over media flags; giving it the
+        # per-token increments of our index reproduces the same numbers for any offset.
+        increments = torch.diff(image_index, dim=1, prepend=torch.zeros_like(image_index[:, :1]))
+        media = (
+            media
+            if media is not None
+            else torch.zeros(1, 1, 1, self.model.vis_dim, device=self.device, dtype=self.dtype)
+        )
+        for layer in self._layers:
+            layer.condition_vis_x(media)
+            layer.condition_media_locations(increments)
+            layer.condition_use_cached_media(False)
+        try:
+            output = self._lm_forward(
+                self.model.lang_encoder,
+                input_ids=ids,
+                attention_mask=torch.ones(1, past + ids.shape[1], dtype=torch.long, device=self.device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        finally:
+            self.model.lang_encoder.clear_conditioned_layers()
+        return output.logits[:, -1, :]
+
+    def prefix(
+        self,
+        task_key: str | None,
+        token_ids: list[int],
+        example_images: Sequence[Image.Image],
+        pixels: Callable[[Image.Image], torch.Tensor],
+        media_token_id: int,
+    ) -> PrefixState:
+        key = (task_key, tuple(token_ids)) if task_key is not None else None
+        state = self.prefixes.get(key) if key is not None else None
+        if state is not None:
+            return state
+        cache = DynamicCache()
+        last_image = None
+        if token_ids:
+            features = self.image_features(example_images, pixels)
+            media = torch.stack(features).unsqueeze(0) if features else None
+            ids = torch.tensor([token_ids], device=self.device)
+            with torch.inference_mode():
+                self._forward(ids, media, (ids == media_token_id).cumsum(dim=1), cache, past=0)
+            last_image = features[-1] if features else None
+        state = PrefixState(tuple(token_ids), tuple((layer.keys, layer.values) for layer in cache.layers), last_image)
+        if key is not None:
+            self.prefixes.put(key, state)
+        return state
+
+    def decode(
+        self,
+        prefix: PrefixState,
+        request_ids: list[int],
+        request_images: Sequence[torch.Tensor],
+        media_token_id: int,
+        kwargs: dict[str, Any],
+        stop_ids: set[int],
+        should_stop: Callable[[], bool],
+    ) -> list[int]:
+        """New tokens after the prompt, up to and including a stop token."""
+        images = ([prefix.last_image] if prefix.last_image is not None else []) + list(request_images)
+        media = torch.stack(images).unsqueeze(0) if images else None
+        start = 1 if prefix.last_image is not None else 0
+        ids = torch.tensor([request_ids], device=self.device)
+        image_index = start + (ids == media_token_id).cumsum(dim=1)
+        cache = DynamicCache(ddp_cache_data=prefix.key_values) if prefix.key_values else DynamicCache()
+        processors = logits_processors(kwargs)
+        sequence = torch.tensor([list(prefix.token_ids) + request_ids], device=self.device)
+        generated: list[int] = []
+        current_image = image_index[:, -1:]
+        with torch.inference_mode():
+            logits = self._forward(ids, media, image_index, cache, past=len(prefix.token_ids))
+            while True:
+                scores = processors(sequence, logits.float())
+                if kwargs.get("do_sample"):
+                    token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+                else:
+                    token = scores.argmax(dim=-1, keepdim=True)
+                generated.append(int(token))
+                sequence = torch.cat([sequence, token], dim=1)
+                if generated[-1] in stop_ids or len(generated) >= kwargs["max_new_tokens"] or should_stop():
+                    return generated
+                logits = self._forward(token, media, current_image, cache, past=sequence.shape[1] - 1)
