@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     describe.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     generation = describe.add_argument_group("generation")
     generation.add_argument("--max-new-tokens", type=int)
+    generation.add_argument("--min-new-tokens", type=int)
     generation.add_argument("--do-sample", action="store_true")
     generation.add_argument("--temperature", type=float)
     generation.add_argument("--top-p", type=float)
@@ -77,6 +78,7 @@ def describe(args: argparse.Namespace) -> int:
     settings = _describe_settings(args)
     params = GenerationParams(
         max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
         do_sample=args.do_sample,
         temperature=args.temperature,
         top_p=args.top_p,

@@ -45,6 +45,7 @@ class Inference(commands.Cog):
         prompt="Your text, with <image> where the picture is read (default: the task's prompt)",
         task="Whose examples guide the answer (default: this server's default task, else caption)",
         max_new_tokens="Longest answer, in tokens",
+        min_new_tokens="Shortest answer, in tokens (the model tends to answer briefly)",
         do_sample="Sample instead of taking the most likely words",
         temperature="Sampling randomness (needs do_sample)",
         top_p="Nucleus sampling mass (needs do_sample)",
@@ -61,6 +62,7 @@ class Inference(commands.Cog):
         prompt: str | None = None,
         task: str | None = None,
         max_new_tokens: int | None = None,
+        min_new_tokens: int | None = None,
         do_sample: bool = False,
         temperature: float | None = None,
         top_p: float | None = None,
@@ -74,6 +76,7 @@ class Inference(commands.Cog):
         settings = self.bot.settings
         params = GenerationParams(
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
             top_p=top_p,

@@ -62,6 +62,7 @@ class GenerationSettings(BaseModel):
 
     max_new_tokens_default: int = Field(30, gt=0)
     max_new_tokens: Range = Range(low=1, high=256)
+    min_new_tokens: Range = Range(low=0, high=256)
     temperature: Range = Range(low=0.05, high=2.0)
     top_p: Range = Range(low=0.05, high=1.0)
     top_k: Range = Range(low=1, high=500)

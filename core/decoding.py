@@ -13,9 +13,10 @@ recomputes image positions from the token ids it sees and would lose the prefix'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -27,12 +28,15 @@ from PIL import Image
 from transformers import DynamicCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from core.flamingo_layers import ReusableMediaLayer
 
 Key = TypeVar("Key")
 Value = TypeVar("Value")
@@ -100,13 +104,15 @@ def image_key(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-def logits_processors(kwargs: dict[str, Any]) -> LogitsProcessorList:
+def logits_processors(kwargs: dict[str, Any], prompt_length: int, stop_ids: set[int]) -> LogitsProcessorList:
     """The processors transformers' ``generate`` would build for these parameters, in its order."""
     processors = LogitsProcessorList()
     if kwargs.get("repetition_penalty") not in (None, 1.0):
         processors.append(RepetitionPenaltyLogitsProcessor(kwargs["repetition_penalty"]))
     if kwargs.get("no_repeat_ngram_size"):
         processors.append(NoRepeatNGramLogitsProcessor(kwargs["no_repeat_ngram_size"]))
+    if kwargs.get("min_new_tokens"):
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, kwargs["min_new_tokens"], sorted(stop_ids)))
     if kwargs.get("do_sample"):
         if kwargs.get("temperature") not in (None, 1.0):
             processors.append(TemperatureLogitsWarper(kwargs["temperature"]))
@@ -129,7 +135,7 @@ class FlamingoDecoder:
         mro = type(lm).__mro__
         # The language model's own forward, beneath the Flamingo mixin.
         self._lm_forward = mro[mro.index(FlamingoLMMixin) + 1].forward
-        self._layers = lm._get_decoder_layers()
+        self._layers: list[ReusableMediaLayer] = list(lm._get_decoder_layers())
         self.prefixes: LruCache[tuple[str, tuple[int, ...]], PrefixState] = LruCache(
             prefix_cache_bytes, lambda state: state.nbytes
         )
@@ -152,32 +158,36 @@ class FlamingoDecoder:
                 self.images.put(key, features)
         return [found[key] for key in keys]  # type: ignore[misc]
 
-    def _forward(
-        self, ids: torch.Tensor, media: torch.Tensor | None, image_index: torch.Tensor, cache: DynamicCache, past: int
-    ) -> torch.Tensor:
+    @contextlib.contextmanager
+    def _reading(self, media: torch.Tensor | None) -> Iterator[None]:
+        """Give every layer the images (and their keys and values, once) for the forwards inside."""
+        if media is None:
+            media = torch.zeros(1, 1, 1, self.model.vis_dim, device=self.device, dtype=self.dtype)
+        try:
+            for layer in self._layers:
+                layer.condition_vis_x(media)
+                layer.condition_use_cached_media(False)
+                layer.use_media(media)
+            yield
+        finally:
+            self.model.lang_encoder.clear_conditioned_layers()
+            for layer in self._layers:
+                layer.use_media(None)
+
+    def _forward(self, ids: torch.Tensor, image_index: torch.Tensor, cache: DynamicCache, past: int) -> torch.Tensor:
         """Logits of the last position; ``image_index`` is each token's 1-based image (0: none)."""
         # Upstream numbers a token's image by a cumulative sum over media flags; giving it the
         # per-token increments of our index reproduces the same numbers for any offset.
         increments = torch.diff(image_index, dim=1, prepend=torch.zeros_like(image_index[:, :1]))
-        media = (
-            media
-            if media is not None
-            else torch.zeros(1, 1, 1, self.model.vis_dim, device=self.device, dtype=self.dtype)
-        )
         for layer in self._layers:
-            layer.condition_vis_x(media)
             layer.condition_media_locations(increments)
-            layer.condition_use_cached_media(False)
-        try:
-            output = self._lm_forward(
-                self.model.lang_encoder,
-                input_ids=ids,
-                attention_mask=torch.ones(1, past + ids.shape[1], dtype=torch.long, device=self.device),
-                past_key_values=cache,
-                use_cache=True,
-            )
-        finally:
-            self.model.lang_encoder.clear_conditioned_layers()
+        output = self._lm_forward(
+            self.model.lang_encoder,
+            input_ids=ids,
+            attention_mask=torch.ones(1, past + ids.shape[1], dtype=torch.long, device=self.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
         return output.logits[:, -1, :]
 
     def prefix(
@@ -198,8 +208,8 @@ class FlamingoDecoder:
             features = self.image_features(example_images, pixels)
             media = torch.stack(features).unsqueeze(0) if features else None
             ids = torch.tensor([token_ids], device=self.device)
-            with torch.inference_mode():
-                self._forward(ids, media, (ids == media_token_id).cumsum(dim=1), cache, past=0)
+            with torch.inference_mode(), self._reading(media):
+                self._forward(ids, (ids == media_token_id).cumsum(dim=1), cache, past=0)
             last_image = features[-1] if features else None
         state = PrefixState(tuple(token_ids), tuple((layer.keys, layer.values) for layer in cache.layers), last_image)
         if key is not None:
@@ -223,12 +233,12 @@ class FlamingoDecoder:
         ids = torch.tensor([request_ids], device=self.device)
         image_index = start + (ids == media_token_id).cumsum(dim=1)
         cache = DynamicCache(ddp_cache_data=prefix.key_values) if prefix.key_values else DynamicCache()
-        processors = logits_processors(kwargs)
         sequence = torch.tensor([list(prefix.token_ids) + request_ids], device=self.device)
+        processors = logits_processors(kwargs, sequence.shape[1], stop_ids)
         generated: list[int] = []
         current_image = image_index[:, -1:]
-        with torch.inference_mode():
-            logits = self._forward(ids, media, image_index, cache, past=len(prefix.token_ids))
+        with torch.inference_mode(), self._reading(media):
+            logits = self._forward(ids, image_index, cache, past=len(prefix.token_ids))
             while True:
                 scores = processors(sequence, logits.float())
                 if kwargs.get("do_sample"):
@@ -239,4 +249,4 @@ class FlamingoDecoder:
                 sequence = torch.cat([sequence, token], dim=1)
                 if generated[-1] in stop_ids or len(generated) >= kwargs["max_new_tokens"] or should_stop():
                     return generated
-                logits = self._forward(token, media, current_image, cache, past=sequence.shape[1] - 1)
+                logits = self._forward(token, current_image, cache, past=sequence.shape[1] - 1)

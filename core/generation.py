@@ -14,12 +14,13 @@ from core.config import GenerationSettings, Range
 from core.errors import BadParameter
 
 _SAMPLING_ONLY = ("temperature", "top_p", "top_k")
-_INTEGERS = ("max_new_tokens", "top_k", "num_beams", "no_repeat_ngram_size")
+_INTEGERS = ("max_new_tokens", "min_new_tokens", "top_k", "num_beams", "no_repeat_ngram_size")
 
 
 @dataclass(frozen=True)
 class GenerationParams:
     max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
     do_sample: bool = False
     temperature: float | None = None
     top_p: float | None = None
@@ -55,6 +56,9 @@ def generation_kwargs(params: GenerationParams, settings: GenerationSettings) ->
         needs_sampling = [name for name in _SAMPLING_ONLY if name in given]
         if needs_sampling:
             raise BadParameter(f"{', '.join(needs_sampling)} only apply when sampling; turn on do_sample.")
+    if given.get("min_new_tokens", 0) > given["max_new_tokens"]:
+        shortest, longest = given["min_new_tokens"], given["max_new_tokens"]
+        raise BadParameter(f"min_new_tokens ({shortest}) cannot be more than max_new_tokens ({longest}).")
     if params.length_penalty is not None and params.num_beams < 2:
         raise BadParameter("length_penalty only applies to beam search; set num_beams to 2 or more.")
     return {name: int(value) if name in _INTEGERS else value for name, value in given.items()}

@@ -26,6 +26,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from core.checkpoint import read_state_dict, select_checkpoint_tensors
 from core.config import ModelSettings
 from core.errors import ModelLoadError
+from core.flamingo_layers import install as install_reusable_media_layers
 from core.prompts import END_OF_CHUNK, IMAGE_TOKEN
 from core.registry import ModelSpec, resolve_model
 
@@ -226,6 +227,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         vis_dim=vision_width,
         cross_attn_every_n_layers=spec.cross_attn_every_n_layers,
     )
+    install_reusable_media_layers(lm)
     trained = [model.perceiver, lm.gated_cross_attn_layers]
     tensors = select_checkpoint_tensors(model, checkpoint, trained, source=checkpoint_file)
     model.load_state_dict(tensors, strict=False)

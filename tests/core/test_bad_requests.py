@@ -88,6 +88,11 @@ PARAMETER_CASES = [
     (GenerationParams(temperature=0.7), r"temperature only apply when sampling; turn on do_sample"),
     (GenerationParams(top_p=0.9, top_k=40), r"top_p, top_k only apply when sampling"),
     (GenerationParams(length_penalty=1.0), r"length_penalty only applies to beam search"),
+    (
+        GenerationParams(min_new_tokens=40, max_new_tokens=10),
+        r"min_new_tokens \(40\) cannot be more than max_new_tokens \(10\)",
+    ),
+    (GenerationParams(min_new_tokens=-1), r"min_new_tokens must be between 0 and 256 \(got -1\)"),
     (GenerationParams(max_new_tokens="ten"), r"max_new_tokens must be a number \(got 'ten'\)"),
     (GenerationParams(num_beams=True), r"num_beams must be a number \(got True\)"),
     (GenerationParams(max_new_tokens=float("inf")), r"max_new_tokens must be a finite number \(got inf\)"),

@@ -115,6 +115,24 @@ def test_greedy_with_logit_processors_equals_the_reference(engines, references, 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_minimum_answer_length_equals_the_reference(engines, references, photos, family):
+    engine, reference = engines[family], references[family]
+    task = _task(photos, ["astronaut"])
+    params = GenerationParams(max_new_tokens=16, min_new_tokens=16)
+    ours = engine.run(engine.prepare([photos["rocket"]], "<image>Output:", task, params))
+    stops = sorted(reference.stop_ids)
+    expected = reference.generate(
+        [photos["astronaut"], photos["rocket"]],
+        CAPTIONS["astronaut"] + END_OF_CHUNK + "<image>Output:",
+        max_new_tokens=16,
+        min_new_tokens=16,
+        eos_token_id=stops,
+    )
+    assert len(ours.token_ids) == 16
+    assert ours.token_ids == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sampling_draws_the_same_tokens_as_the_reference_for_the_same_seed(engines, references, photos, family):
     engine, reference = engines[family], references[family]
     task = _task(photos, ["coffee"])

@@ -1,0 +1,239 @@
+"""Our service against upstream open_flamingo ``generate``, on fixed models, in one run (CPU).
+
+The reference is called as the prototype called it: every example image encoded per request, the
+whole prompt run, the model's own cache setting (MPT ships with ``use_cache: false``). The service
+is the bot's: prefix cache, image cache, lean decode loop. Both generate exactly 16 new tokens
+(``min_new_tokens``, stopping at the same tokens), on fresh query images every time, so neither
+is helped by having seen the request before. Times are medians over repetitions after a warm-up.
+
+Usage: ``python bench/serve_bench.py [--repeats N] [--families llama mpt]``. The last line printed
+is one JSON object; its top-level figures are the LLaMA family's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import platform
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from core.config import ModelSettings, ServiceSettings, Settings
+from core.engine import FlamingoEngine
+from core.generation import GenerationParams
+from core.loading import load_model
+from core.prompts import END_OF_CHUNK, Example, Task
+from core.service import InferenceService
+from tests.make_tiny_model import TinyModelSpec, write_model
+from tests.reference import Reference
+
+SHOTS = (0, 4, 8, 16)
+CONCURRENCY = (1, 4, 16)
+NEW_TOKENS = 16
+# The fixed sizes that keep figures comparable from one run and one change to the next.
+SIZES = {
+    "hidden": 512,
+    "layers": 8,
+    "heads": 8,
+    "intermediate": 1376,
+    "vocab": 1000,
+    "cross_attn_every_n_layers": 2,
+    "vision_width": 384,
+    "vision_layers": 6,
+    "max_positions": 1024,
+}
+PHOTOS = Path(__file__).resolve().parent.parent / "data" / "images"
+WORDS = (
+    "a small red cat sits on the wooden table next to a cup of coffee while the sun sets behind "
+    "the city and two people walk along the river with a dog"
+).split()
+
+
+Requests = list[tuple[Task, Image.Image]]
+
+
+class Photos:
+    """Distinct images on demand (flips and crops of the project's photos), never repeated."""
+
+    def __init__(self) -> None:
+        self.sources = [Image.open(path).convert("RGB") for path in sorted(PHOTOS.glob("*.jpg"))]
+        self.count = 0
+
+    def fresh(self) -> Image.Image:
+        self.count += 1
+        image = self.sources[self.count % len(self.sources)]
+        if (self.count // len(self.sources)) % 2:
+            image = ImageOps.mirror(image)
+        inset = self.count % 37
+        return image.crop((inset, inset, image.width - inset, image.height - inset))
+
+
+def caption(rng: random.Random) -> str:
+    """About 14 tokens of text after the image marker."""
+    return "<image>Output:" + " ".join(rng.choice(WORDS) for _ in range(9)) + "."
+
+
+def make_task(name: str, shots: int, photos: Photos, rng: random.Random) -> Task:
+    examples = tuple(Example(photos.fresh(), caption(rng)) for _ in range(shots))
+    return Task(name, "", "<image>Output:", examples, key=f"bench/{name}")
+
+
+class Bench:
+    def __init__(self, family: str, model_dir: Path, repeats: int) -> None:
+        self.family, self.repeats = family, repeats
+        settings = Settings(
+            model=ModelSettings(name=str(model_dir), precision="fp32", device="cpu"),
+            service=ServiceSettings(max_queue=64),
+        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.reference = Reference(model_dir)
+        self.engine = FlamingoEngine(load_model(settings.model), settings)
+        self.service = InferenceService(self.engine, max_queue=64)
+        self.stops = sorted(self.reference.stop_ids)
+        self.params = GenerationParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+        self.photos = Photos()
+        self.identical = True
+
+    def reference_answer(self, task: Task, image: Image.Image) -> tuple[int, ...]:
+        prompt = "".join(e.text + END_OF_CHUNK for e in task.examples) + task.prompt_template
+        images = [e.image for e in task.examples] + [image]
+        return self.reference.generate(
+            images, prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=self.stops
+        )
+
+    async def service_answers(self, requests: list[tuple[Task, Image.Image]]) -> list[tuple[int, ...]]:
+        answers = await asyncio.gather(
+            *(self.service.answer([image], t.prompt_template, t, self.params) for t, image in requests)
+        )
+        return [answer.token_ids for answer in answers]
+
+    def timed(
+        self, requests_for_run: Callable[[], list[tuple[Task, Image.Image]]], repeats: int
+    ) -> tuple[float, float]:
+        """Median seconds for the reference and for the service over the same fresh requests."""
+        reference_times, service_times = [], []
+        for run in range(repeats + 1):  # the first run warms up
+            requests = requests_for_run()
+            started = time.perf_counter()
+            expected = [self.reference_answer(task, image) for task, image in requests]
+            reference_s = time.perf_counter() - started
+            started = time.perf_counter()
+            got = asyncio.run(self.service_answers(requests))
+            service_s = time.perf_counter() - started
+            self.identical &= got == expected
+            if run:
+                reference_times.append(reference_s)
+                service_times.append(service_s)
+        return statistics.median(reference_times), statistics.median(service_times)
+
+    def shots(self) -> list[dict]:
+        rows = []
+        rng = random.Random(0)
+        for shots in SHOTS:
+            task = make_task(f"{shots}-shot", shots, self.photos, rng)
+            reference_s, service_s = self.timed(lambda task=task: [(task, self.photos.fresh())], self.repeats)
+            rows.append(
+                {
+                    "shots": shots,
+                    "reference_s": round(reference_s, 4),
+                    "service_s": round(service_s, 4),
+                    "speedup": round(reference_s / service_s, 2),
+                }
+            )
+        return rows
+
+    def concurrency(self) -> list[dict]:
+        rows = []
+        rng = random.Random(1)
+        tasks = [make_task("four-a", 4, self.photos, rng), make_task("four-b", 4, self.photos, rng)]
+        for count in CONCURRENCY:
+
+            def requests(count: int = count) -> list[tuple[Task, Image.Image]]:
+                return [(tasks[i % 2], self.photos.fresh()) for i in range(count)]
+
+            reference_s, service_s = self.timed(requests, max(1, self.repeats // 2))
+            rows.append(
+                {
+                    "requests": count,
+                    "reference_s": round(reference_s, 4),
+                    "service_s": round(service_s, 4),
+                    "speedup": round(reference_s / service_s, 2),
+                }
+            )
+        return rows
+
+    def memory(self) -> dict:
+        decoder = self.engine.decoder
+        return {
+            "model_bytes": self.engine.loaded.total_bytes,
+            "prefix_cache": decoder.prefixes.stats(),
+            "image_cache": decoder.images.stats(),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+
+
+def _table(family: str, shots: list[dict], concurrency: list[dict]) -> str:
+    lines = [
+        f"{family}: {NEW_TOKENS} new tokens per request, medians (s)",
+        f"  {'shots':>8} {'reference':>10} {'service':>9} {'speedup':>8}",
+    ]
+    lines += [
+        f"  {r['shots']:>8} {r['reference_s']:>10.3f} {r['service_s']:>9.3f} {r['speedup']:>7.1f}x" for r in shots
+    ]
+    lines.append(
+        f"  {'requests':>8} {'reference':>10} {'service':>9} {'speedup':>8}   (4-shot, two tasks, all at once)"
+    )
+    lines += [
+        f"  {r['requests']:>8} {r['reference_s']:>10.3f} {r['service_s']:>9.3f} {r['speedup']:>7.1f}x"
+        for r in concurrency
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--families", nargs="+", default=["llama", "mpt"], choices=["llama", "mpt"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results: dict[str, dict] = {}
+    identical = True
+    with tempfile.TemporaryDirectory() as root:
+        for family in args.families:
+            model_dir = write_model(Path(root) / family, TinyModelSpec(family=family, **SIZES))
+            bench = Bench(family, model_dir, args.repeats)
+            shots, concurrency = bench.shots(), bench.concurrency()
+            bench.service.close()
+            identical &= bench.identical
+            results[family] = {"shots": shots, "concurrency": concurrency, "memory": bench.memory()}
+            print(_table(family, shots, concurrency), flush=True)
+    first = results[args.families[0]]
+    summary = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "model": f"{args.families[0]} family: " + ", ".join(f"{k}={v}" for k, v in SIZES.items()),
+        "identical": identical,
+        "shots": first["shots"],
+        "concurrency": first["concurrency"],
+        "memory": first["memory"],
+        "families": {family: results[family] for family in args.families[1:]},
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Upstream's Flamingo decoder layer, able to reuse the images' keys and values across tokens.
+
+Upstream's cross-attention projects the image latents to keys and values on every forward, so a
+decode loop recomputes the same projection for every new token (on the benchmark's model it was
+most of a step's arithmetic). This layer accepts them precomputed. The arithmetic is upstream's
+``MaskedCrossAttention`` and ``GatedCrossAttentionBlock`` op for op, so results are identical;
+without precomputed values it is upstream's layer unchanged, which keeps ``Flamingo.generate``
+(used for beam search) working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange, repeat
+from einops_exts import rearrange_many
+from open_flamingo.src.flamingo_lm import FlamingoLayer
+from open_flamingo.src.helpers import GatedCrossAttentionBlock
+from torch import einsum, nn
+
+
+def media_keys_values(block: GatedCrossAttentionBlock, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of (batch, images, latents, dim) media, shaped (batch, heads, images*latents, dim_head)."""
+    attn = block.attn
+    k, v = attn.to_kv(rearrange(media, "b t n d -> b (t n) d")).chunk(2, dim=-1)
+    return tuple(rearrange_many((k, v), "b n (h d) -> b h n d", h=attn.heads))  # type: ignore[return-value]
+
+
+def gated_cross_attention(
+    block: GatedCrossAttentionBlock,
+    x: torch.Tensor,
+    keys_values: tuple[torch.Tensor, torch.Tensor],
+    images: int,
+    latents: int,
+    media_locations: torch.Tensor,
+) -> torch.Tensor:
+    """Upstream's gated block with only-immediate-media masking, given the media's keys and values."""
+    attn = block.attn
+    k, v = keys_values
+    residual = x
+    q = attn.to_q(attn.norm(x))
+    q = rearrange(q, "b n (h d) -> b h n d", h=attn.heads) * attn.scale
+    sim = einsum("... i d, ... j d -> ... i j", q, k)
+    media_time = torch.arange(images, device=x.device) + 1
+    text_time = media_locations.cumsum(dim=-1)
+    text_to_media_mask = torch.eq(
+        rearrange(text_time, "b i -> b 1 i 1"), repeat(media_time, "j -> 1 1 1 (j n)", n=latents)
+    )
+    sim = sim.masked_fill(~text_to_media_mask, -torch.finfo(sim.dtype).max)
+    sim = sim - sim.amax(dim=-1, keepdim=True).detach()
+    weights = sim.softmax(dim=-1)
+    weights = weights.masked_fill(rearrange(text_time == 0, "b i -> b 1 i 1"), 0.0)
+    out = rearrange(einsum("... i j, ... j d -> ... i d", weights, v), "b h n d -> b n (h d)")
+    x = attn.to_out(out) * block.attn_gate.tanh() + residual
+    return block.ff(x) * block.ff_gate.tanh() + x
+
+
+class ReusableMediaLayer(FlamingoLayer):
+    """A FlamingoLayer whose image keys and values can be set once for many forwards."""
+
+    def __init__(self, layer: FlamingoLayer) -> None:
+        super().__init__(layer.gated_cross_attn_layer, layer.decoder_layer)
+        self.media_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.media_shape: tuple[int, int] = (0, 0)
+
+    def use_media(self, media: torch.Tensor | None) -> None:
+        """Precompute for (batch, images, latents, dim) media; None forgets them."""
+        if media is None or self.gated_cross_attn_layer is None:
+            self.media_kv = None
+            return
+        self.media_kv = media_keys_values(self.gated_cross_attn_layer, media)
+        self.media_shape = (media.shape[1], media.shape[2])
+
+    def forward(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if self.media_kv is None or self.gated_cross_attn_layer is None:
+            return super().forward(lang_x, attention_mask=attention_mask, **kwargs)
+        lang_x = gated_cross_attention(
+            self.gated_cross_attn_layer, lang_x, self.media_kv, *self.media_shape, self.media_locations
+        )
+        return self.decoder_layer(lang_x, attention_mask=attention_mask, **kwargs)
+
+
+def install(lm: nn.Module) -> list[ReusableMediaLayer]:
+    """Put reusable-media layers in the LM's decoder list; parameter names stay the same."""
+    layers = [ReusableMediaLayer(layer) for layer in lm._get_decoder_layers()]
+    lm._set_decoder_layers(nn.ModuleList(layers))
+    return layers
