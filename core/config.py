@@ -80,6 +80,7 @@ class GenerationSettings(BaseModel):
 
 class ServiceSettings(BaseModel):
     max_queue: int = Field(32, gt=0, description="Requests waiting beyond this are refused as busy.")
+    max_batch: int = Field(16, gt=0, description="Waiting requests decoded together in one batch.")
     prefix_cache_mb: int = Field(2048, ge=0, description="Tasks' precomputed examples, least recently used dropped.")
     image_cache_mb: int = Field(256, ge=0, description="Image features by content hash.")
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from open_flamingo.src.flamingo import Flamingo
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin
@@ -77,6 +79,29 @@ class LruCache(Generic[Key, Value]):
 
     def stats(self) -> dict[str, int]:
         return {"entries": len(self._entries), "bytes": self.bytes, "hits": self.hits, "misses": self.misses}
+
+
+@dataclass
+class DecodeJob:
+    """One request for the decoder: its task's prefix, its own tokens and images, its parameters."""
+
+    prefix: PrefixState
+    request_ids: list[int]
+    request_images: list[torch.Tensor]
+    kwargs: dict[str, Any]
+    stop_ids: set[int]
+    should_stop: Callable[[], bool]
+
+
+@dataclass
+class _Running:
+    job: DecodeJob
+    sequence: torch.Tensor  # (1, tokens so far, the newest not yet in the cache)
+    processors: LogitsProcessorList
+    key_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (1, heads, tokens, dim)
+    image: torch.Tensor  # (latents, dim) of the image its next tokens read
+    logits: torch.Tensor
+    generated: list[int] = field(default_factory=list)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
@@ -136,6 +161,8 @@ class FlamingoDecoder:
         # The language model's own forward, beneath the Flamingo mixin.
         self._lm_forward = mro[mro.index(FlamingoLMMixin) + 1].forward
         self._layers: list[ReusableMediaLayer] = list(lm._get_decoder_layers())
+        # MPT places tokens with ALiBi and takes no position ids; LLaMA and GPT-NeoX need them in a batch.
+        self._takes_positions = "position_ids" in inspect.signature(self._lm_forward).parameters
         self.prefixes: LruCache[tuple[str, tuple[int, ...]], PrefixState] = LruCache(
             prefix_cache_bytes, lambda state: state.nbytes
         )
@@ -216,37 +243,123 @@ class FlamingoDecoder:
             self.prefixes.put(key, state)
         return state
 
-    def decode(
-        self,
-        prefix: PrefixState,
-        request_ids: list[int],
-        request_images: Sequence[torch.Tensor],
-        media_token_id: int,
-        kwargs: dict[str, Any],
-        stop_ids: set[int],
-        should_stop: Callable[[], bool],
-    ) -> list[int]:
-        """New tokens after the prompt, up to and including a stop token."""
-        images = ([prefix.last_image] if prefix.last_image is not None else []) + list(request_images)
+    def _prefill(self, job: DecodeJob, media_token_id: int) -> _Running:
+        """Run one request's own tokens against its task's prefix: alone, so exactly as unbatched."""
+        prefix = job.prefix
+        images = ([prefix.last_image] if prefix.last_image is not None else []) + list(job.request_images)
         media = torch.stack(images).unsqueeze(0) if images else None
         start = 1 if prefix.last_image is not None else 0
-        ids = torch.tensor([request_ids], device=self.device)
+        ids = torch.tensor([job.request_ids], device=self.device)
         image_index = start + (ids == media_token_id).cumsum(dim=1)
         cache = DynamicCache(ddp_cache_data=prefix.key_values) if prefix.key_values else DynamicCache()
-        sequence = torch.tensor([list(prefix.token_ids) + request_ids], device=self.device)
-        processors = logits_processors(kwargs, sequence.shape[1], stop_ids)
-        generated: list[int] = []
-        current_image = image_index[:, -1:]
-        with torch.inference_mode(), self._reading(media):
+        with self._reading(media):
             logits = self._forward(ids, image_index, cache, past=len(prefix.token_ids))
-            while True:
-                scores = processors(sequence, logits.float())
-                if kwargs.get("do_sample"):
-                    token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
-                else:
-                    token = scores.argmax(dim=-1, keepdim=True)
-                generated.append(int(token))
-                sequence = torch.cat([sequence, token], dim=1)
-                if generated[-1] in stop_ids or len(generated) >= kwargs["max_new_tokens"] or should_stop():
-                    return generated
-                logits = self._forward(token, current_image, cache, past=sequence.shape[1] - 1)
+        sequence = torch.tensor([list(prefix.token_ids) + job.request_ids], device=self.device)
+        latest = images[-1] if images else torch.zeros(1, 1, self.model.vis_dim, device=self.device, dtype=self.dtype)
+        return _Running(
+            job=job,
+            sequence=sequence,
+            processors=logits_processors(job.kwargs, sequence.shape[1], job.stop_ids),
+            key_values=[(layer.keys, layer.values) for layer in cache.layers],
+            image=latest,
+            logits=logits,
+        )
+
+    def _choose(self, row: _Running, logits: torch.Tensor) -> bool:
+        """Pick the row's next token; True when the row is finished."""
+        scores = row.processors(row.sequence, logits.float())
+        if row.job.kwargs.get("do_sample"):
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+        else:
+            token = scores.argmax(dim=-1, keepdim=True)
+        row.generated.append(int(token))
+        row.sequence = torch.cat([row.sequence, token], dim=1)
+        return (
+            row.generated[-1] in row.job.stop_ids
+            or len(row.generated) >= row.job.kwargs["max_new_tokens"]
+            or row.job.should_stop()
+        )
+
+    def _batch(self, rows: list[_Running]) -> tuple[DynamicCache, torch.Tensor]:
+        """One cache for the rows, left-padded to the longest, with the mask that hides the padding."""
+        length = max(row.sequence.shape[1] - 1 for row in rows)
+        layers = []
+        for index in range(len(rows[0].key_values)):
+            keys, values = zip(*(row.key_values[index] for row in rows), strict=True)
+            layers.append(
+                (
+                    torch.cat([F.pad(k, (0, 0, length - k.shape[2], 0)) for k in keys]),
+                    torch.cat([F.pad(v, (0, 0, length - v.shape[2], 0)) for v in values]),
+                )
+            )
+        mask = torch.stack(
+            [
+                F.pad(
+                    torch.ones(row.sequence.shape[1] - 1, dtype=torch.long, device=self.device),
+                    (length - row.sequence.shape[1] + 1, 0),
+                )
+                for row in rows
+            ]
+        )
+        return DynamicCache(ddp_cache_data=layers), mask
+
+    def _step(self, rows: list[_Running], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+        """One new token for every row: logits (rows, vocab). Each row reads its latest image."""
+        tokens = torch.cat([row.sequence[:, -1:] for row in rows])
+        for layer in self._layers:
+            layer.condition_media_locations(torch.ones_like(tokens))
+        extra = {}
+        if self._takes_positions:
+            extra["position_ids"] = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=self.device)
+        output = self._lm_forward(
+            self.model.lang_encoder,
+            input_ids=tokens,
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+            **extra,
+        )
+        return output.logits[:, -1, :]
+
+    def decode_many(
+        self, jobs: Sequence[DecodeJob], media_token_id: int, finished: Callable[[int, list[int]], None]
+    ) -> None:
+        """Decode requests together, one token of every unfinished request per forward.
+
+        Each request's own tokens run alone first, so every first token is exactly the unbatched
+        one; then the requests share forwards. A request that stops is handed back at once and
+        leaves the batch, so nobody waits for a longer answer.
+        """
+        with torch.inference_mode():
+            rows = [self._prefill(job, media_token_id) for job in jobs]
+            active = [i for i, row in enumerate(rows) if not self._finish_if_done(i, row, row.logits, finished)]
+            while active:
+                batch = [rows[i] for i in active]
+                cache, mask = self._batch(batch)
+                media = torch.stack([row.image for row in batch]).unsqueeze(1)
+                with self._reading(media):
+                    while True:
+                        mask = F.pad(mask, (0, 1), value=1)
+                        logits = self._step(batch, cache, mask)
+                        done = {
+                            i
+                            for n, i in enumerate(active)
+                            if self._finish_if_done(i, rows[i], logits[n : n + 1], finished)
+                        }
+                        if done:
+                            break
+                for n, row in enumerate(batch):
+                    length = row.sequence.shape[1] - 1
+                    row.key_values = [
+                        (layer.keys[n : n + 1, :, -length:], layer.values[n : n + 1, :, -length:])
+                        for layer in cache.layers
+                    ]
+                active = [i for i in active if i not in done]
+
+    def _finish_if_done(
+        self, index: int, row: _Running, logits: torch.Tensor, finished: Callable[[int, list[int]], None]
+    ) -> bool:
+        if self._choose(row, logits):
+            finished(index, row.generated)
+            return True
+        return False

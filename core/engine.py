@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from core.config import Settings
-from core.decoding import FlamingoDecoder
+from core.decoding import DecodeJob, FlamingoDecoder
 from core.errors import BadPrompt, GenerationFailed
 from core.generation import GenerationParams, generation_kwargs
 from core.images import crop_extreme_aspect
@@ -134,18 +134,41 @@ class FlamingoEngine:
 
     def run(self, request: PreparedRequest, should_stop: Callable[[], bool] = lambda: False) -> Answer:
         """Decode one request. Only the service's worker thread may call this."""
+        answers: list[Answer] = []
+        self.run_many([request], [should_stop], lambda _, answer: answers.append(answer))
+        return answers[0]
+
+    def run_many(
+        self,
+        requests: Sequence[PreparedRequest],
+        stops: Sequence[Callable[[], bool]],
+        deliver: Callable[[int, Answer], None],
+    ) -> None:
+        """Answer several requests, handing each answer over as soon as it is complete.
+
+        Requests without beams are decoded together; beam search runs each through upstream's
+        generate. Only the service's worker thread may call this.
+        """
         started = time.perf_counter()
+        beams = [i for i, request in enumerate(requests) if request.generate_kwargs.get("num_beams", 1) > 1]
+        batched = [i for i in range(len(requests)) if i not in beams]
         try:
-            if request.generate_kwargs.get("num_beams", 1) > 1:
-                new_tokens = self._beam_search(request, should_stop)
-            else:
-                new_tokens = self._decode(request, should_stop)
+            for i in beams:
+                deliver(i, self._answer(requests[i], self._beam_search(requests[i], stops[i]), started))
+            if batched:
+                self._decode_together(
+                    [requests[i] for i in batched],
+                    [stops[i] for i in batched],
+                    lambda n, tokens: deliver(batched[n], self._answer(requests[batched[n]], tokens, started)),
+                )
         except torch.OutOfMemoryError:
             raise GenerationFailed(
                 "The model ran out of memory on this request; try fewer examples, fewer beams or fewer new tokens."
             ) from None
         finally:
             clear_conditioning(self.loaded.model)
+
+    def _answer(self, request: PreparedRequest, new_tokens: list[int], started: float) -> Answer:
         stop = next((i for i, token in enumerate(new_tokens) if token in self._stop_ids), None)
         kept = new_tokens if stop is None else new_tokens[:stop]
         return Answer(
@@ -157,23 +180,27 @@ class FlamingoEngine:
             seconds=time.perf_counter() - started,
         )
 
-    def _decode(self, request: PreparedRequest, should_stop: Callable[[], bool]) -> list[int]:
-        """The fast path: the task's prefix from cache, then a lean loop over the request's tokens."""
-        ids = request.input_ids[0].tolist()
+    def _decode_together(
+        self,
+        requests: Sequence[PreparedRequest],
+        stops: Sequence[Callable[[], bool]],
+        finished: Callable[[int, list[int]], None],
+    ) -> None:
+        """The fast path: each task's prefix from cache, the requests decoded as one batch."""
         media_token = self.loaded.model.media_token_id
-        prefix = self.decoder.prefix(
-            request.task_key, ids[: request.prefix_length], request.example_images, self._pixels, media_token
-        )
-        images = self.decoder.image_features(request.request_images, self._pixels)
-        return self.decoder.decode(
-            prefix,
-            ids[request.prefix_length :],
-            images,
-            media_token,
-            request.generate_kwargs,
-            self._stop_ids,
-            should_stop,
-        )
+        jobs = []
+        for request, should_stop in zip(requests, stops, strict=True):
+            ids = request.input_ids[0].tolist()
+            prefix = self.decoder.prefix(
+                request.task_key, ids[: request.prefix_length], request.example_images, self._pixels, media_token
+            )
+            images = self.decoder.image_features(request.request_images, self._pixels)
+            jobs.append(
+                DecodeJob(
+                    prefix, ids[request.prefix_length :], images, request.generate_kwargs, self._stop_ids, should_stop
+                )
+            )
+        self.decoder.decode_many(jobs, media_token, finished)
 
     def vision_x(self, request: PreparedRequest) -> torch.Tensor:
         """All the prompt's images as upstream takes them: (1, images, frames=1, channels, height, width)."""

@@ -32,7 +32,12 @@ class Engine(Protocol):
         self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams
     ) -> PreparedRequest: ...
 
-    def run(self, request: PreparedRequest, should_stop: Callable[[], bool]) -> Answer: ...
+    def run_many(
+        self,
+        requests: Sequence[PreparedRequest],
+        stops: Sequence[Callable[[], bool]],
+        deliver: Callable[[int, Answer], None],
+    ) -> None: ...
 
 
 @dataclass
@@ -62,8 +67,9 @@ def _settle(job: _Job, answer: Answer | None, error: BaseException | None) -> No
 
 
 class InferenceService:
-    def __init__(self, engine: Engine, max_queue: int) -> None:
+    def __init__(self, engine: Engine, max_queue: int, max_batch: int = 16) -> None:
         self.engine = engine
+        self._max_batch = max_batch
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="flamingo-model", daemon=True)
@@ -92,22 +98,43 @@ class InferenceService:
             job.cancelled.set()
 
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if not job.cancelled.is_set():
-                self._run(job)
+        running = True
+        while running:
+            job = self._queue.get()
+            if job is None:
+                break
+            batch = [job]
+            # Whatever else is already waiting is decoded together with it.
+            while len(batch) < self._max_batch:
+                try:
+                    waiting = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if waiting is None:
+                    running = False
+                    break
+                batch.append(waiting)
+            self._run([job for job in batch if not job.cancelled.is_set()])
         self._withdraw_waiting()
 
-    def _run(self, job: _Job) -> None:
-        answer: Answer | None = None
+    def _run(self, jobs: list[_Job]) -> None:
+        delivered: set[int] = set()
+
+        def deliver(index: int, answer: Answer) -> None:
+            delivered.add(index)
+            _notify(jobs[index], answer, None)
+
         error: BaseException | None = None
         try:
-            answer = self.engine.run(job.request, job.cancelled.is_set)
+            self.engine.run_many([job.request for job in jobs], [job.cancelled.is_set for job in jobs], deliver)
         except FlamingoError as known:
             error = known
         except Exception:
             log.exception("generation failed")
             error = GenerationFailed("Something went wrong while the model was answering; it has been logged.")
-        _notify(job, answer, error)
+        for index, job in enumerate(jobs):
+            if index not in delivered:
+                _notify(job, None, error or GenerationFailed("The model gave no answer; it has been logged."))
 
     def _withdraw_waiting(self) -> None:
         while True:
@@ -130,4 +157,4 @@ class InferenceService:
 def start_service(settings: Settings) -> InferenceService:
     """Load the configured model and start its worker; the CLI and the bot both come through here."""
     loaded = load_model(settings.model)
-    return InferenceService(FlamingoEngine(loaded, settings), settings.service.max_queue)
+    return InferenceService(FlamingoEngine(loaded, settings), settings.service.max_queue, settings.service.max_batch)

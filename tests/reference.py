@@ -32,6 +32,12 @@ class Reference:
 
     def generate(self, images: Sequence[object], prompt: str, **kwargs: object) -> tuple[int, ...]:
         """New tokens up to (not including) the first end-of-chunk or end-of-sequence token."""
+        return self.generate_with_margins(images, prompt, **kwargs)[0]
+
+    def generate_with_margins(
+        self, images: Sequence[object], prompt: str, **kwargs: object
+    ) -> tuple[tuple[int, ...], list[float]]:
+        """The tokens, and at each step the gap between the two best scores (small: a near tie)."""
         vision_x = torch.stack([self.image_processor(image) for image in images]).unsqueeze(1).unsqueeze(0)
         encoded = self.tokenizer([prompt], return_tensors="pt")
         with torch.inference_mode():
@@ -39,10 +45,13 @@ class Reference:
                 vision_x=vision_x,
                 lang_x=encoded["input_ids"],
                 attention_mask=encoded["attention_mask"],
+                output_scores=True,
+                return_dict_in_generate=True,
                 **kwargs,
             )
-        new_tokens = output[0, encoded["input_ids"].shape[1] :].tolist()
+        new_tokens = output.sequences[0, encoded["input_ids"].shape[1] :].tolist()
+        margins = [float(top[0, 0] - top[0, 1]) for top in (score.topk(2, dim=-1).values for score in output.scores)]
         for index, token in enumerate(new_tokens):
             if token in self.stop_ids:
-                return tuple(new_tokens[:index])
-        return tuple(new_tokens)
+                return tuple(new_tokens[:index]), margins[:index]
+        return tuple(new_tokens), margins

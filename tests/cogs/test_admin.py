@@ -72,18 +72,18 @@ async def test_an_interaction_arriving_during_a_reload_is_held_and_answered(worl
 async def test_shutdown_finishes_the_running_request_and_refuses_queued_ones(world, monkeypatch):
     gate = asyncio.Event()
     engine = world.bot.service.engine
-    original_run = engine.run
+    original_run_many = engine.run_many
     started = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def gated_run(request, should_stop):
+    def gated_run_many(requests, stops, deliver):
         loop.call_soon_threadsafe(started.set)
         asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(timeout=30)
-        return original_run(request, should_stop)
+        return original_run_many(requests, stops, deliver)
 
-    monkeypatch.setattr(engine, "run", gated_run)
+    monkeypatch.setattr(engine, "run_many", gated_run_many)
     running = world.invoke("comprehend", image=photo(world), max_new_tokens=2)
-    await started.wait()
+    await asyncio.wait_for(started.wait(), 30)
     queued = world.invoke("comprehend", image=photo(world, "rocket"), max_new_tokens=2)
     while world.bot.service.waiting == 0:
         await asyncio.sleep(0.01)

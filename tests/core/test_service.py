@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from core.engine import Answer, FlamingoEngine, PreparedRequest, holds_conditioning
+from core.engine import FlamingoEngine, PreparedRequest, holds_conditioning
 from core.errors import BadPrompt, GenerationFailed, ServiceBusy, ServiceClosed
 from core.generation import GenerationParams
 from core.prompts import Example, Task
@@ -26,11 +26,11 @@ class GatedEngine:
     def prepare(self, *args, **kwargs) -> PreparedRequest:
         return self.engine.prepare(*args, **kwargs)
 
-    def run(self, request: PreparedRequest, should_stop) -> Answer:
+    def run_many(self, requests: list[PreparedRequest], stops, deliver) -> None:
         self.started.set()
         assert self.gate.wait(timeout=30)
-        self.ran.append(request.prompt)
-        return self.engine.run(request, should_stop)
+        self.ran.extend(request.prompt for request in requests)
+        self.engine.run_many(requests, stops, deliver)
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +160,32 @@ async def test_closing_withdraws_waiting_requests_and_refuses_new_ones(llama_eng
         await waiting
     with pytest.raises(ServiceClosed, match="shutting down"):
         await service.answer([photos["chelsea"]], "<image>Output:", task, params)
+
+
+async def test_waiting_requests_are_decoded_together_and_a_short_one_leaves_early(
+    llama_engine, make_service, photos, task
+):
+    gated = GatedEngine(llama_engine)
+    service = make_service(gated, max_queue=8)
+    first = asyncio.create_task(
+        service.answer([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=1))
+    )
+    await asyncio.to_thread(gated.started.wait, 10)
+    long = asyncio.create_task(
+        service.answer(
+            [photos["chelsea"]], "<image>Long:", task, GenerationParams(max_new_tokens=60, min_new_tokens=60)
+        )
+    )
+    short = asyncio.create_task(
+        service.answer([photos["coffee"]], "<image>Short:", task, GenerationParams(max_new_tokens=2))
+    )
+    await asyncio.sleep(0.05)
+    gated.started.clear()
+    gated.gate.set()
+    await first
+    await asyncio.to_thread(gated.started.wait, 10)
+    done, _ = await asyncio.wait({long, short}, return_when=asyncio.FIRST_COMPLETED)
+    assert done == {short}
+    assert not long.done()
+    assert len((await long).token_ids) == 60
+    assert [p.rsplit(">", 1)[-1] for p in gated.ran] == ["Output:", "Long:", "Short:"]
