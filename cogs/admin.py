@@ -25,6 +25,12 @@ def _duration(seconds: float) -> str:
     return f"{days}d {hours}h {minutes}m {seconds}s" if days else f"{hours}h {minutes}m {seconds}s"
 
 
+def _cache_line(stats: dict[str, int], what: str) -> str:
+    return (
+        f"{stats['entries']} {what}, {stats['bytes'] / 2**20:.1f} MiB, {stats['hits']} hits / {stats['misses']} misses"
+    )
+
+
 def status_embed(bot: FlamingoBot) -> discord.Embed:
     loaded = bot.service.engine.loaded
     device = loaded.device
@@ -33,12 +39,15 @@ def status_embed(bot: FlamingoBot) -> discord.Embed:
     else:
         memory = f"{psutil.Process().memory_info().rss / 2**30:.2f} GiB resident"
     embed = discord.Embed(title="flamingo-bot status", colour=discord.Colour.green())
+    decoder = bot.service.engine.decoder
     fields = {
         "Model": loaded.spec.name,
         "Precision": loaded.precision.name,
         "Device": str(device),
         "Memory": memory,
         "Queue": f"{bot.service.waiting} waiting",
+        "Prefix cache": _cache_line(decoder.prefixes.stats(), "tasks"),
+        "Image cache": _cache_line(decoder.images.stats(), "images"),
         "Uptime": _duration(time.monotonic() - bot.started_at),
         "Guilds": str(len(bot.guilds)),
         "Version": core.__version__,

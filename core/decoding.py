@@ -99,7 +99,7 @@ class _Running:
     sequence: torch.Tensor  # (1, tokens so far, the newest not yet in the cache)
     processors: LogitsProcessorList
     key_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (1, heads, tokens, dim)
-    image: torch.Tensor  # (latents, dim) of the image its next tokens read
+    image_keys_values: list[tuple[torch.Tensor, torch.Tensor] | None]  # per layer, of the image it reads now
     logits: torch.Tensor
     generated: list[int] = field(default_factory=list)
 
@@ -201,6 +201,24 @@ class FlamingoDecoder:
             for layer in self._layers:
                 layer.use_media(None)
 
+    @contextlib.contextmanager
+    def _reading_latest_images(self, rows: list[_Running]) -> Iterator[None]:
+        """Each row reads the image its prompt ended with, from the keys and values its prefill made."""
+        try:
+            for index, layer in enumerate(self._layers):
+                parts = [row.image_keys_values[index] for row in rows]
+                if parts[0] is None:
+                    continue
+                keys = torch.cat([part[0] for part in parts])  # type: ignore[index]
+                values = torch.cat([part[1] for part in parts])  # type: ignore[index]
+                layer.use_keys_values((keys, values), images=1, latents=keys.shape[2])
+                layer.condition_use_cached_media(False)
+            yield
+        finally:
+            self.model.lang_encoder.clear_conditioned_layers()
+            for layer in self._layers:
+                layer.use_media(None)
+
     def _forward(self, ids: torch.Tensor, image_index: torch.Tensor, cache: DynamicCache, past: int) -> torch.Tensor:
         """Logits of the last position; ``image_index`` is each token's 1-based image (0: none)."""
         # Upstream numbers a token's image by a cumulative sum over media flags; giving it the
@@ -254,14 +272,14 @@ class FlamingoDecoder:
         cache = DynamicCache(ddp_cache_data=prefix.key_values) if prefix.key_values else DynamicCache()
         with self._reading(media):
             logits = self._forward(ids, image_index, cache, past=len(prefix.token_ids))
+            latest = [layer.latest_image_keys_values() for layer in self._layers]
         sequence = torch.tensor([list(prefix.token_ids) + job.request_ids], device=self.device)
-        latest = images[-1] if images else torch.zeros(1, 1, self.model.vis_dim, device=self.device, dtype=self.dtype)
         return _Running(
             job=job,
             sequence=sequence,
             processors=logits_processors(job.kwargs, sequence.shape[1], job.stop_ids),
             key_values=[(layer.keys, layer.values) for layer in cache.layers],
-            image=latest,
+            image_keys_values=latest,
             logits=logits,
         )
 
@@ -336,8 +354,7 @@ class FlamingoDecoder:
             while active:
                 batch = [rows[i] for i in active]
                 cache, mask = self._batch(batch)
-                media = torch.stack([row.image for row in batch]).unsqueeze(1)
-                with self._reading(media):
+                with self._reading_latest_images(batch):
                     while True:
                         mask = F.pad(mask, (0, 1), value=1)
                         logits = self._step(batch, cache, mask)

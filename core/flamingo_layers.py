@@ -72,6 +72,19 @@ class ReusableMediaLayer(FlamingoLayer):
         self.media_kv = media_keys_values(self.gated_cross_attn_layer, media)
         self.media_shape = (media.shape[1], media.shape[2])
 
+    def use_keys_values(self, keys_values: tuple[torch.Tensor, torch.Tensor] | None, images: int, latents: int) -> None:
+        """Use keys and values computed earlier (for example by a previous forward on the same images)."""
+        self.media_kv = keys_values if self.gated_cross_attn_layer is not None else None
+        self.media_shape = (images, latents)
+
+    def latest_image_keys_values(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The keys and values of the last image only: what the tokens after it read."""
+        if self.media_kv is None:
+            return None
+        latents = self.media_shape[1]
+        keys, values = self.media_kv
+        return keys[:, :, -latents:], values[:, :, -latents:]
+
     def forward(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         if self.media_kv is None or self.gated_cross_attn_layer is None:
             return super().forward(lang_x, attention_mask=attention_mask, **kwargs)

@@ -30,6 +30,8 @@ async def test_status_is_for_the_owner_only(world):
     assert fields["Queue"] == "0 waiting"
     assert fields["Version"] == "0.1.0"
     assert "GiB" in fields["Memory"]
+    assert fields["Prefix cache"].endswith(" misses") and " tasks, " in fields["Prefix cache"]
+    assert " images, " in fields["Image cache"]
 
     stranger = world.discord.add_member(world.admin_guild, "stranger", permissions=1 << 3)
     refused = (await world.reply("admin status", member=stranger, guild=world.admin_guild))[0]
