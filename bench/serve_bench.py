@@ -92,6 +92,15 @@ def make_task(name: str, shots: int, photos: Photos, rng: random.Random) -> Task
     return Task(name, "", "<image>Output:", examples, key=f"bench/{name}")
 
 
+def _row(label: str, value: int, reference_s: float, service_s: float) -> dict:
+    return {
+        label: value,
+        "reference_s": round(reference_s, 4),
+        "service_s": round(service_s, 4),
+        "speedup": round(reference_s / service_s, 2),
+    }
+
+
 class Bench:
     def __init__(self, family: str, model_dir: Path, repeats: int) -> None:
         self.family, self.repeats = family, repeats
@@ -145,15 +154,8 @@ class Bench:
         rng = random.Random(0)
         for shots in SHOTS:
             task = make_task(f"{shots}-shot", shots, self.photos, rng)
-            reference_s, service_s = self.timed(lambda task=task: [(task, self.photos.fresh())], self.repeats)
-            rows.append(
-                {
-                    "shots": shots,
-                    "reference_s": round(reference_s, 4),
-                    "service_s": round(service_s, 4),
-                    "speedup": round(reference_s / service_s, 2),
-                }
-            )
+            timing = self.timed(lambda task=task: [(task, self.photos.fresh())], self.repeats)
+            rows.append(_row("shots", shots, *timing))
         return rows
 
     def concurrency(self) -> list[dict]:
@@ -165,15 +167,7 @@ class Bench:
             def requests(count: int = count) -> list[tuple[Task, Image.Image]]:
                 return [(tasks[i % 2], self.photos.fresh()) for i in range(count)]
 
-            reference_s, service_s = self.timed(requests, max(1, self.repeats // 2))
-            rows.append(
-                {
-                    "requests": count,
-                    "reference_s": round(reference_s, 4),
-                    "service_s": round(service_s, 4),
-                    "speedup": round(reference_s / service_s, 2),
-                }
-            )
+            rows.append(_row("requests", count, *self.timed(requests, max(1, self.repeats // 2))))
         return rows
 
     def memory(self) -> dict:

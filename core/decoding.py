@@ -197,9 +197,7 @@ class FlamingoDecoder:
                 layer.use_media(media)
             yield
         finally:
-            self.model.lang_encoder.clear_conditioned_layers()
-            for layer in self._layers:
-                layer.use_media(None)
+            self._forget_media()
 
     @contextlib.contextmanager
     def _reading_latest_images(self, rows: list[_Running]) -> Iterator[None]:
@@ -215,9 +213,13 @@ class FlamingoDecoder:
                 layer.condition_use_cached_media(False)
             yield
         finally:
-            self.model.lang_encoder.clear_conditioned_layers()
-            for layer in self._layers:
-                layer.use_media(None)
+            self._forget_media()
+
+    def _forget_media(self) -> None:
+        """No image or position may outlive its forward, whatever happened during it."""
+        self.model.lang_encoder.clear_conditioned_layers()
+        for layer in self._layers:
+            layer.use_media(None)
 
     def _forward(self, ids: torch.Tensor, image_index: torch.Tensor, cache: DynamicCache, past: int) -> torch.Tensor:
         """Logits of the last position; ``image_index`` is each token's 1-based image (0: none)."""

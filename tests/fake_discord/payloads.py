@@ -14,7 +14,6 @@ _sequence = itertools.count(1)
 ADMINISTRATOR = 1 << 3
 MANAGE_GUILD = 1 << 5
 ALL_PERMISSIONS = (1 << 51) - 1
-MANAGE_MESSAGES = 1 << 13
 # View channel, send messages, embed links, attach files, read history, use application commands.
 EVERYONE_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 31)
 
@@ -107,10 +106,51 @@ class Attachment:
         return data
 
 
-def option(name: str, value: Any, kind: int) -> dict[str, Any]:
-    return {"name": name, "type": kind, "value": value}
-
-
 OPTION_TYPES = {str: 3, int: 4, bool: 5, float: 10}
 ATTACHMENT_OPTION = 11
 SUB_COMMAND = 1
+
+
+def guild_payload(guild: Guild, bot_member: dict[str, Any]) -> dict[str, Any]:
+    """GUILD_CREATE data: the fields discord.py reads, with the bot as the only cached member."""
+    everyone = {
+        "id": str(guild.id),
+        "name": "@everyone",
+        "permissions": str(EVERYONE_PERMISSIONS),
+        "position": 0,
+        "color": 0,
+        "hoist": False,
+        "managed": False,
+        "mentionable": False,
+        "flags": 0,
+    }
+    return {
+        "id": str(guild.id),
+        "name": guild.name,
+        "icon": None,
+        "owner_id": str(guild.owner_id),
+        "roles": [everyone],
+        "channels": [c.payload() for c in guild.channels],
+        "members": [bot_member],
+        "member_count": len(guild.members) + 1,
+        "unavailable": False,
+        "large": False,
+        "joined_at": "2026-01-01T00:00:00+00:00",
+        "features": [],
+        "emojis": [],
+        "stickers": [],
+        "threads": [],
+        "stage_instances": [],
+        "guild_scheduled_events": [],
+        "voice_states": [],
+        "presences": [],
+        "premium_tier": 0,
+        "preferred_locale": "en-US",
+        "nsfw_level": 0,
+        "mfa_level": 0,
+        "verification_level": 0,
+        "default_message_notifications": 0,
+        "explicit_content_filter": 0,
+        "afk_timeout": 300,
+        "system_channel_flags": 0,
+    }

@@ -7,146 +7,40 @@ so that a bot bug shows up as a failed test rather than passing silently.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from tests.fake_discord.gateway import Gateway
+from tests.fake_discord.interactions import InteractionBuilder
 from tests.fake_discord.limits import Clock, RateLimiter
 from tests.fake_discord.payloads import (
-    ATTACHMENT_OPTION,
-    EVERYONE_PERMISSIONS,
-    OPTION_TYPES,
-    SUB_COMMAND,
     Attachment,
     Channel,
     Guild,
     Member,
+    guild_payload,
     snowflake,
     user_payload,
+)
+from tests.fake_discord.records import (
+    DiscordError,
+    InteractionRecord,
+    Message,
+    check_limits,
+    checked_choices,
+    checked_modal,
 )
 
 API = "/api/v10"
 EPHEMERAL = 1 << 6
 ACK_WINDOW_SECONDS = 3.0
 TOKEN_LIFETIME_SECONDS = 15 * 60
-# https://discord.com/developers/docs/resources/message#embed-object-embed-limits
-LIMITS = {
-    "content": 2000,
-    "embeds": 10,
-    "files": 10,
-    "title": 256,
-    "description": 4096,
-    "fields": 25,
-    "field_name": 256,
-    "field_value": 1024,
-    "footer": 2048,
-    "author": 256,
-    "embed_total": 6000,
-}
 
 
-class DiscordError(Exception):
-    def __init__(self, status: int, code: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-@dataclass
-class Message:
-    id: int
-    content: str = ""
-    embeds: list[dict[str, Any]] = field(default_factory=list)
-    files: dict[str, bytes] = field(default_factory=dict)
-    components: list[dict[str, Any]] = field(default_factory=list)
-    ephemeral: bool = False
-    loading: bool = False
-    deleted: bool = False
-
-
-@dataclass
-class InteractionRecord:
-    id: int
-    token: str
-    created: float
-    original: Message | None = None
-    followups: list[Message] = field(default_factory=list)
-    choices: list[dict[str, Any]] | None = None
-    modal: dict[str, Any] | None = None
-    target: Message | None = None  # the message whose component was used
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def visible(self) -> list[Message]:
-        """What the user sees, in order: the original response, then followups."""
-        messages = [self.original] if self.original and not self.original.deleted else []
-        return messages + [m for m in self.followups if not m.deleted]
-
-    async def wait_for(self, done: Callable[[], bool], timeout: float = 60) -> None:
-        async with asyncio.timeout(timeout):
-            while not done():
-                self.changed.clear()
-                await self.changed.wait()
-
-    async def answered(self, timeout: float = 60) -> list[Message]:
-        """Wait until the user sees something that is not a 'thinking' placeholder."""
-        await self.wait_for(lambda: bool(self.visible) and not any(m.loading for m in self.visible), timeout)
-        return self.visible
-
-
-def _check_limits(payload: dict[str, Any], files: dict[str, bytes]) -> None:
-    problems = []
-    if len(payload.get("content") or "") > LIMITS["content"]:
-        problems.append("content: Must be 2000 or fewer in length.")
-    embeds = payload.get("embeds") or []
-    if len(embeds) > LIMITS["embeds"]:
-        problems.append("embeds: Must be 10 or fewer in length.")
-    if len(files) > LIMITS["files"]:
-        problems.append("files: Must be 10 or fewer.")
-    total = 0
-    for embed in embeds:
-        for key in ("title", "description"):
-            total += len(embed.get(key) or "")
-            if len(embed.get(key) or "") > LIMITS[key]:
-                problems.append(f"embeds.{key}: Must be {LIMITS[key]} or fewer in length.")
-        fields = embed.get("fields") or []
-        if len(fields) > LIMITS["fields"]:
-            problems.append("embeds.fields: Must be 25 or fewer in length.")
-        for item in fields:
-            total += len(item["name"]) + len(item["value"])
-            if not item["value"] or len(item["value"]) > LIMITS["field_value"]:
-                problems.append("embeds.fields.value: Must be between 1 and 1024 in length.")
-        total += len((embed.get("footer") or {}).get("text", "")) + len((embed.get("author") or {}).get("name", ""))
-    if total > LIMITS["embed_total"]:
-        problems.append("embeds: Embed size exceeds maximum size of 6000")
-    if not (payload.get("content") or embeds or files or payload.get("components")):
-        problems.append("Cannot send an empty message")
-    if problems:
-        raise DiscordError(400, 50035, "Invalid Form Body: " + "; ".join(problems))
-
-
-def _checked_choices(choices: Any) -> list[dict[str, Any]]:
-    if not isinstance(choices, list) or len(choices) > 25:
-        raise DiscordError(400, 50035, "Invalid Form Body: data.choices: Must be 25 or fewer in length.")
-    for choice in choices:
-        if not 1 <= len(str(choice.get("name", ""))) <= 100:
-            raise DiscordError(400, 50035, "Invalid Form Body: data.choices.name: Must be between 1 and 100 in length.")
-    return choices
-
-
-def _checked_modal(data: dict[str, Any]) -> dict[str, Any]:
-    if not data.get("custom_id") or not 1 <= len(data.get("title") or "") <= 45:
-        raise DiscordError(400, 50035, "Invalid Form Body: data.title: Must be between 1 and 45 in length.")
-    if not 1 <= len(data.get("components") or []) <= 5:
-        raise DiscordError(400, 50035, "Invalid Form Body: data.components: Must be between 1 and 5 in length.")
-    return data
-
-
-class FakeDiscord:
+class FakeDiscord(InteractionBuilder):
     def __init__(self) -> None:
         self.clock = Clock()
         self.limits = RateLimiter(self.clock)
@@ -248,48 +142,8 @@ class FakeDiscord:
         return user_payload(self.bot_user_id, "flamingo", bot=True) | {"verified": True, "flags": 0}
 
     def guild_payload(self, guild: Guild) -> dict[str, Any]:
-        everyone = {
-            "id": str(guild.id),
-            "name": "@everyone",
-            "permissions": str(EVERYONE_PERMISSIONS),
-            "position": 0,
-            "color": 0,
-            "hoist": False,
-            "managed": False,
-            "mentionable": False,
-            "flags": 0,
-        }
         bot_member = Member(self.bot_user_id, "flamingo").payload() | {"user": self.bot_user()}
-        return {
-            "id": str(guild.id),
-            "name": guild.name,
-            "icon": None,
-            "owner_id": str(guild.owner_id),
-            "roles": [everyone],
-            "channels": [c.payload() for c in guild.channels],
-            "members": [bot_member],
-            "member_count": len(guild.members) + 1,
-            "unavailable": False,
-            "large": False,
-            "joined_at": "2026-01-01T00:00:00+00:00",
-            "features": [],
-            "emojis": [],
-            "stickers": [],
-            "threads": [],
-            "stage_instances": [],
-            "guild_scheduled_events": [],
-            "voice_states": [],
-            "presences": [],
-            "premium_tier": 0,
-            "preferred_locale": "en-US",
-            "nsfw_level": 0,
-            "mfa_level": 0,
-            "verification_level": 0,
-            "default_message_notifications": 0,
-            "explicit_content_filter": 0,
-            "afk_timeout": 300,
-            "system_channel_flags": 0,
-        }
+        return guild_payload(guild, bot_member)
 
     async def send_interaction(self, payload: dict[str, Any]) -> InteractionRecord:
         """Deliver an interaction over the gateway, as Discord does when a user runs a command.
@@ -311,128 +165,6 @@ class FakeDiscord:
         attachment = Attachment(attachment_id, filename, data, content_type, url)
         self.attachments[attachment_id] = attachment
         return attachment
-
-    def command(self, name: str, guild: Guild | None) -> dict[str, Any]:
-        """A command the bot registered; users can only invoke those."""
-        candidates = (self.guild_commands.get(guild.id, []) if guild else []) + self.global_commands
-        for command in candidates:
-            if command["name"] == name:
-                return command
-        raise LookupError(f"the bot never registered /{name}")
-
-    def _options(self, options: dict[str, Any], resolved: dict[str, Any]) -> list[dict[str, Any]]:
-        given = []
-        for name, value in options.items():
-            if value is None:
-                continue
-            if isinstance(value, Attachment):
-                resolved.setdefault("attachments", {})[str(value.id)] = value.payload()
-                given.append({"name": name, "type": ATTACHMENT_OPTION, "value": str(value.id)})
-            else:
-                given.append({"name": name, "type": OPTION_TYPES[type(value)], "value": value})
-        return given
-
-    def _command_data(self, command_line: str, guild: Guild | None, options: list[dict[str, Any]]) -> dict[str, Any]:
-        root, *sub = command_line.split()
-        command = self.command(root, guild)
-        if sub:
-            options = [{"name": sub[0], "type": SUB_COMMAND, "options": options}]
-        data: dict[str, Any] = {"id": command["id"], "name": root, "type": command.get("type", 1), "options": options}
-        if "guild_id" in command:  # a guild command says where it is registered
-            data["guild_id"] = command["guild_id"]
-        return data
-
-    def _envelope(self, kind: int, data: dict[str, Any], member: Member, guild: Guild | None) -> dict[str, Any]:
-        """The fields every interaction carries, and a record of what the user will see."""
-        payload: dict[str, Any] = {
-            "id": str(snowflake()),
-            "application_id": str(self.application_id),
-            "type": kind,
-            "data": data,
-            "token": f"interaction-token-{snowflake()}",
-            "version": 1,
-            "locale": "en-US",
-            "app_permissions": str((1 << 31) - 1),
-            "entitlements": [],
-            "attachment_size_limit": 10 * 1024 * 1024,
-        }
-        if guild is not None:
-            channel = guild.channels[0]
-            payload |= {
-                "guild_id": str(guild.id),
-                "guild_locale": "en-US",
-                "channel_id": str(channel.id),
-                "channel": channel.payload(),
-                "member": member.payload(),
-                "authorizing_integration_owners": {"0": str(guild.id)},
-                "context": 0,
-            }
-        else:
-            channel = Channel(snowflake(), None)
-            payload |= {
-                "channel_id": str(channel.id),
-                "channel": channel.payload() | {"type": 1, "recipients": [user_payload(member.id, member.name)]},
-                "user": user_payload(member.id, member.name),
-                "authorizing_integration_owners": {"1": str(member.id)},
-                "context": 1,
-            }
-        self.interactions[payload["token"]] = InteractionRecord(int(payload["id"]), payload["token"], self.clock())
-        return payload
-
-    def interaction_payload(
-        self, command_line: str, member: Member, guild: Guild | None, **options: Any
-    ) -> dict[str, Any]:
-        """A slash command ``/command [subcommand]`` with the given option values."""
-        resolved: dict[str, Any] = {}
-        data = self._command_data(command_line, guild, self._options(options, resolved))
-        if resolved:
-            data["resolved"] = resolved
-        return self._envelope(2, data, member, guild)
-
-    def autocomplete_payload(
-        self, command_line: str, member: Member, guild: Guild | None, focused: str, **options: Any
-    ) -> dict[str, Any]:
-        """A user typing in option ``focused`` (its partial text as a string, as Discord sends it)."""
-        given = self._options(options, {})
-        for option in given:
-            if option["name"] == focused:
-                option["focused"] = True
-                option["value"] = str(option["value"])
-        return self._envelope(4, self._command_data(command_line, guild, given), member, guild)
-
-    def context_menu_payload(
-        self, name: str, member: Member, guild: Guild | None, message: dict[str, Any]
-    ) -> dict[str, Any]:
-        """A message context menu command on ``message`` (a message object as Discord sends it)."""
-        data = self._command_data(name, guild, []) | {
-            "type": 3,
-            "target_id": message["id"],
-            "resolved": {"messages": {message["id"]: message}},
-        }
-        data.pop("options")
-        return self._envelope(2, data, member, guild)
-
-    def component_payload(
-        self, message: Message, custom_id: str, member: Member, guild: Guild | None, component_type: int = 2
-    ) -> dict[str, Any]:
-        """A click on a button (or a select) of one of the bot's messages."""
-        data = {"custom_id": custom_id, "component_type": component_type}
-        payload = self._envelope(3, data, member, guild)
-        payload["message"] = self.message_json(message)
-        self.record(payload).target = message
-        return payload
-
-    def modal_payload(
-        self, custom_id: str, values: dict[str, str], member: Member, guild: Guild | None
-    ) -> dict[str, Any]:
-        """A submitted modal: one text input per row, as Discord sends them."""
-        rows = [
-            {"type": 1, "components": [{"type": 4, "custom_id": key, "value": value}]} for key, value in values.items()
-        ]
-        return self._envelope(5, {"custom_id": custom_id, "components": rows}, member, guild)
-
-    def record(self, payload: dict[str, Any]) -> InteractionRecord:
-        return self.interactions[payload["token"]]
 
     # Bot routes
 
@@ -549,7 +281,7 @@ class FakeDiscord:
 
     @staticmethod
     def _apply(message: Message, payload: dict[str, Any], files: dict[str, bytes]) -> None:
-        _check_limits(payload | {"content": payload.get("content", message.content)}, files or message.files)
+        check_limits(payload | {"content": payload.get("content", message.content)}, files or message.files)
         if "content" in payload:
             message.content = payload["content"] or ""
         if "embeds" in payload:
@@ -576,9 +308,9 @@ class FakeDiscord:
             if kind == 7:
                 self._apply(message, data, files)
         elif kind == 8:
-            record.choices = _checked_choices(data.get("choices"))
+            record.choices = checked_choices(data.get("choices"))
         elif kind == 9:
-            record.modal = _checked_modal(data)
+            record.modal = checked_modal(data)
         else:
             raise DiscordError(400, 50035, f"Invalid Form Body: callback type {kind} does not fit this interaction")
         if kind in (4, 5, 6, 7):

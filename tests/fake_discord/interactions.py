@@ -1,0 +1,152 @@
+"""INTERACTION_CREATE payloads as Discord builds them when a user acts, for the stand-in's tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tests.fake_discord.payloads import (
+    ATTACHMENT_OPTION,
+    OPTION_TYPES,
+    SUB_COMMAND,
+    Attachment,
+    Channel,
+    Guild,
+    Member,
+    snowflake,
+    user_payload,
+)
+from tests.fake_discord.records import InteractionRecord, Message
+
+
+class InteractionBuilder:
+    """Builds payloads for commands the bot registered; each one opens a record of what the user sees."""
+
+    application_id: int
+    global_commands: list[dict[str, Any]]
+    guild_commands: dict[int, list[dict[str, Any]]]
+    interactions: dict[str, InteractionRecord]
+    clock: Callable[[], float]
+    message_json: Callable[[Message], dict[str, Any]]
+
+    def record(self, payload: dict[str, Any]) -> InteractionRecord:
+        return self.interactions[payload["token"]]
+
+    def command(self, name: str, guild: Guild | None) -> dict[str, Any]:
+        """A command the bot registered; users can only invoke those."""
+        candidates = (self.guild_commands.get(guild.id, []) if guild else []) + self.global_commands
+        for command in candidates:
+            if command["name"] == name:
+                return command
+        raise LookupError(f"the bot never registered /{name}")
+
+    def _options(self, options: dict[str, Any], resolved: dict[str, Any]) -> list[dict[str, Any]]:
+        given = []
+        for name, value in options.items():
+            if value is None:
+                continue
+            if isinstance(value, Attachment):
+                resolved.setdefault("attachments", {})[str(value.id)] = value.payload()
+                given.append({"name": name, "type": ATTACHMENT_OPTION, "value": str(value.id)})
+            else:
+                given.append({"name": name, "type": OPTION_TYPES[type(value)], "value": value})
+        return given
+
+    def _command_data(self, command_line: str, guild: Guild | None, options: list[dict[str, Any]]) -> dict[str, Any]:
+        root, *sub = command_line.split()
+        command = self.command(root, guild)
+        if sub:
+            options = [{"name": sub[0], "type": SUB_COMMAND, "options": options}]
+        data: dict[str, Any] = {"id": command["id"], "name": root, "type": command.get("type", 1), "options": options}
+        if "guild_id" in command:  # a guild command says where it is registered
+            data["guild_id"] = command["guild_id"]
+        return data
+
+    def _envelope(self, kind: int, data: dict[str, Any], member: Member, guild: Guild | None) -> dict[str, Any]:
+        """The fields every interaction carries, and a record of what the user will see."""
+        payload: dict[str, Any] = {
+            "id": str(snowflake()),
+            "application_id": str(self.application_id),
+            "type": kind,
+            "data": data,
+            "token": f"interaction-token-{snowflake()}",
+            "version": 1,
+            "locale": "en-US",
+            "app_permissions": str((1 << 31) - 1),
+            "entitlements": [],
+            "attachment_size_limit": 10 * 1024 * 1024,
+        }
+        if guild is not None:
+            channel = guild.channels[0]
+            payload |= {
+                "guild_id": str(guild.id),
+                "guild_locale": "en-US",
+                "channel_id": str(channel.id),
+                "channel": channel.payload(),
+                "member": member.payload(),
+                "authorizing_integration_owners": {"0": str(guild.id)},
+                "context": 0,
+            }
+        else:
+            channel = Channel(snowflake(), None)
+            payload |= {
+                "channel_id": str(channel.id),
+                "channel": channel.payload() | {"type": 1, "recipients": [user_payload(member.id, member.name)]},
+                "user": user_payload(member.id, member.name),
+                "authorizing_integration_owners": {"1": str(member.id)},
+                "context": 1,
+            }
+        self.interactions[payload["token"]] = InteractionRecord(int(payload["id"]), payload["token"], self.clock())
+        return payload
+
+    def interaction_payload(
+        self, command_line: str, member: Member, guild: Guild | None, **options: Any
+    ) -> dict[str, Any]:
+        """A slash command ``/command [subcommand]`` with the given option values."""
+        resolved: dict[str, Any] = {}
+        data = self._command_data(command_line, guild, self._options(options, resolved))
+        if resolved:
+            data["resolved"] = resolved
+        return self._envelope(2, data, member, guild)
+
+    def autocomplete_payload(
+        self, command_line: str, member: Member, guild: Guild | None, focused: str, **options: Any
+    ) -> dict[str, Any]:
+        """A user typing in option ``focused`` (its partial text as a string, as Discord sends it)."""
+        given = self._options(options, {})
+        for option in given:
+            if option["name"] == focused:
+                option["focused"] = True
+                option["value"] = str(option["value"])
+        return self._envelope(4, self._command_data(command_line, guild, given), member, guild)
+
+    def context_menu_payload(
+        self, name: str, member: Member, guild: Guild | None, message: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A message context menu command on ``message`` (a message object as Discord sends it)."""
+        data = self._command_data(name, guild, []) | {
+            "type": 3,
+            "target_id": message["id"],
+            "resolved": {"messages": {message["id"]: message}},
+        }
+        data.pop("options")
+        return self._envelope(2, data, member, guild)
+
+    def component_payload(
+        self, message: Message, custom_id: str, member: Member, guild: Guild | None, component_type: int = 2
+    ) -> dict[str, Any]:
+        """A click on a button (or a select) of one of the bot's messages."""
+        data = {"custom_id": custom_id, "component_type": component_type}
+        payload = self._envelope(3, data, member, guild)
+        payload["message"] = self.message_json(message)
+        self.record(payload).target = message
+        return payload
+
+    def modal_payload(
+        self, custom_id: str, values: dict[str, str], member: Member, guild: Guild | None
+    ) -> dict[str, Any]:
+        """A submitted modal: one text input per row, as Discord sends them."""
+        rows = [
+            {"type": 1, "components": [{"type": 4, "custom_id": key, "value": value}]} for key, value in values.items()
+        ]
+        return self._envelope(5, {"custom_id": custom_id, "components": rows}, member, guild)
