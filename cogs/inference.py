@@ -10,9 +10,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, clip, defer_publicly
 from core.engine import Answer
+from core.errors import BadImage
 from core.generation import GenerationParams, generation_kwargs
 from core.images import check_file_size, encode_for_storage, load_image
 
@@ -38,6 +40,7 @@ def answer_message(user: discord.abc.User, prompt: str, task: str, answer: Answe
 class Inference(commands.Cog):
     def __init__(self, bot: FlamingoBot) -> None:
         self.bot = bot
+        self._describe_menu = app_commands.ContextMenu(name="Describe image", callback=self.describe_image)
 
     @app_commands.command(description="Ask OpenFlamingo about an image.")
     @app_commands.describe(
@@ -55,6 +58,7 @@ class Inference(commands.Cog):
         length_penalty="Beam search preference for longer answers (needs num_beams > 1)",
         no_repeat_ngram_size="Never repeat a sequence of this many tokens",
     )
+    @app_commands.autocomplete(task=task_names)
     async def comprehend(
         self,
         interaction: discord.Interaction,
@@ -92,15 +96,46 @@ class Inference(commands.Cog):
         if prompt is not None:
             self.bot.service.engine.check_text(prompt, 1)
 
+        await self._answer(interaction, image, prompt, task, params)
+
+    async def describe_image(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        """The message menu's "Describe image": the server's default task on the message's first image.
+
+        Only attachments are read: fetching links from a message would let anyone make the bot
+        request any address.
+        """
+        self.bot.track(asyncio.current_task())  # type: ignore[arg-type]
+        images = [a for a in message.attachments if (a.content_type or "").startswith("image/")]
+        if not images:
+            raise BadImage("That message has no attached image; I only read attached images, not links.")
+        check_file_size(images[0].size, self.bot.settings.images)
+        await self._answer(interaction, images[0], None, None, GenerationParams())
+
+    async def _answer(
+        self,
+        interaction: discord.Interaction,
+        image: discord.Attachment,
+        prompt: str | None,
+        task: str | None,
+        params: GenerationParams,
+    ) -> None:
+        settings = self.bot.settings
         await defer_publicly(interaction)
         chosen = await self.bot.library.resolve(interaction.guild_id, task)
         text = prompt if prompt is not None else chosen.prompt_template
         picture = await asyncio.to_thread(load_image, await image.read(), settings.images)
         if settings.logging.log_prompts:
-            log.info("/comprehend by %s in %s: %r", interaction.user.id, interaction.guild_id, text)
+            log.info("request by %s in %s: %r", interaction.user.id, interaction.guild_id, text)
         answer = await self.bot.service.answer([picture], text, chosen, params)
         shown = await asyncio.to_thread(encode_for_storage, picture)
         await interaction.edit_original_response(**answer_message(interaction.user, text, chosen.name, answer, shown))
+
+    async def cog_load(self) -> None:
+        # Context menus cannot be cog methods: added here and removed on unload, so reloads work.
+        self.bot.tree.add_command(self._describe_menu)
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self._describe_menu.name, type=self._describe_menu.type)
 
 
 async def setup(bot: FlamingoBot) -> None:

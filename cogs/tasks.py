@@ -11,6 +11,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.checks import ManageServerGroup
 from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, clip
@@ -75,6 +76,7 @@ class Tasks(commands.Cog):
 
     @browse.command(name="show", description="A task's prompt and examples")
     @app_commands.describe(task="The task's name")
+    @app_commands.autocomplete(task=task_names)
     async def show(self, interaction: discord.Interaction, task: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         details = await self.library.details(interaction.guild_id, task)
@@ -92,6 +94,7 @@ class Tasks(commands.Cog):
 
     @manage.command(name="add-example", description="Add an image and its text to a task")
     @app_commands.describe(task="The task", image="The example's picture", text="The example's text, with one <image>")
+    @app_commands.autocomplete(task=task_names)
     async def add_example(
         self, interaction: discord.Interaction, task: str, image: discord.Attachment, text: str
     ) -> None:
@@ -101,22 +104,26 @@ class Tasks(commands.Cog):
         await interaction.followup.send(f"Added example {position} to **{task}**.", ephemeral=True)
 
     @manage.command(name="edit-example", description="Change the text of an example")
+    @app_commands.autocomplete(task=task_names)
     async def edit_example(self, interaction: discord.Interaction, task: str, position: int, text: str) -> None:
         await self.library.edit_example(interaction.guild_id, task, position, text)
         await self._done(interaction, f"Changed example {position} of **{task}**.")
 
     @manage.command(name="remove-example", description="Remove an example; later ones move up")
+    @app_commands.autocomplete(task=task_names)
     async def remove_example(self, interaction: discord.Interaction, task: str, position: int) -> None:
         await self.library.remove_example(interaction.guild_id, task, position)
         await self._done(interaction, f"Removed example {position} from **{task}**.")
 
     @manage.command(name="move-example", description="Move an example to another position")
     @app_commands.describe(position="Where it is now", to="Where it should be")
+    @app_commands.autocomplete(task=task_names)
     async def move_example(self, interaction: discord.Interaction, task: str, position: int, to: int) -> None:
         await self.library.move_example(interaction.guild_id, task, position, to)
         await self._done(interaction, f"Moved example {position} of **{task}** to position {to}.")
 
     @manage.command(description="Change a task's description or prompt template")
+    @app_commands.autocomplete(task=task_names)
     async def edit(
         self, interaction: discord.Interaction, task: str, description: str | None = None, template: str | None = None
     ) -> None:
@@ -124,16 +131,19 @@ class Tasks(commands.Cog):
         await self._done(interaction, f"Updated **{task}**.")
 
     @manage.command(description="Rename a task")
+    @app_commands.autocomplete(task=task_names)
     async def rename(self, interaction: discord.Interaction, task: str, new_name: str) -> None:
         renamed = await self.library.rename(interaction.guild_id, task, new_name)
         await self._done(interaction, f"Renamed **{task}** to **{renamed}**.")
 
     @manage.command(description="Delete a task and its examples")
+    @app_commands.autocomplete(task=task_names)
     async def delete(self, interaction: discord.Interaction, task: str) -> None:
         deleted = await self.library.delete(interaction.guild_id, task)
         await self._done(interaction, f"Deleted **{deleted}**.")
 
     @manage.command(description="Copy a task (built-in or this server's) under a new name, to edit it")
+    @app_commands.autocomplete(task=task_names)
     async def copy(self, interaction: discord.Interaction, task: str, new_name: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         copied = await self.library.copy(interaction.guild_id, task, new_name, interaction.user.id)
@@ -141,6 +151,7 @@ class Tasks(commands.Cog):
 
     @manage.command(name="set-default", description="The task /comprehend uses when none is given")
     @app_commands.describe(task="Leave empty to go back to caption")
+    @app_commands.autocomplete(task=task_names)
     async def set_default(self, interaction: discord.Interaction, task: str | None = None) -> None:
         chosen = await self.library.set_default(interaction.guild_id, task)
         shown = chosen or await self.library.default_task_name(interaction.guild_id)

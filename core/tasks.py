@@ -79,6 +79,14 @@ class TaskLibrary:
         stored = await self.store.list_tasks(guild_id) if guild_id is not None else []
         return builtins + [TaskInfo(s.name, s.description, s.example_count, builtin=False) for s in stored]
 
+    async def names_like(self, guild_id: int | None, typed: str, limit: int = 25) -> list[str]:
+        """Task names containing what was typed (those starting with it first): for autocomplete."""
+        typed = typed.strip().lower()
+        names = [task.name for task in await self.list_tasks(guild_id)]
+        matching = [name for name in names if typed in name.lower()]
+        matching.sort(key=lambda name: (not name.lower().startswith(typed), name.lower()))
+        return matching[:limit]
+
     async def default_task_name(self, guild_id: int | None) -> str:
         chosen = await self.store.get_default_task(guild_id) if guild_id is not None else None
         return chosen or DEFAULT_TASK

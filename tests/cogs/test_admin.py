@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import discord
+
 from tests.cogs.test_inference import photo
 
 
@@ -47,6 +49,8 @@ async def test_reload_keeps_the_model_service_and_the_database(world):
     assert reply.content == "Reloaded cogs.inference, cogs.tasks, cogs.admin."
     assert world.bot.service is service and world.bot.store is store and world.bot.library is library
     assert all(world.bot.cogs[name] is not cog for name, cog in old_cogs.items())
+    menu = world.bot.tree.get_command("Describe image", type=discord.AppCommandType.message)
+    assert menu is not None and menu.callback.__self__ is world.bot.cogs["Inference"]
     answer = (await world.reply("comprehend", image=photo(world), max_new_tokens=3))[0]
     assert answer.embeds[0]["footer"]["text"].startswith("task: caption")
     created = await world.reply("manage-tasks create", member=world.moderator, name="after", template="<image>Q:")

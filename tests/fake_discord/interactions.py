@@ -123,13 +123,20 @@ class InteractionBuilder:
     def context_menu_payload(
         self, name: str, member: Member, guild: Guild | None, message: dict[str, Any]
     ) -> dict[str, Any]:
-        """A message context menu command on ``message`` (a message object as Discord sends it)."""
-        data = self._command_data(name, guild, []) | {
+        """A message context menu command on ``message`` (a message object as Discord sends it).
+
+        Menu names may contain spaces, so the name is looked up whole.
+        """
+        command = self.command(name, guild)
+        data = {
+            "id": command["id"],
+            "name": name,
             "type": 3,
             "target_id": message["id"],
             "resolved": {"messages": {message["id"]: message}},
         }
-        data.pop("options")
+        if "guild_id" in command:
+            data["guild_id"] = command["guild_id"]
         return self._envelope(2, data, member, guild)
 
     def component_payload(

@@ -1,0 +1,69 @@
+"""Autocomplete of task names and the message menu's Describe image, through the real bot process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.e2e.conftest import E2E
+from tests.fake_discord.server import Message
+
+pytestmark = E2E
+
+
+async def _choices(scene, command: str, typed: str, **options) -> list[str]:
+    payload = scene.discord.autocomplete_payload(command, scene.reader, scene.guild, "task", task=typed, **options)
+    record = await scene.discord.send_interaction(payload)
+    await record.wait_for(lambda: record.choices is not None, timeout=30)
+    return [choice["name"] for choice in record.choices]
+
+
+@pytest.mark.autocomplete
+async def test_task_names_are_completed_as_the_user_types(scene):
+    await scene.ask("manage-tasks create", scene.moderator, name="cats", template="<image>Cat:")
+    await scene.ask("manage-tasks create", scene.moderator, name="scary", template="<image>Boo:")
+    assert await _choices(scene, "comprehend", "ca") == ["caption", "cats", "scary"]
+    assert await _choices(scene, "tasks show", "") == ["caption", "cats", "scary", "vqa"]
+    assert await _choices(scene, "manage-tasks delete", "VQ") == ["vqa"]
+
+
+@pytest.mark.autocomplete
+async def test_at_most_twenty_five_choices_are_offered(scene):
+    await asyncio.gather(
+        *(
+            scene.ask("manage-tasks create", scene.moderator, name=f"task-{i:02d}", template="<image>X:")
+            for i in range(30)
+        )
+    )
+    choices = await _choices(scene, "comprehend", "task-")
+    assert choices == [f"task-{i:02d}" for i in range(25)]
+
+
+def _message_with(scene, attachments) -> dict:
+    message = scene.discord.message_json(Message(987654321, content="look at this"))
+    message["attachments"] = [attachment.payload() for attachment in attachments]
+    return message
+
+
+@pytest.mark.context_menu
+async def test_describe_image_answers_about_the_messages_attachment(scene):
+    payload = scene.discord.context_menu_payload(
+        "Describe image", scene.reader, scene.guild, _message_with(scene, [scene.photo("coffee")])
+    )
+    reply = (await (await scene.discord.send_interaction(payload)).answered())[0]
+    assert not reply.ephemeral
+    assert reply.embeds[0]["footer"]["text"].startswith("task: caption · ")
+    assert reply.files["image.jpg"].startswith(b"\xff\xd8")
+
+
+@pytest.mark.context_menu
+async def test_describe_image_on_a_message_without_images_says_so_privately(scene):
+    text_file = scene.discord.upload("notes.txt", b"hello", "text/plain")
+    payload = scene.discord.context_menu_payload(
+        "Describe image", scene.reader, scene.guild, _message_with(scene, [text_file])
+    )
+    seen = await (await scene.discord.send_interaction(payload)).answered()
+    assert [(m.content, m.ephemeral) for m in seen] == [
+        ("That message has no attached image; I only read attached images, not links.", True)
+    ]
