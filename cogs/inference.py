@@ -14,7 +14,7 @@ from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, clip, defer_publicly
 from core.engine import Answer
-from core.errors import BadImage
+from core.errors import BadImage, BadPrompt
 from core.generation import GenerationParams, generation_kwargs
 from core.images import check_file_size, encode_for_storage, load_image
 
@@ -23,15 +23,16 @@ log = logging.getLogger(__name__)
 _ANSWER_COLOUR = discord.Colour.from_rgb(232, 93, 117)
 
 
-def answer_message(user: discord.abc.User, prompt: str, task: str, answer: Answer, image: bytes) -> dict:
-    """The reply: the answer as an embed under the user's image; a long answer also as a file."""
+def answer_message(user: discord.abc.User, prompt: str, task: str, answer: Answer, images: list[bytes]) -> dict:
+    """The reply: the answer as an embed under the user's (first) image; a long answer also as a file."""
     text = answer.text or "*(the model gave an empty answer)*"
     embed = discord.Embed(description=clip(text, EMBED_DESCRIPTION_LIMIT), colour=_ANSWER_COLOUR)
     embed.set_author(name=f"{user.display_name} asked", icon_url=user.display_avatar.url)
     embed.add_field(name="Prompt", value=clip(discord.utils.escape_markdown(prompt), EMBED_FIELD_LIMIT), inline=False)
     embed.set_image(url="attachment://image.jpg")
     embed.set_footer(text=f"task: {task} · {len(answer.token_ids)} tokens · {answer.seconds:.1f} s")
-    files = [discord.File(io.BytesIO(image), filename="image.jpg")]
+    names = ["image.jpg"] + [f"image-{n}.jpg" for n in range(2, len(images) + 1)]
+    files = [discord.File(io.BytesIO(data), filename=name) for data, name in zip(images, names, strict=True)]
     if len(text) > EMBED_DESCRIPTION_LIMIT:
         files.append(discord.File(io.BytesIO(answer.text.encode()), filename="answer.txt"))
     return {"embed": embed, "attachments": files}
@@ -45,6 +46,9 @@ class Inference(commands.Cog):
     @app_commands.command(description="Ask OpenFlamingo about an image.")
     @app_commands.describe(
         image="The picture to read",
+        image2="A second picture, for the second <image> of your prompt",
+        image3="A third picture",
+        image4="A fourth picture",
         prompt="Your text, with <image> where the picture is read (default: the task's prompt)",
         task="Whose examples guide the answer (default: this server's default task, else caption)",
         max_new_tokens="Longest answer, in tokens",
@@ -63,6 +67,9 @@ class Inference(commands.Cog):
         self,
         interaction: discord.Interaction,
         image: discord.Attachment,
+        image2: discord.Attachment | None = None,
+        image3: discord.Attachment | None = None,
+        image4: discord.Attachment | None = None,
         prompt: str | None = None,
         task: str | None = None,
         max_new_tokens: int | None = None,
@@ -92,11 +99,20 @@ class Inference(commands.Cog):
         )
         # Refusals that need no download and no model are given at once, privately.
         generation_kwargs(params, settings.generation)
-        check_file_size(image.size, settings.images)
+        images = [a for a in (image, image2, image3, image4) if a is not None]
+        if len(images) > settings.images.max_per_request:
+            raise BadImage(f"At most {settings.images.max_per_request} images can be read at once.")
+        for attachment in images:
+            check_file_size(attachment.size, settings.images)
+        if prompt is None and len(images) > 1:
+            raise BadPrompt(
+                f"With {len(images)} images, write a prompt with one `<image>` for each, in order, "
+                f"e.g. `{'<image>' * len(images)}Output:`."
+            )
         if prompt is not None:
-            self.bot.service.engine.check_text(prompt, 1)
+            self.bot.service.engine.check_text(prompt, len(images))
 
-        await self._answer(interaction, image, prompt, task, params)
+        await self._answer(interaction, images, prompt, task, params)
 
     async def describe_image(self, interaction: discord.Interaction, message: discord.Message) -> None:
         """The message menu's "Describe image": the server's default task on the message's first image.
@@ -109,12 +125,12 @@ class Inference(commands.Cog):
         if not images:
             raise BadImage("That message has no attached image; I only read attached images, not links.")
         check_file_size(images[0].size, self.bot.settings.images)
-        await self._answer(interaction, images[0], None, None, GenerationParams())
+        await self._answer(interaction, images[:1], None, None, GenerationParams())
 
     async def _answer(
         self,
         interaction: discord.Interaction,
-        image: discord.Attachment,
+        attachments: list[discord.Attachment],
         prompt: str | None,
         task: str | None,
         params: GenerationParams,
@@ -123,11 +139,11 @@ class Inference(commands.Cog):
         await defer_publicly(interaction)
         chosen = await self.bot.library.resolve(interaction.guild_id, task)
         text = prompt if prompt is not None else chosen.prompt_template
-        picture = await asyncio.to_thread(load_image, await image.read(), settings.images)
+        pictures = [await asyncio.to_thread(load_image, await a.read(), settings.images) for a in attachments]
         if settings.logging.log_prompts:
             log.info("request by %s in %s: %r", interaction.user.id, interaction.guild_id, text)
-        answer = await self.bot.service.answer([picture], text, chosen, params)
-        shown = await asyncio.to_thread(encode_for_storage, picture)
+        answer = await self.bot.service.answer(pictures, text, chosen, params)
+        shown = [await asyncio.to_thread(encode_for_storage, picture) for picture in pictures]
         await interaction.edit_original_response(**answer_message(interaction.user, text, chosen.name, answer, shown))
 
     async def cog_load(self) -> None:

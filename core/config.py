@@ -40,6 +40,7 @@ class ImageSettings(BaseModel):
     max_bytes: int = Field(25 * 1024 * 1024, gt=0)
     max_pixels: int = Field(40_000_000, gt=0)
     max_side_kept: int = Field(1024, ge=224, description="Larger images are scaled down to this short side.")
+    max_per_request: int = Field(4, ge=1, le=4, description="Images one /comprehend may read (Discord offers 4).")
 
 
 class PromptSettings(BaseModel):

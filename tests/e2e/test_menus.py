@@ -67,3 +67,26 @@ async def test_describe_image_on_a_message_without_images_says_so_privately(scen
     assert [(m.content, m.ephemeral) for m in seen] == [
         ("That message has no attached image; I only read attached images, not links.", True)
     ]
+
+
+@pytest.mark.multi_image
+async def test_several_images_are_read_in_order(scene):
+    images = {"image": scene.photo("chelsea"), "image2": scene.photo("coffee"), "image3": scene.photo("rocket")}
+    reply = (
+        await scene.ask("comprehend", prompt="<image>A cat. <image>A cup. <image>Output:", max_new_tokens=3, **images)
+    )[0]
+    assert not reply.ephemeral
+    assert sorted(reply.files) == ["image-2.jpg", "image-3.jpg", "image.jpg"]
+    assert reply.embeds[0]["image"]["url"] == "attachment://image.jpg"
+
+
+@pytest.mark.multi_image
+async def test_image_and_marker_counts_must_match(scene):
+    two = {"image": scene.photo("chelsea"), "image2": scene.photo("coffee")}
+    no_prompt = await scene.ask("comprehend", **two)
+    assert [(m.content, m.ephemeral) for m in no_prompt] == [
+        ("With 2 images, write a prompt with one `<image>` for each, in order, e.g. `<image><image>Output:`.", True)
+    ]
+    mismatch = await scene.ask("comprehend", prompt="<image>Output:", **two)
+    assert mismatch[0].ephemeral
+    assert mismatch[0].content.startswith("The prompt has 1 <image> marker but 2 images were given")
