@@ -91,6 +91,8 @@ class DiscordSettings(BaseModel):
     admin_guild_id: int | None = Field(None, description="The only guild that sees the owner's admin commands.")
     sync_commands_on_start: bool = True
     api_base_url: str = "https://discord.com/api/v10"
+    privacy_url: str | None = Field(None, description="Shown by /help when set.")
+    terms_url: str | None = Field(None, description="Shown by /help when set.")
     gateway_url: str = Field("wss://gateway.discord.gg/", description="Also used after a session is invalidated.")
 
 

@@ -90,3 +90,15 @@ async def test_image_and_marker_counts_must_match(scene):
     mismatch = await scene.ask("comprehend", prompt="<image>Output:", **two)
     assert mismatch[0].ephemeral
     assert mismatch[0].content.startswith("The prompt has 1 <image> marker but 2 images were given")
+
+
+@pytest.mark.help
+async def test_help_explains_the_bot_and_shows_this_servers_default(scene):
+    await scene.ask("manage-tasks create", scene.moderator, name="birds", template="<image>Bird:")
+    await scene.ask("manage-tasks set-default", scene.moderator, task="birds")
+    reply = (await scene.ask("help"))[0]
+    assert reply.ephemeral
+    fields = {field["name"]: field["value"] for field in reply.embeds[0]["fields"]}
+    assert "`/comprehend image:<your picture>`" in fields["Ask"]
+    assert fields["This server"] == "Default task: **birds** · 3 tasks"
+    assert "About" not in fields

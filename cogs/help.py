@@ -1,0 +1,64 @@
+"""``/help``: what the bot does and how to ask it, short enough to read in Discord."""
+
+from __future__ import annotations
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs.utils.bot import FlamingoBot
+
+_COLOUR = discord.Colour.blurple()
+
+
+def help_embed(default_task: str, task_count: int, privacy_url: str | None, terms_url: str | None) -> discord.Embed:
+    embed = discord.Embed(
+        title="flamingo-bot",
+        description=(
+            "I answer questions about images with OpenFlamingo, guided by a **task**: example images with "
+            "texts that show the model what kind of answer you want."
+        ),
+        colour=_COLOUR,
+    )
+    embed.add_field(
+        name="Ask",
+        value=(
+            "`/comprehend image:<your picture>` describes it with this server's default task.\n"
+            "Write your own prompt with `<image>` where the picture is read, for example "
+            "`<image>Question: What is the cat doing? Short answer:` with `task:vqa`.\n"
+            "Several pictures: attach `image2`…`image4` and put one `<image>` for each, in order.\n"
+            "Or use **Apps → Describe image** on any message with an attached picture."
+        ),
+        inline=False,
+    )
+    embed.add_field(
+        name="Tasks",
+        value=(
+            "`/tasks list` and `/tasks show` browse them. Members with Manage Server build this server's "
+            "own with `/manage-tasks` (create, add-example, copy a built-in, set-default, …)."
+        ),
+        inline=False,
+    )
+    embed.add_field(name="This server", value=f"Default task: **{default_task}** · {task_count} tasks", inline=False)
+    links = [f"[Privacy policy]({privacy_url})" if privacy_url else "", f"[Terms]({terms_url})" if terms_url else ""]
+    if any(links):
+        embed.add_field(name="About", value=" · ".join(link for link in links if link), inline=False)
+    return embed
+
+
+class Help(commands.Cog):
+    def __init__(self, bot: FlamingoBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="help", description="What this bot does and how to ask it")
+    async def help_command(self, interaction: discord.Interaction) -> None:
+        library = self.bot.library
+        default = await library.default_task_name(interaction.guild_id)
+        tasks = await library.list_tasks(interaction.guild_id)
+        discord_settings = self.bot.settings.discord
+        embed = help_embed(default, len(tasks), discord_settings.privacy_url, discord_settings.terms_url)
+        await interaction.response.send_message(embed=embed, ephemeral=True)
+
+
+async def setup(bot: FlamingoBot) -> None:
+    await bot.add_cog(Help(bot))
