@@ -136,15 +136,17 @@ class Inference(commands.Cog):
         params: GenerationParams,
     ) -> None:
         settings = self.bot.settings
-        await defer_publicly(interaction)
-        chosen = await self.bot.library.resolve(interaction.guild_id, task)
-        text = prompt if prompt is not None else chosen.prompt_template
-        pictures = [await asyncio.to_thread(load_image, await a.read(), settings.images) for a in attachments]
-        if settings.logging.log_prompts:
-            log.info("request by %s in %s: %r", interaction.user.id, interaction.guild_id, text)
-        answer = await self.bot.service.answer(pictures, text, chosen, params)
-        shown = [await asyncio.to_thread(encode_for_storage, picture) for picture in pictures]
-        await interaction.edit_original_response(**answer_message(interaction.user, text, chosen.name, answer, shown))
+        with self.bot.quotas.admit(interaction.guild_id, interaction.user.id):
+            await defer_publicly(interaction)
+            chosen = await self.bot.library.resolve(interaction.guild_id, task)
+            text = prompt if prompt is not None else chosen.prompt_template
+            pictures = [await asyncio.to_thread(load_image, await a.read(), settings.images) for a in attachments]
+            if settings.logging.log_prompts:
+                log.info("request by %s in %s: %r", interaction.user.id, interaction.guild_id, text)
+            answer = await self.bot.service.answer(pictures, text, chosen, params)
+            shown = [await asyncio.to_thread(encode_for_storage, picture) for picture in pictures]
+        message = answer_message(interaction.user, text, chosen.name, answer, shown)
+        await interaction.edit_original_response(**message)
 
     async def cog_load(self) -> None:
         # Context menus cannot be cog methods: added here and removed on unload, so reloads work.

@@ -86,6 +86,13 @@ class ServiceSettings(BaseModel):
     image_cache_mb: int = Field(256, ge=0, description="Image features by content hash.")
 
 
+class QuotaSettings(BaseModel):
+    user_cooldown_seconds: float = Field(10.0, ge=0)
+    guild_in_flight: int = Field(8, gt=0, description="Requests of one guild being answered or waiting.")
+    guild_per_period: int = Field(120, gt=0)
+    period_seconds: float = Field(3600.0, gt=0)
+
+
 class DiscordSettings(BaseModel):
     owner_ids: list[int] = Field(default_factory=list, description="Empty: the application's owner or team.")
     admin_guild_id: int | None = Field(None, description="The only guild that sees the owner's admin commands.")
@@ -146,6 +153,7 @@ class Settings(BaseSettings):
     service: ServiceSettings = ServiceSettings()
     discord: DiscordSettings = DiscordSettings()
     limits: LimitSettings = LimitSettings()
+    quotas: QuotaSettings = QuotaSettings()
     storage: StorageSettings = StorageSettings()
     logging: LoggingSettings = LoggingSettings()
     data_dir: Path = PROJECT_ROOT / "data"

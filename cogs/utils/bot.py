@@ -19,6 +19,7 @@ from discord.gateway import DiscordWebSocket
 from cogs.utils.errors import reply_with_error
 from core.builtin_tasks import load_builtin_tasks
 from core.config import Settings
+from core.quotas import RequestQuotas
 from core.service import InferenceService, start_service
 from core.store import TaskStore
 from core.tasks import TaskLibrary
@@ -49,6 +50,7 @@ class FlamingoBot(commands.Bot):
     service: InferenceService
     store: TaskStore
     library: TaskLibrary
+    quotas: RequestQuotas
 
     def __init__(self, settings: Settings, service: InferenceService | None = None) -> None:
         # Both are needed: REST routes come from Route.BASE, while an unsharded bot connects (and
@@ -77,6 +79,7 @@ class FlamingoBot(commands.Bot):
         self.store = await TaskStore.open(self.settings.storage.database_path)
         builtins = await asyncio.to_thread(load_builtin_tasks, self.settings.data_dir, self.settings.images)
         self.library = TaskLibrary(self.store, builtins, self.service.engine, self.settings)
+        self.quotas = RequestQuotas(self.settings.quotas)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         if self.settings.discord.sync_commands_on_start:

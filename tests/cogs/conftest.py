@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cogs.utils.bot import FlamingoBot
-from core.config import DiscordSettings, StorageSettings
+from core.config import DiscordSettings, QuotaSettings, StorageSettings
 from core.service import InferenceService
 from tests.conftest import tiny_settings
 from tests.fake_discord.payloads import MANAGE_GUILD, Guild, Member
@@ -49,6 +49,8 @@ async def world(model_dirs, llama_engine, tmp_path) -> AsyncIterator[BotWorld]:
         update={
             "discord": DiscordSettings(api_base_url=api, admin_guild_id=admin_guild.id),
             "storage": StorageSettings(database=tmp_path / "tasks.db"),
+            # Tests send many requests at once; the quotas have tests of their own.
+            "quotas": QuotaSettings(user_cooldown_seconds=0, guild_in_flight=64, guild_per_period=10_000),
         }
     )
     bot = FlamingoBot(settings, service=InferenceService(llama_engine, max_queue=8))

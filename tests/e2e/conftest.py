@@ -46,6 +46,10 @@ class BotProcess:
             "FLAMINGO_DISCORD__ADMIN_GUILD_ID": str(admin_guild.id),
             "FLAMINGO_STORAGE__DATABASE": str(database),
             "FLAMINGO_SERVICE__MAX_QUEUE": "64",
+            # Scenarios send many requests at once; the quotas have tests of their own.
+            "FLAMINGO_QUOTAS__USER_COOLDOWN_SECONDS": "0",
+            "FLAMINGO_QUOTAS__GUILD_IN_FLIGHT": "64",
+            "FLAMINGO_QUOTAS__GUILD_PER_PERIOD": "100000",
         }
         self.process: asyncio.subprocess.Process | None = None
 
