@@ -161,7 +161,7 @@ def test_image_features_are_computed_once_per_image(llama_engine, photos):
     assert decoder.images.hits == hits + 1
 
 
-def test_prefix_cache_is_bounded_in_bytes(photos):
+def test_prefix_cache_is_bounded_in_bytes():
     from core.decoding import LruCache
 
     cache: LruCache[str, bytes] = LruCache(10, len)

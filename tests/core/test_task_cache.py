@@ -18,7 +18,7 @@ async def library(tmp_path, llama_engine, builtin_tasks):
     await store.close()
 
 
-async def test_editing_an_example_changes_the_next_answer(library, llama_engine, photos):
+async def test_after_an_edit_the_answer_comes_from_the_new_examples(library, llama_engine, photos):
     await library.create(7, "pets", "", "<image>Pet:", author_id=1)
     await library.add_example(7, "pets", (IMAGES / "chelsea.jpg").read_bytes(), "<image>Pet:a cat")
     params = GenerationParams(max_new_tokens=8)
