@@ -150,7 +150,7 @@ def run_bot(args: argparse.Namespace) -> int:
 
 
 def backup(args: argparse.Namespace) -> int:
-    from core.store import backup_database
+    from core.database import backup_database
 
     settings = load_settings(args.config)
     source = settings.storage.database_path

@@ -1,41 +1,122 @@
-"""``/comprehend``: an image and a prompt in, the model's answer out."""
+"""``/comprehend`` and the message menu's Describe image: images and a prompt in, the model's answer out.
+
+Every answer carries buttons (re-roll, prompt, delete, report) and every waiting request a cancel
+button. They are dynamic items whose ``custom_id`` names a stored request or a waiting
+interaction, so they keep working after a restart and past discord.py's view timeout.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Self
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.utils.answering import (
+    ANSWER_COLOUR,
+    WITHHELD,
+    Shown,
+    answer_deadline,
+    answer_message,
+    check_rules,
+    is_nsfw,
+    wait_in_line,
+)
 from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot
-from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, clip, defer_publicly
-from core.engine import Answer
-from core.errors import BadImage, BadPrompt
+from cogs.utils.errors import reply_with_error
+from cogs.utils.replies import EMBED_FIELD_LIMIT, clip, defer_answer
+from core.errors import BadImage, BadPrompt, NotAllowedHere, RequestCancelled, UnknownTask
 from core.generation import GenerationParams, generation_kwargs
+from core.guild_settings import GuildSettings
 from core.images import check_file_size, encode_for_storage, load_image
+from core.prompts import assemble_prompt
+from core.request_store import StoredRequest
+
+ImageReader = Callable[[], Awaitable[list[bytes]]]
+_ACTIONS = {
+    "reroll": ("Re-roll", "🎲", discord.ButtonStyle.secondary),
+    "prompt": ("Prompt", "📝", discord.ButtonStyle.secondary),
+    "delete": ("Delete", "🗑️", discord.ButtonStyle.secondary),
+    "report": ("Report", "🚩", discord.ButtonStyle.secondary),
+    "cancel": ("Cancel", "✖️", discord.ButtonStyle.danger),
+}
+
+
+class ActionButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"flamingo:(?P<action>[a-z]+):(?P<id>[0-9]{1,20})"
+):
+    """One button of an answer (or of a waiting request); the cog does the work, so reloads apply to it."""
+
+    def __init__(self, action: str, target_id: int) -> None:
+        label, emoji, style = _ACTIONS[action]
+        button = discord.ui.Button(label=label, emoji=emoji, style=style, custom_id=f"flamingo:{action}:{target_id}")
+        super().__init__(button)
+        self.action, self.target_id = action, target_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]
+    ) -> Self:
+        if match["action"] not in _ACTIONS:
+            raise ValueError(f"unknown button action {match['action']!r}")
+        return cls(match["action"], int(match["id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:  # type: ignore[override]
+        # discord.py only logs what a dynamic item raises; the user is told here instead.
+        cog = interaction.client.get_cog("Inference")  # type: ignore[attr-defined]
+        try:
+            if cog is None:
+                raise NotAllowedHere("The bot is being updated; try again in a moment.")
+            await getattr(cog, f"on_{self.action}")(interaction, self.target_id)
+        except Exception as error:
+            await reply_with_error(interaction, error)
+
+
+def _view(*buttons: ActionButton) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for button in buttons:
+        view.add_item(button)
+    return view
+
+
+def answer_view(request_id: int) -> discord.ui.View:
+    return _view(*(ActionButton(action, request_id) for action in ("reroll", "prompt", "delete", "report")))
+
+
+def _reader(attachments: list[discord.Attachment]) -> ImageReader:
+    async def read() -> list[bytes]:
+        return [await attachment.read() for attachment in attachments]
+
+    return read
+
+
+def _stored(images: tuple[bytes, ...]) -> ImageReader:
+    async def read() -> list[bytes]:
+        return list(images)
+
+    return read
+
+
+def reroll_params(params: GenerationParams) -> GenerationParams:
+    """A new sample of the same request: sampling on, beam search off (it would give the same answer)."""
+    if params.do_sample:
+        return params
+    return replace(params, do_sample=True, num_beams=1, length_penalty=None)
+
+
+def _params_text(params: GenerationParams) -> str:
+    given = {name: value for name, value in vars(params).items() if value is not None}
+    return ", ".join(f"{name}={value}" for name, value in given.items())
+
 
 log = logging.getLogger(__name__)
-
-_ANSWER_COLOUR = discord.Colour.from_rgb(232, 93, 117)
-
-
-def answer_message(user: discord.abc.User, prompt: str, task: str, answer: Answer, images: list[bytes]) -> dict:
-    """The reply: the answer as an embed under the user's (first) image; a long answer also as a file."""
-    text = answer.text or "*(the model gave an empty answer)*"
-    embed = discord.Embed(description=clip(text, EMBED_DESCRIPTION_LIMIT), colour=_ANSWER_COLOUR)
-    embed.set_author(name=f"{user.display_name} asked", icon_url=user.display_avatar.url)
-    embed.add_field(name="Prompt", value=clip(discord.utils.escape_markdown(prompt), EMBED_FIELD_LIMIT), inline=False)
-    embed.set_image(url="attachment://image.jpg")
-    embed.set_footer(text=f"task: {task} · {len(answer.token_ids)} tokens · {answer.seconds:.1f} s")
-    names = ["image.jpg"] + [f"image-{n}.jpg" for n in range(2, len(images) + 1)]
-    files = [discord.File(io.BytesIO(data), filename=name) for data, name in zip(images, names, strict=True)]
-    if len(text) > EMBED_DESCRIPTION_LIMIT:
-        files.append(discord.File(io.BytesIO(answer.text.encode()), filename="answer.txt"))
-    return {"embed": embed, "attachments": files}
 
 
 class Inference(commands.Cog):
@@ -112,7 +193,7 @@ class Inference(commands.Cog):
         if prompt is not None:
             self.bot.service.engine.check_text(prompt, len(images))
 
-        await self._answer(interaction, images, prompt, task, params)
+        await self._answer(interaction, _reader(images), prompt, task, params, "asked")
 
     async def describe_image(self, interaction: discord.Interaction, message: discord.Message) -> None:
         """The message menu's "Describe image": the server's default task on the message's first image.
@@ -125,35 +206,124 @@ class Inference(commands.Cog):
         if not images:
             raise BadImage("That message has no attached image; I only read attached images, not links.")
         check_file_size(images[0].size, self.bot.settings.images)
-        await self._answer(interaction, images[:1], None, None, GenerationParams())
+        await self._answer(interaction, _reader(images[:1]), None, None, GenerationParams(), "asked")
 
     async def _answer(
         self,
         interaction: discord.Interaction,
-        attachments: list[discord.Attachment],
+        read_images: ImageReader,
         prompt: str | None,
         task: str | None,
         params: GenerationParams,
+        heading: str,
     ) -> None:
-        settings = self.bot.settings
-        with self.bot.quotas.admit(interaction.guild_id, interaction.user.id):
-            await defer_publicly(interaction)
-            chosen = await self.bot.library.resolve(interaction.guild_id, task)
+        bot, settings = self.bot, self.bot.settings
+        guild_id = interaction.guild_id
+        rules = await bot.store.guild_settings(guild_id) if guild_id is not None else GuildSettings()
+        check_rules(interaction, rules)
+        with bot.quotas.admit(guild_id, interaction.user.id, rules.quotas(settings.quotas)):
+            await defer_answer(interaction, ephemeral=rules.ephemeral_answers)
+            chosen = await bot.library.resolve(guild_id, task)
             text = prompt if prompt is not None else chosen.prompt_template
-            pictures = [await asyncio.to_thread(load_image, await a.read(), settings.images) for a in attachments]
+            pictures = [await asyncio.to_thread(load_image, data, settings.images) for data in await read_images()]
             if settings.logging.log_prompts:
-                log.info("request by %s in %s: %r", interaction.user.id, interaction.guild_id, text)
-            answer = await self.bot.service.answer(pictures, text, chosen, params)
-            shown = [await asyncio.to_thread(encode_for_storage, picture) for picture in pictures]
-        message = answer_message(interaction.user, text, chosen.name, answer, shown)
-        await interaction.edit_original_response(**message)
+                log.info("request by %s in %s: %r", interaction.user.id, guild_id, text)
+            ticket = bot.service.submit(pictures, text, chosen, params, deadline=answer_deadline(interaction))
+            bot.waiting[interaction.id] = (ticket, interaction.user.id)
+            try:
+                cancel = _view(ActionButton("cancel", interaction.id))
+                answer = await wait_in_line(
+                    interaction, ticket, cancel, settings.service.queue_update_seconds, bot.service.estimated_wait
+                )
+            except RequestCancelled:
+                return  # the cancel button has said so already
+            finally:
+                bot.waiting.pop(interaction.id, None)
+            images = [await asyncio.to_thread(encode_for_storage, picture) for picture in pictures]
+            channel_id = interaction.channel_id or 0
+            request_id = await bot.store.save_request(
+                guild_id, channel_id, interaction.user.id, chosen.name, text, params, images
+            )
+        withheld = not is_nsfw(interaction) and bot.answer_filter.blocks(answer.text)
+        shown = Shown(WITHHELD if withheld else answer.text, chosen.name, text, answer, images)
+        message = answer_message(interaction.user, shown, heading)
+        await interaction.edit_original_response(content=None, **message, view=answer_view(request_id))
+
+    # Buttons
+
+    async def _request(self, interaction: discord.Interaction, request_id: int) -> StoredRequest:
+        stored = await self.bot.store.get_request(request_id, interaction.guild_id)
+        if stored is None:
+            hours = self.bot.settings.privacy.request_retention_hours
+            raise RequestCancelled(
+                f"This answer's request is no longer stored (requests are kept {hours:g} hours, or were deleted)."
+            )
+        return stored
+
+    async def on_reroll(self, interaction: discord.Interaction, request_id: int) -> None:
+        self.bot.track(asyncio.current_task())  # type: ignore[arg-type]
+        stored = await self._request(interaction, request_id)
+        params = reroll_params(stored.params)
+        await self._answer(interaction, _stored(stored.images), stored.prompt, stored.task, params, "re-rolled")
+
+    async def on_prompt(self, interaction: discord.Interaction, request_id: int) -> None:
+        stored = await self._request(interaction, request_id)
+        try:
+            task = await self.bot.library.resolve(interaction.guild_id, stored.task)
+            full = assemble_prompt([example.text for example in task.examples], stored.prompt)
+        except UnknownTask:
+            full = f"{stored.prompt}\n(task “{stored.task}” has since been deleted)"
+        embed = discord.Embed(title="Full prompt", colour=ANSWER_COLOUR)
+        embed.description = clip(f"```\n{full.replace('`', 'ˋ')}\n```", 4000)
+        embed.add_field(name="Task", value=stored.task)
+        embed.add_field(name="Parameters", value=clip(_params_text(stored.params), EMBED_FIELD_LIMIT), inline=False)
+        await interaction.response.send_message(embed=embed, ephemeral=True)
+
+    async def on_delete(self, interaction: discord.Interaction, request_id: int) -> None:
+        stored = await self.bot.store.get_request(request_id, interaction.guild_id)
+        owner = stored.user_id if stored is not None else None
+        if interaction.user.id != owner and not interaction.permissions.manage_messages:
+            raise NotAllowedHere("Only the person who asked, or a member with Manage Messages, can delete this answer.")
+        await interaction.response.defer()
+        await interaction.delete_original_response()
+        await self.bot.store.delete_request(request_id)
+
+    async def on_report(self, interaction: discord.Interaction, request_id: int) -> None:
+        rules = await self.bot.store.guild_settings(interaction.guild_id) if interaction.guild_id else GuildSettings()
+        if rules.report_channel is None:
+            raise NotAllowedHere("This server has no report channel; a moderator can set one with /settings reports.")
+        answer = interaction.message.embeds[0] if interaction.message and interaction.message.embeds else None
+        embed = discord.Embed(title="Answer reported", colour=discord.Colour.red())
+        embed.description = clip(answer.description or "", 2000) if answer else "(no answer text)"
+        embed.add_field(name="Reported by", value=interaction.user.mention)
+        embed.add_field(name="Where", value=interaction.message.jump_url if interaction.message else "?")
+        embed.set_footer(text=f"request {request_id}")
+        try:
+            await self.bot.get_partial_messageable(rules.report_channel).send(embed=embed)
+        except discord.HTTPException:
+            raise NotAllowedHere(
+                "I could not post in this server's report channel; ask a moderator to check /settings reports."
+            ) from None
+        await interaction.response.send_message("Thank you; the moderators have been told.", ephemeral=True)
+
+    async def on_cancel(self, interaction: discord.Interaction, interaction_id: int) -> None:
+        waiting = self.bot.waiting.get(interaction_id)
+        if waiting is None:
+            raise RequestCancelled("That request is no longer waiting: it has been answered or withdrawn.")
+        ticket, requester = waiting
+        if interaction.user.id != requester and not interaction.permissions.manage_messages:
+            raise NotAllowedHere("Only the person who asked can cancel this request.")
+        ticket.cancel()
+        await interaction.response.edit_message(content="Cancelled.", view=None)
 
     async def cog_load(self) -> None:
         # Context menus cannot be cog methods: added here and removed on unload, so reloads work.
         self.bot.tree.add_command(self._describe_menu)
+        self.bot.add_dynamic_items(ActionButton)
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self._describe_menu.name, type=self._describe_menu.type)
+        self.bot.remove_dynamic_items(ActionButton)
 
 
 async def setup(bot: FlamingoBot) -> None:

@@ -100,7 +100,8 @@ class Tasks(commands.Cog):
     ) -> None:
         check_file_size(image.size, self.bot.settings.images)
         await interaction.response.defer(ephemeral=True, thinking=True)
-        position = await self.library.add_example(interaction.guild_id, task, await image.read(), text)
+        upload = await image.read()
+        position = await self.library.add_example(interaction.guild_id, task, upload, text, interaction.user.id)
         await interaction.followup.send(f"Added example {position} to **{task}**.", ephemeral=True)
 
     @manage.command(name="edit-example", description="Change the text of an example")

@@ -84,6 +84,7 @@ class ServiceSettings(BaseModel):
     max_batch: int = Field(16, gt=0, description="Waiting requests decoded together in one batch.")
     prefix_cache_mb: int = Field(2048, ge=0, description="Tasks' precomputed examples, least recently used dropped.")
     image_cache_mb: int = Field(256, ge=0, description="Image features by content hash.")
+    queue_update_seconds: float = Field(15.0, ge=1, description="Least time between edits of a place in line.")
 
 
 class QuotaSettings(BaseModel):
@@ -117,6 +118,19 @@ class StorageSettings(BaseModel):
     @property
     def database_path(self) -> Path:
         return self.database if self.database.is_absolute() else PROJECT_ROOT / self.database
+
+
+class PrivacySettings(BaseModel):
+    request_retention_hours: float = Field(
+        168.0, gt=0, description="Answered requests (kept for their buttons) are deleted after this."
+    )
+    departed_guild_retention_days: float = Field(
+        30.0, ge=0, description="A server's tasks and settings are deleted this long after the bot leaves it."
+    )
+    blocked_words: list[str] = Field(
+        default_factory=list, description="Answers containing these, outside NSFW channels, are withheld."
+    )
+    purge_interval_minutes: float = Field(60.0, gt=0)
 
 
 class LoggingSettings(BaseModel):
@@ -155,6 +169,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     quotas: QuotaSettings = QuotaSettings()
     storage: StorageSettings = StorageSettings()
+    privacy: PrivacySettings = PrivacySettings()
     logging: LoggingSettings = LoggingSettings()
     data_dir: Path = PROJECT_ROOT / "data"
     discord_token: SecretStr | None = Field(None, validation_alias=AliasChoices("DISCORD_TOKEN", "discord_token"))

@@ -65,3 +65,15 @@ class ServiceClosed(FlamingoError):
 
 class GenerationFailed(FlamingoError):
     """The model raised while answering; the details are logged, not shown."""
+
+
+class RequestExpired(FlamingoError):
+    """A request waited past the time its answer could still be delivered."""
+
+
+class RequestCancelled(FlamingoError):
+    """The requester withdrew the request."""
+
+
+class NotAllowedHere(FlamingoError):
+    """A server's settings keep the bot from answering this member or in this channel."""

@@ -43,10 +43,13 @@ class RequestQuotas:
         self._guilds: dict[int, _Guild] = {}
 
     @contextmanager
-    def admit(self, guild_id: int | None, user_id: int) -> Iterator[None]:
-        """Hold a place for one request while it runs, or raise ``TooManyRequests`` saying when to retry."""
+    def admit(self, guild_id: int | None, user_id: int, limits: QuotaSettings | None = None) -> Iterator[None]:
+        """Hold a place for one request while it runs, or raise ``TooManyRequests`` saying when to retry.
+
+        ``limits``: the server's own, where it set stricter ones than the config's.
+        """
         now = self.clock()
-        settings = self.settings
+        settings = limits or self.settings
         last = self._last_request.get(user_id)
         if last is not None and now - last < settings.user_cooldown_seconds:
             wait = settings.user_cooldown_seconds - (now - last)

@@ -2,15 +2,17 @@
 
 Upstream's Flamingo conditions its layers by mutating them, so two overlapping calls would read
 each other's images. Every model call therefore happens on a single thread, fed by a bounded
-queue; callers wait on a future of their own, so answers cannot mix.
+list of waiting requests; callers wait on a future of their own, so answers cannot mix, and can see
+their place in line or withdraw while they wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
+import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -19,7 +21,7 @@ from PIL import Image
 
 from core.config import Settings
 from core.engine import Answer, FlamingoEngine, PreparedRequest
-from core.errors import FlamingoError, GenerationFailed, ServiceBusy, ServiceClosed
+from core.errors import FlamingoError, GenerationFailed, RequestCancelled, RequestExpired, ServiceBusy, ServiceClosed
 from core.generation import GenerationParams
 from core.loading import load_model
 from core.prompts import Task
@@ -40,11 +42,12 @@ class Engine(Protocol):
     ) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     request: PreparedRequest
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Answer]
+    deadline: float | None = None  # time.monotonic() past which the answer could no longer be delivered
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -66,63 +69,122 @@ def _settle(job: _Job, answer: Answer | None, error: BaseException | None) -> No
         job.future.set_result(answer)
 
 
+class Ticket:
+    """A queued request: its place in line while it waits, a way to withdraw it, and its answer."""
+
+    def __init__(self, service: InferenceService, job: _Job) -> None:
+        self._service = service
+        self._job = job
+
+    @property
+    def position(self) -> int | None:
+        """1 for the next to run; None once it runs, is answered or was withdrawn."""
+        return self._service._position(self._job)
+
+    def cancel(self) -> None:
+        """Withdraw it: a waiting request never reaches the model, a running one stops at the next token."""
+        self._service._withdraw(self._job)
+
+    async def answer(self) -> Answer:
+        try:
+            return await self._job.future
+        finally:
+            self.cancel()
+
+
 class InferenceService:
     def __init__(self, engine: Engine, max_queue: int, max_batch: int = 16) -> None:
         self.engine = engine
         self._max_batch = max_batch
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._max_queue = max_queue
+        self._waiting: list[_Job] = []
+        self._ready = threading.Condition()
         self._closed = False
+        self._batch_seconds = 0.0  # recent time per batch, for telling users how long they would wait
         self._worker = threading.Thread(target=self._work, name="flamingo-model", daemon=True)
         self._worker.start()
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        return len(self._waiting)
 
-    async def answer(self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams) -> Answer:
-        """Validate, queue and wait. Cancelling the awaiting task withdraws the request."""
+    def estimated_wait(self, position: int) -> float:
+        """Seconds until a request at ``position`` starts, from recent batch times (0 before any ran)."""
+        return math.ceil(position / self._max_batch) * self._batch_seconds
+
+    def submit(
+        self,
+        images: Sequence[Image.Image],
+        prompt: str,
+        task: Task,
+        params: GenerationParams,
+        deadline: float | None = None,
+    ) -> Ticket:
+        """Validate and queue, or refuse at once; call from the event loop."""
         if self._closed:
             raise ServiceClosed("The bot is shutting down; try again in a moment.")
         request = self.engine.prepare(images, prompt, task, params)
         loop = asyncio.get_running_loop()
-        job = _Job(request, loop, loop.create_future())
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise ServiceBusy(
-                f"The model is busy ({self._queue.maxsize} requests are already waiting); try again in a minute."
-            ) from None
-        try:
-            return await job.future
-        finally:
-            job.cancelled.set()
+        job = _Job(request, loop, loop.create_future(), deadline)
+        with self._ready:
+            if len(self._waiting) >= self._max_queue:
+                raise ServiceBusy(
+                    f"The model is busy ({self._max_queue} requests are already waiting); try again in a minute."
+                )
+            if deadline is not None and time.monotonic() + self.estimated_wait(len(self._waiting) + 1) > deadline:
+                raise ServiceBusy("The queue is too long to answer you in time; try again in a few minutes.")
+            self._waiting.append(job)
+            self._ready.notify()
+        return Ticket(self, job)
+
+    async def answer(self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams) -> Answer:
+        """Queue and wait. Cancelling the awaiting task withdraws the request."""
+        return await self.submit(images, prompt, task, params).answer()
+
+    def _position(self, job: _Job) -> int | None:
+        with self._ready:
+            return self._waiting.index(job) + 1 if job in self._waiting else None
+
+    def _withdraw(self, job: _Job) -> None:
+        job.cancelled.set()
+        with self._ready:
+            waiting = job in self._waiting
+            if waiting:
+                self._waiting.remove(job)
+        if waiting:
+            _notify(job, None, RequestCancelled("The request was cancelled before it ran."))
+
+    def _next_batch(self) -> list[_Job] | None:
+        """Whatever is waiting, up to a batch, decoded together; None once closed and drained."""
+        with self._ready:
+            while not self._waiting and not self._closed:
+                self._ready.wait()
+            if self._closed:
+                return None
+            batch = self._waiting[: self._max_batch]
+            del self._waiting[: self._max_batch]
+        now = time.monotonic()
+        expired = [job for job in batch if job.deadline is not None and now > job.deadline]
+        for job in expired:
+            _notify(job, None, RequestExpired("Your request waited too long in the queue; please ask again."))
+        return [job for job in batch if job not in expired and not job.cancelled.is_set()]
 
     def _work(self) -> None:
-        running = True
-        while running:
-            job = self._queue.get()
-            if job is None:
-                break
-            batch = [job]
-            # Whatever else is already waiting is decoded together with it.
-            while len(batch) < self._max_batch:
-                try:
-                    waiting = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if waiting is None:
-                    running = False
-                    break
-                batch.append(waiting)
-            self._run([job for job in batch if not job.cancelled.is_set()])
-        self._withdraw_waiting()
+        while (batch := self._next_batch()) is not None:
+            if batch:
+                started = time.monotonic()
+                self._run(batch)
+                self._batch_seconds = time.monotonic() - started
 
     def _run(self, jobs: list[_Job]) -> None:
         delivered: set[int] = set()
 
         def deliver(index: int, answer: Answer) -> None:
             delivered.add(index)
-            _notify(jobs[index], answer, None)
+            if jobs[index].cancelled.is_set():  # stopped early: a partial answer is no answer
+                _notify(jobs[index], None, RequestCancelled("The request was cancelled while it ran."))
+            else:
+                _notify(jobs[index], answer, None)
 
         error: BaseException | None = None
         try:
@@ -136,21 +198,15 @@ class InferenceService:
             if index not in delivered:
                 _notify(job, None, error or GenerationFailed("The model gave no answer; it has been logged."))
 
-    def _withdraw_waiting(self) -> None:
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                job.cancelled.set()
-                _notify(job, None, ServiceClosed("The bot is shutting down; your request was not run."))
-
     def close(self) -> None:
-        """Refuse new work, withdraw waiting requests, and stop the worker after the current one."""
-        self._closed = True
-        self._withdraw_waiting()
-        self._queue.put(None)
+        """Refuse new work, withdraw waiting requests, and stop the worker after the current batch."""
+        with self._ready:
+            self._closed = True
+            withdrawn, self._waiting = self._waiting, []
+            self._ready.notify_all()
+        for job in withdrawn:
+            job.cancelled.set()
+            _notify(job, None, ServiceClosed("The bot is shutting down; your request was not run."))
         self._worker.join(timeout=60)
 
 

@@ -1,56 +1,15 @@
-"""Each guild's task library and settings, kept in one SQLite file through aiosqlite.
-
-Every query names the guild, so no call can see or change another guild's rows. Every change runs
-in one ``BEGIN IMMEDIATE`` transaction under an ``asyncio.Lock``: the bot shares one connection
-between coroutines, and without the lock the statements of two changes would interleave inside one
-transaction. Reads take the lock too, so they never see another coroutine's uncommitted rows.
-"""
+"""Each guild's task library: tasks and their examples, in the bot's database."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, closing
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import datetime
 
-import aiosqlite
-
+from core.database import Database, now_text
 from core.errors import ExampleNotFound, LimitReached, TaskExists, UnknownTask
-
-_BUSY_TIMEOUT_MS = 5000
-
-# Schema steps in order; step i brings ``PRAGMA user_version`` from i to i + 1. Append, never edit.
-# ``name_key`` is ``str.casefold(name)``: SQLite's NOCASE folds only ASCII letters.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE tasks (
-            id INTEGER PRIMARY KEY,
-            guild_id INTEGER NOT NULL,
-            name TEXT NOT NULL,
-            name_key TEXT NOT NULL,
-            description TEXT NOT NULL,
-            prompt_template TEXT NOT NULL,
-            created_by INTEGER NOT NULL,
-            created_at TEXT NOT NULL,
-            updated_at TEXT NOT NULL,
-            revision INTEGER NOT NULL DEFAULT 1,
-            UNIQUE (guild_id, name_key)
-        )""",
-        """CREATE TABLE examples (
-            task_id INTEGER NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
-            position INTEGER NOT NULL,
-            text TEXT NOT NULL,
-            image BLOB NOT NULL,
-            image_sha256 TEXT NOT NULL,
-            UNIQUE (task_id, position)
-        )""",
-    ),
-    ("CREATE TABLE guild_settings (guild_id INTEGER PRIMARY KEY, default_task TEXT)",),
-)
 
 
 @dataclass(frozen=True)
@@ -82,12 +41,15 @@ class TaskSummary:
     revision: int
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
+_INSERT_EXAMPLE = (
+    "INSERT INTO examples (task_id, position, text, image, image_sha256, added_by) VALUES (?, ?, ?, ?, ?, ?)"
+)
 
 
-def _example_row(task_id: int, position: int, image: bytes, text: str) -> tuple[int, int, str, bytes, str]:
-    return task_id, position, text, image, hashlib.sha256(image).hexdigest()
+def _example_row(
+    task_id: int, position: int, image: bytes, text: str, added_by: int
+) -> tuple[int, int, str, bytes, str, int]:
+    return task_id, position, text, image, hashlib.sha256(image).hexdigest(), added_by
 
 
 def _key(name: str) -> str:
@@ -95,74 +57,8 @@ def _key(name: str) -> str:
     return name.strip().casefold()
 
 
-class TaskStore:
+class TaskStore(Database):
     """The per-guild task library; open it with ``await TaskStore.open(path)``."""
-
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
-        self._lock = asyncio.Lock()
-        self.schema_version = 0
-
-    @classmethod
-    async def open(cls, path: Path) -> TaskStore:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: the store writes BEGIN itself, so sqlite3 never opens or commits behind its back.
-        db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        store = cls(db)
-        try:
-            for pragma in ("journal_mode = WAL", "foreign_keys = ON", f"busy_timeout = {_BUSY_TIMEOUT_MS}"):
-                await db.execute(f"PRAGMA {pragma}")
-            await store._migrate()
-        except BaseException:
-            await db.close()
-            raise
-        return store
-
-    async def close(self) -> None:
-        await self._db.close()
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One atomic change; IMMEDIATE takes the write lock first, so no read-then-write upgrade can fail.
-
-        BEGIN and COMMIT sit inside the ``try``: a change cancelled while either is queued still ends its
-        transaction, instead of leaving the shared connection inside it.
-        """
-        async with self._lock:
-            try:
-                await self._db.execute("BEGIN IMMEDIATE")
-                yield self._db
-                await self._db.commit()
-            except BaseException:
-                await self._db.rollback()
-                raise
-
-    async def _migrate(self) -> None:
-        """Apply the missing steps, each with its version bump in one transaction, so a crash never half-migrates."""
-        while True:
-            async with self._transaction() as db:
-                version = await self._int("PRAGMA user_version")
-                if version > len(MIGRATIONS):
-                    raise RuntimeError(
-                        f"The task database is at schema version {version}, newer than this code knows "
-                        f"({len(MIGRATIONS)}); run the newer bot version or restore a backup."
-                    )
-                self.schema_version = version
-                if version == len(MIGRATIONS):
-                    return
-                for statement in MIGRATIONS[version]:
-                    await db.execute(statement)
-                await db.execute(f"PRAGMA user_version = {version + 1}")
-
-    async def _one(self, sql: str, parameters: Sequence[object] = ()) -> sqlite3.Row | None:
-        rows = list(await self._db.execute_fetchall(sql, parameters))
-        return rows[0] if rows else None
-
-    async def _int(self, sql: str, parameters: Sequence[object] = ()) -> int:
-        """The single integer a count or a pragma query returns."""
-        rows = list(await self._db.execute_fetchall(sql, parameters))
-        return rows[0][0]
 
     async def _find(self, guild_id: int, name: str) -> sqlite3.Row | None:
         return await self._one(
@@ -193,7 +89,7 @@ class TaskStore:
         """Bump the revision on every change, so caches keyed on it see the task changed."""
         await self._db.execute(
             "UPDATE tasks SET revision = revision + 1, updated_at = ? WHERE id = ?",
-            (_now(), task_id),
+            (now_text(), task_id),
         )
 
     async def _shift(self, task_id: int, low: int, high: int, delta: int) -> None:
@@ -268,15 +164,17 @@ class TaskStore:
                 raise LimitReached(
                     f"This server already has {max_tasks} tasks, the most it may have; delete one first."
                 )
-            now = _now()
+            now = now_text()
             cursor = await db.execute(
                 """INSERT INTO tasks (guild_id, name, name_key, description, prompt_template, created_by,
                 created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
                 (guild_id, name, _key(name), description, prompt_template, created_by, now, now),
             )
+            task_id = cursor.lastrowid
+            assert task_id is not None
             await db.executemany(
-                "INSERT INTO examples (task_id, position, text, image, image_sha256) VALUES (?, ?, ?, ?, ?)",
-                [_example_row(cursor.lastrowid, i, image, text) for i, (image, text) in enumerate(examples, 1)],
+                _INSERT_EXAMPLE,
+                [_example_row(task_id, i, image, text, created_by) for i, (image, text) in enumerate(examples, 1)],
             )
 
     async def update_task(
@@ -310,7 +208,9 @@ class TaskStore:
             await db.execute("DELETE FROM tasks WHERE id = ?", (task["id"],))
             await self._retarget_default(guild_id, task["name"], None)
 
-    async def add_example(self, guild_id: int, name: str, image: bytes, text: str, *, max_examples: int) -> int:
+    async def add_example(
+        self, guild_id: int, name: str, image: bytes, text: str, *, max_examples: int, added_by: int
+    ) -> int:
         async with self._transaction() as db:
             task = await self._require(guild_id, name)
             count = await self._count_examples(task["id"])
@@ -318,10 +218,7 @@ class TaskStore:
                 raise LimitReached(
                     f"Task “{task['name']}” already has {max_examples} examples, the most a task may have."
                 )
-            await db.execute(
-                "INSERT INTO examples (task_id, position, text, image, image_sha256) VALUES (?, ?, ?, ?, ?)",
-                _example_row(task["id"], count + 1, image, text),
-            )
+            await db.execute(_INSERT_EXAMPLE, _example_row(task["id"], count + 1, image, text, added_by))
             await self._touch(task["id"])
             return count + 1
 
@@ -377,14 +274,27 @@ class TaskStore:
                 (guild_id, name),
             )
 
+    async def count_user_examples(self, user_id: int) -> int:
+        async with self._lock:
+            return await self._int("SELECT count(*) FROM examples WHERE added_by = ?", (user_id,))
 
-def backup_database(source: Path, target: Path) -> None:
-    """Copy a consistent snapshot with SQLite's online backup API, safe while the bot writes.
+    async def delete_user_examples(self, user_id: int) -> int:
+        """Remove every example a user added, in any server; later examples move up, tasks change revision."""
+        async with self._transaction() as db:
+            rows = await db.execute_fetchall("SELECT DISTINCT task_id FROM examples WHERE added_by = ?", (user_id,))
+            cursor = await db.execute("DELETE FROM examples WHERE added_by = ?", (user_id,))
+            for (task_id,) in rows:
+                await self._renumber(task_id)
+                await self._touch(task_id)
+            return cursor.rowcount
 
-    It blocks: call it through ``asyncio.to_thread`` from the bot. The source is opened read-only, so a
-    wrong path fails instead of backing up a new empty file; the copy lands in one transaction on the target.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    source_uri = f"{source.resolve().as_uri()}?mode=ro"
-    with closing(sqlite3.connect(source_uri, uri=True)) as src, closing(sqlite3.connect(target)) as dst:
-        src.backup(dst)
+    async def _renumber(self, task_id: int) -> None:
+        """Close gaps left by deleted examples, keeping their order (two passes, like ``_shift``)."""
+        await self._db.execute("UPDATE examples SET position = -position WHERE task_id = ?", (task_id,))
+        await self._db.execute(
+            """UPDATE examples SET position = (
+                SELECT count(*) FROM examples AS other WHERE other.task_id = examples.task_id
+                AND other.position >= examples.position
+            ) WHERE task_id = ?""",
+            (task_id,),
+        )

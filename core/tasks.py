@@ -172,7 +172,7 @@ class TaskLibrary:
         await self.store.delete_task(guild_id, stored.name)
         return stored.name
 
-    async def add_example(self, guild_id: int, name: str, upload: bytes, text: str) -> int:
+    async def add_example(self, guild_id: int, name: str, upload: bytes, text: str, author_id: int) -> int:
         stored = await self._stored_for_change(guild_id, name)
         text = self._check_example_text(text)
         if len(stored.examples) >= self.limits.max_examples_per_task:
@@ -183,7 +183,12 @@ class TaskLibrary:
         image = await asyncio.to_thread(load_image, upload, self.settings.images)
         stored_bytes = await asyncio.to_thread(encode_for_storage, image)
         return await self.store.add_example(
-            guild_id, stored.name, stored_bytes, text, max_examples=self.limits.max_examples_per_task
+            guild_id,
+            stored.name,
+            stored_bytes,
+            text,
+            max_examples=self.limits.max_examples_per_task,
+            added_by=author_id,
         )
 
     async def edit_example(self, guild_id: int, name: str, position: int, text: str) -> None:

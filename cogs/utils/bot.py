@@ -19,14 +19,15 @@ from discord.gateway import DiscordWebSocket
 from cogs.utils.errors import reply_with_error
 from core.builtin_tasks import load_builtin_tasks
 from core.config import Settings
+from core.moderation import AnswerFilter, WordListFilter
 from core.quotas import RequestQuotas
-from core.service import InferenceService, start_service
-from core.store import TaskStore
+from core.service import InferenceService, Ticket, start_service
+from core.storage import Storage
 from core.tasks import TaskLibrary
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.inference", "cogs.tasks", "cogs.admin", "cogs.help")
+EXTENSIONS = ("cogs.inference", "cogs.tasks", "cogs.settings", "cogs.admin", "cogs.help")
 # How long an interaction that arrives during a reload may wait for it before being told to retry.
 _RELOAD_WAIT_SECONDS = 2.0
 _SHUTDOWN_GRACE_SECONDS = 10.0
@@ -48,7 +49,7 @@ class FlamingoTree(app_commands.CommandTree):
 
 class FlamingoBot(commands.Bot):
     service: InferenceService
-    store: TaskStore
+    store: Storage
     library: TaskLibrary
     quotas: RequestQuotas
 
@@ -72,11 +73,15 @@ class FlamingoBot(commands.Bot):
         self.commands_ready = asyncio.Event()
         self.commands_ready.set()
         self.in_flight: set[asyncio.Task[object]] = set()
+        # Requests waiting for the model, by interaction id, with who asked: for their cancel buttons.
+        self.waiting: dict[int, tuple[Ticket, int]] = {}
+        self.answer_filter: AnswerFilter = WordListFilter(settings.privacy.blocked_words)
         self._closing: asyncio.Task[None] | None = None
+        self._purging: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
         self.service = self._given_service or await asyncio.to_thread(start_service, self.settings)
-        self.store = await TaskStore.open(self.settings.storage.database_path)
+        self.store = await Storage.open(self.settings.storage.database_path)
         builtins = await asyncio.to_thread(load_builtin_tasks, self.settings.data_dir, self.settings.images)
         self.library = TaskLibrary(self.store, builtins, self.service.engine, self.settings)
         self.quotas = RequestQuotas(self.settings.quotas)
@@ -84,6 +89,26 @@ class FlamingoBot(commands.Bot):
             await self.load_extension(extension)
         if self.settings.discord.sync_commands_on_start:
             await self.sync_commands()
+        self._purging = asyncio.create_task(self._purge_regularly(), name="flamingo-purge")
+
+    async def _purge_regularly(self) -> None:
+        """Retention: expired requests and the data of servers left long enough ago are deleted."""
+        privacy = self.settings.privacy
+        while True:
+            try:
+                purged = await self.store.purge(privacy)
+                if purged.requests or purged.guilds:
+                    log.info("deleted %d expired requests and %d departed servers", purged.requests, purged.guilds)
+            except Exception:
+                log.exception("purging expired data failed; will try again")
+            await asyncio.sleep(privacy.purge_interval_minutes * 60)
+
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        await self.store.mark_present(guild.id)
+
+    async def on_guild_remove(self, guild: discord.Guild) -> None:
+        """Kept for the grace period in config, so a server that removed the bot by mistake loses nothing."""
+        await self.store.mark_departed(guild.id)
 
     async def sync_commands(self, guild_id: int | None = None) -> int:
         """Global commands everywhere, admin commands in the admin guild; or all of one guild's."""
@@ -121,5 +146,7 @@ class FlamingoBot(commands.Bot):
         if pending:
             await asyncio.wait(pending, timeout=_SHUTDOWN_GRACE_SECONDS)
         await super().close()
+        if self._purging is not None:
+            self._purging.cancel()
         if getattr(self, "store", None) is not None:
             await self.store.close()

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 _PERMISSION_NAMES = {"manage_guild": "Manage Server", "manage_messages": "Manage Messages"}
 
 
-def explain(error: app_commands.AppCommandError) -> str | None:
+def explain(error: Exception) -> str | None:
     """The message for an expected failure, or None for a bug."""
     cause = error.original if isinstance(error, app_commands.CommandInvokeError) else error
     if isinstance(cause, FlamingoError):
@@ -42,13 +42,14 @@ def explain(error: app_commands.AppCommandError) -> str | None:
     return None
 
 
-async def reply_with_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+async def reply_with_error(interaction: discord.Interaction, error: Exception) -> None:
+    """For commands (through the tree's on_error) and for buttons, whose errors discord.py only logs."""
     message = explain(error)
     if message is None:
         error_id = secrets.token_hex(4)
-        command = interaction.command.qualified_name if interaction.command else "?"
+        where = f"/{interaction.command.qualified_name}" if interaction.command else "a button"
         cause = error.original if isinstance(error, app_commands.CommandInvokeError) else error
-        log.error("error %s in /%s (guild %s)", error_id, command, interaction.guild_id, exc_info=cause)
+        log.error("error %s in %s (guild %s)", error_id, where, interaction.guild_id, exc_info=cause)
         message = f"Something went wrong on our side (error id `{error_id}`); the bot's owner can look it up."
     try:
         await send_private(interaction, message)

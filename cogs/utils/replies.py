@@ -17,10 +17,11 @@ def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-async def defer_publicly(interaction: discord.Interaction) -> None:
-    """Acknowledge within Discord's 3 seconds; remembered so an error can replace the public 'thinking'."""
-    await interaction.response.defer(thinking=True)
-    interaction.extras[PUBLIC_DEFER] = True
+async def defer_answer(interaction: discord.Interaction, *, ephemeral: bool = False) -> None:
+    """Acknowledge within Discord's 3 seconds; a public 'thinking' is remembered so an error can replace it."""
+    await interaction.response.defer(thinking=True, ephemeral=ephemeral)
+    if not ephemeral:
+        interaction.extras[PUBLIC_DEFER] = True
 
 
 async def send_private(interaction: discord.Interaction, content: str) -> None:

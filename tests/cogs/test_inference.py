@@ -79,22 +79,41 @@ async def test_unknown_task_is_refused_privately(world):
     assert message.startswith("There is no task called “poetry” here; the built-in tasks are caption, vqa")
 
 
+class _Given:
+    """A queue ticket whose answer the test provides."""
+
+    position = None
+
+    def __init__(self, produce) -> None:
+        self.produce = produce
+
+    async def answer(self):
+        return await self.produce()
+
+    def cancel(self) -> None:
+        pass
+
+
+def answer_with(monkeypatch, world, produce) -> None:
+    monkeypatch.setattr(world.bot.service, "submit", lambda *args, **kwargs: _Given(produce))
+
+
 async def test_busy_model_is_reported_privately(world, monkeypatch):
     from core.errors import ServiceBusy
 
-    async def busy(*args, **kwargs):
+    def busy(*args, **kwargs):
         raise ServiceBusy("The model is busy (8 requests are already waiting); try again in a minute.")
 
-    monkeypatch.setattr(world.bot.service, "answer", busy)
+    monkeypatch.setattr(world.bot.service, "submit", busy)
     message = await _private_only(world.invoke("comprehend", image=photo(world)))
     assert message == "The model is busy (8 requests are already waiting); try again in a minute."
 
 
 async def test_unexpected_errors_give_an_id_that_is_in_the_log(world, monkeypatch, caplog):
-    async def broken(*args, **kwargs):
+    def broken(*args, **kwargs):
         raise ZeroDivisionError("bug")
 
-    monkeypatch.setattr(world.bot.service, "answer", broken)
+    monkeypatch.setattr(world.bot.service, "submit", broken)
     message = await _private_only(world.invoke("comprehend", image=photo(world)))
     error_id = message.split("`")[1]
     assert message == f"Something went wrong on our side (error id `{error_id}`); the bot's owner can look it up."
@@ -109,7 +128,7 @@ async def test_long_answers_are_clipped_in_the_embed_and_attached_whole(world, m
     async def verbose(*args, **kwargs):
         return Answer(long_text.strip(), (1,) * 900, "<image>Output:", 10, True, 0.5)
 
-    monkeypatch.setattr(world.bot.service, "answer", verbose)
+    answer_with(monkeypatch, world, verbose)
     reply = (await world.reply("comprehend", image=photo(world)))[0]
     assert len(reply.embeds[0]["description"]) == 4096
     assert reply.embeds[0]["description"].endswith("…")
@@ -122,7 +141,7 @@ async def test_answers_never_mention_anyone(world, monkeypatch):
     async def pinging(*args, **kwargs):
         return Answer("@everyone look", (1,), "<image>Output:", 10, True, 0.1)
 
-    monkeypatch.setattr(world.bot.service, "answer", pinging)
+    answer_with(monkeypatch, world, pinging)
     assert world.bot.allowed_mentions.everyone is False
     reply = (await world.reply("comprehend", image=photo(world)))[0]
     assert reply.embeds[0]["description"] == "@everyone look"
@@ -134,12 +153,15 @@ async def test_comprehend_works_in_direct_messages_with_builtin_tasks(world):
 
 
 async def test_the_interaction_is_acknowledged_within_three_seconds_even_when_the_model_is_slow(world, monkeypatch):
-    original = world.bot.service.answer
+    original = world.bot.service.submit
 
-    async def slow(*args, **kwargs):
-        await asyncio.sleep(3.5)
-        return await original(*args, **kwargs)
+    def slow(*args, **kwargs):
+        async def late():
+            await asyncio.sleep(3.5)
+            return await original(*args, **kwargs).answer()
 
-    monkeypatch.setattr(world.bot.service, "answer", slow)
+        return _Given(late)
+
+    monkeypatch.setattr(world.bot.service, "submit", slow)
     reply = (await world.reply("comprehend", image=photo(world), max_new_tokens=2))[0]
     assert not reply.ephemeral and reply.embeds

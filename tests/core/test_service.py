@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
 
 from core.engine import FlamingoEngine, PreparedRequest, holds_conditioning
-from core.errors import BadPrompt, GenerationFailed, ServiceBusy, ServiceClosed
+from core.errors import BadPrompt, GenerationFailed, RequestCancelled, RequestExpired, ServiceBusy, ServiceClosed
 from core.generation import GenerationParams
 from core.prompts import Example, Task
 
@@ -189,3 +190,41 @@ async def test_waiting_requests_are_decoded_together_and_a_short_one_leaves_earl
     assert not long.done()
     assert len((await long).token_ids) == 60
     assert [p.rsplit(">", 1)[-1] for p in gated.ran] == ["Output:", "Long:", "Short:"]
+
+
+async def test_waiting_requests_see_their_place_in_line_and_can_withdraw(llama_engine, make_service, photos, task):
+    gated = GatedEngine(llama_engine)
+    service = make_service(gated)
+    params = GenerationParams(max_new_tokens=2)
+    running = service.submit([photos["rocket"]], "<image>Output:", task, params)
+    await asyncio.to_thread(gated.started.wait, 10)
+    second = service.submit([photos["chelsea"]], "<image>Second:", task, params)
+    third = service.submit([photos["coffee"]], "<image>Third:", task, params)
+    assert (running.position, second.position, third.position) == (None, 1, 2)
+    second.cancel()
+    assert (second.position, third.position, service.waiting) == (None, 1, 1)
+    with pytest.raises(RequestCancelled, match="cancelled before it ran"):
+        await second.answer()
+    gated.gate.set()
+    await running.answer()
+    assert (await third.answer()).prompt.endswith("<image>Third:")
+    assert [p.rsplit(">", 1)[-1] for p in gated.ran] == ["Output:", "Third:"]
+
+
+async def test_a_request_past_its_deadline_is_refused_instead_of_run(llama_engine, make_service, photos, task):
+    gated = GatedEngine(llama_engine)
+    service = make_service(gated)
+    params = GenerationParams(max_new_tokens=2)
+    running = service.submit([photos["rocket"]], "<image>Output:", task, params)
+    await asyncio.to_thread(gated.started.wait, 10)
+    late = service.submit([photos["chelsea"]], "<image>Late:", task, params, deadline=time.monotonic() + 0.05)
+    await asyncio.sleep(0.1)
+    gated.gate.set()
+    await running.answer()
+    with pytest.raises(RequestExpired, match="waited too long"):
+        await late.answer()
+    assert [p.rsplit(">", 1)[-1] for p in gated.ran] == ["Output:"]
+    # Now a batch has taken measurable time, a queue that cannot be served before a deadline is refused at once.
+    assert service.estimated_wait(1) > 0
+    with pytest.raises(ServiceBusy, match="too long to answer you in time"):
+        service.submit([photos["chelsea"]], "<image>Output:", task, params, deadline=time.monotonic())

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from core.database import MIGRATIONS, backup_database
 from core.errors import ExampleNotFound, LimitReached, TaskExists, UnknownTask
-from core.store import MIGRATIONS, StoredTask, TaskStore, backup_database
+from core.store import StoredTask, TaskStore
 
 ROOT = Path(__file__).resolve().parents[2]
 GUILD = 1
@@ -62,13 +63,13 @@ def raw(path: Path, sql: str) -> list[tuple]:
 async def test_open_creates_the_directory_and_migrates_an_empty_file_to_the_latest_version(db_path: Path) -> None:
     store = await TaskStore.open(db_path)
     await store.close()
-    assert store.schema_version == len(MIGRATIONS) == 2
-    assert raw(db_path, "PRAGMA user_version") == [(2,)]
+    assert store.schema_version == len(MIGRATIONS) == 3
+    assert raw(db_path, "PRAGMA user_version") == [(3,)]
     assert raw(db_path, "PRAGMA journal_mode") == [("wal",)]
     tables = {row[0] for row in raw(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"tasks", "examples", "guild_settings"}
+    assert tables == {"tasks", "examples", "guild_settings", "requests", "request_images", "departed_guilds"}
     reopened = await TaskStore.open(db_path)
-    assert reopened.schema_version == 2
+    assert reopened.schema_version == 3
     await reopened.close()
 
 
@@ -90,7 +91,7 @@ async def test_open_migrates_a_version_1_database_and_keeps_its_data(db_path: Pa
 
     store = await TaskStore.open(db_path)
     try:
-        assert store.schema_version == 2
+        assert store.schema_version == 3
         task = await store.get_task(GUILD, "CATS")
         assert task is not None
         assert (task.name, task.revision, task.examples[0].text, task.examples[0].image) == (
@@ -236,7 +237,7 @@ UNKNOWN_TASK_CALLS: dict[str, Callable[[TaskStore], Awaitable[object]]] = {
     "update": lambda s: s.update_task(GUILD, "dogs", description="d"),
     "rename": lambda s: s.rename_task(GUILD, "dogs", "wolves"),
     "delete": lambda s: s.delete_task(GUILD, "dogs"),
-    "add": lambda s: s.add_example(GUILD, "dogs", b"jpeg", "t", max_examples=MAX),
+    "add": lambda s: s.add_example(GUILD, "dogs", b"jpeg", "t", max_examples=MAX, added_by=42),
     "edit": lambda s: s.edit_example(GUILD, "dogs", 1, "t"),
     "remove": lambda s: s.remove_example(GUILD, "dogs", 1),
     "move": lambda s: s.move_example(GUILD, "dogs", 1, 2),
@@ -257,9 +258,9 @@ async def test_changes_to_an_unknown_task_raise_unknown_task(
 
 async def test_add_example_appends_and_stops_at_the_cap(store: TaskStore) -> None:
     await make_cats(store, count=1)
-    assert await store.add_example(GUILD, "CATS", b"jpeg-2", "text 2", max_examples=2) == 2
+    assert await store.add_example(GUILD, "CATS", b"jpeg-2", "text 2", max_examples=2, added_by=42) == 2
     with pytest.raises(LimitReached, match="“Cats” already has 2 examples, the most a task may have"):
-        await store.add_example(GUILD, "cats", b"jpeg-3", "text 3", max_examples=2)
+        await store.add_example(GUILD, "cats", b"jpeg-3", "text 3", max_examples=2, added_by=42)
     task = await store.get_task(GUILD, "cats")
     assert task is not None
     assert task.examples[1].image_sha256 == hashlib.sha256(b"jpeg-2").hexdigest()
@@ -315,7 +316,7 @@ async def test_every_change_bumps_the_revision(store: TaskStore) -> None:
     changes: list[Callable[[], Awaitable[object]]] = [
         lambda: store.update_task(GUILD, "cats", description="d"),
         lambda: store.rename_task(GUILD, "cats", "CATS"),
-        lambda: store.add_example(GUILD, "cats", b"jpeg-4", "text 4", max_examples=MAX),
+        lambda: store.add_example(GUILD, "cats", b"jpeg-4", "text 4", max_examples=MAX, added_by=42),
         lambda: store.edit_example(GUILD, "cats", 1, "t"),
         lambda: store.move_example(GUILD, "cats", 1, 2),
         lambda: store.remove_example(GUILD, "cats", 1),
@@ -328,7 +329,7 @@ async def test_every_change_bumps_the_revision(store: TaskStore) -> None:
 async def test_concurrent_add_example_calls_get_contiguous_positions(store: TaskStore) -> None:
     await make_cats(store, count=0)
     positions = await asyncio.gather(
-        *(store.add_example(GUILD, "cats", f"jpeg-{i}".encode(), f"text {i}", max_examples=100) for i in range(40))
+        *(store.add_example(GUILD, "cats", f"jpeg-{i}".encode(), f"text {i}", max_examples=100, added_by=42) for i in range(40))
     )
     assert sorted(positions) == list(range(1, 41))
     task = await store.get_task(GUILD, "cats")
@@ -354,7 +355,7 @@ GUILD_CHANGES: dict[str, Callable[[TaskStore], Awaitable[object]]] = {
     "update": lambda s: s.update_task(GUILD, "cats", description="changed", prompt_template="changed"),
     "rename": lambda s: s.rename_task(GUILD, "cats", "Kittens"),
     "delete": lambda s: s.delete_task(GUILD, "cats"),
-    "add": lambda s: s.add_example(GUILD, "cats", b"jpeg-9", "text 9", max_examples=MAX),
+    "add": lambda s: s.add_example(GUILD, "cats", b"jpeg-9", "text 9", max_examples=MAX, added_by=42),
     "edit": lambda s: s.edit_example(GUILD, "cats", 1, "edited"),
     "remove": lambda s: s.remove_example(GUILD, "cats", 1),
     "move": lambda s: s.move_example(GUILD, "cats", 1, 3),
@@ -392,7 +393,7 @@ async def main(path, operation):
 
     store._db.commit = crash_instead_of_commit
     if operation == "add":
-        await store.add_example(1, "cats", b"jpeg-new", "new", max_examples=10)
+        await store.add_example(1, "cats", b"jpeg-new", "new", max_examples=10, added_by=42)
     else:
         await store.move_example(1, "cats", 1, 3)
 
@@ -444,7 +445,7 @@ async def test_backup_holds_only_committed_changes_while_the_bot_writes(
         await commit()
 
     monkeypatch.setattr(store._db, "commit", backup_then_commit)
-    await store.add_example(GUILD, "cats", b"jpeg-2", "text 2", max_examples=MAX)
+    await store.add_example(GUILD, "cats", b"jpeg-2", "text 2", max_examples=MAX, added_by=42)
     backup_database(db_path, tmp_path / "backups" / "after.db")
 
     for backup, expected in (
@@ -468,10 +469,10 @@ def test_backup_of_a_missing_database_fails_instead_of_copying_an_empty_one(tmp_
 async def test_a_cancelled_change_leaves_the_store_usable(store: TaskStore) -> None:
     await make_cats(store, count=0)
     for yields in range(12):  # cancel at a different await inside the change each time
-        change = asyncio.create_task(store.add_example(GUILD, "cats", b"jpeg", "cancelled", max_examples=MAX * 10))
+        change = asyncio.create_task(store.add_example(GUILD, "cats", b"jpeg", "cancelled", max_examples=MAX * 10, added_by=42))
         for _ in range(yields):
             await asyncio.sleep(0)
         change.cancel()
         await asyncio.gather(change, return_exceptions=True)
-        await store.add_example(GUILD, "cats", b"jpeg", "kept", max_examples=MAX * 10)
+        await store.add_example(GUILD, "cats", b"jpeg", "kept", max_examples=MAX * 10, added_by=42)
     assert (await texts(store)).count("kept") == 12

@@ -1,0 +1,146 @@
+"""``/settings`` (Manage Server): where the bot answers, who may use it, how answers show, quotas, reports.
+
+The default task stays under ``/manage-tasks set-default``, next to the tasks it names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs.utils.bot import FlamingoBot
+from cogs.utils.checks import ManageServerGroup
+from core.builtin_tasks import DEFAULT_TASK
+from core.config import QuotaSettings
+from core.guild_settings import GuildSettings, check_quota_change
+
+_COLOUR = discord.Colour.blurple()
+
+
+def _period(seconds: float) -> str:
+    return "hour" if seconds == 3600 else f"{seconds:g} s"
+
+
+def settings_embed(rules: GuildSettings, defaults: QuotaSettings) -> discord.Embed:
+    quotas = rules.quotas(defaults)
+    own = any(v is not None for v in (rules.user_cooldown_seconds, rules.guild_in_flight, rules.guild_per_period))
+    channels = ", ".join(f"<#{c}>" for c in sorted(rules.answer_channels)) or "every channel"
+    embed = discord.Embed(title="Settings for this server", colour=_COLOUR)
+    default = rules.default_task or DEFAULT_TASK
+    embed.add_field(name="Default task", value=f"**{default}** (`/manage-tasks set-default`)")
+    embed.add_field(name="Answers in", value=channels, inline=False)
+    embed.add_field(name="Required role", value=f"<@&{rules.required_role}>" if rules.required_role else "none")
+    embed.add_field(name="Answers are", value="private to the asker" if rules.ephemeral_answers else "public")
+    embed.add_field(
+        name="Quotas" + (" (this server's)" if own else " (the bot's defaults)"),
+        value=(
+            f"{quotas.user_cooldown_seconds:g} s between a member's requests · "
+            f"{quotas.guild_in_flight} at once · {quotas.guild_per_period} per {_period(quotas.period_seconds)}"
+        ),
+        inline=False,
+    )
+    embed.add_field(name="Reports go to", value=f"<#{rules.report_channel}>" if rules.report_channel else "not set")
+    return embed
+
+
+class ServerSettings(commands.Cog):
+    group = ManageServerGroup(name="settings", description="How the bot behaves on this server")
+
+    def __init__(self, bot: FlamingoBot) -> None:
+        self.bot = bot
+
+    async def _change(
+        self, interaction: discord.Interaction, change: Callable[[GuildSettings], GuildSettings], note: str
+    ) -> None:
+        guild_id = interaction.guild_id
+        assert guild_id is not None  # the group is guild-only
+        changed = await self.bot.store.change_guild_settings(guild_id, change)
+        embed = settings_embed(changed, self.bot.settings.quotas)
+        await interaction.response.send_message(note, embed=embed, ephemeral=True)
+
+    @group.command(name="show", description="This server's settings")
+    async def show(self, interaction: discord.Interaction) -> None:
+        rules = await self.bot.store.guild_settings(interaction.guild_id)  # type: ignore[arg-type]
+        await interaction.response.send_message(embed=settings_embed(rules, self.bot.settings.quotas), ephemeral=True)
+
+    @group.command(name="channels", description="Channels where the bot answers (none set: every channel)")
+    @app_commands.describe(action="Add or remove a channel, or clear the list", channel="The channel")
+    async def channels(
+        self,
+        interaction: discord.Interaction,
+        action: Literal["add", "remove", "clear"],
+        channel: discord.TextChannel | None = None,
+    ) -> None:
+        if action != "clear" and channel is None:
+            await interaction.response.send_message(f"Choose the channel to {action}.", ephemeral=True)
+            return
+        if action == "clear":
+            everywhere = lambda r: replace(r, answer_channels=frozenset())  # noqa: E731
+            await self._change(interaction, everywhere, "I answer in every channel now.")
+            return
+        assert channel is not None
+        if action == "add":
+            change = lambda r: replace(r, answer_channels=r.answer_channels | {channel.id})  # noqa: E731
+        else:
+            change = lambda r: replace(r, answer_channels=r.answer_channels - {channel.id})  # noqa: E731
+        await self._change(interaction, change, f"{'Added' if action == 'add' else 'Removed'} {channel.mention}.")
+
+    @group.command(name="role", description="A role members need to use the bot (empty: everyone)")
+    async def role(self, interaction: discord.Interaction, role: discord.Role | None = None) -> None:
+        if role is not None and role.is_default():
+            role = None  # @everyone is no restriction
+        note = f"Members need {role.mention} to use the bot." if role else "Everyone can use the bot."
+        await self._change(interaction, lambda r: replace(r, required_role=role.id if role else None), note)
+
+    @group.command(name="answers", description="Whether answers are public or seen only by the asker")
+    async def answers(self, interaction: discord.Interaction, visibility: Literal["public", "private"]) -> None:
+        private = visibility == "private"
+        note = "Answers are now seen only by the asker." if private else "Answers are now public."
+        await self._change(interaction, lambda r: replace(r, ephemeral_answers=private), note)
+
+    @group.command(name="quotas", description="Stricter limits than the bot's defaults for this server")
+    @app_commands.describe(
+        cooldown_seconds="Least time between two requests of one member",
+        in_flight="Requests of this server being answered or waiting at once",
+        per_period="Requests of this server per period",
+        reset="Go back to the bot's defaults",
+    )
+    async def quotas(
+        self,
+        interaction: discord.Interaction,
+        cooldown_seconds: int | None = None,
+        in_flight: int | None = None,
+        per_period: int | None = None,
+        reset: bool = False,
+    ) -> None:
+        if reset:
+            change = lambda r: replace(  # noqa: E731
+                r, user_cooldown_seconds=None, guild_in_flight=None, guild_per_period=None
+            )
+            await self._change(interaction, change, "Quotas are back to the bot's defaults.")
+            return
+        check_quota_change(self.bot.settings.quotas, cooldown_seconds, in_flight, per_period)
+
+        def change(rules: GuildSettings) -> GuildSettings:
+            return replace(
+                rules,
+                user_cooldown_seconds=cooldown_seconds if cooldown_seconds is not None else rules.user_cooldown_seconds,
+                guild_in_flight=in_flight if in_flight is not None else rules.guild_in_flight,
+                guild_per_period=per_period if per_period is not None else rules.guild_per_period,
+            )
+
+        await self._change(interaction, change, "Quotas updated.")
+
+    @group.command(name="reports", description="The channel where reported answers are posted (empty: none)")
+    async def reports(self, interaction: discord.Interaction, channel: discord.TextChannel | None = None) -> None:
+        note = f"Reports go to {channel.mention}." if channel else "Reports are off: answers show no report target."
+        await self._change(interaction, lambda r: replace(r, report_channel=channel.id if channel else None), note)
+
+
+async def setup(bot: FlamingoBot) -> None:
+    await bot.add_cog(ServerSettings(bot))

@@ -1,0 +1,166 @@
+"""The bot's one SQLite file through aiosqlite: connection, schema migrations and transactions.
+
+Every change runs in one ``BEGIN IMMEDIATE`` transaction under an ``asyncio.Lock``: the bot shares
+one connection between coroutines, and without the lock the statements of two changes would
+interleave inside one transaction. Reads take the lock too, so they never see another coroutine's
+uncommitted rows. The stores built on this class (tasks, guild settings, stored requests) each
+keep their own queries; every query names the guild or the user it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, closing
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Self
+
+import aiosqlite
+
+_BUSY_TIMEOUT_MS = 5000
+
+# Schema steps in order; step i brings ``PRAGMA user_version`` from i to i + 1. Append, never edit.
+# ``name_key`` is ``str.casefold(name)``: SQLite's NOCASE folds only ASCII letters.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE tasks (
+            id INTEGER PRIMARY KEY,
+            guild_id INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            name_key TEXT NOT NULL,
+            description TEXT NOT NULL,
+            prompt_template TEXT NOT NULL,
+            created_by INTEGER NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            revision INTEGER NOT NULL DEFAULT 1,
+            UNIQUE (guild_id, name_key)
+        )""",
+        """CREATE TABLE examples (
+            task_id INTEGER NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            image BLOB NOT NULL,
+            image_sha256 TEXT NOT NULL,
+            UNIQUE (task_id, position)
+        )""",
+    ),
+    ("CREATE TABLE guild_settings (guild_id INTEGER PRIMARY KEY, default_task TEXT)",),
+    (
+        "ALTER TABLE guild_settings ADD COLUMN answer_channels TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE guild_settings ADD COLUMN required_role INTEGER",
+        "ALTER TABLE guild_settings ADD COLUMN ephemeral_answers INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE guild_settings ADD COLUMN user_cooldown_seconds INTEGER",
+        "ALTER TABLE guild_settings ADD COLUMN guild_in_flight INTEGER",
+        "ALTER TABLE guild_settings ADD COLUMN guild_per_period INTEGER",
+        "ALTER TABLE guild_settings ADD COLUMN report_channel INTEGER",
+        "ALTER TABLE examples ADD COLUMN added_by INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE requests (
+            id INTEGER PRIMARY KEY,
+            guild_id INTEGER NOT NULL,
+            channel_id INTEGER NOT NULL,
+            user_id INTEGER NOT NULL,
+            task TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            params TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE request_images (
+            request_id INTEGER NOT NULL REFERENCES requests (id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            image BLOB NOT NULL,
+            UNIQUE (request_id, position)
+        )""",
+        "CREATE INDEX requests_by_user ON requests (user_id)",
+        "CREATE INDEX requests_by_age ON requests (created_at)",
+        "CREATE TABLE departed_guilds (guild_id INTEGER PRIMARY KEY, left_at TEXT NOT NULL)",
+    ),
+)
+
+
+def now_text() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class Database:
+    """One connection; open it with ``await SomeStore.open(path)``."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._lock = asyncio.Lock()
+        self.schema_version = 0
+
+    @classmethod
+    async def open(cls, path: Path) -> Self:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: the store writes BEGIN itself, so sqlite3 never opens or commits behind its back.
+        db = await aiosqlite.connect(path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        store = cls(db)
+        try:
+            for pragma in ("journal_mode = WAL", "foreign_keys = ON", f"busy_timeout = {_BUSY_TIMEOUT_MS}"):
+                await db.execute(f"PRAGMA {pragma}")
+            await store._migrate()
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One atomic change; IMMEDIATE takes the write lock first, so no read-then-write upgrade can fail.
+
+        BEGIN and COMMIT sit inside the ``try``: a change cancelled while either is queued still ends its
+        transaction, instead of leaving the shared connection inside it.
+        """
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+                await self._db.commit()
+            except BaseException:
+                await self._db.rollback()
+                raise
+
+    async def _migrate(self) -> None:
+        """Apply the missing steps, each with its version bump in one transaction, so a crash never half-migrates."""
+        while True:
+            async with self._transaction() as db:
+                version = await self._int("PRAGMA user_version")
+                if version > len(MIGRATIONS):
+                    raise RuntimeError(
+                        f"The task database is at schema version {version}, newer than this code knows "
+                        f"({len(MIGRATIONS)}); run the newer bot version or restore a backup."
+                    )
+                self.schema_version = version
+                if version == len(MIGRATIONS):
+                    return
+                for statement in MIGRATIONS[version]:
+                    await db.execute(statement)
+                await db.execute(f"PRAGMA user_version = {version + 1}")
+
+    async def _one(self, sql: str, parameters: Sequence[object] = ()) -> sqlite3.Row | None:
+        rows = list(await self._db.execute_fetchall(sql, parameters))
+        return rows[0] if rows else None
+
+    async def _int(self, sql: str, parameters: Sequence[object] = ()) -> int:
+        """The single integer a count or a pragma query returns."""
+        rows = list(await self._db.execute_fetchall(sql, parameters))
+        return rows[0][0]
+
+
+def backup_database(source: Path, target: Path) -> None:
+    """Copy a consistent snapshot with SQLite's online backup API, safe while the bot writes.
+
+    It blocks: call it through ``asyncio.to_thread`` from the bot. The source is opened read-only, so a
+    wrong path fails instead of backing up a new empty file; the copy lands in one transaction on the target.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source_uri = f"{source.resolve().as_uri()}?mode=ro"
+    with closing(sqlite3.connect(source_uri, uri=True)) as src, closing(sqlite3.connect(target)) as dst:
+        src.backup(dst)

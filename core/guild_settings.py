@@ -1,0 +1,100 @@
+"""Per-server settings a member with Manage Server may change without the bot's owner.
+
+Quota values a server sets may only be stricter than the operator's: the config's values are the
+fair share of one GPU between all servers, and one server raising its own would take from others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from core.config import QuotaSettings
+from core.database import Database
+from core.errors import BadParameter
+
+MAX_ANSWER_CHANNELS = 25
+MAX_COOLDOWN_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class GuildSettings:
+    default_task: str | None = None
+    answer_channels: frozenset[int] = frozenset()  # empty: every channel
+    required_role: int | None = None
+    ephemeral_answers: bool = False
+    user_cooldown_seconds: int | None = None  # None: the config's value
+    guild_in_flight: int | None = None
+    guild_per_period: int | None = None
+    report_channel: int | None = None
+
+    def quotas(self, defaults: QuotaSettings) -> QuotaSettings:
+        """The limits in force here: the server's own where it set them, never looser than the config's."""
+        return defaults.model_copy(
+            update={
+                "user_cooldown_seconds": max(defaults.user_cooldown_seconds, self.user_cooldown_seconds or 0),
+                "guild_in_flight": min(defaults.guild_in_flight, self.guild_in_flight or defaults.guild_in_flight),
+                "guild_per_period": min(defaults.guild_per_period, self.guild_per_period or defaults.guild_per_period),
+            }
+        )
+
+    def allows_channel(self, *channel_ids: int | None) -> bool:
+        """A channel, or a thread whose parent, is one of the answer channels (or none are set)."""
+        return not self.answer_channels or any(c in self.answer_channels for c in channel_ids if c is not None)
+
+
+def check_quota_change(
+    defaults: QuotaSettings, cooldown_seconds: int | None, in_flight: int | None, per_period: int | None
+) -> None:
+    """Refuse values outside what the operator allows, saying the range."""
+    low_cooldown = int(defaults.user_cooldown_seconds)
+    if cooldown_seconds is not None and not low_cooldown <= cooldown_seconds <= MAX_COOLDOWN_SECONDS:
+        raise BadParameter(f"cooldown_seconds must be between {low_cooldown} and {MAX_COOLDOWN_SECONDS}.")
+    if in_flight is not None and not 1 <= in_flight <= defaults.guild_in_flight:
+        raise BadParameter(f"in_flight must be between 1 and {defaults.guild_in_flight}.")
+    if per_period is not None and not 1 <= per_period <= defaults.guild_per_period:
+        raise BadParameter(f"per_period must be between 1 and {defaults.guild_per_period}.")
+
+
+_COLUMNS = tuple(f.name for f in dataclasses.fields(GuildSettings))
+
+
+def _from_row(row: object) -> GuildSettings:
+    values = dict(zip(_COLUMNS, row, strict=True))  # type: ignore[call-overload]
+    values["answer_channels"] = frozenset(json.loads(values["answer_channels"]))
+    values["ephemeral_answers"] = bool(values["ephemeral_answers"])
+    return GuildSettings(**values)
+
+
+def _to_row(settings: GuildSettings) -> tuple[object, ...]:
+    values = dataclasses.asdict(settings)
+    values["answer_channels"] = json.dumps(sorted(settings.answer_channels))
+    values["ephemeral_answers"] = int(settings.ephemeral_answers)
+    return tuple(values[column] for column in _COLUMNS)
+
+
+class GuildSettingsStore(Database):
+    async def guild_settings(self, guild_id: int) -> GuildSettings:
+        async with self._lock:
+            row = await self._one(f"SELECT {', '.join(_COLUMNS)} FROM guild_settings WHERE guild_id = ?", (guild_id,))
+        return GuildSettings() if row is None else _from_row(row)
+
+    async def change_guild_settings(
+        self, guild_id: int, change: Callable[[GuildSettings], GuildSettings]
+    ) -> GuildSettings:
+        """Read, change and write in one transaction, so two admins' changes never undo each other."""
+        async with self._transaction() as db:
+            row = await self._one(f"SELECT {', '.join(_COLUMNS)} FROM guild_settings WHERE guild_id = ?", (guild_id,))
+            changed = change(GuildSettings() if row is None else _from_row(row))
+            if len(changed.answer_channels) > MAX_ANSWER_CHANNELS:
+                raise BadParameter(f"At most {MAX_ANSWER_CHANNELS} answer channels can be set.")
+            updates = ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS)
+            await db.execute(
+                f"""INSERT INTO guild_settings (guild_id, {", ".join(_COLUMNS)})
+                VALUES (?, {", ".join("?" for _ in _COLUMNS)})
+                ON CONFLICT (guild_id) DO UPDATE SET {updates}""",
+                (guild_id, *_to_row(changed)),
+            )
+        return changed

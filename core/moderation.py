@@ -1,0 +1,26 @@
+"""What may be posted: a hook that can withhold an answer before it reaches a channel.
+
+The default is a word list from config. A public bot answers strangers with a model trained on the
+open web, so outside channels marked NSFW an answer with a listed word is not posted at all
+(replacing the word would still leave its meaning plain).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Protocol
+
+
+class AnswerFilter(Protocol):
+    def blocks(self, text: str) -> bool: ...
+
+
+class WordListFilter:
+    def __init__(self, words: Iterable[str]) -> None:
+        listed = sorted({word.strip().casefold() for word in words if word.strip()}, key=len, reverse=True)
+        # Whole words only, so "class" is not caught by "ass"; casefold catches "BAD" and "Bad".
+        self._pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, listed)) + r")\b") if listed else None
+
+    def blocks(self, text: str) -> bool:
+        return self._pattern is not None and self._pattern.search(text.casefold()) is not None

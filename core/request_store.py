@@ -1,0 +1,91 @@
+"""Answered requests, kept so an answer's buttons still work after a restart, then forgotten.
+
+A button's ``custom_id`` holds only a row id; the inputs (prompt, task, parameters, images) live
+here. Rows expire after the retention set in config, and a user may delete theirs at any time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from core.database import Database, now_text
+from core.generation import GenerationParams
+
+
+@dataclass(frozen=True)
+class StoredRequest:
+    id: int
+    guild_id: int  # 0 outside servers
+    channel_id: int
+    user_id: int
+    task: str
+    prompt: str
+    params: GenerationParams
+    images: tuple[bytes, ...]
+    created_at: datetime
+
+
+class RequestStore(Database):
+    async def save_request(
+        self,
+        guild_id: int | None,
+        channel_id: int,
+        user_id: int,
+        task: str,
+        prompt: str,
+        params: GenerationParams,
+        images: Sequence[bytes],
+    ) -> int:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                """INSERT INTO requests (guild_id, channel_id, user_id, task, prompt, params, created_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                (guild_id or 0, channel_id, user_id, task, prompt, json.dumps(dataclasses.asdict(params)), now_text()),
+            )
+            request_id = cursor.lastrowid
+            assert request_id is not None
+            await db.executemany(
+                "INSERT INTO request_images (request_id, position, image) VALUES (?, ?, ?)",
+                [(request_id, position, image) for position, image in enumerate(images, 1)],
+            )
+        return request_id
+
+    async def get_request(self, request_id: int, guild_id: int | None) -> StoredRequest | None:
+        """The request, only if it was made in the same server: ids are guessable, servers are not."""
+        async with self._lock:
+            row = await self._one("SELECT * FROM requests WHERE id = ? AND guild_id = ?", (request_id, guild_id or 0))
+            if row is None:
+                return None
+            images = await self._db.execute_fetchall(
+                "SELECT image FROM request_images WHERE request_id = ? ORDER BY position", (request_id,)
+            )
+        return StoredRequest(
+            id=row["id"],
+            guild_id=row["guild_id"],
+            channel_id=row["channel_id"],
+            user_id=row["user_id"],
+            task=row["task"],
+            prompt=row["prompt"],
+            params=GenerationParams(**json.loads(row["params"])),
+            images=tuple(image[0] for image in images),
+            created_at=datetime.fromisoformat(row["created_at"]),
+        )
+
+    async def delete_request(self, request_id: int) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM requests WHERE id = ?", (request_id,))
+
+    async def delete_requests_before(self, cutoff: datetime) -> int:
+        """Retention: every request older than ``cutoff`` goes, with its images."""
+        async with self._transaction() as db:
+            cursor = await db.execute("DELETE FROM requests WHERE created_at < ?", (cutoff.isoformat(),))
+            return cursor.rowcount
+
+    async def delete_user_requests(self, user_id: int) -> int:
+        async with self._transaction() as db:
+            cursor = await db.execute("DELETE FROM requests WHERE user_id = ?", (user_id,))
+            return cursor.rowcount

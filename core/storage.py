@@ -1,0 +1,48 @@
+"""The bot's database as one object: tasks, server settings and stored requests on one connection.
+
+Also the retention rules that span them: a server's data outlives the bot's departure only for a
+configured grace period (so a kick by mistake loses nothing), and requests expire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from core.config import PrivacySettings
+from core.database import now_text
+from core.guild_settings import GuildSettingsStore
+from core.request_store import RequestStore
+from core.store import TaskStore
+
+
+@dataclass(frozen=True)
+class Purged:
+    requests: int
+    guilds: int
+
+
+class Storage(TaskStore, GuildSettingsStore, RequestStore):
+    async def mark_departed(self, guild_id: int) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO departed_guilds (guild_id, left_at) VALUES (?, ?) ON CONFLICT (guild_id) DO NOTHING",
+                (guild_id, now_text()),
+            )
+
+    async def mark_present(self, guild_id: int) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM departed_guilds WHERE guild_id = ?", (guild_id,))
+
+    async def purge(self, privacy: PrivacySettings, now: datetime | None = None) -> Purged:
+        """Delete requests past their retention and every row of servers the bot left long enough ago."""
+        now = now or datetime.now(UTC)
+        requests = await self.delete_requests_before(now - timedelta(hours=privacy.request_retention_hours))
+        cutoff = (now - timedelta(days=privacy.departed_guild_retention_days)).isoformat()
+        async with self._transaction() as db:
+            rows = await db.execute_fetchall("SELECT guild_id FROM departed_guilds WHERE left_at < ?", (cutoff,))
+            guilds = [row[0] for row in rows]
+            for guild_id in guilds:
+                for table in ("tasks", "guild_settings", "requests", "departed_guilds"):
+                    await db.execute(f"DELETE FROM {table} WHERE guild_id = ?", (guild_id,))
+        return Purged(requests, len(guilds))

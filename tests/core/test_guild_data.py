@@ -1,0 +1,141 @@
+"""Server settings, stored requests and retention, on the bot's one database."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from core.config import PrivacySettings, QuotaSettings
+from core.errors import BadParameter
+from core.generation import GenerationParams
+from core.guild_settings import GuildSettings, check_quota_change
+from core.moderation import WordListFilter
+from core.storage import Storage
+
+GUILD, OTHER = 1, 2
+
+
+@pytest.fixture
+async def storage(tmp_path):
+    storage = await Storage.open(tmp_path / "bot.db")
+    yield storage
+    await storage.close()
+
+
+async def test_settings_default_until_changed_and_are_kept_per_guild(storage):
+    assert await storage.guild_settings(GUILD) == GuildSettings()
+    await storage.set_default_task(GUILD, "cats")
+    changed = await storage.change_guild_settings(
+        GUILD, lambda s: replace(s, answer_channels=frozenset({5, 3}), required_role=9, ephemeral_answers=True)
+    )
+    assert changed == GuildSettings("cats", frozenset({3, 5}), 9, True)
+    assert await storage.guild_settings(GUILD) == changed
+    assert await storage.guild_settings(OTHER) == GuildSettings()
+
+
+async def test_concurrent_changes_each_see_the_other(storage):
+    await asyncio.gather(
+        *(
+            storage.change_guild_settings(GUILD, lambda s, c=c: replace(s, answer_channels=s.answer_channels | {c}))
+            for c in range(10)
+        )
+    )
+    assert (await storage.guild_settings(GUILD)).answer_channels == frozenset(range(10))
+
+
+async def test_too_many_answer_channels_are_refused_and_nothing_changes(storage):
+    with pytest.raises(BadParameter, match="At most 25 answer channels"):
+        await storage.change_guild_settings(GUILD, lambda s: replace(s, answer_channels=frozenset(range(26))))
+    assert await storage.guild_settings(GUILD) == GuildSettings()
+
+
+def test_a_server_can_only_tighten_the_operators_quotas():
+    defaults = QuotaSettings(user_cooldown_seconds=10, guild_in_flight=8, guild_per_period=120)
+    own = GuildSettings(user_cooldown_seconds=60, guild_in_flight=2, guild_per_period=20).quotas(defaults)
+    assert (own.user_cooldown_seconds, own.guild_in_flight, own.guild_per_period) == (60, 2, 20)
+    assert GuildSettings().quotas(defaults) == defaults
+    check_quota_change(defaults, 10, 1, 120)
+    for values, message in [
+        ((5, None, None), "cooldown_seconds must be between 10 and 3600"),
+        ((None, 9, None), "in_flight must be between 1 and 8"),
+        ((None, None, 0), "per_period must be between 1 and 120"),
+    ]:
+        with pytest.raises(BadParameter, match=message):
+            check_quota_change(defaults, *values)
+
+
+def test_answer_channels_allow_their_threads():
+    rules = GuildSettings(answer_channels=frozenset({10}))
+    assert rules.allows_channel(10) and rules.allows_channel(77, 10)
+    assert not rules.allows_channel(77, None)
+    assert GuildSettings().allows_channel(77)
+
+
+async def test_requests_round_trip_only_within_their_guild(storage):
+    params = GenerationParams(max_new_tokens=5, do_sample=True, temperature=0.7)
+    request_id = await storage.save_request(GUILD, 3, 42, "caption", "<image>Output:", params, [b"one", b"two"])
+    stored = await storage.get_request(request_id, GUILD)
+    assert stored is not None
+    assert (stored.user_id, stored.task, stored.prompt, stored.params, stored.images) == (
+        42,
+        "caption",
+        "<image>Output:",
+        params,
+        (b"one", b"two"),
+    )
+    assert await storage.get_request(request_id, OTHER) is None
+    direct = await storage.save_request(None, 4, 42, "vqa", "<image>Q:", GenerationParams(), [b"x"])
+    assert (await storage.get_request(direct, None)).guild_id == 0  # type: ignore[union-attr]
+
+
+async def test_purge_deletes_old_requests_and_servers_left_long_ago(storage):
+    privacy = PrivacySettings(request_retention_hours=24, departed_guild_retention_days=30)
+    for guild in (GUILD, OTHER):
+        await storage.create_task(guild, "cats", "", "<image>Cat:", 42, max_tasks=5, examples=[(b"jpeg", "t")])
+        await storage.set_default_task(guild, "cats")
+        await storage.save_request(guild, 3, 42, "cats", "<image>Cat:", GenerationParams(), [b"x"])
+    await storage.mark_departed(GUILD)
+    await storage.mark_departed(OTHER)
+    await storage.mark_present(OTHER)  # came back: nothing of it may go
+
+    soon = await storage.purge(privacy, datetime.now(UTC) + timedelta(hours=1))
+    assert (soon.requests, soon.guilds) == (0, 0)
+    later = await storage.purge(privacy, datetime.now(UTC) + timedelta(days=2))
+    assert (later.requests, later.guilds) == (2, 0)
+    assert await storage.get_task(GUILD, "cats") is not None
+    gone = await storage.purge(privacy, datetime.now(UTC) + timedelta(days=31))
+    assert gone.guilds == 1
+    assert await storage.get_task(GUILD, "cats") is None
+    assert await storage.guild_settings(GUILD) == GuildSettings()
+    assert await storage.get_task(OTHER, "cats") is not None
+    assert (await storage.guild_settings(OTHER)).default_task == "cats"
+
+
+async def test_forgetting_a_user_removes_their_requests_and_examples_and_renumbers(storage):
+    await storage.create_task(GUILD, "cats", "", "<image>Cat:", 7, max_tasks=5, examples=[(b"a", "by seven")])
+    for image, text, author in [(b"b", "by me", 42), (b"c", "by seven again", 7), (b"d", "by me again", 42)]:
+        await storage.add_example(GUILD, "cats", image, text, max_examples=8, added_by=author)
+    await storage.save_request(GUILD, 3, 42, "cats", "<image>Cat:", GenerationParams(), [b"x"])
+    mine = await storage.save_request(GUILD, 3, 7, "cats", "<image>Cat:", GenerationParams(), [b"y"])
+    before = await storage.get_task(GUILD, "cats")
+    assert await storage.count_user_examples(42) == 2
+
+    assert await storage.delete_user_requests(42) == 1
+    assert await storage.delete_user_examples(42) == 2
+    after = await storage.get_task(GUILD, "cats")
+    assert after is not None and before is not None
+    assert [(e.position, e.text) for e in after.examples] == [(1, "by seven"), (2, "by seven again")]
+    assert after.revision > before.revision
+    assert await storage.get_request(mine, GUILD) is not None
+    assert await storage.count_user_examples(42) == 0
+
+
+def test_the_word_filter_matches_whole_words_in_any_case():
+    words = WordListFilter(["darn", " Heck ", ""])
+    assert words.blocks("Well DARN it")
+    assert words.blocks("oh heck.")
+    assert not words.blocks("darnation and checking")
+    assert not WordListFilter([]).blocks("anything at all")
