@@ -329,7 +329,10 @@ async def test_every_change_bumps_the_revision(store: TaskStore) -> None:
 async def test_concurrent_add_example_calls_get_contiguous_positions(store: TaskStore) -> None:
     await make_cats(store, count=0)
     positions = await asyncio.gather(
-        *(store.add_example(GUILD, "cats", f"jpeg-{i}".encode(), f"text {i}", max_examples=100, added_by=42) for i in range(40))
+        *(
+            store.add_example(GUILD, "cats", f"jpeg-{i}".encode(), f"text {i}", max_examples=100, added_by=42)
+            for i in range(40)
+        )
     )
     assert sorted(positions) == list(range(1, 41))
     task = await store.get_task(GUILD, "cats")
@@ -469,7 +472,9 @@ def test_backup_of_a_missing_database_fails_instead_of_copying_an_empty_one(tmp_
 async def test_a_cancelled_change_leaves_the_store_usable(store: TaskStore) -> None:
     await make_cats(store, count=0)
     for yields in range(12):  # cancel at a different await inside the change each time
-        change = asyncio.create_task(store.add_example(GUILD, "cats", b"jpeg", "cancelled", max_examples=MAX * 10, added_by=42))
+        change = asyncio.create_task(
+            store.add_example(GUILD, "cats", b"jpeg", "cancelled", max_examples=MAX * 10, added_by=42)
+        )
         for _ in range(yields):
             await asyncio.sleep(0)
         change.cancel()
