@@ -7,11 +7,31 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs.utils.bot import FlamingoBot
+from core.config import PrivacySettings
+from core.guild_settings import GuildSettings
 
 _COLOUR = discord.Colour.blurple()
 
 
-def help_embed(default_task: str, task_count: int, privacy_url: str | None, terms_url: str | None) -> discord.Embed:
+def _server_line(default_task: str, task_count: int, rules: GuildSettings) -> str:
+    parts = [f"Default task: **{default_task}**", f"{task_count} tasks"]
+    if rules.answer_channels:
+        parts.append("answers only in " + ", ".join(f"<#{c}>" for c in sorted(rules.answer_channels)))
+    if rules.required_role:
+        parts.append(f"for members with <@&{rules.required_role}>")
+    if rules.ephemeral_answers:
+        parts.append("answers are private")
+    return " · ".join(parts)
+
+
+def help_embed(
+    default_task: str,
+    task_count: int,
+    rules: GuildSettings,
+    privacy: PrivacySettings,
+    privacy_url: str | None,
+    terms_url: str | None,
+) -> discord.Embed:
     embed = discord.Embed(
         title="flamingo-bot",
         description=(
@@ -27,7 +47,8 @@ def help_embed(default_task: str, task_count: int, privacy_url: str | None, term
             "Write your own prompt with `<image>` where the picture is read, for example "
             "`<image>Question: What is the cat doing? Short answer:` with `task:vqa`.\n"
             "Several pictures: attach `image2`…`image4` and put one `<image>` for each, in order.\n"
-            "Or use **Apps → Describe image** on any message with an attached picture."
+            "Or use **Apps → Describe image** on any message with an attached picture. "
+            "Under each answer: 🎲 re-roll, 📝 the full prompt, 🗑️ delete, 🚩 report."
         ),
         inline=False,
     )
@@ -35,11 +56,20 @@ def help_embed(default_task: str, task_count: int, privacy_url: str | None, term
         name="Tasks",
         value=(
             "`/tasks list` and `/tasks show` browse them. Members with Manage Server build this server's "
-            "own with `/manage-tasks` (create, add-example, copy a built-in, set-default, …)."
+            "own with `/manage-tasks` (create, add-example, copy a built-in, import, set-default, …) "
+            "and choose channels, a role and quotas with `/settings`."
         ),
         inline=False,
     )
-    embed.add_field(name="This server", value=f"Default task: **{default_task}** · {task_count} tasks", inline=False)
+    embed.add_field(name="This server", value=_server_line(default_task, task_count, rules), inline=False)
+    embed.add_field(
+        name="Your data",
+        value=(
+            f"Each answer's inputs are kept {privacy.request_retention_hours:g} hours, for its buttons. "
+            "`/forget-me` deletes everything stored about you."
+        ),
+        inline=False,
+    )
     links = [f"[Privacy policy]({privacy_url})" if privacy_url else "", f"[Terms]({terms_url})" if terms_url else ""]
     if any(links):
         embed.add_field(name="About", value=" · ".join(link for link in links if link), inline=False)
@@ -55,8 +85,11 @@ class Help(commands.Cog):
         library = self.bot.library
         default = await library.default_task_name(interaction.guild_id)
         tasks = await library.list_tasks(interaction.guild_id)
-        discord_settings = self.bot.settings.discord
-        embed = help_embed(default, len(tasks), discord_settings.privacy_url, discord_settings.terms_url)
+        guild_id = interaction.guild_id
+        rules = await self.bot.store.guild_settings(guild_id) if guild_id is not None else GuildSettings()
+        settings = self.bot.settings
+        links = settings.discord.privacy_url, settings.discord.terms_url
+        embed = help_embed(default, len(tasks), rules, settings.privacy, *links)
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
 

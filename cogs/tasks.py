@@ -5,6 +5,7 @@ Two groups rather than one, because Discord ignores ``default_permissions`` on s
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import discord
@@ -15,7 +16,9 @@ from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.checks import ManageServerGroup
 from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, clip
+from core.errors import LimitReached
 from core.images import check_file_size
+from core.task_archive import BadArchive, archive_filename, write_archive
 from core.tasks import TaskDetails, TaskInfo, TaskLibrary
 
 _COLOUR = discord.Colour.blurple()
@@ -81,6 +84,38 @@ class Tasks(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         details = await self.library.details(interaction.guild_id, task)
         await interaction.followup.send(**task_details_message(details), ephemeral=True)
+
+    @browse.command(name="export", description="A task as one file, to import into another server")
+    @app_commands.describe(task="The task's name")
+    @app_commands.autocomplete(task=task_names)
+    async def export(self, interaction: discord.Interaction, task: str) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        archive = await self.library.export(interaction.guild_id, task)
+        data = await asyncio.to_thread(write_archive, archive, discord.utils.utcnow())
+        if len(data) > interaction.filesize_limit:
+            raise LimitReached(
+                f"Task “{archive.name}” makes a {len(data) / 2**20:.1f} MiB file; Discord lets me attach at most "
+                f"{interaction.filesize_limit / 2**20:.1f} MiB here. Remove an example or two and try again."
+            )
+        count = len(archive.examples)
+        await interaction.followup.send(
+            f"Task **{archive.name}** with {count} example{'' if count == 1 else 's'}. "
+            "Someone with Manage Server can add it to any server with `/manage-tasks import`.",
+            file=discord.File(io.BytesIO(data), filename=archive_filename(archive.name)),
+            ephemeral=True,
+        )
+
+    @manage.command(name="import", description="Add a task from a file made by /tasks export")
+    @app_commands.describe(file="The .flamingo-task.zip file", name="A name for it here (default: its own)")
+    async def import_task(
+        self, interaction: discord.Interaction, file: discord.Attachment, name: str | None = None
+    ) -> None:
+        limit = self.bot.settings.limits.max_import_bytes
+        if file.size > limit:
+            raise BadArchive(f"The task file is {file.size:,} bytes; the limit is {limit:,} bytes.")
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        imported = await self.library.import_task(interaction.guild_id, await file.read(), interaction.user.id, name)
+        await interaction.followup.send(f"Imported task **{imported}**.", ephemeral=True)
 
     @manage.command(description="Create a task (add examples to it afterwards)")
     @app_commands.describe(

@@ -110,6 +110,7 @@ class LimitSettings(BaseModel):
     max_example_chars: int = Field(400, gt=0)
     max_description_chars: int = Field(200, gt=0)
     max_template_chars: int = Field(400, gt=0)
+    max_import_bytes: int = Field(25 * 1024 * 1024, gt=0, description="A task file /manage-tasks import reads.")
 
 
 class StorageSettings(BaseModel):

@@ -15,10 +15,11 @@ from typing import Protocol
 
 from core.builtin_tasks import DEFAULT_TASK
 from core.config import Settings
-from core.errors import BadName, LimitReached, ReadOnlyTask, UnknownTask
+from core.errors import BadImage, BadName, FlamingoError, LimitReached, ReadOnlyTask, UnknownTask
 from core.images import encode_for_storage, load_image
 from core.prompts import Example, Task, assemble_prompt
 from core.store import StoredTask, TaskStore
+from core.task_archive import ArchivedExample, ArchiveLimits, BadArchive, TaskArchive, read_archive
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _NAME_RULE = "1 to 32 characters: lowercase letters, digits, '-' and '_', starting with a letter or digit"
@@ -151,6 +152,57 @@ class TaskLibrary:
             examples=examples,
         )
         return new_name
+
+    async def export(self, guild_id: int | None, name: str) -> TaskArchive:
+        details = await self.details(guild_id, name)
+        examples = tuple(ArchivedExample(example.image, example.text) for example in details.examples)
+        return TaskArchive(details.info.name, details.info.description, details.prompt_template, examples)
+
+    async def import_task(self, guild_id: int, upload: bytes, author_id: int, name: str | None = None) -> str:
+        """A task file from an export, checked like every upload; a refused import changes nothing."""
+        archive = await asyncio.to_thread(read_archive, upload, self.archive_limits)
+        try:
+            new_name = self._new_name(name or archive.name)
+            description = self._check_length(
+                archive.description.strip(), self.limits.max_description_chars, "description"
+            )
+            template = self._check_template(archive.prompt_template)
+            texts = [self._check_example_text(example.text) for example in archive.examples]
+        except FlamingoError as error:
+            raise BadArchive(f"The task file cannot be imported: {error}") from None
+        self._check_fits(new_name, texts, template)
+        images = await asyncio.to_thread(self._stored_images, archive.examples)
+        await self.store.create_task(
+            guild_id,
+            new_name,
+            description,
+            template,
+            author_id,
+            max_tasks=self.limits.max_tasks_per_guild,
+            examples=list(zip(images, texts, strict=True)),
+        )
+        return new_name
+
+    @property
+    def archive_limits(self) -> ArchiveLimits:
+        limits = self.limits
+        longest = max(limits.max_example_chars, limits.max_template_chars, limits.max_description_chars, 32)
+        return ArchiveLimits(
+            max_bytes=limits.max_import_bytes,
+            max_uncompressed_bytes=2 * limits.max_import_bytes,
+            max_examples=limits.max_examples_per_task,
+            max_text_chars=longest,
+        )
+
+    def _stored_images(self, examples: Sequence[ArchivedExample]) -> list[bytes]:
+        """Each image decoded under the upload rules and re-encoded, so a crafted file stores nothing odd."""
+        stored = []
+        for position, example in enumerate(examples, 1):
+            try:
+                stored.append(encode_for_storage(load_image(example.image, self.settings.images)))
+            except BadImage as error:
+                raise BadArchive(f"Example {position} of the task file: {error}") from None
+        return stored
 
     async def update(self, guild_id: int, name: str, description: str | None, template: str | None) -> None:
         stored = await self._stored_for_change(guild_id, name)

@@ -1,0 +1,71 @@
+"""Export a task from one server, import it into another: checked like any upload, all or nothing."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+
+from core.errors import TaskExists
+from core.store import TaskStore
+from core.task_archive import ArchivedExample, BadArchive, read_archive, write_archive
+from core.tasks import TaskLibrary
+from tests.conftest import IMAGES
+
+HOME, AWAY = 1, 2
+NOW = datetime(2026, 11, 25, tzinfo=UTC)
+
+
+@pytest.fixture
+async def library(tmp_path, llama_engine, builtin_tasks):
+    store = await TaskStore.open(tmp_path / "tasks.db")
+    library = TaskLibrary(store, builtin_tasks, llama_engine, llama_engine.settings)
+    await library.create(HOME, "pets", "Pets, briefly", "<image>Pet:", author_id=1)
+    for name, text in [("chelsea", "<image>Pet:a cat"), ("coffee", "<image>Pet:not a pet")]:
+        await library.add_example(HOME, "pets", (IMAGES / f"{name}.jpg").read_bytes(), text, 1)
+    yield library
+    await store.close()
+
+
+async def test_an_exported_task_imports_into_another_server_unchanged(library):
+    data = write_archive(await library.export(HOME, "pets"), NOW)
+    assert await library.import_task(AWAY, data, author_id=5) == "pets"
+    home, away = await library.details(HOME, "pets"), await library.details(AWAY, "pets")
+    assert (away.info.description, away.prompt_template) == ("Pets, briefly", "<image>Pet:")
+    assert [e.text for e in away.examples] == [e.text for e in home.examples]
+    assert [e.image[:2] for e in away.examples] == [b"\xff\xd8", b"\xff\xd8"]
+    assert await library.import_task(AWAY, data, author_id=5, name="pets-2") == "pets-2"
+
+
+async def test_builtin_tasks_export_too(library):
+    archive = read_archive(write_archive(await library.export(None, "vqa"), NOW), library.archive_limits)
+    assert archive.name == "vqa" and len(archive.examples) > 0
+
+
+async def _refused(library, archive, match: str, name: str | None = None) -> None:
+    before = await library.list_tasks(AWAY)
+    with pytest.raises((BadArchive, TaskExists), match=match):
+        await library.import_task(AWAY, write_archive(archive, NOW), author_id=5, name=name)
+    assert await library.list_tasks(AWAY) == before
+
+
+async def test_a_bad_image_refuses_the_whole_import(library):
+    archive = await library.export(HOME, "pets")
+    broken = replace(archive, examples=(*archive.examples[:1], ArchivedExample(b"\xff\xd8 not a jpeg", "<image>Pet:x")))
+    await _refused(library, broken, "Example 2 of the task file: ")
+
+
+async def test_texts_follow_the_task_rules(library):
+    archive = await library.export(HOME, "pets")
+    await _refused(library, replace(archive, prompt_template="Pet:"), "cannot be imported: The prompt template has 0")
+    await _refused(library, replace(archive, name="Bad Name!"), "cannot be imported: “Bad Name!” is not a valid")
+    await _refused(library, replace(archive, name="caption"), "the name of a built-in task")
+    injected = replace(archive, examples=(ArchivedExample(archive.examples[0].image, "<image>Pet:<|endofchunk|>"),))
+    await _refused(library, injected, "cannot be imported: ")
+
+
+async def test_an_existing_name_is_refused_until_another_is_given(library):
+    archive = await library.export(HOME, "pets")
+    await library.import_task(AWAY, write_archive(archive, NOW), author_id=5)
+    await _refused(library, archive, "already has a task called “pets”")
