@@ -6,6 +6,8 @@ import asyncio
 import signal
 import sqlite3
 
+import pytest
+
 from tests.e2e.conftest import E2E, Scene, new_bot
 from tests.fake_discord.payloads import MANAGE_GUILD
 
@@ -22,7 +24,8 @@ async def _scene(stand_in, name: str) -> Scene:
     )
 
 
-async def test_tasks_survive_a_restart_and_sigterm_stops_cleanly(stand_in, model_dirs, tmp_path):
+@pytest.mark.re_roll
+async def test_tasks_and_answer_buttons_survive_a_restart_and_sigterm_stops_cleanly(stand_in, model_dirs, tmp_path):
     bot = new_bot(stand_in, model_dirs, tmp_path)
     await bot.start()
     scene = await _scene(stand_in, "Keepers")
@@ -33,6 +36,7 @@ async def test_tasks_survive_a_restart_and_sigterm_stops_cleanly(stand_in, model
     await scene.ask("manage-tasks edit-example", scene.moderator, task="kept", position=1, text="<image>Kept:the cat")
     await scene.ask("manage-tasks create", scene.moderator, name="dropped", template="<image>Gone:")
     await scene.ask("manage-tasks delete", scene.moderator, task="dropped")
+    before = (await scene.ask("comprehend", image=scene.photo("coffee"), task="kept", max_new_tokens=3))[0]
     assert await bot.stop(signal.SIGTERM) == 0
 
     await bot.start()
@@ -43,6 +47,12 @@ async def test_tasks_survive_a_restart_and_sigterm_stops_cleanly(stand_in, model
     assert shown[0].embeds[1]["description"] == "`<image>Kept:the cat`"
     answer = (await scene.ask("comprehend", image=scene.photo("rocket"), task="kept", max_new_tokens=3))[0]
     assert answer.embeds[0]["footer"]["text"].startswith("task: kept")
+    # The buttons of an answer given before the restart still work (dynamic items over stored requests).
+    reroll = next(b["custom_id"] for row in before.components for b in row["components"] if b["label"] == "Re-roll")
+    click = stand_in.component_payload(before, reroll, scene.reader, scene.guild)
+    rerolled = (await (await stand_in.send_interaction(click)).answered())[0]
+    assert rerolled.embeds[0]["author"]["name"] == "Reader re-rolled"
+    assert rerolled.embeds[0]["footer"]["text"].startswith("task: kept")
     assert await bot.stop(signal.SIGINT) == 0
 
 
