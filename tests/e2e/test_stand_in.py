@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import zlib
 
 import aiohttp
 import discord
 import pytest
-import yarl
 from discord import app_commands
 
+from tests.fake_discord.client import connected, new_client
 from tests.fake_discord.payloads import Member
 from tests.fake_discord.server import API, FakeDiscord, Message
+
+NO_PINGS = {"parse": []}  # discord.AllowedMentions.none(), as discord.py sends it
 
 
 @pytest.fixture
@@ -178,9 +181,7 @@ async def test_autocomplete_with_too_many_choices_is_refused(stand_in):
 
 async def test_discord_py_handles_every_interaction_kind_through_the_stand_in(stand_in):
     """A plain discord.py client: context menu, autocomplete, a button and a modal round-trip."""
-    discord.http.Route.BASE = f"{stand_in.base_url}{API}"
-    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(stand_in.gateway.url)
-    client = discord.Client(intents=discord.Intents(guilds=True))
+    client = new_client()
     tree = app_commands.CommandTree(client)
 
     class Name(discord.ui.Modal, title="Your name"):
@@ -210,9 +211,7 @@ async def test_discord_py_handles_every_interaction_kind_through_the_stand_in(st
     async def shout(interaction: discord.Interaction, message: discord.Message) -> None:
         await interaction.response.send_message(message.content.upper(), ephemeral=True)
 
-    runner = asyncio.create_task(client.start(stand_in.token))
-    try:
-        await stand_in.gateway.wait_for_session()
+    async with connected(stand_in, client):
         await tree.sync()
         guild, user = stand_in.add_guild(), Member(77, "user")
 
@@ -243,6 +242,198 @@ async def test_discord_py_handles_every_interaction_kind_through_the_stand_in(st
             stand_in.modal_payload(modal["custom_id"], {text_input: "Ada"}, user, guild)
         )
         assert [(m.content, m.ephemeral) for m in await submitted.answered()] == [("Hello Ada", True)]
-    finally:
-        await client.close()
-        await runner
+
+
+async def test_channels_nsfw_flags_and_the_channel_an_interaction_comes_from(stand_in):
+    client = new_client()
+    tree = app_commands.CommandTree(client)
+
+    @tree.command(description="where am I")
+    async def where(interaction: discord.Interaction) -> None:
+        channel = interaction.channel
+        await interaction.response.send_message(f"{channel.name} {channel.is_nsfw()} {channel.id}")
+
+    early = stand_in.add_guild("Early")
+    lounge = await stand_in.add_channel(early, "lounge", nsfw=True)  # before the bot connects: in GUILD_CREATE
+    async with connected(stand_in, client):
+        await tree.sync()
+        assert client.get_channel(lounge.id).is_nsfw()
+        guild = await stand_in.join("Late")
+        created, night = await asyncio.gather(
+            client.wait_for("guild_channel_create", timeout=5), stand_in.add_channel(guild, "night", nsfw=True)
+        )
+        assert (created.id, created.name, created.is_nsfw()) == (night.id, "night", True)
+        assert [c.name for c in client.get_guild(guild.id).text_channels] == ["general", "night"]
+
+        user = Member(77, "user")
+        record = await stand_in.send_interaction(stand_in.interaction_payload("where", user, guild, in_channel=night))
+        answer = (await record.answered())[0]
+        assert answer.content == f"night True {night.id}"
+        assert answer.channel_id == night.id == record.channel_id
+        assert stand_in.message_json(answer)["channel_id"] == str(night.id)
+
+        usual = await stand_in.send_interaction(stand_in.interaction_payload("where", user, guild))
+        assert (await usual.answered())[0].content == f"general False {guild.channels[0].id}"
+
+    # A click on a button comes from the channel of the message it is on.
+    click = stand_in.component_payload(answer, "x", user, guild)
+    assert click["channel_id"] == click["message"]["channel_id"] == str(night.id)
+    with pytest.raises(ValueError, match="not in"):
+        stand_in.interaction_payload("where", user, guild, in_channel=lounge)
+
+
+async def test_roles_reach_discord_py_members(stand_in):
+    client = new_client()
+    tree = app_commands.CommandTree(client)
+
+    @tree.command(description="roles")
+    async def roles(interaction: discord.Interaction) -> None:
+        names = [role.name for role in interaction.user.roles]  # a discord.Member: @everyone first
+        await interaction.response.send_message(", ".join(names))
+
+    guild = stand_in.add_guild()
+    helpers = await stand_in.add_role(guild, "helpers")  # before the bot connects: in GUILD_CREATE
+    async with connected(stand_in, client):
+        await tree.sync()
+        created, mods = await asyncio.gather(
+            client.wait_for("guild_role_create", timeout=5), stand_in.add_role(guild, "mods", permissions=1 << 5)
+        )
+        assert (created.id, created.permissions.manage_guild) == (mods.id, True)
+        member = stand_in.add_member(guild, "helper")
+        member.roles += [helpers.id, mods.id]
+        record = await stand_in.send_interaction(stand_in.interaction_payload("roles", member, guild))
+        assert (await record.answered())[0].content == "@everyone, helpers, mods"
+
+
+async def test_discord_py_posts_and_deletes_channel_messages(stand_in):
+    client = new_client(allowed_mentions=discord.AllowedMentions.none())
+    async with connected(stand_in, client):
+        guild = await stand_in.join()
+        _, channel = await asyncio.gather(
+            client.wait_for("guild_channel_create", timeout=5), stand_in.add_channel(guild, "announcements")
+        )
+        sent = await client.get_channel(channel.id).send("hello <@5>")
+        picture = await client.get_channel(channel.id).send(file=discord.File(io.BytesIO(b"png"), "a.png"))
+        posted = await stand_in.wait_for_channel_messages(channel, 2)
+        assert [(m.id, m.content, m.files, m.channel_id, m.type) for m in posted] == [
+            (sent.id, "hello <@5>", {}, channel.id, 0),
+            (picture.id, "", {"a.png": b"png"}, channel.id, 0),
+        ]
+        assert (sent.channel.id, posted[0].allowed_mentions, posted[0].silent) == (channel.id, NO_PINGS, True)
+
+        await sent.delete()
+        assert posted[0].deleted
+        assert await stand_in.wait_for_channel_messages(channel) == [posted[1]]
+        with pytest.raises(discord.NotFound) as gone:
+            await sent.delete()
+        assert gone.value.code == 10008
+        with pytest.raises(discord.NotFound) as unknown:
+            await client.get_partial_messageable(12345).send("anyone?")
+        assert unknown.value.code == 10003
+    async with aiohttp.ClientSession() as session:
+        anonymous = await _post(session, f"{stand_in.base_url}{API}/channels/{channel.id}/messages", {"content": "x"})
+    assert anonymous.status == 401
+
+
+async def test_interaction_responses_are_channel_messages_too(stand_in):
+    """``interaction.message.delete()`` goes through the channel route; ephemeral messages are not there."""
+    client = new_client()
+    tree = app_commands.CommandTree(client)
+
+    class Remove(discord.ui.View):
+        @discord.ui.button(label="Remove", custom_id="remove")
+        async def remove(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+            await interaction.response.defer()
+            try:
+                await interaction.message.delete()
+            except discord.NotFound as error:
+                await interaction.followup.send(f"cannot: {error.code}", ephemeral=True)
+
+    @tree.command(description="post")
+    async def post(interaction: discord.Interaction, secret: bool) -> None:
+        await interaction.response.send_message("removable", view=Remove(), ephemeral=secret)
+
+    async with connected(stand_in, client):
+        await tree.sync()
+        guild, user = await stand_in.join(), Member(77, "user")
+        public = await stand_in.send_interaction(stand_in.interaction_payload("post", user, guild, secret=False))
+        message = (await public.answered())[0]
+        await stand_in.send_interaction(stand_in.component_payload(message, "remove", user, guild))
+        await public.wait_for(lambda: message.deleted)
+        assert public.visible == []
+
+        private = await stand_in.send_interaction(stand_in.interaction_payload("post", user, guild, secret=True))
+        message = (await private.answered())[0]
+        click = await stand_in.send_interaction(stand_in.component_payload(message, "remove", user, guild))
+        await click.wait_for(lambda: bool(click.followups))
+        assert (message.deleted, click.followups[0].content) == (False, "cannot: 10008")
+
+
+async def test_removing_the_bot_sends_guild_delete_and_forgets_its_commands(stand_in):
+    client = new_client()
+    tree = app_commands.CommandTree(client)
+
+    @tree.command(description="local")
+    async def local(interaction: discord.Interaction) -> None:
+        await interaction.response.send_message("here")
+
+    async with connected(stand_in, client):
+        guild = await stand_in.join("Leaving")
+        tree.copy_global_to(guild=discord.Object(guild.id))
+        await tree.sync(guild=discord.Object(guild.id))
+        assert stand_in.command("local", guild)
+        removed, _ = await asyncio.gather(client.wait_for("guild_remove", timeout=5), stand_in.remove_bot(guild))
+        assert removed.id == guild.id
+        assert client.get_guild(guild.id) is None
+        assert guild.id not in stand_in.guild_commands
+        with pytest.raises(LookupError):
+            stand_in.command("local", guild)
+        with pytest.raises(discord.Forbidden) as refused:
+            await client.get_partial_messageable(guild.channels[0].id).send("still here?")
+        assert refused.value.code == 50001
+    assert stand_in.gateway.session.events[-1]["d"] == {"id": str(guild.id)}  # no "unavailable": removed
+
+
+async def test_allowed_mentions_are_recorded_on_every_message_the_bot_sends(stand_in):
+    client = new_client(allowed_mentions=discord.AllowedMentions.none())
+    tree = app_commands.CommandTree(client)
+
+    class Poke(discord.ui.View):
+        @discord.ui.button(label="Poke", custom_id="poke")
+        async def poke(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+            await interaction.response.edit_message(content="poked <@5>", view=None)
+
+    @tree.command(description="chatty")
+    async def chatty(interaction: discord.Interaction) -> None:
+        await interaction.response.defer()
+        await interaction.followup.send("@everyone first")
+        await interaction.followup.send("<@5> second")
+        await interaction.edit_original_response(content="@here edited")
+
+    @tree.command(description="ping one user on purpose")
+    async def ping(interaction: discord.Interaction) -> None:
+        mentions = discord.AllowedMentions(users=[discord.Object(5)])
+        await interaction.response.send_message("<@5>", allowed_mentions=mentions, view=Poke())
+
+    async with connected(stand_in, client):
+        await tree.sync()
+        guild, user = await stand_in.join(), Member(77, "user")
+        talk = await stand_in.send_interaction(stand_in.interaction_payload("chatty", user, guild))
+        await talk.wait_for(lambda: len(talk.visible) == 2 and talk.visible[0].content == "@here edited")
+        assert [(m.allowed_mentions, m.silent) for m in talk.visible] == [(NO_PINGS, True)] * 2
+
+        pinged = await stand_in.send_interaction(stand_in.interaction_payload("ping", user, guild))
+        message = (await pinged.answered())[0]
+        assert (message.allowed_mentions, message.silent) == ({"parse": [], "users": [5]}, False)  # ints, not strings
+        poked = await stand_in.send_interaction(stand_in.component_payload(message, "poke", user, guild))
+        await poked.answered()
+        assert (message.content, message.allowed_mentions) == ("poked <@5>", NO_PINGS)
+
+    # Without allowed_mentions, Discord's default lets every mention in new content ping.
+    payload = _interaction(stand_in)
+    url = f"{stand_in.base_url}{API}/interactions/{payload['id']}/{payload['token']}/callback"
+    async with aiohttp.ClientSession() as session:
+        await _post(session, url, {"type": 4, "data": {"content": "<@5>"}})
+        bad = {"content": "x", "allowed_mentions": {"parse": ["users"], "users": ["5"]}}
+        refused = await _post(session, f"{stand_in.base_url}{API}/webhooks/1/{payload['token']}", bad)
+    assert (stand_in.record(payload).original.allowed_mentions, refused.status) == (None, 400)

@@ -149,6 +149,7 @@ class Gateway:
             },
         )
         for guild in guilds:
+            self.discord.announced.add(guild.id)
             await session.dispatch("GUILD_CREATE", self.discord.guild_payload(guild))
         session.identified.set()
         return session

@@ -62,7 +62,18 @@ class InteractionBuilder:
             data["guild_id"] = command["guild_id"]
         return data
 
-    def _envelope(self, kind: int, data: dict[str, Any], member: Member, guild: Guild | None) -> dict[str, Any]:
+    @staticmethod
+    def _channel(guild: Guild | None, in_channel: Channel | None) -> Channel | None:
+        """Where the user acts: ``in_channel`` if given, else the guild's first channel (None: a new DM)."""
+        if in_channel is None:
+            return guild.channels[0] if guild is not None else None
+        if in_channel.guild_id != (guild.id if guild is not None else None):
+            raise ValueError(f"channel {in_channel.name!r} is not in {guild.name if guild else 'a DM'!r}")
+        return in_channel
+
+    def _envelope(
+        self, kind: int, data: dict[str, Any], member: Member, guild: Guild | None, in_channel: Channel | None = None
+    ) -> dict[str, Any]:
         """The fields every interaction carries, and a record of what the user will see."""
         payload: dict[str, Any] = {
             "id": str(snowflake()),
@@ -76,8 +87,8 @@ class InteractionBuilder:
             "entitlements": [],
             "attachment_size_limit": 10 * 1024 * 1024,
         }
-        if guild is not None:
-            channel = guild.channels[0]
+        channel = self._channel(guild, in_channel)
+        if guild is not None and channel is not None:
             payload |= {
                 "guild_id": str(guild.id),
                 "guild_locale": "en-US",
@@ -88,7 +99,7 @@ class InteractionBuilder:
                 "context": 0,
             }
         else:
-            channel = Channel(snowflake(), None)
+            channel = channel or Channel(snowflake(), None)
             payload |= {
                 "channel_id": str(channel.id),
                 "channel": channel.payload() | {"type": 1, "recipients": [user_payload(member.id, member.name)]},
@@ -96,21 +107,38 @@ class InteractionBuilder:
                 "authorizing_integration_owners": {"1": str(member.id)},
                 "context": 1,
             }
-        self.interactions[payload["token"]] = InteractionRecord(int(payload["id"]), payload["token"], self.clock())
+        record = InteractionRecord(int(payload["id"]), payload["token"], self.clock(), channel_id=channel.id)
+        self.interactions[payload["token"]] = record
         return payload
 
     def interaction_payload(
-        self, command_line: str, member: Member, guild: Guild | None, **options: Any
+        self,
+        command_line: str,
+        member: Member,
+        guild: Guild | None,
+        *,
+        in_channel: Channel | None = None,
+        **options: Any,
     ) -> dict[str, Any]:
-        """A slash command ``/command [subcommand]`` with the given option values."""
+        """A slash command ``/command [subcommand]`` with the given option values, used in ``in_channel``.
+
+        ``in_channel`` defaults to the guild's first channel (a fresh DM channel without a guild).
+        """
         resolved: dict[str, Any] = {}
         data = self._command_data(command_line, guild, self._options(options, resolved))
         if resolved:
             data["resolved"] = resolved
-        return self._envelope(2, data, member, guild)
+        return self._envelope(2, data, member, guild, in_channel)
 
     def autocomplete_payload(
-        self, command_line: str, member: Member, guild: Guild | None, focused: str, **options: Any
+        self,
+        command_line: str,
+        member: Member,
+        guild: Guild | None,
+        focused: str,
+        *,
+        in_channel: Channel | None = None,
+        **options: Any,
     ) -> dict[str, Any]:
         """A user typing in option ``focused`` (its partial text as a string, as Discord sends it)."""
         given = self._options(options, {})
@@ -118,10 +146,16 @@ class InteractionBuilder:
             if option["name"] == focused:
                 option["focused"] = True
                 option["value"] = str(option["value"])
-        return self._envelope(4, self._command_data(command_line, guild, given), member, guild)
+        return self._envelope(4, self._command_data(command_line, guild, given), member, guild, in_channel)
 
     def context_menu_payload(
-        self, name: str, member: Member, guild: Guild | None, message: dict[str, Any]
+        self,
+        name: str,
+        member: Member,
+        guild: Guild | None,
+        message: dict[str, Any],
+        *,
+        in_channel: Channel | None = None,
     ) -> dict[str, Any]:
         """A message context menu command on ``message`` (a message object as Discord sends it).
 
@@ -137,23 +171,41 @@ class InteractionBuilder:
         }
         if "guild_id" in command:
             data["guild_id"] = command["guild_id"]
-        return self._envelope(2, data, member, guild)
+        return self._envelope(2, data, member, guild, in_channel)
 
     def component_payload(
-        self, message: Message, custom_id: str, member: Member, guild: Guild | None, component_type: int = 2
+        self,
+        message: Message,
+        custom_id: str,
+        member: Member,
+        guild: Guild | None,
+        component_type: int = 2,
+        *,
+        in_channel: Channel | None = None,
     ) -> dict[str, Any]:
-        """A click on a button (or a select) of one of the bot's messages."""
+        """A click on a button (or a select) of one of the bot's messages.
+
+        ``in_channel`` defaults to the message's own channel when the stand-in knows it is in ``guild``.
+        """
+        if in_channel is None and guild is not None:
+            in_channel = next((c for c in guild.channels if c.id == message.channel_id), None)
         data = {"custom_id": custom_id, "component_type": component_type}
-        payload = self._envelope(3, data, member, guild)
+        payload = self._envelope(3, data, member, guild, in_channel)
         payload["message"] = self.message_json(message)
         self.record(payload).target = message
         return payload
 
     def modal_payload(
-        self, custom_id: str, values: dict[str, str], member: Member, guild: Guild | None
+        self,
+        custom_id: str,
+        values: dict[str, str],
+        member: Member,
+        guild: Guild | None,
+        *,
+        in_channel: Channel | None = None,
     ) -> dict[str, Any]:
         """A submitted modal: one text input per row, as Discord sends them."""
         rows = [
             {"type": 1, "components": [{"type": 4, "custom_id": key, "value": value}]} for key, value in values.items()
         ]
-        return self._envelope(5, {"custom_id": custom_id, "components": rows}, member, guild)
+        return self._envelope(5, {"custom_id": custom_id, "components": rows}, member, guild, in_channel)

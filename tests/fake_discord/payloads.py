@@ -64,16 +64,54 @@ class Member:
 
 @dataclass
 class Channel:
+    """A text channel (type 0), or a DM channel when ``guild_id`` is None."""
+
     id: int
     guild_id: int | None
     name: str = "general"
+    nsfw: bool = False
+    position: int = 0
 
     def payload(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"id": str(self.id), "type": 0, "name": self.name, "position": 0, "nsfw": False}
+        data: dict[str, Any] = {
+            "id": str(self.id),
+            "type": 0,
+            "name": self.name,
+            "position": self.position,
+            "nsfw": self.nsfw,
+        }
         if self.guild_id is not None:
             data["guild_id"] = str(self.guild_id)
             data["permission_overwrites"] = []
+            data["parent_id"] = None
+            data["topic"] = None
+            data["rate_limit_per_user"] = 0
         return data
+
+
+@dataclass
+class Role:
+    id: int
+    name: str
+    permissions: int = 0
+    position: int = 1
+
+    def payload(self) -> dict[str, Any]:
+        # discord.py 2.7 reads the colour from ``colors``; older clients read ``color``. Discord sends both.
+        return {
+            "id": str(self.id),
+            "name": self.name,
+            "permissions": str(self.permissions),
+            "position": self.position,
+            "color": 0,
+            "colors": {"primary_color": 0, "secondary_color": None, "tertiary_color": None},
+            "hoist": False,
+            "icon": None,
+            "unicode_emoji": None,
+            "managed": False,
+            "mentionable": False,
+            "flags": 0,
+        }
 
 
 @dataclass
@@ -83,6 +121,12 @@ class Guild:
     owner_id: int
     channels: list[Channel] = field(default_factory=list)
     members: dict[int, Member] = field(default_factory=dict)
+    roles: list[Role] = field(default_factory=list)
+
+    @property
+    def everyone(self) -> Role:
+        """The @everyone role, whose id is the guild's."""
+        return Role(self.id, "@everyone", EVERYONE_PERMISSIONS, position=0)
 
 
 @dataclass
@@ -113,23 +157,12 @@ SUB_COMMAND = 1
 
 def guild_payload(guild: Guild, bot_member: dict[str, Any]) -> dict[str, Any]:
     """GUILD_CREATE data: the fields discord.py reads, with the bot as the only cached member."""
-    everyone = {
-        "id": str(guild.id),
-        "name": "@everyone",
-        "permissions": str(EVERYONE_PERMISSIONS),
-        "position": 0,
-        "color": 0,
-        "hoist": False,
-        "managed": False,
-        "mentionable": False,
-        "flags": 0,
-    }
     return {
         "id": str(guild.id),
         "name": guild.name,
         "icon": None,
         "owner_id": str(guild.owner_id),
-        "roles": [everyone],
+        "roles": [role.payload() for role in [guild.everyone, *guild.roles]],
         "channels": [c.payload() for c in guild.channels],
         "members": [bot_member],
         "member_count": len(guild.members) + 1,

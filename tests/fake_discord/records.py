@@ -23,6 +23,10 @@ LIMITS = {
 }
 
 
+# How the bot marks a message that stands for work still to come (its place-in-line notice).
+PROGRESS_PREFIX = "⏳"
+
+
 class DiscordError(Exception):
     def __init__(self, status: int, code: int, message: str) -> None:
         super().__init__(message)
@@ -39,6 +43,19 @@ class Message:
     ephemeral: bool = False
     loading: bool = False
     deleted: bool = False
+    channel_id: int | None = None  # None: a message the stand-in places in no particular channel
+    # What the bot sent as ``allowed_mentions`` with the request that last set this message's content
+    # (None: it sent none, so Discord's default applies and every mention in the content pings).
+    allowed_mentions: dict[str, Any] | None = None
+    type: int = 20  # CHAT_INPUT_COMMAND for interaction responses, 0 (DEFAULT) for channel messages
+
+    @property
+    def silent(self) -> bool:
+        """Whether the bot told Discord to ping nobody, whatever the content mentions."""
+        allowed = self.allowed_mentions
+        if allowed is None:
+            return False
+        return not (allowed.get("parse") or allowed.get("users") or allowed.get("roles") or allowed.get("replied_user"))
 
 
 @dataclass
@@ -46,6 +63,7 @@ class InteractionRecord:
     id: int
     token: str
     created: float
+    channel_id: int | None = None  # the channel the user acted in; responses are posted there
     original: Message | None = None
     followups: list[Message] = field(default_factory=list)
     choices: list[dict[str, Any]] | None = None
@@ -66,8 +84,12 @@ class InteractionRecord:
                 await self.changed.wait()
 
     async def answered(self, timeout: float = 60) -> list[Message]:
-        """Wait until the user sees something that is not a 'thinking' placeholder."""
-        await self.wait_for(lambda: bool(self.visible) and not any(m.loading for m in self.visible), timeout)
+        """Wait until the user sees something that is not a placeholder: 'thinking', or a place in line."""
+
+        def waiting(message: Message) -> bool:
+            return message.loading or message.content.startswith(PROGRESS_PREFIX)
+
+        await self.wait_for(lambda: bool(self.visible) and not any(waiting(m) for m in self.visible), timeout)
         return self.visible
 
 
@@ -117,3 +139,22 @@ def checked_modal(data: dict[str, Any]) -> dict[str, Any]:
     if not 1 <= len(data.get("components") or []) <= 5:
         raise DiscordError(400, 50035, "Invalid Form Body: data.components: Must be between 1 and 5 in length.")
     return data
+
+
+def checked_allowed_mentions(allowed: Any) -> dict[str, Any] | None:
+    """``allowed_mentions`` as Discord validates it: known parse types, and no type both parsed and listed."""
+    if allowed is None:
+        return None
+    if not isinstance(allowed, dict):
+        raise DiscordError(400, 50035, "Invalid Form Body: allowed_mentions: Must be an object.")
+    parse = allowed.get("parse") or []
+    if not set(parse) <= {"everyone", "roles", "users"}:
+        raise DiscordError(400, 50035, f"Invalid Form Body: allowed_mentions.parse: Value(s) {parse} are not valid.")
+    for kind in ("users", "roles"):
+        if kind in parse and allowed.get(kind):
+            raise DiscordError(
+                400, 50035, f'Invalid Form Body: allowed_mentions: parse:["{kind}"] and {kind}: [ids...] are exclusive.'
+            )
+        if len(allowed.get(kind) or []) > 100:
+            raise DiscordError(400, 50035, f"Invalid Form Body: allowed_mentions.{kind}: Must be 100 or fewer.")
+    return allowed

@@ -7,6 +7,7 @@ so that a bot bug shows up as a failed test rather than passing silently.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -16,31 +17,37 @@ from aiohttp import web
 from tests.fake_discord.gateway import Gateway
 from tests.fake_discord.interactions import InteractionBuilder
 from tests.fake_discord.limits import Clock, RateLimiter
+from tests.fake_discord.messages import (
+    ACK_WINDOW_SECONDS,
+    API,
+    EPHEMERAL,
+    TOKEN_LIFETIME_SECONDS,
+    MessageRoutes,
+)
 from tests.fake_discord.payloads import (
     Attachment,
     Channel,
     Guild,
     Member,
+    Role,
     guild_payload,
     snowflake,
     user_payload,
 )
-from tests.fake_discord.records import (
-    DiscordError,
-    InteractionRecord,
-    Message,
-    check_limits,
-    checked_choices,
-    checked_modal,
-)
+from tests.fake_discord.records import DiscordError, InteractionRecord, Message
 
-API = "/api/v10"
-EPHEMERAL = 1 << 6
-ACK_WINDOW_SECONDS = 3.0
-TOKEN_LIFETIME_SECONDS = 15 * 60
+__all__ = [
+    "ACK_WINDOW_SECONDS",
+    "API",
+    "EPHEMERAL",
+    "TOKEN_LIFETIME_SECONDS",
+    "FakeDiscord",
+    "InteractionRecord",
+    "Message",
+]
 
 
-class FakeDiscord(InteractionBuilder):
+class FakeDiscord(MessageRoutes, InteractionBuilder):
     def __init__(self) -> None:
         self.clock = Clock()
         self.limits = RateLimiter(self.clock)
@@ -50,7 +57,11 @@ class FakeDiscord(InteractionBuilder):
         self.owner = Member(snowflake(), "owner")
         self.global_commands: list[dict[str, Any]] = []
         self.guild_commands: dict[int, list[dict[str, Any]]] = {}
-        self.guilds: dict[int, Guild] = {}
+        self.guilds: dict[int, Guild] = {}  # guilds the bot is in
+        self.departed: dict[int, Guild] = {}  # guilds the bot left or was removed from
+        self.announced: set[int] = set()  # guilds a gateway session has had a GUILD_CREATE for
+        self.channel_messages: dict[int, list[Message]] = {}
+        self.channel_changed = asyncio.Event()
         self.attachments: dict[int, Attachment] = {}
         self.interactions: dict[str, InteractionRecord] = {}
         self.requests: list[tuple[str, str]] = []
@@ -62,7 +73,9 @@ class FakeDiscord(InteractionBuilder):
 
     async def start(self) -> str:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
+        message_bot_routes, interaction_routes = self.message_routes()
         bot_routes = [
+            *message_bot_routes,
             web.get(f"{API}/users/@me", self._current_user),
             web.get(f"{API}/gateway/bot", self._gateway_bot),
             web.get(f"{API}/oauth2/applications/@me", self._application),
@@ -70,10 +83,7 @@ class FakeDiscord(InteractionBuilder):
             web.put(f"{API}/applications/{{app}}/guilds/{{guild}}/commands", self._sync_guild),
         ]
         open_routes = [
-            web.post(f"{API}/interactions/{{id}}/{{token}}/callback", self._callback),
-            web.patch(f"{API}/webhooks/{{app}}/{{token}}/messages/@original", self._edit_original),
-            web.delete(f"{API}/webhooks/{{app}}/{{token}}/messages/@original", self._delete_original),
-            web.post(f"{API}/webhooks/{{app}}/{{token}}", self._followup),
+            *interaction_routes,
             web.get("/cdn/attachments/{id}/{filename}", self._cdn),
             web.get(f"{API}/gateway", self._gateway_url),
             web.get("/gateway", self.gateway.handle),
@@ -100,7 +110,8 @@ class FakeDiscord(InteractionBuilder):
         needs_auth = canonical in self._bot_paths
         if needs_auth and request.headers.get("Authorization") != f"Bot {self.token}":
             return self._error(401, 0, "401: Unauthorized")
-        major = request.match_info.get("token") or request.match_info.get("guild") or ""
+        info = request.match_info
+        major = info.get("token") or info.get("guild") or info.get("channel_id") or ""
         bucket = f"{request.method} {canonical} {major}"
         refusal = self.limits.check(request, bucket)
         if refusal is not None:
@@ -126,6 +137,7 @@ class FakeDiscord(InteractionBuilder):
     # Test API
 
     def add_guild(self, name: str = "Test Server") -> Guild:
+        """A guild with one channel and its owner; the bot hears of it when a session next identifies."""
         guild = Guild(snowflake(), name, self.owner.id)
         guild.channels.append(Channel(snowflake(), guild.id))
         guild.members[self.owner.id] = Member(self.owner.id, "owner", permissions=(1 << 3))  # administrator
@@ -135,8 +147,46 @@ class FakeDiscord(InteractionBuilder):
     async def join(self, name: str = "Test Server") -> Guild:
         """A guild that adds the bot while it is connected (GUILD_CREATE on the live session)."""
         guild = self.add_guild(name)
-        await self.gateway.dispatch("GUILD_CREATE", self.guild_payload(guild))
+        await self.add_bot(guild)
         return guild
+
+    async def add_bot(self, guild: Guild) -> None:
+        """The bot (re-)added to ``guild``: GUILD_CREATE on every session."""
+        self.departed.pop(guild.id, None)
+        self.guilds[guild.id] = guild
+        self.announced.add(guild.id)
+        await self.gateway.dispatch("GUILD_CREATE", self.guild_payload(guild))
+
+    async def remove_bot(self, guild: Guild) -> None:
+        """The bot kicked from ``guild`` (or leaving it): GUILD_DELETE without ``unavailable``.
+
+        Discord forgets the bot's guild commands there; the guild's channels answer Missing Access.
+        """
+        self.guilds.pop(guild.id, None)
+        self.departed[guild.id] = guild
+        self.guild_commands.pop(guild.id, None)
+        if guild.id in self.announced:
+            self.announced.discard(guild.id)
+            await self.gateway.dispatch("GUILD_DELETE", {"id": str(guild.id)})
+
+    async def _guild_event(self, guild: Guild, event: str, data: dict[str, Any]) -> None:
+        """Dispatch ``event`` if the bot has heard of ``guild``; otherwise its next GUILD_CREATE carries it."""
+        if guild.id in self.announced and guild.id in self.guilds:
+            await self.gateway.dispatch(event, data)
+
+    async def add_channel(self, guild: Guild, name: str, nsfw: bool = False) -> Channel:
+        """A new text channel; CHANNEL_CREATE when the bot already knows the guild."""
+        channel = Channel(snowflake(), guild.id, name, nsfw=nsfw, position=len(guild.channels))
+        guild.channels.append(channel)
+        await self._guild_event(guild, "CHANNEL_CREATE", channel.payload())
+        return channel
+
+    async def add_role(self, guild: Guild, name: str, permissions: int = 0) -> Role:
+        """A new role; GUILD_ROLE_CREATE when the bot already knows the guild. Give it via ``member.roles``."""
+        role = Role(snowflake(), name, permissions, position=len(guild.roles) + 1)
+        guild.roles.append(role)
+        await self._guild_event(guild, "GUILD_ROLE_CREATE", {"guild_id": str(guild.id), "role": role.payload()})
+        return role
 
     def bot_user(self) -> dict[str, Any]:
         return user_payload(self.bot_user_id, "flamingo", bot=True) | {"verified": True, "flags": 0}
@@ -222,146 +272,6 @@ class FakeDiscord(InteractionBuilder):
             c | {"guild_id": str(guild_id)} for c in self._registered(request, await request.json())
         ]
         return self._json(self.guild_commands[guild_id])
-
-    # Interaction routes (no bot auth: the interaction token is the credential)
-
-    def _interaction(self, token: str, *, acknowledging: bool = False) -> InteractionRecord:
-        record = self.interactions.get(token)
-        if record is None:
-            raise DiscordError(404, 10062, "Unknown interaction")
-        age = self.clock() - record.created
-        if acknowledging and age > ACK_WINDOW_SECONDS:
-            raise DiscordError(404, 10062, "Unknown interaction")
-        if age > TOKEN_LIFETIME_SECONDS:
-            raise DiscordError(401, 50027, "Invalid Webhook Token")
-        return record
-
-    @staticmethod
-    async def _message_body(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]]:
-        if not request.content_type.startswith("multipart/"):
-            return await request.json(), {}
-        payload: dict[str, Any] = {}
-        files: dict[str, bytes] = {}
-        reader = await request.multipart()
-        async for part in reader:
-            if part.name == "payload_json":
-                payload = json.loads(await part.text())
-            else:
-                files[part.filename or part.name] = await part.read()
-        return payload, files
-
-    def message_json(self, message: Message) -> dict[str, Any]:
-        return {
-            "id": str(message.id),
-            "type": 20,
-            "channel_id": str(snowflake()),
-            "content": message.content,
-            "author": user_payload(self.bot_user_id, "flamingo", bot=True),
-            "embeds": message.embeds,
-            "attachments": [
-                {
-                    "id": str(snowflake()),
-                    "filename": n,
-                    "size": len(d),
-                    "url": f"{self.base_url}/x/{n}",
-                    "proxy_url": f"{self.base_url}/x/{n}",
-                }
-                for n, d in message.files.items()
-            ],
-            "components": message.components,
-            "flags": EPHEMERAL if message.ephemeral else 0,
-            "timestamp": "2026-01-01T00:00:00+00:00",
-            "edited_timestamp": None,
-            "tts": False,
-            "mention_everyone": False,
-            "mentions": [],
-            "mention_roles": [],
-            "pinned": False,
-        }
-
-    @staticmethod
-    def _apply(message: Message, payload: dict[str, Any], files: dict[str, bytes]) -> None:
-        check_limits(payload | {"content": payload.get("content", message.content)}, files or message.files)
-        if "content" in payload:
-            message.content = payload["content"] or ""
-        if "embeds" in payload:
-            message.embeds = payload["embeds"] or []
-        if "components" in payload:
-            message.components = payload["components"] or []
-        if "attachments" in payload or files:
-            message.files = files
-        message.loading = False
-
-    async def _callback(self, request: web.Request) -> web.Response:
-        record = self._interaction(request.match_info["token"], acknowledging=True)
-        if record.original is not None:
-            raise DiscordError(400, 40060, "Interaction has already been acknowledged.")
-        body, files = await self._message_body(request)
-        kind, data = body["type"], body.get("data") or {}
-        message = Message(snowflake(), ephemeral=bool(int(data.get("flags") or 0) & EPHEMERAL))
-        if kind == 4:
-            self._apply(message, data, files)
-        elif kind == 5:
-            message.loading = True
-        elif kind in (6, 7) and record.target is not None:
-            message = record.target
-            if kind == 7:
-                self._apply(message, data, files)
-        elif kind == 8:
-            record.choices = checked_choices(data.get("choices"))
-        elif kind == 9:
-            record.modal = checked_modal(data)
-        else:
-            raise DiscordError(400, 50035, f"Invalid Form Body: callback type {kind} does not fit this interaction")
-        if kind in (4, 5, 6, 7):
-            record.original = message
-        record.changed.set()
-        response = {
-            "interaction": {
-                "id": str(record.id),
-                "type": 2,
-                "response_message_id": str(message.id),
-                "response_message_loading": message.loading,
-                "response_message_ephemeral": message.ephemeral,
-            }
-        }
-        if request.query.get("with_response") in ("1", "true", "True"):
-            response["resource"] = {"type": kind, "message": self.message_json(message)}
-        return self._json(response)
-
-    async def _edit_original(self, request: web.Request) -> web.Response:
-        record = self._interaction(request.match_info["token"])
-        if record.original is None or record.original.deleted:
-            raise DiscordError(404, 10008, "Unknown Message")
-        body, files = await self._message_body(request)
-        self._apply(record.original, body, files)
-        record.changed.set()
-        return self._json(self.message_json(record.original))
-
-    async def _delete_original(self, request: web.Request) -> web.Response:
-        record = self._interaction(request.match_info["token"])
-        if record.original is None or record.original.deleted:
-            raise DiscordError(404, 10008, "Unknown Message")
-        record.original.deleted = True
-        record.changed.set()
-        return web.Response(status=204)
-
-    async def _followup(self, request: web.Request) -> web.Response:
-        record = self._interaction(request.match_info["token"])
-        if record.original is None:
-            raise DiscordError(400, 40060, "The interaction has not been acknowledged.")
-        body, files = await self._message_body(request)
-        original = record.original
-        if original.loading and not original.deleted:
-            # The first followup after a deferral replaces the 'thinking' message, keeping its visibility.
-            self._apply(original, body, files)
-            message = original
-        else:
-            message = Message(snowflake(), ephemeral=bool(int(body.get("flags") or 0) & EPHEMERAL))
-            self._apply(message, body, files)
-            record.followups.append(message)
-        record.changed.set()
-        return self._json(self.message_json(message))
 
     async def _cdn(self, request: web.Request) -> web.Response:
         attachment = self.attachments.get(int(request.match_info["id"]))
