@@ -19,8 +19,10 @@ class AnswerFilter(Protocol):
 class WordListFilter:
     def __init__(self, words: Iterable[str]) -> None:
         listed = sorted({word.strip().casefold() for word in words if word.strip()}, key=len, reverse=True)
-        # Whole words only, so "class" is not caught by "ass"; casefold catches "BAD" and "Bad".
-        self._pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, listed)) + r")\b") if listed else None
+        # Never part of a longer word, so "class" is not caught by "ass"; casefold catches "BAD" and "Bad".
+        # Lookarounds rather than \b, so entries that start or end with punctuation work too.
+        alternatives = "|".join(map(re.escape, listed))
+        self._pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)") if listed else None
 
     def blocks(self, text: str) -> bool:
         return self._pattern is not None and self._pattern.search(text.casefold()) is not None

@@ -134,8 +134,10 @@ async def test_forgetting_a_user_removes_their_requests_and_examples_and_renumbe
 
 
 def test_the_word_filter_matches_whole_words_in_any_case():
-    words = WordListFilter(["darn", " Heck ", ""])
+    words = WordListFilter(["darn", " Heck ", "", "^_^"])
     assert words.blocks("Well DARN it")
     assert words.blocks("oh heck.")
+    assert words.blocks("smile ^_^ please")
     assert not words.blocks("darnation and checking")
+    assert not words.blocks("a^_^b")
     assert not WordListFilter([]).blocks("anything at all")

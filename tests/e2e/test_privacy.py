@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sqlite3
+from contextlib import closing
+
 import pytest
 
-from tests.e2e.conftest import E2E
+from cogs.utils.answering import WITHHELD
+from tests.e2e.conftest import E2E, Scene, new_bot
 from tests.e2e.test_answers import buttons, click
 
 pytestmark = E2E
@@ -41,3 +47,64 @@ async def test_forget_me_deletes_requests_at_once_and_examples_after_confirmatio
     assert again.content == (
         "Deleted 0 stored requests (the inputs behind your answers' buttons). Nothing else is stored about you."
     )
+
+
+@pytest.mark.privacy
+async def test_report_posts_the_answer_to_the_moderators_channel(scene):
+    answer = (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=3))[0]
+    nowhere = await (await click(scene, answer, "Report")).answered()
+    assert nowhere[0].ephemeral and nowhere[0].content == (
+        "This server has no report channel; a moderator can set one with /settings reports."
+    )
+    mods = await scene.discord.add_channel(scene.guild, "mods")
+    set_channel = (await scene.ask("settings reports", scene.moderator, channel=mods))[0]
+    assert set_channel.content == f"Reports go to <#{mods.id}>."
+
+    thanks = await (await click(scene, answer, "Report")).answered()
+    assert [(m.content, m.ephemeral) for m in thanks] == [("Thank you; the moderators have been told.", True)]
+    [report] = await scene.discord.wait_for_channel_messages(mods)
+    embed = report.embeds[0]
+    assert embed["title"] == "Answer reported"
+    assert embed["description"] == answer.embeds[0]["description"]
+    assert {f["name"]: f["value"] for f in embed["fields"]}["Reported by"] == f"<@{scene.reader.id}>"
+    assert report.silent  # the report mentions the reporter without pinging anyone
+
+
+@pytest.mark.privacy
+async def test_the_word_filter_and_a_departed_servers_data(scene, stand_in, model_dirs, tmp_path):
+    # The tiny model answers this photo deterministically; block one of the words it says.
+    said = (await scene.ask("comprehend", image=scene.photo("rocket"), max_new_tokens=8))[0].embeds[0]["description"]
+    words = said.split()
+    bot = new_bot(stand_in, model_dirs, tmp_path)
+    bot.env |= {
+        "FLAMINGO_PRIVACY__BLOCKED_WORDS": json.dumps([words[0].upper()]),
+        "FLAMINGO_PRIVACY__DEPARTED_GUILD_RETENTION_DAYS": "0",
+        "FLAMINGO_PRIVACY__PURGE_INTERVAL_MINUTES": "0.01",
+    }
+    await bot.start()
+    try:
+        guild = await stand_in.join("Filtered")
+        reader = stand_in.add_member(guild, "reader")
+        moderator = stand_in.add_member(guild, "moderator", permissions=scene.moderator.permissions)
+        here = Scene(stand_in, guild, reader, moderator)
+        nsfw = await stand_in.add_channel(guild, "after-dark", nsfw=True)
+        ask = {"image": here.photo("rocket"), "max_new_tokens": 8}
+        withheld = (await here.ask("comprehend", **ask))[0]
+        assert withheld.embeds[0]["description"] == WITHHELD
+        assert (await here.ask("comprehend", in_channel=nsfw, **ask))[0].embeds[0]["description"] == said
+
+        await here.ask("manage-tasks create", moderator, name="ours", template="<image>Ours:")
+        await stand_in.remove_bot(guild)
+        async with asyncio.timeout(30):
+            while _rows(tmp_path / "tasks.db", guild.id):
+                await asyncio.sleep(0.1)
+        await stand_in.add_bot(guild)
+        listing = (await here.ask("tasks list"))[0].embeds[0]["description"]
+        assert "ours" not in listing
+    finally:
+        await bot.stop()
+
+
+def _rows(database, guild_id: int) -> int:
+    with closing(sqlite3.connect(database)) as db:
+        return db.execute("SELECT count(*) FROM tasks WHERE guild_id = ?", (guild_id,)).fetchone()[0]

@@ -6,13 +6,17 @@ from collections.abc import Callable
 from typing import Any
 
 from tests.fake_discord.payloads import (
+    ALL_PERMISSIONS,
     ATTACHMENT_OPTION,
+    CHANNEL_OPTION,
     OPTION_TYPES,
+    ROLE_OPTION,
     SUB_COMMAND,
     Attachment,
     Channel,
     Guild,
     Member,
+    Role,
     snowflake,
     user_payload,
 )
@@ -48,6 +52,14 @@ class InteractionBuilder:
             if isinstance(value, Attachment):
                 resolved.setdefault("attachments", {})[str(value.id)] = value.payload()
                 given.append({"name": name, "type": ATTACHMENT_OPTION, "value": str(value.id)})
+            elif isinstance(value, Channel):
+                # Resolved channels carry the user's permissions in them, as Discord sends them.
+                channel = value.payload() | {"permissions": str(ALL_PERMISSIONS)}
+                resolved.setdefault("channels", {})[str(value.id)] = channel
+                given.append({"name": name, "type": CHANNEL_OPTION, "value": str(value.id)})
+            elif isinstance(value, Role):
+                resolved.setdefault("roles", {})[str(value.id)] = value.payload()
+                given.append({"name": name, "type": ROLE_OPTION, "value": str(value.id)})
             else:
                 given.append({"name": name, "type": OPTION_TYPES[type(value)], "value": value})
         return given

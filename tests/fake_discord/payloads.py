@@ -152,6 +152,8 @@ class Attachment:
 
 OPTION_TYPES = {str: 3, int: 4, bool: 5, float: 10}
 ATTACHMENT_OPTION = 11
+CHANNEL_OPTION = 7
+ROLE_OPTION = 8
 SUB_COMMAND = 1
 
 

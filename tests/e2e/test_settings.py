@@ -1,0 +1,67 @@
+"""/settings: where the bot answers, who may use it, and whether answers are public."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import E2E
+
+pytestmark = E2E
+
+
+def _fields(message) -> dict[str, str]:
+    return {field["name"]: field["value"] for field in message.embeds[0]["fields"]}
+
+
+@pytest.mark.settings
+async def test_answer_channels_limit_where_the_bot_answers(scene):
+    general = scene.guild.channels[0]
+    bots = await scene.discord.add_channel(scene.guild, "bots")
+    added = (await scene.ask("settings channels", scene.moderator, action="add", channel=bots))[0]
+    assert added.ephemeral and added.content == f"Added <#{bots.id}>."
+    assert _fields(added)["Answers in"] == f"<#{bots.id}>"
+
+    refused = await scene.ask("comprehend", image=scene.photo(), in_channel=general)
+    assert [(m.content, m.ephemeral) for m in refused] == [(f"I only answer in <#{bots.id}> on this server.", True)]
+    answered = (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=2, in_channel=bots))[0]
+    assert answered.embeds and not answered.ephemeral
+
+    missing = await scene.ask("settings channels", scene.moderator, action="remove")
+    assert missing[0].content == "Choose the channel to remove."
+    cleared = (await scene.ask("settings channels", scene.moderator, action="clear"))[0]
+    assert cleared.content == "I answer in every channel now."
+    assert _fields(cleared)["Answers in"] == "every channel"
+    assert (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=2, in_channel=general))[0].embeds
+
+    denied = await scene.ask("settings show")
+    assert denied[0].content == "You need the Manage Server permission in this server to do that."
+
+
+@pytest.mark.settings
+async def test_a_required_role_and_private_answers(scene):
+    artists = await scene.discord.add_role(scene.guild, "artists")
+    set_role = (await scene.ask("settings role", scene.moderator, role=artists))[0]
+    assert set_role.content == f"Members need <@&{artists.id}> to use the bot."
+
+    refused = await scene.ask("comprehend", image=scene.photo())
+    assert [(m.content, m.ephemeral) for m in refused] == [
+        (f"You need the <@&{artists.id}> role to use the bot on this server.", True)
+    ]
+    artist = scene.discord.add_member(scene.guild, "artist")
+    artist.roles.append(artists.id)
+    assert (await scene.ask("comprehend", artist, image=scene.photo(), max_new_tokens=2))[0].embeds
+    assert (await scene.ask("comprehend", scene.moderator, image=scene.photo(), max_new_tokens=2))[0].embeds
+
+    private = (await scene.ask("settings answers", scene.moderator, visibility="private"))[0]
+    assert private.content == "Answers are now seen only by the asker."
+    hidden = (await scene.ask("comprehend", artist, image=scene.photo(), max_new_tokens=2))[0]
+    assert hidden.ephemeral and hidden.embeds
+
+    shown = _fields((await scene.ask("settings show", scene.moderator))[0])
+    assert shown["Required role"] == f"<@&{artists.id}>"
+    assert shown["Answers are"] == "private to the asker"
+    assert shown["Default task"] == "**caption** (`/manage-tasks set-default`)"
+
+    await scene.ask("settings role", scene.moderator)
+    await scene.ask("settings answers", scene.moderator, visibility="public")
+    assert not (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=2))[0].ephemeral
