@@ -142,9 +142,9 @@ async def test_answers_never_mention_anyone(world, monkeypatch):
         return Answer("@everyone look", (1,), "<image>Output:", 10, True, 0.1)
 
     answer_with(monkeypatch, world, pinging)
-    assert world.bot.allowed_mentions.everyone is False
     reply = (await world.reply("comprehend", image=photo(world)))[0]
     assert reply.embeds[0]["description"] == "@everyone look"
+    assert reply.silent  # the edit that carried the answer told Discord to ping nobody
 
 
 async def test_comprehend_works_in_direct_messages_with_builtin_tasks(world):
