@@ -65,10 +65,9 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
-def _quantizable(lm: nn.Module) -> int:
-    """Parameters in the linear layers bitsandbytes quantizes (all but the output head)."""
-    head = lm.get_output_embeddings()
-    return sum(m.weight.numel() for m in lm.modules() if isinstance(m, nn.Linear) and m is not head)
+def _quantizable(module: nn.Module, head: nn.Module | None = None) -> int:
+    """Parameters in the linear layers bitsandbytes quantizes (all but the LM's output head)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear) and m is not head)
 
 
 def measure(name: str) -> dict[str, float]:
@@ -87,17 +86,20 @@ def measure(name: str) -> dict[str, float]:
             for index in range(layers)
             if (index + 1) % spec.cross_attn_every_n_layers == 0
         )
-    language, linear = _count(lm), _quantizable(lm)
-    other = _count(vision) + _count(perceiver) + _count(cross)
+    # With int8 and nf4, the LM's linear layers and (model.quantize_cross_attention, the default)
+    # the cross-attention layers' are quantized; the rest stays in 16 bits.
+    total = _count(lm) + _count(vision) + _count(perceiver) + _count(cross)
+    linear = _quantizable(lm, lm.get_output_embeddings()) + _quantizable(cross)
+    rest = total - linear
     gib = 2**30
     return {
-        "params_b": (language + other) / 1e9,
-        "fp32": (language + other) * 4 / gib,
-        "bf16": (language + other) * 2 / gib,
+        "params_b": total / 1e9,
+        "fp32": total * 4 / gib,
+        "bf16": total * 2 / gib,
         # int8: one byte per quantized weight plus an fp32 scale per output row (ignored: < 0.1%).
-        "int8": (linear + (language - linear) * 2 + other * 2) / gib,
-        # nf4: half a byte per weight, plus double-quantized absmax per 64 weights (~0.127 bits).
-        "nf4": (linear * (0.5 + 0.127 / 8) + (language - linear) * 2 + other * 2) / gib,
+        "int8": (linear + rest * 2) / gib,
+        # nf4: half a byte per weight, plus an fp32 absmax per block of 64 weights (no double quantization).
+        "nf4": (linear * (0.5 + 4 / 64) + rest * 2) / gib,
     }
 
 

@@ -34,6 +34,9 @@ class ModelSettings(BaseModel):
         "huggyllama/llama-7b",
         description="LLaMA-7B in Hugging Face format, for the v1 openflamingo/OpenFlamingo-9B.",
     )
+    quantize_cross_attention: bool = Field(
+        True, description="With int8 or nf4, quantize the cross-attention layers too, not only the LM."
+    )
 
 
 class ImageSettings(BaseModel):

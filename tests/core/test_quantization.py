@@ -16,6 +16,11 @@ from tests.conftest import tiny_settings
 QUANTIZED_LAYER = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}
 
 
+def first_cross_attention(loaded):
+    """Only every n-th decoder layer has a cross-attention block; the others hold None."""
+    return next(block for block in loaded.model.lang_encoder.gated_cross_attn_layers if block is not None)
+
+
 @pytest.mark.parametrize("precision", ["int8", "nf4"])
 def test_quantized_model_answers_through_flamingo(model_dirs, llama_engine: FlamingoEngine, photos, precision):
     settings = tiny_settings(model_dirs["llama"], precision=precision)
@@ -24,12 +29,12 @@ def test_quantized_model_answers_through_flamingo(model_dirs, llama_engine: Flam
 
     q_proj = loaded.model.lang_encoder.model.layers[0].decoder_layer.self_attn.q_proj
     assert isinstance(q_proj, QUANTIZED_LAYER[precision])
-    flamingo_parts = [
-        loaded.model.vision_encoder,
-        loaded.model.perceiver,
-        loaded.model.lang_encoder.gated_cross_attn_layers,
-    ]
+    flamingo_parts = [loaded.model.vision_encoder, loaded.model.perceiver]
     assert {p.dtype for part in flamingo_parts for p in part.parameters()} == {loaded.precision.dtype}
+    cross_attention = first_cross_attention(loaded)
+    assert isinstance(cross_attention.attn.to_kv, QUANTIZED_LAYER[precision])
+    assert isinstance(cross_attention.ff[1], QUANTIZED_LAYER[precision])
+    assert cross_attention.attn_gate.dtype == loaded.precision.dtype
     assert loaded.language_model_bytes < llama_engine.loaded.language_model_bytes
 
     task = Task("t", "", "<image>Output:", (Example(photos["astronaut"], "<image>Output:An astronaut."),))
@@ -52,3 +57,19 @@ def test_quantized_memory_is_reported_smaller_than_fp32(model_dirs):
     assert int8 < fp32 / 2
     assert nf4 < fp32 / 2
     assert sizes["int8"].precision.dtype == torch.float16
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_cross_attention_layers_can_stay_unquantized_and_then_take_more_memory(model_dirs, photos, precision):
+    both = {
+        quantized: load_model(
+            ModelSettings(
+                name=str(model_dirs["llama"]), precision=precision, device="cpu", quantize_cross_attention=quantized
+            )
+        )
+        for quantized in (True, False)
+    }
+    layers = {q: first_cross_attention(loaded).attn.to_q for q, loaded in both.items()}
+    assert isinstance(layers[True], QUANTIZED_LAYER[precision])
+    assert type(layers[False]) is torch.nn.Linear
+    assert both[True].total_bytes < both[False].total_bytes
