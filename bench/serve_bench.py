@@ -7,7 +7,8 @@ is the bot's: prefix cache, image cache, lean decode loop. Both generate exactly
 is helped by having seen the request before. Times are medians over repetitions after a warm-up.
 
 Usage: ``python bench/serve_bench.py [--repeats N] [--families llama mpt]``. The last line printed
-is one JSON object; its top-level figures are the LLaMA family's.
+is one JSON object; its top-level figures are the LLaMA family's. With ``--device cuda`` it runs
+``bench/full_size.py`` instead: OpenFlamingo-9B's shapes with random weights, in bf16, int8 and nf4.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+import transformers
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -200,9 +202,18 @@ def _table(family: str, shots: list[dict], concurrency: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cuda: full-size shapes (bench/full_size.py)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--families", nargs="+", default=["llama", "mpt"], choices=["llama", "mpt"])
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
+    transformers.logging.set_verbosity_error()  # upstream generate warns about pad_token_id on every call
+    if args.device != "cpu":
+        from bench.full_size import main as full_size
+
+        full_size(["--device", args.device, "--repeats", str(max(args.repeats, 10)), *rest])
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.manual_seed(0)
     results: dict[str, dict] = {}
     identical = True

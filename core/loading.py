@@ -190,7 +190,8 @@ def quantize_linears(module: torch.nn.Module, plan: PrecisionPlan, device: torch
             swapped += quantize_linears(child, plan, device)
             continue
         has_bias = child.bias is not None
-        weight = child.weight.data
+        # bitsandbytes quantizes a weight when it moves from the CPU to its device (int8 only then).
+        weight = child.weight.data.cpu()
         if quantization.load_in_8bit:
             layer = bnb.nn.Linear8bitLt(
                 child.in_features,
@@ -239,6 +240,41 @@ def _context_length(lm: PreTrainedModel) -> int:
     raise ModelLoadError(f"cannot tell the context length of {type(lm).__name__}")
 
 
+def assemble_flamingo(
+    lm: PreTrainedModel,
+    visual: torch.nn.Module,
+    vision_width: int,
+    tokenizer: PreTrainedTokenizerBase,
+    cross_attn_every_n_layers: int,
+) -> Flamingo:
+    """Upstream's Flamingo around a loaded LM, with the decoder layers that reuse image keys/values."""
+    extend_instance(lm, FlamingoLMMixin)
+    lm.set_decoder_layers_attr_name(decoder_layers_attr(lm))
+    model = Flamingo(
+        SimpleNamespace(visual=visual),
+        lm,
+        eoc_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK),
+        media_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vis_dim=vision_width,
+        cross_attn_every_n_layers=cross_attn_every_n_layers,
+    )
+    install_reusable_media_layers(lm)
+    return model
+
+
+def place_model(model: Flamingo, plan: PrecisionPlan, device: torch.device, quantize_cross_attention: bool) -> None:
+    """Every part on the device in the plan's dtype (a quantized LM is placed by its loader), frozen."""
+    lm = model.lang_encoder
+    for part in (model.vision_encoder, model.perceiver, lm.gated_cross_attn_layers):
+        part.to(device=device, dtype=plan.dtype)
+    if plan.quantization is None:
+        lm.to(device)
+    elif quantize_cross_attention:
+        quantize_linears(lm.gated_cross_attn_layers, plan, device)
+    model.requires_grad_(False)
+    model.eval()
+
+
 def load_model(settings: ModelSettings) -> LoadedModel:
     """Build the model named in settings; every failure becomes one ``ModelLoadError`` line."""
     started = time.perf_counter()
@@ -265,28 +301,11 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot load the {step} of {spec.name}: {first_line}") from None
 
-    extend_instance(lm, FlamingoLMMixin)
-    lm.set_decoder_layers_attr_name(decoder_layers_attr(lm))
-    model = Flamingo(
-        SimpleNamespace(visual=visual),
-        lm,
-        eoc_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK),
-        media_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vis_dim=vision_width,
-        cross_attn_every_n_layers=spec.cross_attn_every_n_layers,
-    )
-    install_reusable_media_layers(lm)
+    model = assemble_flamingo(lm, visual, vision_width, tokenizer, spec.cross_attn_every_n_layers)
     trained = [model.perceiver, lm.gated_cross_attn_layers]
     tensors = select_checkpoint_tensors(model, checkpoint, trained, source=checkpoint_file)
     model.load_state_dict(tensors, strict=False)
-    for part in (model.vision_encoder, *trained):
-        part.to(device=device, dtype=plan.dtype)
-    if plan.quantization is None:
-        lm.to(device)
-    elif settings.quantize_cross_attention:
-        quantize_linears(lm.gated_cross_attn_layers, plan, device)
-    model.requires_grad_(False)
-    model.eval()
+    place_model(model, plan, device, settings.quantize_cross_attention)
     elapsed = time.perf_counter() - started
     log.info("Model ready in %.1f s", elapsed)
     return LoadedModel(

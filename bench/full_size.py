@@ -1,0 +1,295 @@
+"""OpenFlamingo-9B's shapes with random weights: decode speed, latency, throughput and memory per precision.
+
+Weights cannot be downloaded where this runs and do not change speed, so the model is built in
+memory with the shapes of ``openflamingo/OpenFlamingo-9B-vitl-mpt7b`` (ViT-L/14, MPT-7B,
+cross-attention every 4 layers) and served by the bot's own engine and service. Per precision:
+
+- batch-1 decode tokens/s against the limit set by memory bandwidth (the weights read per token
+  divided by the bandwidth measured on the device with a large copy);
+- p50 latency of a 4-shot caption (16 new tokens, a fresh query image each time);
+- throughput with 32 concurrent 4-shot requests over two tasks;
+- peak memory;
+- greedy agreement with bf16 on a fixed set of prompts (int8 and nf4 quantize the cross-attention
+  layers too). With random weights the logits are nearly flat, so agreement here is a lower bound.
+
+Usage: ``python bench/serve_bench.py --device cuda [--precisions bf16 int8 nf4]``, or on the CPU with
+small shapes to try the code: ``python bench/full_size.py --device cpu --scale small``. The last
+line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import open_clip
+import torch
+from transformers import MptConfig, MptForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.serve_bench import Photos, make_task
+from core.config import ModelSettings, ServiceSettings, Settings
+from core.engine import FlamingoEngine
+from core.generation import GenerationParams
+from core.loading import LoadedModel, assemble_flamingo, place_model, plan_precision, quantize_linears
+from core.prompts import END_OF_CHUNK, IMAGE_TOKEN
+from core.registry import REGISTRY
+from core.service import InferenceService
+from tests.make_tiny_model import TinyModelSpec, build_tokenizer, vision_config
+
+MODEL = "openflamingo/OpenFlamingo-9B-vitl-mpt7b"
+NEW_TOKENS = 16
+DECODE_TOKENS = 128
+CONCURRENT = 32
+# Nominal peak bandwidth of devices we may be lent, for comparison with the measured copy rate.
+NOMINAL_TBS = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H200": 4.8}
+
+
+@dataclass(frozen=True)
+class Shapes:
+    lm: dict
+    vision: dict | str  # an open_clip model config, or the name of one
+    cross_attn_every_n_layers: int
+
+
+SCALES = {
+    "full": Shapes(
+        lm={"d_model": 4096, "n_heads": 32, "n_layers": 32, "expansion_ratio": 4, "max_seq_len": 2048},
+        vision="ViT-L-14",
+        cross_attn_every_n_layers=4,
+    ),
+    "small": Shapes(
+        lm={"d_model": 512, "n_heads": 8, "n_layers": 8, "expansion_ratio": 4, "max_seq_len": 1024},
+        vision=vision_config(TinyModelSpec(family="mpt", vision_width=384, vision_layers=6))["model_cfg"],
+        cross_attn_every_n_layers=2,
+    ),
+}
+FULL_VOCAB = 50432
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build(shapes: Shapes, precision: str, device: torch.device) -> LoadedModel:
+    """The model in memory with random weights, placed as ``core.loading`` places a real one."""
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    plan = plan_precision(precision, device)
+    tokenizer = build_tokenizer(TinyModelSpec(family="mpt"))
+    tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK, IMAGE_TOKEN]})
+    if isinstance(shapes.vision, str):
+        clip = open_clip.create_model(shapes.vision, pretrained=None)
+        width = open_clip.get_model_config(shapes.vision)["vision_cfg"]["width"]
+    else:
+        clip = open_clip.model.CLIP(**shapes.vision)
+        width = shapes.vision["vision_cfg"]["width"]
+    visual = clip.visual
+    visual.output_tokens = True
+    transform = open_clip.image_transform(visual.image_size, is_train=False)
+    # The LM is made on the device in its compute dtype (seconds, not minutes, for 7B parameters).
+    vocab = FULL_VOCAB if shapes is SCALES["full"] else len(tokenizer)
+    with torch.device(device), default_dtype(plan.dtype):
+        lm = MptForCausalLM(MptConfig(vocab_size=vocab, **shapes.lm))
+    if plan.quantization is not None:
+        quantize_linears(lm.transformer, plan, device)
+    model = assemble_flamingo(lm, visual, width, tokenizer, shapes.cross_attn_every_n_layers)
+    for block in lm.gated_cross_attn_layers:
+        if block is not None:  # upstream starts the gates at 0, which would switch the images off
+            block.attn_gate.data.fill_(0.5)
+            block.ff_gate.data.fill_(0.5)
+    place_model(model, plan, device, quantize_cross_attention=True)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        image_transform=transform,
+        spec=REGISTRY[MODEL],
+        precision=plan,
+        device=device,
+        context_length=shapes.lm["max_seq_len"],
+        language_model_bytes=lm.get_memory_footprint(),
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+def measured_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy (read plus write)."""
+    size = 2**30 if device.type == "cuda" else 2**27
+    source, target = (
+        torch.empty(size, dtype=torch.uint8, device=device),
+        torch.empty(size, dtype=torch.uint8, device=device),
+    )
+    target.copy_(source)
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(10):
+        target.copy_(source)
+    _sync(device)
+    return 2 * size * 10 / (time.perf_counter() - started)
+
+
+def bytes_read_per_token(loaded: LoadedModel) -> int:
+    """The weights each decode step reads: the LM with its cross-attention, less the embedding table."""
+    lm = loaded.model.lang_encoder
+    tensors = {id(t): t for t in (*lm.parameters(), *lm.buffers())}
+    embedding = lm.get_input_embeddings().weight
+    tensors.pop(id(embedding), None)
+    return sum(t.nelement() * t.element_size() for t in tensors.values())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Run:
+    def __init__(self, loaded: LoadedModel) -> None:
+        settings = Settings(
+            model=ModelSettings(precision=loaded.precision.name, device=str(loaded.device)),
+            service=ServiceSettings(max_queue=4 * CONCURRENT, max_batch=CONCURRENT),
+        )
+        self.loaded = loaded
+        self.engine = FlamingoEngine(loaded, settings)
+        self.photos = Photos()
+        rng = random.Random(0)
+        self.tasks = [make_task(f"four-{n}", 4, self.photos, rng) for n in "ab"]
+        self.zero_shot = make_task("zero", 0, self.photos, rng)
+
+    def _seconds(self, tokens: int) -> float:
+        params = GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens)
+        request = self.engine.prepare([self.photos.fresh()], "<image>Output:", self.zero_shot, params)
+        _sync(self.loaded.device)
+        started = time.perf_counter()
+        self.engine.run(request)
+        _sync(self.loaded.device)
+        return time.perf_counter() - started
+
+    def decode_tokens_per_second(self) -> float:
+        self._seconds(DECODE_TOKENS)  # warm-up
+        long = statistics.median(self._seconds(DECODE_TOKENS) for _ in range(3))
+        short = statistics.median(self._seconds(1) for _ in range(3))
+        return (DECODE_TOKENS - 1) / (long - short)
+
+    async def _answers(self, count: int) -> list[tuple[int, ...]]:
+        service = InferenceService(self.engine, max_queue=4 * CONCURRENT, max_batch=CONCURRENT)
+        params = GenerationParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+        try:
+            requests = [(self.tasks[i % 2], self.photos.fresh()) for i in range(count)]
+            answers = await asyncio.gather(
+                *(service.answer([image], task.prompt_template, task, params) for task, image in requests)
+            )
+        finally:
+            await asyncio.to_thread(service.close)
+        return [answer.token_ids for answer in answers]
+
+    def caption_latencies(self, repeats: int) -> list[float]:
+        asyncio.run(self._answers(1))  # warm-up: the two tasks' prefixes are cached from here on
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            asyncio.run(self._answers(1))
+            times.append(time.perf_counter() - started)
+        return times
+
+    def throughput(self) -> dict:
+        asyncio.run(self._answers(CONCURRENT))  # warm-up at this batch size
+        started = time.perf_counter()
+        answers = asyncio.run(self._answers(CONCURRENT))
+        seconds = time.perf_counter() - started
+        tokens = sum(len(a) for a in answers)
+        return {"requests_per_s": round(CONCURRENT / seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+
+    def greedy(self) -> list[tuple[int, ...]]:
+        """A fixed set of prompts (fixed images), for agreement between precisions."""
+        photos, rng = Photos(), random.Random(7)
+        task = make_task("fixed", 4, photos, rng)
+        params = GenerationParams(max_new_tokens=NEW_TOKENS)
+        return [
+            self.engine.run(self.engine.prepare([photos.fresh()], prompt, chosen, params)).token_ids
+            for chosen in (task, self.zero_shot)
+            for prompt in ("<image>Output:", "<image>Question: What is in the picture? Short answer:")
+        ]
+
+
+def agreement(ours: list[tuple[int, ...]], reference: list[tuple[int, ...]]) -> float:
+    """Share of reference tokens matched position by position."""
+    matched = sum(sum(a == b for a, b in zip(x, y, strict=False)) for x, y in zip(ours, reference, strict=True))
+    return round(matched / max(1, sum(len(y) for y in reference)), 3)
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(scale: str, device: torch.device, precisions: list[str], repeats: int) -> dict:
+    bandwidth = measured_bandwidth(device)
+    results: dict[str, dict] = {}
+    baseline: list[tuple[int, ...]] | None = None
+    for precision in precisions:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        loaded = build(SCALES[scale], precision, device)
+        run = Run(loaded)
+        per_token = bytes_read_per_token(loaded)
+        tokens_per_s = run.decode_tokens_per_second()
+        limit = bandwidth / per_token
+        latencies = run.caption_latencies(repeats)
+        greedy = run.greedy()
+        baseline = baseline or greedy
+        results[precision] = {
+            "model_gib": round(loaded.total_bytes / 2**30, 2),
+            "decode_tokens_per_s": round(tokens_per_s, 1),
+            "bandwidth_limit_tokens_per_s": round(limit, 1),
+            "of_limit": round(tokens_per_s / limit, 3),
+            "caption_4shot_p50_s": round(statistics.median(latencies), 4),
+            "caption_4shot_p90_s": round(sorted(latencies)[int(0.9 * (len(latencies) - 1))], 4),
+            f"throughput_{CONCURRENT}": run.throughput(),
+            "peak_gib": round(_peak_bytes(device) / 2**30, 2),
+            f"greedy_agreement_with_{precisions[0]}": agreement(greedy, baseline),
+        }
+        print(f"{precision}: {json.dumps(results[precision])}", flush=True)
+        del run, loaded
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    nominal = next((tbs for key, tbs in NOMINAL_TBS.items() if key in name), None)
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": name,
+        "model": f"{MODEL} shapes ({scale}), random weights",
+        "measured_bandwidth_gbs": round(bandwidth / 1e9, 1),
+        "nominal_bandwidth_tbs": nominal,
+        "precisions": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="full")
+    parser.add_argument("--precisions", nargs="+", default=["bf16", "int8", "nf4"])
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(args.scale, torch.device(args.device), args.precisions, args.repeats)))
+
+
+if __name__ == "__main__":
+    main()
