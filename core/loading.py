@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import bitsandbytes as bnb
 import open_clip
 import torch
 from huggingface_hub import hf_hub_download
@@ -182,6 +181,8 @@ def quantize_linears(module: torch.nn.Module, plan: PrecisionPlan, device: torch
     adds (about 1.1B parameters in the 9B models) would otherwise stay in 16 bits. The weights are
     quantized when the new layer moves to ``device``. Returns how many layers were swapped.
     """
+    import bitsandbytes as bnb  # only with int8 or nf4: slow to import, and it warns about CPU kernels
+
     quantization = plan.quantization
     assert quantization is not None
     swapped = 0
