@@ -191,7 +191,7 @@ class Inference(commands.Cog):
                 f"e.g. `{'<image>' * len(images)}Output:`."
             )
         if prompt is not None:
-            self.bot.service.engine.check_text(prompt, len(images))
+            self.bot.service.rules.check_text(prompt, len(images))
 
         await self._answer(interaction, _reader(images), prompt, task, params, "asked")
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from open_flamingo.src.flamingo import Flamingo
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from core.config import Settings
 from core.decoding import DecodeJob, FlamingoDecoder
@@ -69,12 +69,29 @@ def holds_conditioning(model: Flamingo) -> bool:
     )
 
 
+class PromptRules:
+    """What a request's text must satisfy; it needs only the tokenizer, so the bot can check text
+    before queueing wherever the model runs (in this process or on a replica)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, context_length: int, settings: Settings) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.max_chars = settings.prompts.max_chars
+        self.reserved_tokens = frozenset(tokenizer.all_special_tokens) | frozenset(tokenizer.get_added_vocab())
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    def check_text(self, text: str, images: int, what: str = "prompt") -> str:
+        return check_user_text(text, images=images, reserved=self.reserved_tokens, max_chars=self.max_chars, what=what)
+
+
 class FlamingoEngine:
     def __init__(self, loaded: LoadedModel, settings: Settings) -> None:
         self.loaded = loaded
         self.settings = settings
         tokenizer = loaded.tokenizer
-        self.reserved_tokens = frozenset(tokenizer.all_special_tokens) | frozenset(tokenizer.get_added_vocab())
+        self.rules = PromptRules(tokenizer, loaded.context_length, settings)
         self._stop_ids = {loaded.model.eoc_token_id, tokenizer.eos_token_id} - {None}
         service = settings.service
         self.decoder = FlamingoDecoder(
@@ -85,18 +102,6 @@ class FlamingoEngine:
             image_cache_bytes=service.image_cache_mb * 2**20,
         )
 
-    @property
-    def context_length(self) -> int:
-        return self.loaded.context_length
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.loaded.tokenizer(text)["input_ids"])
-
-    def check_text(self, text: str, images: int, what: str = "prompt") -> str:
-        return check_user_text(
-            text, images=images, reserved=self.reserved_tokens, max_chars=self.settings.prompts.max_chars, what=what
-        )
-
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         return self.loaded.image_transform(crop_extreme_aspect(image))
 
@@ -104,7 +109,7 @@ class FlamingoEngine:
         self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams
     ) -> PreparedRequest:
         kwargs = generation_kwargs(params, self.settings.generation)
-        request_text = self.check_text(prompt, len(images))
+        request_text = self.rules.check_text(prompt, len(images))
         full_prompt = assemble_prompt((example.text for example in task.examples), request_text)
         encoded = self.loaded.tokenizer(full_prompt, return_tensors="pt")
         input_ids = encoded["input_ids"]

@@ -20,7 +20,7 @@ from typing import Protocol
 from PIL import Image
 
 from core.config import Settings
-from core.engine import Answer, FlamingoEngine, PreparedRequest
+from core.engine import Answer, FlamingoEngine, PreparedRequest, PromptRules
 from core.errors import FlamingoError, GenerationFailed, RequestCancelled, RequestExpired, ServiceBusy, ServiceClosed
 from core.generation import GenerationParams
 from core.loading import load_model
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
+    rules: PromptRules
+
     def prepare(
         self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams
     ) -> PreparedRequest: ...
@@ -107,6 +109,10 @@ class InferenceService:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def rules(self) -> PromptRules:
+        return self.engine.rules
 
     def estimated_wait(self, position: int) -> float:
         """Seconds until a request at ``position`` starts, from recent batch times (0 before any ran)."""

@@ -83,7 +83,7 @@ class FlamingoBot(commands.Bot):
         self.service = self._given_service or await asyncio.to_thread(start_service, self.settings)
         self.store = await Storage.open(self.settings.storage.database_path)
         builtins = await asyncio.to_thread(load_builtin_tasks, self.settings.data_dir, self.settings.images)
-        self.library = TaskLibrary(self.store, builtins, self.service.engine, self.settings)
+        self.library = TaskLibrary(self.store, builtins, self.service.rules, self.settings)
         self.quotas = RequestQuotas(self.settings.quotas)
         for extension in EXTENSIONS:
             await self.load_extension(extension)

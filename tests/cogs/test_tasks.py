@@ -528,8 +528,8 @@ async def test_examples_must_leave_room_for_the_answer(world, llama_engine):
     assert len(long) == 400
     await add(world, "pets", small_image(world), long, 1)
     await add(world, "pets", small_image(world), "<image>Pet:A cat.", 2)
-    room = llama_engine.context_length - world.bot.settings.generation.max_new_tokens_default
-    tokens = llama_engine.count_tokens(
+    room = llama_engine.rules.context_length - world.bot.settings.generation.max_new_tokens_default
+    tokens = llama_engine.rules.count_tokens(
         assemble_prompt([long.strip(), "<image>Pet:A cat.", long.strip()], "<image>Pet:")
     )
     assert tokens > room
@@ -537,11 +537,11 @@ async def test_examples_must_leave_room_for_the_answer(world, llama_engine):
         world, "manage-tasks add-example", world.moderator, task="pets", image=small_image(world), text=long
     )
     assert message == too_long(tokens, room)
-    tokens = llama_engine.count_tokens(assemble_prompt([long.strip(), long.strip()], "<image>Pet:"))
+    tokens = llama_engine.rules.count_tokens(assemble_prompt([long.strip(), long.strip()], "<image>Pet:"))
     message = await private(world, "manage-tasks edit-example", world.moderator, task="pets", position=2, text=long)
     assert message == too_long(tokens, room)
     template = "<image>" + "b2 " * 131
-    tokens = llama_engine.count_tokens(assemble_prompt([long.strip(), "<image>Pet:A cat."], template.strip()))
+    tokens = llama_engine.rules.count_tokens(assemble_prompt([long.strip(), "<image>Pet:A cat."], template.strip()))
     message = await private(world, "manage-tasks edit", world.moderator, task="pets", template=template)
     assert message == too_long(tokens, room)
     assert await example_texts(world, "pets") == [long.strip(), "<image>Pet:A cat."]

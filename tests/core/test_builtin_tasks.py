@@ -24,6 +24,6 @@ def test_builtin_texts_pass_each_tokenizer_checks(engines, builtin_tasks):
     for family in FAMILIES:
         engine = engines[family]
         for task in builtin_tasks.values():
-            assert engine.check_text(task.prompt_template, 1) == task.prompt_template
+            assert engine.rules.check_text(task.prompt_template, 1) == task.prompt_template
             for example in task.examples:
-                assert engine.check_text(example.text, 1, what="example") == example.text
+                assert engine.rules.check_text(example.text, 1, what="example") == example.text

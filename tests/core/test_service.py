@@ -20,6 +20,7 @@ class GatedEngine:
 
     def __init__(self, engine: FlamingoEngine) -> None:
         self.engine = engine
+        self.rules = engine.rules
         self.gate = threading.Event()
         self.started = threading.Event()
         self.ran: list[str] = []

@@ -14,7 +14,7 @@ from tests.conftest import IMAGES
 @pytest.fixture
 async def library(tmp_path, llama_engine, builtin_tasks):
     store = await TaskStore.open(tmp_path / "tasks.db")
-    yield TaskLibrary(store, builtin_tasks, llama_engine, llama_engine.settings)
+    yield TaskLibrary(store, builtin_tasks, llama_engine.rules, llama_engine.settings)
     await store.close()
 
 

@@ -20,7 +20,7 @@ NOW = datetime(2026, 11, 25, tzinfo=UTC)
 @pytest.fixture
 async def library(tmp_path, llama_engine, builtin_tasks):
     store = await TaskStore.open(tmp_path / "tasks.db")
-    library = TaskLibrary(store, builtin_tasks, llama_engine, llama_engine.settings)
+    library = TaskLibrary(store, builtin_tasks, llama_engine.rules, llama_engine.settings)
     await library.create(HOME, "pets", "Pets, briefly", "<image>Pet:", author_id=1)
     for name, text in [("chelsea", "<image>Pet:a cat"), ("coffee", "<image>Pet:not a pet")]:
         await library.add_example(HOME, "pets", (IMAGES / f"{name}.jpg").read_bytes(), text, 1)
