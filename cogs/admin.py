@@ -31,16 +31,23 @@ def _cache_line(stats: dict[str, int], what: str) -> str:
     )
 
 
-def status_embed(bot: FlamingoBot) -> discord.Embed:
-    loaded = bot.service.engine.loaded
+def _model_fields(bot: FlamingoBot) -> dict[str, str]:
+    engine = getattr(bot.service, "engine", None)
+    if engine is None:  # the ray backend: the model lives on the cluster's replicas
+        ray = bot.settings.ray
+        return {
+            "Model": bot.settings.model.name,
+            "Backend": f"ray: {ray.replicas} replica(s) of {ray.app_name} at {ray.address}",
+            "Queue": f"{bot.service.waiting} in flight",
+        }
+    loaded = engine.loaded
     device = loaded.device
     if device.type == "cuda":
         memory = f"{torch.cuda.memory_allocated(device) / 2**30:.2f} GiB on the GPU"
     else:
         memory = f"{psutil.Process().memory_info().rss / 2**30:.2f} GiB resident"
-    embed = discord.Embed(title="flamingo-bot status", colour=discord.Colour.green())
-    decoder = bot.service.engine.decoder
-    fields = {
+    decoder = engine.decoder
+    return {
         "Model": loaded.spec.name,
         "Precision": loaded.precision.name,
         "Device": str(device),
@@ -48,6 +55,13 @@ def status_embed(bot: FlamingoBot) -> discord.Embed:
         "Queue": f"{bot.service.waiting} waiting",
         "Prefix cache": _cache_line(decoder.prefixes.stats(), "tasks"),
         "Image cache": _cache_line(decoder.images.stats(), "images"),
+    }
+
+
+def status_embed(bot: FlamingoBot) -> discord.Embed:
+    embed = discord.Embed(title="flamingo-bot status", colour=discord.Colour.green())
+    fields = {
+        **_model_fields(bot),
         "Uptime": _duration(time.monotonic() - bot.started_at),
         "Guilds": str(len(bot.guilds)),
         "Version": core.__version__,

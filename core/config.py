@@ -83,11 +83,25 @@ class GenerationSettings(BaseModel):
 
 
 class ServiceSettings(BaseModel):
+    backend: Literal["local", "ray"] = Field("local", description="ray: the model runs on Ray Serve replicas.")
     max_queue: int = Field(32, gt=0, description="Requests waiting beyond this are refused as busy.")
     max_batch: int = Field(16, gt=0, description="Waiting requests decoded together in one batch.")
     prefix_cache_mb: int = Field(2048, ge=0, description="Tasks' precomputed examples, least recently used dropped.")
     image_cache_mb: int = Field(256, ge=0, description="Image features by content hash.")
     queue_update_seconds: float = Field(15.0, ge=1, description="Least time between edits of a place in line.")
+
+
+class RaySettings(BaseModel):
+    """Where the model runs when it is served by Ray Serve replicas instead of in the bot's process."""
+
+    address: str = Field("127.0.0.1:6379", description="The Ray cluster's GCS address, host:port.")
+    namespace: str = "flamingo-bot"
+    app_name: str = "flamingo"
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0, description="Per replica; fractions let tests fit several on one core.")
+    num_gpus: float = Field(0.0, ge=0, description="Per replica: 1 on a GPU cluster.")
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica takes at once (its batch).")
+    project_path: str | None = Field(None, description="This checkout on the workers; default: the same path.")
 
 
 class QuotaSettings(BaseModel):
@@ -174,6 +188,7 @@ class Settings(BaseSettings):
     quotas: QuotaSettings = QuotaSettings()
     storage: StorageSettings = StorageSettings()
     privacy: PrivacySettings = PrivacySettings()
+    ray: RaySettings = RaySettings()
     logging: LoggingSettings = LoggingSettings()
     data_dir: Path = PROJECT_ROOT / "data"
     discord_token: SecretStr | None = Field(None, validation_alias=AliasChoices("DISCORD_TOKEN", "discord_token"))

@@ -20,7 +20,14 @@ from open_flamingo.src.flamingo import Flamingo
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin
 from open_flamingo.src.utils import extend_instance
 from PIL import Image
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.checkpoint import read_state_dict, select_checkpoint_tensors
@@ -115,6 +122,23 @@ def _load_vision(spec: ModelSpec) -> tuple[torch.nn.Module, Callable[[Image.Imag
     visual.output_tokens = True
     width = open_clip.get_model_config(spec.clip_vision_encoder_path)["vision_cfg"]["width"]
     return visual, transform, width
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_text_side(settings: ModelSettings) -> tuple[PreTrainedTokenizerBase, int]:
+    """The tokenizer and context length alone, without weights: for a process whose model runs elsewhere."""
+    spec = resolve_model(settings.name, settings.llama_path)
+    try:
+        config = AutoConfig.from_pretrained(
+            spec.lang_encoder_path, revision=spec.lang_encoder_revision, trust_remote_code=spec.trust_remote_code
+        )
+        return _load_tokenizer(spec), context_length_of(config)
+    except _LOAD_ERRORS as error:
+        raise ModelLoadError(f"cannot load the tokenizer of {spec.name}: {_first_line(error)}") from None
 
 
 def _load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
@@ -232,13 +256,12 @@ def decoder_layers_attr(lm: PreTrainedModel) -> str:
     raise ModelLoadError(f"unsupported language model class {type(lm).__name__}")
 
 
-def _context_length(lm: PreTrainedModel) -> int:
-    config = lm.config
+def context_length_of(config: PretrainedConfig) -> int:
     for field in ("max_position_embeddings", "max_seq_len", "n_positions"):
         value = getattr(config, field, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise ModelLoadError(f"cannot tell the context length of {type(lm).__name__}")
+    raise ModelLoadError(f"cannot tell the context length of {type(config).__name__}")
 
 
 def assemble_flamingo(
@@ -299,8 +322,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         checkpoint_file = _fetch_checkpoint(spec)
         checkpoint = read_state_dict(checkpoint_file)
     except _LOAD_ERRORS as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load the {step} of {spec.name}: {first_line}") from None
+        raise ModelLoadError(f"cannot load the {step} of {spec.name}: {_first_line(error)}") from None
 
     model = assemble_flamingo(lm, visual, vision_width, tokenizer, spec.cross_attn_every_n_layers)
     trained = [model.perceiver, lm.gated_cross_attn_layers]
@@ -316,7 +338,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         spec=spec,
         precision=plan,
         device=device,
-        context_length=_context_length(lm),
+        context_length=context_length_of(lm.config),
         language_model_bytes=language_model_bytes,
         load_seconds=elapsed,
     )

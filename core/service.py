@@ -44,6 +44,44 @@ class Engine(Protocol):
     ) -> None: ...
 
 
+class QueuedRequest(Protocol):
+    """What a caller holds for a queued request, wherever the model runs."""
+
+    @property
+    def position(self) -> int | None: ...
+
+    def cancel(self) -> None: ...
+
+    async def answer(self) -> Answer: ...
+
+
+class ModelService(Protocol):
+    """The model as the bot uses it: in this process (``InferenceService``) or on Ray replicas."""
+
+    @property
+    def rules(self) -> PromptRules: ...
+
+    @property
+    def waiting(self) -> int: ...
+
+    def estimated_wait(self, position: int) -> float: ...
+
+    def submit(
+        self,
+        images: Sequence[Image.Image],
+        prompt: str,
+        task: Task,
+        params: GenerationParams,
+        deadline: float | None = None,
+    ) -> QueuedRequest: ...
+
+    async def answer(
+        self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams
+    ) -> Answer: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(eq=False)
 class _Job:
     request: PreparedRequest
@@ -113,6 +151,10 @@ class InferenceService:
     @property
     def rules(self) -> PromptRules:
         return self.engine.rules
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def estimated_wait(self, position: int) -> float:
         """Seconds until a request at ``position`` starts, from recent batch times (0 before any ran)."""
@@ -216,7 +258,16 @@ class InferenceService:
         self._worker.join(timeout=60)
 
 
+def start_model_service(settings: Settings) -> ModelService:
+    """The bot's model: loaded here (``service.backend = "local"``) or on a Ray cluster's replicas."""
+    if settings.service.backend == "ray":
+        from core.ray_backend import RayInferenceService  # Ray is imported only by those who use it
+
+        return RayInferenceService.connect(settings)
+    return start_service(settings)
+
+
 def start_service(settings: Settings) -> InferenceService:
-    """Load the configured model and start its worker; the CLI and the bot both come through here."""
+    """Load the configured model in this process and start its worker (the CLI, a replica, a local bot)."""
     loaded = load_model(settings.model)
     return InferenceService(FlamingoEngine(loaded, settings), settings.service.max_queue, settings.service.max_batch)

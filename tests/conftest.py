@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -65,3 +69,27 @@ def photos() -> dict[str, object]:
 @pytest.fixture(scope="session")
 def builtin_tasks() -> dict[str, Task]:
     return load_builtin_tasks(PROJECT_ROOT / "data", ImageSettings())
+
+
+RAY = Path(sys.executable).parent / "ray"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A Ray head on loopback with two CPUs, as an operator would start one with ``ray start``."""
+    port = _free_port()
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    command = [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"]
+    command += ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    command += [f"--temp-dir={tmp_path_factory.mktemp('ray')}"]
+    subprocess.run(command, check=True, env=env, capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)

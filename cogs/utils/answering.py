@@ -19,7 +19,7 @@ from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, clip
 from core.engine import Answer
 from core.errors import NotAllowedHere
 from core.guild_settings import GuildSettings
-from core.service import Ticket
+from core.service import QueuedRequest
 
 ANSWER_COLOUR = discord.Colour.from_rgb(232, 93, 117)
 # Interaction tokens die after 15 minutes; a request must start early enough to be answered before that.
@@ -87,7 +87,7 @@ def queue_notice(position: int, wait_seconds: float) -> str:
 
 async def wait_in_line(
     interaction: discord.Interaction,
-    ticket: Ticket,
+    ticket: QueuedRequest,
     cancel_view: discord.ui.View,
     min_edit_seconds: float,
     eta: Callable[[int], float],

@@ -21,7 +21,7 @@ from core.builtin_tasks import load_builtin_tasks
 from core.config import Settings
 from core.moderation import AnswerFilter, WordListFilter
 from core.quotas import RequestQuotas
-from core.service import InferenceService, Ticket, start_service
+from core.service import ModelService, QueuedRequest, start_model_service
 from core.storage import Storage
 from core.tasks import TaskLibrary
 
@@ -48,12 +48,12 @@ class FlamingoTree(app_commands.CommandTree):
 
 
 class FlamingoBot(commands.Bot):
-    service: InferenceService
+    service: ModelService
     store: Storage
     library: TaskLibrary
     quotas: RequestQuotas
 
-    def __init__(self, settings: Settings, service: InferenceService | None = None) -> None:
+    def __init__(self, settings: Settings, service: ModelService | None = None) -> None:
         # Both are needed: REST routes come from Route.BASE, while an unsharded bot connects (and
         # falls back after an invalidated session) to DEFAULT_GATEWAY without asking /gateway/bot.
         discord.http.Route.BASE = settings.discord.api_base_url
@@ -74,13 +74,13 @@ class FlamingoBot(commands.Bot):
         self.commands_ready.set()
         self.in_flight: set[asyncio.Task[object]] = set()
         # Requests waiting for the model, by interaction id, with who asked: for their cancel buttons.
-        self.waiting: dict[int, tuple[Ticket, int]] = {}
+        self.waiting: dict[int, tuple[QueuedRequest, int]] = {}
         self.answer_filter: AnswerFilter = WordListFilter(settings.privacy.blocked_words)
         self._closing: asyncio.Task[None] | None = None
         self._purging: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
-        self.service = self._given_service or await asyncio.to_thread(start_service, self.settings)
+        self.service = self._given_service or await asyncio.to_thread(start_model_service, self.settings)
         self.store = await Storage.open(self.settings.storage.database_path)
         builtins = await asyncio.to_thread(load_builtin_tasks, self.settings.data_dir, self.settings.images)
         self.library = TaskLibrary(self.store, builtins, self.service.rules, self.settings)

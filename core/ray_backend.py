@@ -1,0 +1,167 @@
+"""The model on Ray Serve replicas: the calls of the in-process service, answered by a cluster.
+
+The bot joins an existing Ray cluster as a driver, since Serve routes requests in the caller, and
+deploys the Flamingo application there (a redeploy with the same settings changes nothing). Each
+replica runs the same engine and service as a single process does, so answers are the same
+token for token; requests reach it as bytes with content hashes (``core/wire.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+
+from PIL import Image
+
+from core.config import PROJECT_ROOT, Settings
+from core.engine import Answer, PromptRules
+from core.errors import FlamingoError, GenerationFailed, ModelLoadError, RequestCancelled, ServiceClosed
+from core.generation import GenerationParams
+from core.loading import load_text_side
+from core.prompts import Task
+from core.service import start_service
+from core.wire import WireDecoder, WireRequest, to_wire
+
+log = logging.getLogger(__name__)
+
+
+# Ray reports usage to its makers over the internet unless told not to, in every process it starts.
+_NO_USAGE_STATS = {"RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _no_usage_stats() -> None:
+    os.environ.update(_NO_USAGE_STATS)
+
+
+class FlamingoReplica:
+    """One replica: the bot's own service (worker thread, prefix cache, batching) behind Serve."""
+
+    def __init__(self, settings_json: str) -> None:
+        settings = Settings.model_validate_json(settings_json)
+        self.service = start_service(settings)
+        self.wire = WireDecoder(image_bytes=settings.service.image_cache_mb * 2**20)
+
+    async def answer(self, request: WireRequest) -> Answer:
+        images, prompt, task, params = self.wire.request(request)
+        return await self.service.answer(images, prompt, task, params)
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose model service has stopped."""
+        if self.service.closed:
+            raise RuntimeError("the model service of this replica has stopped")
+
+    def __del__(self) -> None:
+        self.service.close()
+
+
+class RemoteTicket:
+    """A request sent to a replica: Ray keeps the line, so no place in it is known here."""
+
+    position: int | None = None
+
+    def __init__(self, service: RayInferenceService, response: object) -> None:
+        self._service = service
+        self._response = response
+
+    def cancel(self) -> None:
+        self._response.cancel()  # type: ignore[attr-defined]
+
+    async def answer(self) -> Answer:
+        self._service.in_flight += 1
+        try:
+            return await self._response  # type: ignore[misc]
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        except Exception as error:
+            raise _user_error(error) from None
+        finally:
+            self._service.in_flight -= 1
+
+
+def _user_error(error: Exception) -> FlamingoError:
+    """The replica's own refusal when it raised one (Ray wraps it), else one line for the user."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, FlamingoError):
+        return cause
+    if type(error).__name__ == "RequestCancelledError":
+        return RequestCancelled("The request was cancelled.")
+    log.error("a replica failed a request", exc_info=error)
+    return GenerationFailed("The model's server failed while answering; try again in a moment.")
+
+
+class RayInferenceService:
+    """Same calls as ``core.service.InferenceService``; the model runs on the cluster's replicas."""
+
+    def __init__(self, settings: Settings, rules: PromptRules, handle: object) -> None:
+        self.settings = settings
+        self.rules = rules
+        self._handle = handle
+        self.in_flight = 0
+        self._closed = False
+
+    @classmethod
+    def connect(cls, settings: Settings) -> RayInferenceService:
+        """Join the cluster, deploy (or find) the application, and load the tokenizer for local checks."""
+        _no_usage_stats()
+        import ray
+        from ray import serve
+
+        tokenizer, context_length = load_text_side(settings.model)
+        config = settings.ray
+        # Replicas import this project's code: workers must have the same checkout, at ray.project_path.
+        runtime_env = {"env_vars": {"PYTHONPATH": config.project_path or str(PROJECT_ROOT), **_NO_USAGE_STATS}}
+        try:
+            ray.init(
+                address=config.address,
+                namespace=config.namespace,
+                runtime_env=runtime_env,
+                logging_level=logging.WARNING,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise ModelLoadError(f"cannot reach the Ray cluster at {config.address}: {error}") from None
+        serve.start(proxy_location="Disabled")
+        deployment = serve.deployment(FlamingoReplica, name="FlamingoReplica").options(
+            num_replicas=config.replicas,
+            max_ongoing_requests=config.max_ongoing_requests,
+            ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+            health_check_period_s=10,
+            graceful_shutdown_wait_loop_s=2,
+            graceful_shutdown_timeout_s=120,
+        )
+        settings_json = settings.model_dump_json(exclude={"discord_token"})
+        handle = serve.run(deployment.bind(settings_json), name=config.app_name, route_prefix=None)
+        return cls(settings, PromptRules(tokenizer, context_length, settings), handle)
+
+    @property
+    def waiting(self) -> int:
+        return self.in_flight
+
+    def estimated_wait(self, position: int) -> float:
+        return 0.0
+
+    def submit(
+        self,
+        images: Sequence[Image.Image],
+        prompt: str,
+        task: Task,
+        params: GenerationParams,
+        deadline: float | None = None,
+    ) -> RemoteTicket:
+        if self._closed:
+            raise ServiceClosed("The bot is shutting down; try again in a moment.")
+        self.rules.check_text(prompt, len(images))
+        request = to_wire(list(images), prompt, task, params)
+        return RemoteTicket(self, self._handle.answer.remote(request))  # type: ignore[attr-defined]
+
+    async def answer(self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams) -> Answer:
+        return await self.submit(images, prompt, task, params).answer()
+
+    def close(self) -> None:
+        """Leave the cluster; the application keeps serving other bot processes (shards) that use it."""
+        self._closed = True
+        import ray
+
+        ray.shutdown()

@@ -1,0 +1,51 @@
+"""The ray backend: two CPU replicas on a local Ray head give the local service's answers exactly."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.config import RaySettings
+from core.errors import BadPrompt
+from core.generation import GenerationParams
+from core.prompts import Example, Task
+from tests.conftest import tiny_settings
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def remote(ray_head, model_dirs):
+    from core.ray_backend import RayInferenceService
+
+    settings = tiny_settings(model_dirs["llama"]).model_copy(
+        update={"ray": RaySettings(address=ray_head, replicas=2, num_cpus=0.5)}
+    )
+    service = RayInferenceService.connect(settings)
+    yield service
+    service.close()
+
+
+async def test_answers_are_token_identical_to_the_local_engine(remote, llama_engine, photos):
+    task = Task("pets", "", "<image>Output:", (Example(photos["chelsea"], "<image>Output:a cat."),), key="test/pets/1")
+    cases = [
+        (photos["rocket"], "<image>Output:", GenerationParams(max_new_tokens=8)),
+        (photos["coffee"], "<image>Question: What is it? Short answer:", GenerationParams(max_new_tokens=6)),
+        (photos["astronaut"], "A picture: <image>Output:", GenerationParams(max_new_tokens=5, num_beams=3)),
+    ]
+    for image, prompt, params in cases:
+        local = llama_engine.run(llama_engine.prepare([image], prompt, task, params))
+        answer = await remote.answer([image], prompt, task, params)
+        assert (answer.token_ids, answer.text, answer.prompt) == (local.token_ids, local.text, local.prompt)
+
+
+async def test_refusals_come_back_as_the_same_errors(remote, llama_engine, photos):
+    task = Task("t", "", "<image>Output:")
+    with pytest.raises(BadPrompt, match="has 0 <image> markers"):
+        remote.submit([photos["rocket"]], "Output:", task, GenerationParams())
+    too_long = GenerationParams(max_new_tokens=256)
+    prompt = "<image>" + "word " * 400
+    with pytest.raises(BadPrompt) as local:
+        llama_engine.prepare([photos["rocket"]], prompt, task, too_long)
+    with pytest.raises(BadPrompt) as far:
+        await remote.answer([photos["rocket"]], prompt, task, too_long)
+    assert str(far.value) == str(local.value)

@@ -1,0 +1,35 @@
+"""Requests on the wire: the same pixels arrive, damage is caught, tasks are decoded once per key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from core.generation import GenerationParams
+from core.prompts import Example, Task
+from core.wire import WireDecoder, to_wire
+
+
+def test_images_arrive_pixel_for_pixel_and_tasks_are_kept_by_key(photos):
+    task = Task("pets", "d", "<image>Pet:", (Example(photos["chelsea"], "<image>Pet:a cat"),), key="guild/1/pets/x/2")
+    wire = to_wire([photos["rocket"]], "<image>Pet:", task, GenerationParams(max_new_tokens=3))
+    decoder = WireDecoder()
+    images, prompt, arrived, params = decoder.request(wire)
+    assert np.array_equal(np.asarray(images[0]), np.asarray(photos["rocket"]))
+    assert np.array_equal(np.asarray(arrived.examples[0].image), np.asarray(photos["chelsea"]))
+    assert (prompt, arrived.key, arrived.examples[0].text, params.max_new_tokens) == (
+        "<image>Pet:",
+        task.key,
+        "<image>Pet:a cat",
+        3,
+    )
+    assert decoder.request(wire)[2] is arrived  # the same version of the task is not decoded again
+
+
+def test_a_damaged_image_is_refused(photos):
+    wire = to_wire([photos["rocket"]], "<image>Output:", Task("t", "", "<image>Output:"), GenerationParams())
+    damaged = dataclasses.replace(wire.images[0], png=wire.images[0].png[:-10] + b"0123456789")
+    with pytest.raises(ValueError, match="does not match its hash"):
+        WireDecoder().image(damaged)

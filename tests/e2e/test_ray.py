@@ -1,0 +1,35 @@
+"""The bot with service.backend = "ray": the same answers, from replicas on a local Ray head."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import E2E, Scene, new_bot
+
+pytestmark = [E2E, pytest.mark.ray]
+
+
+async def test_the_bot_answers_through_ray_replicas_as_it_does_locally(scene, stand_in, model_dirs, ray_head, tmp_path):
+    ask = {"image": scene.photo("coffee"), "prompt": "<image>Output:", "max_new_tokens": 6}
+    local = (await scene.ask("comprehend", **ask))[0].embeds[0]["description"]
+
+    bot = new_bot(stand_in, model_dirs, tmp_path)
+    bot.env |= {
+        "FLAMINGO_SERVICE__BACKEND": "ray",
+        "FLAMINGO_RAY__ADDRESS": ray_head,
+        "FLAMINGO_RAY__APP_NAME": "flamingo-e2e",
+        "FLAMINGO_RAY__REPLICAS": "2",
+        "FLAMINGO_RAY__NUM_CPUS": "0.5",
+    }
+    await bot.start()
+    try:
+        guild = await stand_in.join("Scaled")
+        here = Scene(stand_in, guild, stand_in.add_member(guild, "reader"), scene.moderator)
+        answers = [(await here.ask("comprehend", **ask))[0] for _ in range(3)]
+        assert [a.embeds[0]["description"] for a in answers] == [local] * 3
+        owner = stand_in.admin_guild.members[stand_in.owner.id]
+        status = (await here.ask("admin status", owner, stand_in.admin_guild))[0]
+        fields = {f["name"]: f["value"] for f in status.embeds[0]["fields"]}
+        assert fields["Backend"] == f"ray: 2 replica(s) of flamingo-e2e at {ray_head}"
+    finally:
+        assert await bot.stop() == 0
