@@ -11,13 +11,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Sequence
 
 from PIL import Image
 
 from core.config import PROJECT_ROOT, Settings
 from core.engine import Answer, PromptRules
-from core.errors import FlamingoError, GenerationFailed, ModelLoadError, RequestCancelled, ServiceClosed
+from core.errors import (
+    FlamingoError,
+    GenerationFailed,
+    ModelLoadError,
+    RequestCancelled,
+    RequestExpired,
+    ServiceClosed,
+)
 from core.generation import GenerationParams
 from core.loading import load_text_side
 from core.prompts import Task
@@ -61,17 +69,23 @@ class RemoteTicket:
 
     position: int | None = None
 
-    def __init__(self, service: RayInferenceService, response: object) -> None:
+    def __init__(self, service: RayInferenceService, response: object, deadline: float | None) -> None:
         self._service = service
         self._response = response
+        self._deadline = deadline
 
     def cancel(self) -> None:
         self._response.cancel()  # type: ignore[attr-defined]
 
     async def answer(self) -> Answer:
+        """The answer; past the deadline the request is withdrawn, as the local line does with late ones."""
         self._service.in_flight += 1
+        timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
         try:
-            return await self._response  # type: ignore[misc]
+            return await asyncio.wait_for(self._response, timeout)  # type: ignore[arg-type]
+        except TimeoutError:
+            self.cancel()
+            raise RequestExpired("Your request waited too long for the model; please ask again.") from None
         except asyncio.CancelledError:
             self.cancel()
             raise
@@ -154,7 +168,7 @@ class RayInferenceService:
             raise ServiceClosed("The bot is shutting down; try again in a moment.")
         self.rules.check_text(prompt, len(images))
         request = to_wire(list(images), prompt, task, params)
-        return RemoteTicket(self, self._handle.answer.remote(request))  # type: ignore[attr-defined]
+        return RemoteTicket(self, self._handle.answer.remote(request), deadline)  # type: ignore[attr-defined]
 
     async def answer(self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams) -> Answer:
         return await self.submit(images, prompt, task, params).answer()

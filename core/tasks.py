@@ -142,16 +142,7 @@ class TaskLibrary:
             stored = await self._stored(guild_id, source)
             description, template = stored.description, stored.prompt_template
             examples = [(e.image, e.text) for e in stored.examples]
-        await self.store.create_task(
-            guild_id,
-            new_name,
-            description,
-            template,
-            author_id,
-            max_tasks=self.limits.max_tasks_per_guild,
-            examples=examples,
-        )
-        return new_name
+        return await self._save_new(guild_id, new_name, description, template, author_id, examples)
 
     async def export(self, guild_id: int | None, name: str) -> TaskArchive:
         details = await self.details(guild_id, name)
@@ -172,16 +163,29 @@ class TaskLibrary:
             raise BadArchive(f"The task file cannot be imported: {error}") from None
         self._check_fits(new_name, texts, template)
         images = await asyncio.to_thread(self._stored_images, archive.examples)
+        examples = list(zip(images, texts, strict=True))
+        return await self._save_new(guild_id, new_name, description, template, author_id, examples)
+
+    async def _save_new(
+        self,
+        guild_id: int,
+        name: str,
+        description: str,
+        template: str,
+        author_id: int,
+        examples: list[tuple[bytes, str]],
+    ) -> str:
+        """A whole task with its examples in one transaction, within the guild's task limit."""
         await self.store.create_task(
             guild_id,
-            new_name,
+            name,
             description,
             template,
             author_id,
             max_tasks=self.limits.max_tasks_per_guild,
-            examples=list(zip(images, texts, strict=True)),
+            examples=examples,
         )
-        return new_name
+        return name
 
     @property
     def archive_limits(self) -> ArchiveLimits:

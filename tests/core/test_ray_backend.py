@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from core.config import RaySettings
-from core.errors import BadPrompt
+from core.errors import BadPrompt, RequestExpired
 from core.generation import GenerationParams
 from core.prompts import Example, Task
 from tests.conftest import tiny_settings
@@ -49,3 +51,11 @@ async def test_refusals_come_back_as_the_same_errors(remote, llama_engine, photo
     with pytest.raises(BadPrompt) as far:
         await remote.answer([photos["rocket"]], prompt, task, too_long)
     assert str(far.value) == str(local.value)
+
+
+async def test_a_request_past_its_deadline_is_withdrawn(remote, photos):
+    task = Task("t", "", "<image>Output:")
+    late = remote.submit([photos["rocket"]], "<image>Output:", task, GenerationParams(), deadline=time.monotonic())
+    with pytest.raises(RequestExpired, match="waited too long"):
+        await late.answer()
+    assert remote.waiting == 0
