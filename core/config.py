@@ -102,6 +102,10 @@ class RaySettings(BaseModel):
     num_gpus: float = Field(0.0, ge=0, description="Per replica: 1 on a GPU cluster.")
     max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica takes at once (its batch).")
     project_path: str | None = Field(None, description="This checkout on the workers; default: the same path.")
+    routing: Literal["task_affinity", "default"] = Field(
+        "task_affinity", description="task_affinity: a task's requests go where its examples are cached."
+    )
+    max_imbalance: int = Field(4, ge=0, description="Queue length beyond the shortest before affinity yields.")
 
 
 class QuotaSettings(BaseModel):

@@ -55,6 +55,11 @@ class FlamingoReplica:
         images, prompt, task, params = self.wire.request(request)
         return await self.service.answer(images, prompt, task, params)
 
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        """This replica's caches, for the admin status and the routing benchmark."""
+        decoder = self.service.engine.decoder  # type: ignore[attr-defined]
+        return {"prefix_cache": decoder.prefixes.stats(), "image_cache": decoder.images.stats()}
+
     def check_health(self) -> None:
         """Serve restarts a replica whose model service has stopped."""
         if self.service.closed:
@@ -137,6 +142,16 @@ class RayInferenceService:
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise ModelLoadError(f"cannot reach the Ray cluster at {config.address}: {error}") from None
         serve.start(proxy_location="Disabled")
+        router = None
+        if config.routing == "task_affinity":
+            from ray.serve.config import RequestRouterConfig
+
+            from core.ray_routing import TaskAffinityRouter
+
+            router = RequestRouterConfig(
+                request_router_class=TaskAffinityRouter,
+                request_router_kwargs={"max_imbalance": config.max_imbalance},
+            )
         deployment = serve.deployment(FlamingoReplica, name="FlamingoReplica").options(
             num_replicas=config.replicas,
             max_ongoing_requests=config.max_ongoing_requests,
@@ -144,6 +159,7 @@ class RayInferenceService:
             health_check_period_s=10,
             graceful_shutdown_wait_loop_s=2,
             graceful_shutdown_timeout_s=120,
+            **({"request_router_config": router} if router is not None else {}),
         )
         settings_json = settings.model_dump_json(exclude={"discord_token"})
         handle = serve.run(deployment.bind(settings_json), name=config.app_name, route_prefix=None)
@@ -152,6 +168,10 @@ class RayInferenceService:
     @property
     def waiting(self) -> int:
         return self.in_flight
+
+    def replica_cache_stats(self) -> list[dict[str, dict[str, int]]]:
+        """Every replica's caches (blocking: call it from a thread)."""
+        return self._handle.broadcast("cache_stats").results()  # type: ignore[attr-defined]
 
     def estimated_wait(self, position: int) -> float:
         return 0.0

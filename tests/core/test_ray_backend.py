@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -59,3 +60,25 @@ async def test_a_request_past_its_deadline_is_withdrawn(remote, photos):
     with pytest.raises(RequestExpired, match="waited too long"):
         await late.answer()
     assert remote.waiting == 0
+
+
+async def test_each_task_is_computed_on_one_replica_only(remote, photos):
+    """Task affinity: a task's examples are prefilled once in the cluster, not once per replica.
+
+    With Serve's default router the same requests were prefilled 3 times (tried by hand).
+    """
+    tasks = [
+        Task(name, "", "<image>Output:", (Example(photos[image], f"<image>Output:{name}."),), key=f"test/{name}/1")
+        for name, image in (("cats", "chelsea"), ("cups", "coffee"))
+    ]
+    before = await asyncio.to_thread(remote.replica_cache_stats)
+    for turn in range(8):
+        await remote.answer([photos["rocket"]], "<image>Output:", tasks[turn % 2], GenerationParams(max_new_tokens=2))
+    after = await asyncio.to_thread(remote.replica_cache_stats)
+    assert len(after) == 2
+
+    def total(stats, counter):
+        return sum(replica["prefix_cache"][counter] for replica in stats)
+
+    assert total(after, "misses") - total(before, "misses") == 2
+    assert total(after, "hits") - total(before, "hits") == 6
