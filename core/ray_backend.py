@@ -50,15 +50,27 @@ class FlamingoReplica:
         settings = Settings.model_validate_json(settings_json)
         self.service = start_service(settings)
         self.wire = WireDecoder(image_bytes=settings.service.image_cache_mb * 2**20)
+        self.ongoing = 0
 
     async def answer(self, request: WireRequest) -> Answer:
         images, prompt, task, params = self.wire.request(request)
-        return await self.service.answer(images, prompt, task, params)
+        self.ongoing += 1
+        try:
+            return await self.service.answer(images, prompt, task, params)
+        finally:
+            self.ongoing -= 1
 
-    def cache_stats(self) -> dict[str, dict[str, int]]:
-        """This replica's caches, for the admin status and the routing benchmark."""
+    def status(self) -> dict:
+        """Which actor this is and what its caches hold: for the admin status, metrics and benchmarks."""
+        import ray
+
         decoder = self.service.engine.decoder  # type: ignore[attr-defined]
-        return {"prefix_cache": decoder.prefixes.stats(), "image_cache": decoder.images.stats()}
+        return {
+            "actor": ray.get_runtime_context().get_actor_name(),
+            "ongoing": self.ongoing,
+            "prefix_cache": decoder.prefixes.stats(),
+            "image_cache": decoder.images.stats(),
+        }
 
     def check_health(self) -> None:
         """Serve restarts a replica whose model service has stopped."""
@@ -74,20 +86,32 @@ class RemoteTicket:
 
     position: int | None = None
 
-    def __init__(self, service: RayInferenceService, response: object, deadline: float | None) -> None:
+    def __init__(self, service: RayInferenceService, request: WireRequest, deadline: float | None) -> None:
         self._service = service
-        self._response = response
+        self._request = request
+        self._response = service.send(request)
         self._deadline = deadline
 
     def cancel(self) -> None:
         self._response.cancel()  # type: ignore[attr-defined]
 
     async def answer(self) -> Answer:
-        """The answer; past the deadline the request is withdrawn, as the local line does with late ones."""
+        """The answer; past the deadline the request is withdrawn, as the local line does with late ones.
+
+        A replica that dies mid-request (a lost GPU machine, an out-of-memory kill) costs one retry,
+        which the router sends to a live replica.
+        """
         self._service.in_flight += 1
         timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
         try:
-            return await asyncio.wait_for(self._response, timeout)  # type: ignore[arg-type]
+            try:
+                return await asyncio.wait_for(self._response, timeout)  # type: ignore[arg-type]
+            except Exception as error:
+                if not _replica_lost(error):
+                    raise
+                log.warning("a replica was lost during a request; retrying it once elsewhere")
+                self._response = self._service.send(self._request)
+                return await asyncio.wait_for(self._response, timeout)  # type: ignore[arg-type]
         except TimeoutError:
             self.cancel()
             raise RequestExpired("Your request waited too long for the model; please ask again.") from None
@@ -98,6 +122,12 @@ class RemoteTicket:
             raise _user_error(error) from None
         finally:
             self._service.in_flight -= 1
+
+
+def _replica_lost(error: BaseException) -> bool:
+    from ray.exceptions import RayActorError  # died or unreachable
+
+    return isinstance(error, RayActorError)
 
 
 def _user_error(error: Exception) -> FlamingoError:
@@ -169,9 +199,9 @@ class RayInferenceService:
     def waiting(self) -> int:
         return self.in_flight
 
-    def replica_cache_stats(self) -> list[dict[str, dict[str, int]]]:
-        """Every replica's caches (blocking: call it from a thread)."""
-        return self._handle.broadcast("cache_stats").results()  # type: ignore[attr-defined]
+    def replica_status(self) -> list[dict]:
+        """Every replica's ``FlamingoReplica.status`` (blocking: call it from a thread)."""
+        return self._handle.broadcast("status").results()  # type: ignore[attr-defined]
 
     def estimated_wait(self, position: int) -> float:
         return 0.0
@@ -187,8 +217,10 @@ class RayInferenceService:
         if self._closed:
             raise ServiceClosed("The bot is shutting down; try again in a moment.")
         self.rules.check_text(prompt, len(images))
-        request = to_wire(list(images), prompt, task, params)
-        return RemoteTicket(self, self._handle.answer.remote(request), deadline)  # type: ignore[attr-defined]
+        return RemoteTicket(self, to_wire(list(images), prompt, task, params), deadline)
+
+    def send(self, request: WireRequest) -> object:
+        return self._handle.answer.remote(request)  # type: ignore[attr-defined]
 
     async def answer(self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams) -> Answer:
         return await self.submit(images, prompt, task, params).answer()

@@ -71,10 +71,10 @@ async def test_each_task_is_computed_on_one_replica_only(remote, photos):
         Task(name, "", "<image>Output:", (Example(photos[image], f"<image>Output:{name}."),), key=f"test/{name}/1")
         for name, image in (("cats", "chelsea"), ("cups", "coffee"))
     ]
-    before = await asyncio.to_thread(remote.replica_cache_stats)
+    before = await asyncio.to_thread(remote.replica_status)
     for turn in range(8):
         await remote.answer([photos["rocket"]], "<image>Output:", tasks[turn % 2], GenerationParams(max_new_tokens=2))
-    after = await asyncio.to_thread(remote.replica_cache_stats)
+    after = await asyncio.to_thread(remote.replica_status)
     assert len(after) == 2
 
     def total(stats, counter):
@@ -82,3 +82,23 @@ async def test_each_task_is_computed_on_one_replica_only(remote, photos):
 
     assert total(after, "misses") - total(before, "misses") == 2
     assert total(after, "hits") - total(before, "hits") == 6
+
+
+async def test_a_replica_killed_mid_request_costs_a_retry_not_an_answer(remote, llama_engine, photos, caplog):
+    import ray
+
+    tasks = [
+        Task(name, "", "<image>Output:", (Example(photos[image], f"<image>Output:{name}."),), key=f"test/{name}/2")
+        for name, image in (("dogs", "astronaut"), ("mugs", "camera"))
+    ]
+    params = GenerationParams(max_new_tokens=120, min_new_tokens=120)
+    requests = [(tasks[n % 2], photos[name]) for n, name in enumerate(("rocket", "coffee", "chelsea", "rocket"))]
+    expected = [llama_engine.run(llama_engine.prepare([i], "<image>Output:", t, params)).token_ids for t, i in requests]
+    running = [asyncio.create_task(remote.answer([i], "<image>Output:", t, params)) for t, i in requests]
+    async with asyncio.timeout(60):
+        while not (busy := [r for r in await asyncio.to_thread(remote.replica_status) if r["ongoing"]]):
+            await asyncio.sleep(0.05)
+    ray.kill(ray.get_actor(busy[0]["actor"], namespace="serve"), no_restart=False)
+    answers = await asyncio.gather(*running)
+    assert [answer.token_ids for answer in answers] == expected
+    assert "a replica was lost during a request; retrying it once elsewhere" in caplog.text
