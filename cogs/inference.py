@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Self
@@ -32,7 +33,7 @@ from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.errors import reply_with_error
 from cogs.utils.replies import EMBED_FIELD_LIMIT, clip, defer_answer
-from core.errors import BadImage, BadPrompt, NotAllowedHere, RequestCancelled, UnknownTask
+from core.errors import BadImage, BadPrompt, FlamingoError, NotAllowedHere, RequestCancelled, UnknownTask
 from core.generation import GenerationParams, generation_kwargs
 from core.guild_settings import GuildSettings
 from core.images import check_file_size, encode_for_storage, load_image
@@ -228,6 +229,7 @@ class Inference(commands.Cog):
             pictures = [await asyncio.to_thread(load_image, data, settings.images) for data in await read_images()]
             if settings.logging.log_prompts:
                 log.info("request by %s in %s: %r", interaction.user.id, guild_id, text)
+            started = time.monotonic()
             ticket = bot.service.submit(pictures, text, chosen, params, deadline=answer_deadline(interaction))
             bot.waiting[interaction.id] = (ticket, interaction.user.id)
             try:
@@ -236,9 +238,17 @@ class Inference(commands.Cog):
                     interaction, ticket, cancel, settings.service.queue_update_seconds, bot.service.estimated_wait
                 )
             except RequestCancelled:
+                bot.metrics.ended("cancelled")
                 return  # the cancel button has said so already
+            except FlamingoError:
+                bot.metrics.ended("refused")
+                raise
+            except Exception:
+                bot.metrics.ended("failed")
+                raise
             finally:
                 bot.waiting.pop(interaction.id, None)
+            bot.metrics.answered(time.monotonic() - started)
             images = [await asyncio.to_thread(encode_for_storage, picture) for picture in pictures]
             channel_id = interaction.channel_id or 0
             request_id = await bot.store.save_request(

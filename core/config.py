@@ -155,6 +155,12 @@ class PrivacySettings(BaseModel):
     purge_interval_minutes: float = Field(60.0, gt=0)
 
 
+class MetricsSettings(BaseModel):
+    enabled: bool = Field(False, description="Serve /metrics (Prometheus) and /health over HTTP.")
+    host: str = Field("127.0.0.1", description="Loopback unless the scraper is on another machine.")
+    port: int = Field(9464, ge=1, le=65535)
+
+
 class LoggingSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_prompts: bool = Field(False, description="Prompts are private to the people who wrote them.")
@@ -193,6 +199,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     privacy: PrivacySettings = PrivacySettings()
     ray: RaySettings = RaySettings()
+    metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     data_dir: Path = PROJECT_ROOT / "data"
     discord_token: SecretStr | None = Field(None, validation_alias=AliasChoices("DISCORD_TOKEN", "discord_token"))

@@ -203,6 +203,9 @@ class RayInferenceService:
         """Every replica's ``FlamingoReplica.status`` (blocking: call it from a thread)."""
         return self._handle.broadcast("status").results()  # type: ignore[attr-defined]
 
+    def cache_status(self) -> list[dict[str, dict[str, int]]]:
+        return [{"prefix": r["prefix_cache"], "image": r["image_cache"]} for r in self.replica_status()]
+
     def estimated_wait(self, position: int) -> float:
         return 0.0
 

@@ -66,6 +66,8 @@ class ModelService(Protocol):
 
     def estimated_wait(self, position: int) -> float: ...
 
+    def cache_status(self) -> list[dict[str, dict[str, int]]]: ...
+
     def submit(
         self,
         images: Sequence[Image.Image],
@@ -155,6 +157,11 @@ class InferenceService:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def cache_status(self) -> list[dict[str, dict[str, int]]]:
+        """One entry per model copy (here, one): its caches' counters."""
+        decoder = self.engine.decoder  # type: ignore[attr-defined]
+        return [{"prefix": decoder.prefixes.stats(), "image": decoder.images.stats()}]
 
     def estimated_wait(self, position: int) -> float:
         """Seconds until a request at ``position`` starts, from recent batch times (0 before any ran)."""

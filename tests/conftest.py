@@ -74,7 +74,7 @@ def builtin_tasks() -> dict[str, Task]:
 RAY = Path(sys.executable).parent / "ray"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -83,7 +83,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     """A Ray head on loopback with two CPUs, as an operator would start one with ``ray start``."""
-    port = _free_port()
+    port = free_port()
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
     command = [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"]
     command += ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]

@@ -12,6 +12,7 @@ import time
 
 import discord
 import yarl
+from aiohttp import web
 from discord import app_commands
 from discord.ext import commands
 from discord.gateway import DiscordWebSocket
@@ -19,6 +20,7 @@ from discord.gateway import DiscordWebSocket
 from cogs.utils.errors import reply_with_error
 from core.builtin_tasks import load_builtin_tasks
 from core.config import Settings
+from core.metrics import Metrics, gather_caches, serve_metrics
 from core.moderation import AnswerFilter, WordListFilter
 from core.quotas import RequestQuotas
 from core.service import ModelService, QueuedRequest, start_model_service
@@ -78,6 +80,8 @@ class FlamingoBot(commands.Bot):
         self.answer_filter: AnswerFilter = WordListFilter(settings.privacy.blocked_words)
         self._closing: asyncio.Task[None] | None = None
         self._purging: asyncio.Task[None] | None = None
+        self.metrics = Metrics()
+        self._metrics_server: web.AppRunner | None = None
 
     async def setup_hook(self) -> None:
         self.service = self._given_service or await asyncio.to_thread(start_model_service, self.settings)
@@ -90,6 +94,17 @@ class FlamingoBot(commands.Bot):
         if self.settings.discord.sync_commands_on_start:
             await self.sync_commands()
         self._purging = asyncio.create_task(self._purge_regularly(), name="flamingo-purge")
+        metrics = self.settings.metrics
+        if metrics.enabled:
+            self._metrics_server = await serve_metrics(metrics.host, metrics.port, self._render_metrics, self._healthy)
+
+    async def _render_metrics(self) -> bytes:
+        caches, replicas = await gather_caches(self.service.cache_status)
+        shards = {shard: latency for shard, latency in getattr(self, "latencies", [(0, self.latency)])}
+        return self.metrics.exposition(self.service.waiting, caches, replicas, shards)
+
+    def _healthy(self) -> bool:
+        return self.is_ready() and not self.is_closed() and self._closing is None
 
     async def _purge_regularly(self) -> None:
         """Retention: expired requests and the data of servers left long enough ago are deleted."""
@@ -148,5 +163,7 @@ class FlamingoBot(commands.Bot):
         await super().close()
         if self._purging is not None:
             self._purging.cancel()
+        if self._metrics_server is not None:
+            await self._metrics_server.cleanup()
         if getattr(self, "store", None) is not None:
             await self.store.close()

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
 from core.config import PROJECT_ROOT
-from tests.conftest import IMAGES
+from tests.conftest import IMAGES, free_port
 from tests.fake_discord.payloads import MANAGE_GUILD, Attachment, Guild, Member
 from tests.fake_discord.server import FakeDiscord, InteractionRecord, Message
 
@@ -50,6 +51,8 @@ class BotProcess:
             "FLAMINGO_QUOTAS__USER_COOLDOWN_SECONDS": "0",
             "FLAMINGO_QUOTAS__GUILD_IN_FLIGHT": "64",
             "FLAMINGO_QUOTAS__GUILD_PER_PERIOD": "100000",
+            "FLAMINGO_METRICS__ENABLED": "true",
+            "FLAMINGO_METRICS__PORT": str(free_port()),
         }
         self.process: asyncio.subprocess.Process | None = None
 
@@ -76,6 +79,11 @@ class BotProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    async def scrape(self, path: str = "/metrics") -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.env['FLAMINGO_METRICS__PORT']}{path}"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            return response.status, await response.text()
 
 
 @dataclass

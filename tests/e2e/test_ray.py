@@ -31,5 +31,8 @@ async def test_the_bot_answers_through_ray_replicas_as_it_does_locally(scene, st
         status = (await here.ask("admin status", owner, stand_in.admin_guild))[0]
         fields = {f["name"]: f["value"] for f in status.embeds[0]["fields"]}
         assert fields["Backend"] == f"ray: 2 replica(s) of flamingo-e2e at {ray_head}"
+        metrics = (await bot.scrape())[1]
+        assert "flamingo_replicas 2.0" in metrics.splitlines()
+        assert 'flamingo_requests_total{outcome="answered"} 3.0' in metrics.splitlines()
     finally:
         assert await bot.stop() == 0
