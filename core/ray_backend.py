@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import Sequence
 
@@ -41,6 +42,16 @@ _NO_USAGE_STATS = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 def _no_usage_stats() -> None:
     os.environ.update(_NO_USAGE_STATS)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds with one line; ``ray.init`` would retry an unreachable cluster for minutes."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot reach the Ray cluster at {address}: {error}") from None
 
 
 class FlamingoReplica:
@@ -158,8 +169,9 @@ class RayInferenceService:
         import ray
         from ray import serve
 
-        tokenizer, context_length = load_text_side(settings.model)
         config = settings.ray
+        _check_reachable(config.address)
+        tokenizer, context_length = load_text_side(settings.model)
         # Replicas import this project's code: workers must have the same checkout, at ray.project_path.
         runtime_env = {"env_vars": {"PYTHONPATH": config.project_path or str(PROJECT_ROOT), **_NO_USAGE_STATS}}
         try:

@@ -72,6 +72,10 @@ def builtin_tasks() -> dict[str, Task]:
 
 
 RAY = Path(sys.executable).parent / "ray"
+# Ray swaps 127.0.0.1 for the machine's network address when it connects, unless told it runs
+# without a cluster network; tests keep every byte on loopback.
+RAY_LOOPBACK = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+os.environ.update(RAY_LOOPBACK)
 
 
 def free_port() -> int:
@@ -84,7 +88,7 @@ def free_port() -> int:
 def ray_head(tmp_path_factory):
     """A Ray head on loopback with two CPUs, as an operator would start one with ``ray start``."""
     port = free_port()
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    env = os.environ | RAY_LOOPBACK
     command = [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"]
     command += ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     command += [f"--temp-dir={tmp_path_factory.mktemp('ray')}"]

@@ -102,3 +102,16 @@ async def test_a_replica_killed_mid_request_costs_a_retry_not_an_answer(remote, 
     answers = await asyncio.gather(*running)
     assert [answer.token_ids for answer in answers] == expected
     assert "a replica was lost during a request; retrying it once elsewhere" in caplog.text
+
+
+def test_an_unreachable_cluster_is_one_clear_line_at_once(model_dirs):
+    from core.errors import ModelLoadError
+    from core.ray_backend import RayInferenceService
+    from tests.conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    settings = tiny_settings(model_dirs["llama"]).model_copy(update={"ray": RaySettings(address=address)})
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match=f"^cannot reach the Ray cluster at {address}: "):
+        RayInferenceService.connect(settings)
+    assert time.monotonic() - started < 10

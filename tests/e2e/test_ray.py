@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import RAY_LOOPBACK
 from tests.e2e.conftest import E2E, Scene, new_bot
 
 pytestmark = [E2E, pytest.mark.ray]
@@ -14,7 +15,7 @@ async def test_the_bot_answers_through_ray_replicas_as_it_does_locally(scene, st
     local = (await scene.ask("comprehend", **ask))[0].embeds[0]["description"]
 
     bot = new_bot(stand_in, model_dirs, tmp_path)
-    bot.env |= {
+    bot.env |= RAY_LOOPBACK | {
         "FLAMINGO_SERVICE__BACKEND": "ray",
         "FLAMINGO_RAY__ADDRESS": ray_head,
         "FLAMINGO_RAY__APP_NAME": "flamingo-e2e",
