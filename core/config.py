@@ -122,7 +122,8 @@ class DiscordSettings(BaseModel):
     api_base_url: str = "https://discord.com/api/v10"
     privacy_url: str | None = Field(None, description="Shown by /help when set.")
     terms_url: str | None = Field(None, description="Shown by /help when set.")
-    gateway_url: str = Field("wss://gateway.discord.gg/", description="Also used after a session is invalidated.")
+    gateway_url: str = Field("wss://gateway.discord.gg/", description="For every shard, also after a new session.")
+    shard_count: int | None = Field(None, ge=1, description="None: as many shards as Discord recommends.")
 
 
 class LimitSettings(BaseModel):

@@ -49,15 +49,15 @@ class FlamingoTree(app_commands.CommandTree):
         await reply_with_error(interaction, error)
 
 
-class FlamingoBot(commands.Bot):
+class FlamingoBot(commands.AutoShardedBot):
     service: ModelService
     store: Storage
     library: TaskLibrary
     quotas: RequestQuotas
 
     def __init__(self, settings: Settings, service: ModelService | None = None) -> None:
-        # Both are needed: REST routes come from Route.BASE, while an unsharded bot connects (and
-        # falls back after an invalidated session) to DEFAULT_GATEWAY without asking /gateway/bot.
+        # Both are needed: REST routes come from Route.BASE, and every shard connects (and falls back
+        # after an invalidated session) to DEFAULT_GATEWAY once the shard count is known (setup_hook).
         discord.http.Route.BASE = settings.discord.api_base_url
         DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord.gateway_url)
         owner_ids = set(settings.discord.owner_ids) or None
@@ -68,6 +68,7 @@ class FlamingoBot(commands.Bot):
             allowed_mentions=discord.AllowedMentions.none(),
             owner_ids=owner_ids,
             tree_cls=FlamingoTree,
+            shard_count=settings.discord.shard_count,
         )
         self.settings = settings
         self._given_service = service
@@ -84,6 +85,10 @@ class FlamingoBot(commands.Bot):
         self._metrics_server: web.AppRunner | None = None
 
     async def setup_hook(self) -> None:
+        if self.shard_count is None:
+            # Discord's recommendation, asked here so that discord.py then connects every shard to the
+            # configured gateway rather than to the address /gateway/bot gives.
+            self.shard_count = (await self.http.get_bot_gateway())[0]
         self.service = self._given_service or await asyncio.to_thread(start_model_service, self.settings)
         self.store = await Storage.open(self.settings.storage.database_path)
         builtins = await asyncio.to_thread(load_builtin_tasks, self.settings.data_dir, self.settings.images)
@@ -100,7 +105,7 @@ class FlamingoBot(commands.Bot):
 
     async def _render_metrics(self) -> bytes:
         caches, replicas = await gather_caches(self.service.cache_status)
-        shards = {shard: latency for shard, latency in getattr(self, "latencies", [(0, self.latency)])}
+        shards = dict(self.latencies)
         return self.metrics.exposition(self.service.waiting, caches, replicas, shards)
 
     def _healthy(self) -> bool:

@@ -17,6 +17,7 @@ from aiohttp import WSMsgType, web
 
 HELLO, HEARTBEAT, IDENTIFY, RESUME, RECONNECT, INVALID_SESSION, HEARTBEAT_ACK, DISPATCH = 10, 1, 2, 6, 7, 9, 11, 0
 AUTHENTICATION_FAILED = 4004
+INVALID_SHARD = 4010
 
 
 class _Transport:
@@ -46,6 +47,12 @@ class Session:
     events: list[dict[str, Any]] = field(default_factory=list)
     transport: _Transport | None = None
     identified: asyncio.Event = field(default_factory=asyncio.Event)
+    shard: tuple[int, int] = (0, 1)  # [shard_id, num_shards] from Identify
+
+    def covers(self, guild_id: int | None) -> bool:
+        """Discord's rule: a guild belongs to shard (guild_id >> 22) % num_shards; DMs to shard 0."""
+        shard_id, count = self.shard
+        return (0 if guild_id is None else (guild_id >> 22) % count) == shard_id
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
         self.sequence += 1
@@ -76,8 +83,13 @@ class Gateway:
     @property
     def live_session(self) -> Session:
         """The newest connected session, else the newest (it gets the events when it resumes)."""
-        connected = [s for s in self.sessions.values() if s.transport is not None]
-        return connected[-1] if connected else self.session
+        return self.session_for(None)
+
+    def session_for(self, guild_id: int | None) -> Session:
+        """The newest session of the shard that holds the guild, connected ones first."""
+        sessions = [s for s in self.sessions.values() if s.covers(guild_id)] or list(self.sessions.values())
+        connected = [s for s in sessions if s.transport is not None]
+        return connected[-1] if connected else sessions[-1]
 
     async def wait_for_session(self, timeout: float = 60) -> Session:
         async with asyncio.timeout(timeout):
@@ -85,9 +97,11 @@ class Gateway:
                 await asyncio.sleep(0.02)
         return self.session
 
-    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+    async def dispatch(self, event: str, data: dict[str, Any], guild_id: int | None = None) -> None:
+        """To every session, or only to those of the guild's shard."""
         for session in self.sessions.values():
-            await session.dispatch(event, data)
+            if guild_id is None or session.covers(guild_id):
+                await session.dispatch(event, data)
 
     async def drop(self, code: int = 4000) -> None:
         """Close every live socket the way a network failure or a Discord restart does."""
@@ -132,9 +146,13 @@ class Gateway:
         if data.get("token") != self.discord.token:
             await transport.ws.close(code=AUTHENTICATION_FAILED, message=b"Authentication failed.")
             return None
-        session = Session(secrets.token_hex(16), int(data.get("intents", 0)), transport=transport)
+        shard = tuple(data.get("shard") or (0, 1))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            await transport.ws.close(code=INVALID_SHARD, message=b"Invalid shard.")
+            return None
+        session = Session(secrets.token_hex(16), int(data.get("intents", 0)), transport=transport, shard=shard)
         self.sessions[session.id] = session
-        guilds = list(self.discord.guilds.values())
+        guilds = [guild for guild in self.discord.guilds.values() if session.covers(guild.id)]
         await session.dispatch(
             "READY",
             {
@@ -146,6 +164,7 @@ class Gateway:
                 "application": {"id": str(self.discord.application_id), "flags": 0},
                 "private_channels": [],
                 "relationships": [],
+                "shard": list(shard),
             },
         )
         for guild in guilds:

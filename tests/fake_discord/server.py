@@ -59,6 +59,7 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         self.guild_commands: dict[int, list[dict[str, Any]]] = {}
         self.guilds: dict[int, Guild] = {}  # guilds the bot is in
         self.departed: dict[int, Guild] = {}  # guilds the bot left or was removed from
+        self.recommended_shards = 1  # what GET /gateway/bot recommends
         self.announced: set[int] = set()  # guilds a gateway session has had a GUILD_CREATE for
         self.channel_messages: dict[int, list[Message]] = {}
         self.channel_changed = asyncio.Event()
@@ -155,7 +156,7 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         self.departed.pop(guild.id, None)
         self.guilds[guild.id] = guild
         self.announced.add(guild.id)
-        await self.gateway.dispatch("GUILD_CREATE", self.guild_payload(guild))
+        await self.gateway.dispatch("GUILD_CREATE", self.guild_payload(guild), guild.id)
 
     async def remove_bot(self, guild: Guild) -> None:
         """The bot kicked from ``guild`` (or leaving it): GUILD_DELETE without ``unavailable``.
@@ -167,12 +168,12 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         self.guild_commands.pop(guild.id, None)
         if guild.id in self.announced:
             self.announced.discard(guild.id)
-            await self.gateway.dispatch("GUILD_DELETE", {"id": str(guild.id)})
+            await self.gateway.dispatch("GUILD_DELETE", {"id": str(guild.id)}, guild.id)
 
     async def _guild_event(self, guild: Guild, event: str, data: dict[str, Any]) -> None:
         """Dispatch ``event`` if the bot has heard of ``guild``; otherwise its next GUILD_CREATE carries it."""
         if guild.id in self.announced and guild.id in self.guilds:
-            await self.gateway.dispatch(event, data)
+            await self.gateway.dispatch(event, data, guild.id)
 
     async def add_channel(self, guild: Guild, name: str, nsfw: bool = False) -> Channel:
         """A new text channel; CHANNEL_CREATE when the bot already knows the guild."""
@@ -198,10 +199,11 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
     async def send_interaction(self, payload: dict[str, Any]) -> InteractionRecord:
         """Deliver an interaction over the gateway, as Discord does when a user runs a command.
 
-        One session gets it, the newest connected one: tests may keep several bot processes
-        connected, and one interaction must reach one bot.
+        One session gets it: of the shard that holds the guild, the newest connected one (tests may
+        keep several bot processes connected, and one interaction must reach one bot).
         """
-        await self.gateway.live_session.dispatch("INTERACTION_CREATE", payload)
+        guild_id = int(payload["guild_id"]) if "guild_id" in payload else None
+        await self.gateway.session_for(guild_id).dispatch("INTERACTION_CREATE", payload)
         return self.record(payload)
 
     def add_member(self, guild: Guild, name: str, permissions: int | None = None) -> Member:
@@ -225,7 +227,7 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         return self._json(
             {
                 "url": self.gateway.url,
-                "shards": 1,
+                "shards": self.recommended_shards,
                 "session_start_limit": {
                     "total": 1000,
                     "remaining": 999,
