@@ -40,6 +40,8 @@ from core.images import check_file_size, encode_for_storage, load_image
 from core.prompts import assemble_prompt
 from core.request_store import StoredRequest
 
+log = logging.getLogger(__name__)
+
 ImageReader = Callable[[], Awaitable[list[bytes]]]
 _ACTIONS = {
     "reroll": ("Re-roll", "🎲", discord.ButtonStyle.secondary),
@@ -115,9 +117,6 @@ def reroll_params(params: GenerationParams) -> GenerationParams:
 def _params_text(params: GenerationParams) -> str:
     given = {name: value for name, value in vars(params).items() if value is not None}
     return ", ".join(f"{name}={value}" for name, value in given.items())
-
-
-log = logging.getLogger(__name__)
 
 
 class Inference(commands.Cog):
