@@ -97,7 +97,8 @@ class RaySettings(BaseModel):
     address: str = Field("127.0.0.1:6379", description="The Ray cluster's GCS address, host:port.")
     namespace: str = "flamingo-bot"
     app_name: str = "flamingo"
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1, description="Replicas, or the least of them when max_replicas is set.")
+    max_replicas: int | None = Field(None, ge=1, description="Set: Serve autoscales between replicas and this.")
     num_cpus: float = Field(1.0, ge=0, description="Per replica; fractions let tests fit several on one core.")
     num_gpus: float = Field(0.0, ge=0, description="Per replica: 1 on a GPU cluster.")
     max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica takes at once (its batch).")
@@ -106,6 +107,12 @@ class RaySettings(BaseModel):
         "task_affinity", description="task_affinity: a task's requests go where its examples are cached."
     )
     max_imbalance: int = Field(4, ge=0, description="Queue length beyond the shortest before affinity yields.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RaySettings:
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} is below replicas {self.replicas}")
+        return self
 
 
 class QuotaSettings(BaseModel):

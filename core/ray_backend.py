@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from core.config import PROJECT_ROOT, Settings
+from core.config import PROJECT_ROOT, RaySettings, Settings
 from core.engine import Answer, PromptRules
 from core.errors import (
     FlamingoError,
@@ -52,6 +52,30 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
             pass
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot reach the Ray cluster at {address}: {error}") from None
+
+
+def deployment_options(config: RaySettings) -> dict:
+    """Replica count (or autoscaling bounds), resources, health checks and a drain on redeploy.
+
+    A replica being replaced finishes its requests first (up to two minutes), so a redeploy drops
+    no accepted request.
+    """
+    options: dict = {
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        "health_check_period_s": 10,
+        "graceful_shutdown_wait_loop_s": 2,
+        "graceful_shutdown_timeout_s": 120,
+    }
+    if config.max_replicas is None:
+        return options | {"num_replicas": config.replicas}
+    autoscaling = {
+        "min_replicas": config.replicas,
+        "max_replicas": config.max_replicas,
+        # Scale out before a replica's batch is full: half of it in flight on average.
+        "target_ongoing_requests": max(1, config.max_ongoing_requests // 2),
+    }
+    return options | {"autoscaling_config": autoscaling}
 
 
 class FlamingoReplica:
@@ -194,15 +218,8 @@ class RayInferenceService:
                 request_router_class=TaskAffinityRouter,
                 request_router_kwargs={"max_imbalance": config.max_imbalance},
             )
-        deployment = serve.deployment(FlamingoReplica, name="FlamingoReplica").options(
-            num_replicas=config.replicas,
-            max_ongoing_requests=config.max_ongoing_requests,
-            ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
-            health_check_period_s=10,
-            graceful_shutdown_wait_loop_s=2,
-            graceful_shutdown_timeout_s=120,
-            **({"request_router_config": router} if router is not None else {}),
-        )
+        options = deployment_options(config) | ({"request_router_config": router} if router is not None else {})
+        deployment = serve.deployment(FlamingoReplica, name="FlamingoReplica").options(**options)
         settings_json = settings.model_dump_json(exclude={"discord_token"})
         handle = serve.run(deployment.bind(settings_json), name=config.app_name, route_prefix=None)
         return cls(settings, PromptRules(tokenizer, context_length, settings), handle)

@@ -60,3 +60,17 @@ async def test_different_tasks_spread_and_unkeyed_requests_keep_the_default_orde
     assert len(favourites) == 4
     assert await _order(_router(lengths), replicas, None) == ["r0", "r1", "r2", "r3"]
     assert affinity_key(None) is None
+
+
+def test_replica_count_or_autoscaling_bounds_come_from_config():
+    from core.config import RaySettings
+    from core.ray_backend import deployment_options
+
+    fixed = deployment_options(RaySettings(replicas=3, num_gpus=1))
+    assert (fixed["num_replicas"], fixed["ray_actor_options"]["num_gpus"]) == (3, 1)
+    assert "autoscaling_config" not in fixed
+    scaled = deployment_options(RaySettings(replicas=1, max_replicas=4, max_ongoing_requests=32))
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
+    assert "num_replicas" not in scaled
+    with pytest.raises(ValueError, match="max_replicas 1 is below replicas 2"):
+        RaySettings(replicas=2, max_replicas=1)
