@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from tests.conftest import RAY_LOOPBACK
@@ -35,5 +38,31 @@ async def test_the_bot_answers_through_ray_replicas_as_it_does_locally(scene, st
         metrics = (await bot.scrape())[1]
         assert "flamingo_replicas 2.0" in metrics.splitlines()
         assert 'flamingo_requests_total{outcome="answered"} 3.0' in metrics.splitlines()
+
+        # A replica killed under load: every interaction is still answered, once.
+        long = {"image": here.photo("rocket"), "max_new_tokens": 120, "min_new_tokens": 120}
+        records = [await here.send("comprehend", **long) for _ in range(4)]
+        await asyncio.to_thread(_kill_a_busy_replica, ray_head, "flamingo-e2e")
+        for record in records:
+            await record.wait_for(lambda record=record: bool(record.original and record.original.embeds), 120)
+            assert record.followups == [] and not record.original.ephemeral
+        assert "a replica was lost during a request; retrying it once elsewhere" in bot.log()
     finally:
         assert await bot.stop() == 0
+
+
+def _kill_a_busy_replica(address: str, app_name: str) -> None:
+    """As a second driver: wait until a replica is answering, then kill it (Serve starts another)."""
+    import ray
+    from ray import serve
+
+    ray.init(address=address, namespace="flamingo-bot", logging_level="ERROR")
+    try:
+        handle = serve.get_app_handle(app_name)
+        deadline = time.monotonic() + 60
+        while not (busy := [r for r in handle.broadcast("status").results() if r["ongoing"]]):
+            assert time.monotonic() < deadline, "no replica took the requests"
+            time.sleep(0.05)
+        ray.kill(ray.get_actor(busy[0]["actor"], namespace="serve"), no_restart=False)
+    finally:
+        ray.shutdown()
