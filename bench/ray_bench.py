@@ -48,7 +48,7 @@ def start_head(temp_dir: Path) -> str:
 
 
 def hit_rate(statuses: list[dict]) -> tuple[int, int]:
-    return sum(s["prefix_cache"]["hits"] for s in statuses), sum(s["prefix_cache"]["misses"] for s in statuses)
+    return sum(s["caches"]["prefix"]["hits"] for s in statuses), sum(s["caches"]["prefix"]["misses"] for s in statuses)
 
 
 async def run(service: RayInferenceService, photos: Photos, tasks: list, order: list[int]) -> dict:

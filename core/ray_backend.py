@@ -99,12 +99,10 @@ class FlamingoReplica:
         """Which actor this is and what its caches hold: for the admin status, metrics and benchmarks."""
         import ray
 
-        decoder = self.service.engine.decoder  # type: ignore[attr-defined]
         return {
             "actor": ray.get_runtime_context().get_actor_name(),
             "ongoing": self.ongoing,
-            "prefix_cache": decoder.prefixes.stats(),
-            "image_cache": decoder.images.stats(),
+            "caches": self.service.cache_status()[0],
         }
 
     def check_health(self) -> None:
@@ -233,7 +231,7 @@ class RayInferenceService:
         return self._handle.broadcast("status").results()  # type: ignore[attr-defined]
 
     def cache_status(self) -> list[dict[str, dict[str, int]]]:
-        return [{"prefix": r["prefix_cache"], "image": r["image_cache"]} for r in self.replica_status()]
+        return [replica["caches"] for replica in self.replica_status()]
 
     def estimated_wait(self, position: int) -> float:
         return 0.0

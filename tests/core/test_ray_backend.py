@@ -78,7 +78,7 @@ async def test_each_task_is_computed_on_one_replica_only(remote, photos):
     assert len(after) == 2
 
     def total(stats, counter):
-        return sum(replica["prefix_cache"][counter] for replica in stats)
+        return sum(replica["caches"]["prefix"][counter] for replica in stats)
 
     assert total(after, "misses") - total(before, "misses") == 2
     assert total(after, "hits") - total(before, "hits") == 6
