@@ -35,9 +35,13 @@ def _model_fields(bot: FlamingoBot) -> dict[str, str]:
     engine = getattr(bot.service, "engine", None)
     if engine is None:  # the ray backend: the model lives on the cluster's replicas
         ray = bot.settings.ray
+        reachable = getattr(bot.service, "reachable", True)
         return {
             "Model": bot.settings.model.name,
-            "Backend": f"ray: {ray.replicas} replica(s) of {ray.app_name} at {ray.address}",
+            "Backend": f"ray: {ray.replicas} replica(s) of {ray.app_name} at {ray.address}"
+            + ("" if reachable else " (unreachable: rejoining when it answers)"),
+            "Server models": f"{len(bot.models.offered()) - 1} offered besides the default, "
+            f"up to {bot.models.models_per_replica} loaded per replica",
             "Queue": f"{bot.service.waiting} in flight",
         }
     loaded = engine.loaded

@@ -229,7 +229,9 @@ class Inference(commands.Cog):
             if settings.logging.log_prompts:
                 log.info("request by %s in %s: %r", interaction.user.id, guild_id, text)
             started = time.monotonic()
-            ticket = bot.service.submit(pictures, text, chosen, params, deadline=answer_deadline(interaction))
+            model = bot.models.in_force(rules.model)
+            other = None if model == bot.models.default else model
+            ticket = bot.service.submit(pictures, text, chosen, params, answer_deadline(interaction), other)
             bot.waiting[interaction.id] = (ticket, interaction.user.id)
             try:
                 cancel = _view(ActionButton("cancel", interaction.id))
@@ -254,7 +256,7 @@ class Inference(commands.Cog):
                 guild_id, channel_id, interaction.user.id, chosen.name, text, params, images
             )
         withheld = not is_nsfw(interaction) and bot.answer_filter.blocks(answer.text)
-        shown = Shown(WITHHELD if withheld else answer.text, chosen.name, text, answer, images)
+        shown = Shown(WITHHELD if withheld else answer.text, chosen.name, text, answer, images, other)
         message = answer_message(interaction.user, shown, heading)
         await interaction.edit_original_response(content=None, **message, view=answer_view(request_id))
 

@@ -13,11 +13,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.utils.autocomplete import MAX_CHOICES
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.checks import ManageServerGroup
 from core.builtin_tasks import DEFAULT_TASK
 from core.config import QuotaSettings
 from core.guild_settings import GuildSettings, check_quota_change
+from core.model_choice import ModelCatalog, short_name
 
 _COLOUR = discord.Colour.blurple()
 
@@ -26,13 +28,16 @@ def _period(seconds: float) -> str:
     return "hour" if seconds == 3600 else f"{seconds:g} s"
 
 
-def settings_embed(rules: GuildSettings, defaults: QuotaSettings) -> discord.Embed:
+def settings_embed(rules: GuildSettings, defaults: QuotaSettings, models: ModelCatalog) -> discord.Embed:
     quotas = rules.quotas(defaults)
     own = any(v is not None for v in (rules.user_cooldown_seconds, rules.guild_in_flight, rules.guild_per_period))
     channels = ", ".join(f"<#{c}>" for c in sorted(rules.answer_channels)) or "every channel"
     embed = discord.Embed(title="Settings for this server", colour=_COLOUR)
     default = rules.default_task or DEFAULT_TASK
     embed.add_field(name="Default task", value=f"**{default}** (`/manage-tasks set-default`)")
+    model = models.in_force(rules.model)
+    gone = " (the one chosen is no longer offered)" if rules.model not in (None, model) else ""
+    embed.add_field(name="Model", value=models.describe(model) + gone)
     embed.add_field(name="Answers in", value=channels, inline=False)
     embed.add_field(name="Required role", value=f"<@&{rules.required_role}>" if rules.required_role else "none")
     embed.add_field(name="Answers are", value="private to the asker" if rules.ephemeral_answers else "public")
@@ -60,13 +65,14 @@ class ServerSettings(commands.Cog):
         guild_id = interaction.guild_id
         assert guild_id is not None  # the group is guild-only
         changed = await self.bot.store.change_guild_settings(guild_id, change)
-        embed = settings_embed(changed, self.bot.settings.quotas)
+        embed = settings_embed(changed, self.bot.settings.quotas, self.bot.models)
         await interaction.response.send_message(note, embed=embed, ephemeral=True)
 
     @group.command(name="show", description="This server's settings")
     async def show(self, interaction: discord.Interaction) -> None:
         rules = await self.bot.store.guild_settings(interaction.guild_id)  # type: ignore[arg-type]
-        await interaction.response.send_message(embed=settings_embed(rules, self.bot.settings.quotas), ephemeral=True)
+        embed = settings_embed(rules, self.bot.settings.quotas, self.bot.models)
+        await interaction.response.send_message(embed=embed, ephemeral=True)
 
     @group.command(name="channels", description="Channels where the bot answers (none set: every channel)")
     @app_commands.describe(action="Add or remove a channel, or clear the list", channel="The channel")
@@ -135,6 +141,31 @@ class ServerSettings(commands.Cog):
             )
 
         await self._change(interaction, change, "Quotas updated.")
+
+    @group.command(name="model", description="The model that answers on this server")
+    @app_commands.describe(model="A model this bot offers; the default one if left empty")
+    async def model(self, interaction: discord.Interaction, model: str | None = None) -> None:
+        models = self.bot.models
+        chosen = models.default if model is None else models.lookup(model)
+        models.check_choice(chosen)
+        stored = None if chosen == models.default else chosen
+        note = f"This server's answers now come from {models.describe(chosen)}."
+        await self._change(interaction, lambda r: replace(r, model=stored), note)
+
+    @model.autocomplete("model")
+    async def _model_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        """Every model this bot knows, those that cannot run here too: choosing one says why."""
+        models = self.bot.models
+        typed = current.casefold()
+        names = [m for m in models.choices if typed in short_name(m).casefold()][:MAX_CHOICES]
+        offered = models.offered()
+        return [
+            app_commands.Choice(
+                name=(models.describe(m) if m in offered else f"{short_name(m)} (cannot run here)")[:100],
+                value=short_name(m),
+            )
+            for m in names
+        ]
 
     @group.command(name="reports", description="The channel where reported answers are posted (empty: none)")
     async def reports(self, interaction: discord.Interaction, channel: discord.TextChannel | None = None) -> None:

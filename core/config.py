@@ -37,6 +37,9 @@ class ModelSettings(BaseModel):
     quantize_cross_attention: bool = Field(
         True, description="With int8 or nf4, quantize the cross-attention layers too, not only the LM."
     )
+    choices: list[str] | None = Field(
+        None, description="Models servers may choose besides this one (Ray backend); None: the registry."
+    )
 
 
 class ImageSettings(BaseModel):
@@ -107,6 +110,10 @@ class RaySettings(BaseModel):
         "task_affinity", description="task_affinity: a task's requests go where its examples are cached."
     )
     max_imbalance: int = Field(4, ge=0, description="Queue length beyond the shortest before affinity yields.")
+    probe_seconds: float = Field(5.0, gt=0, description="How often the bot checks that the cluster answers.")
+    extra_model_memory_gib: float = Field(
+        0.0, ge=0, description="Per replica, for models servers chose besides the default; 0: the default only."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> RaySettings:

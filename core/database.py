@@ -77,6 +77,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX requests_by_age ON requests (created_at)",
         "CREATE TABLE departed_guilds (guild_id INTEGER PRIMARY KEY, left_at TEXT NOT NULL)",
     ),
+    ("ALTER TABLE guild_settings ADD COLUMN model TEXT",),
 )
 
 

@@ -59,6 +59,10 @@ class ServiceBusy(FlamingoError):
     """The request queue is full."""
 
 
+class ClusterUnavailable(FlamingoError):
+    """The Ray cluster that runs the model cannot be reached; the bot rejoins it when it is back."""
+
+
 class ServiceClosed(FlamingoError):
     """The model service is shutting down and accepts no more work."""
 

@@ -29,6 +29,7 @@ class GuildSettings:
     guild_in_flight: int | None = None
     guild_per_period: int | None = None
     report_channel: int | None = None
+    model: str | None = None  # None: the bot's default model
 
     def quotas(self, defaults: QuotaSettings) -> QuotaSettings:
         """The limits in force here: the server's own where it set them, never looser than the config's."""

@@ -136,12 +136,12 @@ def load_text_side(settings: ModelSettings) -> tuple[PreTrainedTokenizerBase, in
         config = AutoConfig.from_pretrained(
             spec.lang_encoder_path, revision=spec.lang_encoder_revision, trust_remote_code=spec.trust_remote_code
         )
-        return _load_tokenizer(spec), context_length_of(config)
+        return load_tokenizer(spec), context_length_of(config)
     except _LOAD_ERRORS as error:
         raise ModelLoadError(f"cannot load the tokenizer of {spec.name}: {_first_line(error)}") from None
 
 
-def _load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path, revision=spec.lang_encoder_revision)
     # Same tokens in the same order as upstream, so ids match the trained embedding rows.
     tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK, IMAGE_TOKEN]})
@@ -311,7 +311,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         visual, transform, vision_width = _load_vision(spec)
         step = "tokenizer"
         log.info("Loading tokenizer %s", spec.tokenizer_path)
-        tokenizer = _load_tokenizer(spec)
+        tokenizer = load_tokenizer(spec)
         step = "language model"
         log.info("Loading language model %s (%s)", spec.lang_encoder_path, plan.name)
         lm = _load_language_model(spec, plan, device)

@@ -12,14 +12,17 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from PIL import Image
 
 from core.config import PROJECT_ROOT, RaySettings, Settings
 from core.engine import Answer, PromptRules
 from core.errors import (
+    BadParameter,
+    ClusterUnavailable,
     FlamingoError,
     GenerationFailed,
     ModelLoadError,
@@ -29,8 +32,9 @@ from core.errors import (
 )
 from core.generation import GenerationParams
 from core.loading import load_text_side
+from core.model_choice import ModelCatalog
 from core.prompts import Task
-from core.service import start_service
+from core.service import InferenceService, start_service
 from core.wire import WireDecoder, WireRequest, to_wire
 
 log = logging.getLogger(__name__)
@@ -78,30 +82,84 @@ def deployment_options(config: RaySettings) -> dict:
     return options | {"autoscaling_config": autoscaling}
 
 
+class ChosenModel:
+    """A model other than the default, loaded on a replica because a server chose it.
+
+    Serve's multiplexer calls ``__del__`` when it evicts the model, which stops its worker and
+    lets its memory go.
+    """
+
+    def __init__(self, name: str, service: InferenceService, loaded: dict[str, ChosenModel]) -> None:
+        self.name = name
+        self.service = service
+        self._loaded = loaded
+        loaded[name] = self
+
+    def __del__(self) -> None:
+        self._loaded.pop(self.name, None)
+        self.service.close()
+
+
+def _multiplexed(count: int, load: Callable[[str], Awaitable[ChosenModel]]) -> Callable[[str], Awaitable[ChosenModel]]:
+    """Serve's model multiplexing around ``load``, holding at most ``count`` models per replica."""
+    from ray import serve
+
+    async def chosen_model(model: str) -> ChosenModel:  # a plain function: Serve keeps its cache on it
+        return await load(model)
+
+    return serve.multiplexed(max_num_models_per_replica=count)(chosen_model)
+
+
 class FlamingoReplica:
-    """One replica: the bot's own service (worker thread, prefix cache, batching) behind Serve."""
+    """One replica: the bot's own service (worker thread, prefix cache, batching) behind Serve.
+
+    The default model stays loaded; a request carrying another model's multiplexed id is answered
+    by that model, loaded on first use within the budget of ``ray.extra_model_memory_gib``.
+    """
 
     def __init__(self, settings_json: str) -> None:
-        settings = Settings.model_validate_json(settings_json)
-        self.service = start_service(settings)
-        self.wire = WireDecoder(image_bytes=settings.service.image_cache_mb * 2**20)
+        self.settings = Settings.model_validate_json(settings_json)
+        self.service = start_service(self.settings)
+        self.catalog = ModelCatalog.from_settings(self.settings)
+        self.wire = WireDecoder(image_bytes=self.settings.service.image_cache_mb * 2**20)
         self.ongoing = 0
+        self.chosen: dict[str, ChosenModel] = {}
+        count = self.catalog.models_per_replica
+        self._chosen_model = _multiplexed(count, self._load_chosen) if count else None
+
+    async def _load_chosen(self, model: str) -> ChosenModel:
+        self.catalog.check_choice(model)
+        settings = self.settings.model_copy(update={"model": self.settings.model.model_copy(update={"name": model})})
+        log.info("loading %s, which a server chose", model)
+        return ChosenModel(model, await asyncio.to_thread(start_service, settings), self.chosen)
+
+    async def _service_for(self, model: str) -> InferenceService:
+        if not model or model == self.catalog.default:
+            return self.service
+        self.catalog.check_choice(model)
+        if self._chosen_model is None:
+            raise BadParameter("This bot's model servers have no memory set aside for models other than the default.")
+        return (await self._chosen_model(model)).service
 
     async def answer(self, request: WireRequest) -> Answer:
+        from ray import serve
+
         images, prompt, task, params = self.wire.request(request)
         self.ongoing += 1
         try:
-            return await self.service.answer(images, prompt, task, params)
+            service = await self._service_for(serve.get_multiplexed_model_id())
+            return await service.answer(images, prompt, task, params)
         finally:
             self.ongoing -= 1
 
     def status(self) -> dict:
-        """Which actor this is and what its caches hold: for the admin status, metrics and benchmarks."""
+        """Which actor this is, its models and what its caches hold: for the admin status, metrics, benchmarks."""
         import ray
 
         return {
             "actor": ray.get_runtime_context().get_actor_name(),
             "ongoing": self.ongoing,
+            "models": [self.catalog.default, *self.chosen],
             "caches": self.service.cache_status()[0],
         }
 
@@ -119,10 +177,13 @@ class RemoteTicket:
 
     position: int | None = None
 
-    def __init__(self, service: RayInferenceService, request: WireRequest, deadline: float | None) -> None:
+    def __init__(
+        self, service: RayInferenceService, request: WireRequest, deadline: float | None, model: str | None
+    ) -> None:
         self._service = service
         self._request = request
-        self._response = service.send(request)
+        self._model = model
+        self._response = service.send(request, model)
         self._deadline = deadline
 
     def cancel(self) -> None:
@@ -132,23 +193,23 @@ class RemoteTicket:
         """The answer; past the deadline the request is withdrawn, as the local line does with late ones.
 
         A replica that dies mid-request (a lost GPU machine, an out-of-memory kill) costs one retry,
-        which the router sends to a live replica.
+        which the router sends to a live replica. A lost cluster ends the wait at once.
         """
         self._service.in_flight += 1
         timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
         try:
             try:
-                return await asyncio.wait_for(self._response, timeout)  # type: ignore[arg-type]
+                return await self._service.unless_lost(self._response, timeout)
             except Exception as error:
                 if not _replica_lost(error):
                     raise
                 log.warning("a replica was lost during a request; retrying it once elsewhere")
-                self._response = self._service.send(self._request)
-                return await asyncio.wait_for(self._response, timeout)  # type: ignore[arg-type]
+                self._response = self._service.send(self._request, self._model)
+                return await self._service.unless_lost(self._response, timeout)
         except TimeoutError:
             self.cancel()
             raise RequestExpired("Your request waited too long for the model; please ask again.") from None
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ClusterUnavailable):
             self.cancel()
             raise
         except Exception as error:
@@ -174,53 +235,80 @@ def _user_error(error: Exception) -> FlamingoError:
     return GenerationFailed("The model's server failed while answering; try again in a moment.")
 
 
-class RayInferenceService:
-    """Same calls as ``core.service.InferenceService``; the model runs on the cluster's replicas."""
+_CLUSTER_LOST = (
+    "The bot cannot reach its model servers right now. It reconnects by itself as soon as they are back; "
+    "please ask again in a few minutes."
+)
 
-    def __init__(self, settings: Settings, rules: PromptRules, handle: object) -> None:
+
+def _join(config: RaySettings) -> None:
+    import ray
+
+    # Replicas import this project's code: workers must have the same checkout, at ray.project_path.
+    runtime_env = {"env_vars": {"PYTHONPATH": config.project_path or str(PROJECT_ROOT), **_NO_USAGE_STATS}}
+    try:
+        ray.init(
+            address=config.address, namespace=config.namespace, runtime_env=runtime_env, logging_level=logging.WARNING
+        )
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ModelLoadError(f"cannot reach the Ray cluster at {config.address}: {error}") from None
+
+
+def _deploy(settings: Settings) -> object:
+    """Deploy the application (unchanged settings redeploy nothing) and return its handle."""
+    from ray import serve
+
+    config = settings.ray
+    serve.start(proxy_location="Disabled")
+    options = deployment_options(config)
+    if config.routing == "task_affinity":
+        from ray.serve.config import RequestRouterConfig
+
+        from core.ray_routing import TaskAffinityRouter
+
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=TaskAffinityRouter,
+            request_router_kwargs={"max_imbalance": config.max_imbalance},
+        )
+    deployment = serve.deployment(FlamingoReplica, name="FlamingoReplica").options(**options)
+    settings_json = settings.model_dump_json(exclude={"discord_token"})
+    return serve.run(deployment.bind(settings_json), name=config.app_name, route_prefix=None)
+
+
+class RayInferenceService:
+    """Same calls as ``core.service.InferenceService``; the model runs on the cluster's replicas.
+
+    A watcher probes the cluster's address. When it stops answering, waiting requests end at once
+    and new ones are refused, each with one clear line; when it answers again, the bot joins the
+    cluster anew and redeploys. Ray's driver would otherwise exit a minute into the outage.
+    """
+
+    def __init__(self, settings: Settings, rules: dict[str | None, PromptRules], handle: object) -> None:
         self.settings = settings
-        self.rules = rules
+        self.rules = rules[None]
+        self._rules = rules
         self._handle = handle
         self.in_flight = 0
         self._closed = False
+        self.reachable = True
+        self._losses: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="ray-cluster-watch", daemon=True)
+        self._watcher.start()
 
     @classmethod
     def connect(cls, settings: Settings) -> RayInferenceService:
-        """Join the cluster, deploy (or find) the application, and load the tokenizer for local checks."""
+        """Join the cluster, deploy (or find) the application, and load the tokenizers for local checks."""
         _no_usage_stats()
-        import ray
-        from ray import serve
-
-        config = settings.ray
-        _check_reachable(config.address)
-        tokenizer, context_length = load_text_side(settings.model)
-        # Replicas import this project's code: workers must have the same checkout, at ray.project_path.
-        runtime_env = {"env_vars": {"PYTHONPATH": config.project_path or str(PROJECT_ROOT), **_NO_USAGE_STATS}}
-        try:
-            ray.init(
-                address=config.address,
-                namespace=config.namespace,
-                runtime_env=runtime_env,
-                logging_level=logging.WARNING,
-            )
-        except (ConnectionError, RuntimeError, ValueError) as error:
-            raise ModelLoadError(f"cannot reach the Ray cluster at {config.address}: {error}") from None
-        serve.start(proxy_location="Disabled")
-        router = None
-        if config.routing == "task_affinity":
-            from ray.serve.config import RequestRouterConfig
-
-            from core.ray_routing import TaskAffinityRouter
-
-            router = RequestRouterConfig(
-                request_router_class=TaskAffinityRouter,
-                request_router_kwargs={"max_imbalance": config.max_imbalance},
-            )
-        options = deployment_options(config) | ({"request_router_config": router} if router is not None else {})
-        deployment = serve.deployment(FlamingoReplica, name="FlamingoReplica").options(**options)
-        settings_json = settings.model_dump_json(exclude={"discord_token"})
-        handle = serve.run(deployment.bind(settings_json), name=config.app_name, route_prefix=None)
-        return cls(settings, PromptRules(tokenizer, context_length, settings), handle)
+        # Keep the driver alive through an outage of the cluster, so that it can rejoin afterwards.
+        os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(10**9))
+        _check_reachable(settings.ray.address)
+        rules: dict[str | None, PromptRules] = {None: PromptRules(*load_text_side(settings.model), settings)}
+        for model in ModelCatalog.from_settings(settings).offered()[1:]:
+            chosen = settings.model.model_copy(update={"name": model})
+            rules[model] = PromptRules(*load_text_side(chosen), settings)
+        _join(settings.ray)
+        return cls(settings, rules, _deploy(settings))
 
     @property
     def waiting(self) -> int:
@@ -228,6 +316,8 @@ class RayInferenceService:
 
     def replica_status(self) -> list[dict]:
         """Every replica's ``FlamingoReplica.status`` (blocking: call it from a thread)."""
+        if not self.reachable:
+            return []
         return self._handle.broadcast("status").results()  # type: ignore[attr-defined]
 
     def cache_status(self) -> list[dict[str, dict[str, int]]]:
@@ -243,21 +333,81 @@ class RayInferenceService:
         task: Task,
         params: GenerationParams,
         deadline: float | None = None,
+        model: str | None = None,
     ) -> RemoteTicket:
         if self._closed:
             raise ServiceClosed("The bot is shutting down; try again in a moment.")
-        self.rules.check_text(prompt, len(images))
-        return RemoteTicket(self, to_wire(list(images), prompt, task, params), deadline)
+        if not self.reachable:
+            raise ClusterUnavailable(_CLUSTER_LOST)
+        if model not in self._rules:
+            raise BadParameter("This bot does not offer that model; a server admin can choose another in /settings.")
+        self._rules[model].check_text(prompt, len(images))
+        return RemoteTicket(self, to_wire(list(images), prompt, task, params), deadline, model)
 
-    def send(self, request: WireRequest) -> object:
-        return self._handle.answer.remote(request)  # type: ignore[attr-defined]
+    def send(self, request: WireRequest, model: str | None = None) -> object:
+        """To a replica; Serve's multiplexing prefers one that holds ``model`` (None: the default)."""
+        handle = self._handle if model is None else self._handle.options(multiplexed_model_id=model)  # type: ignore[attr-defined]
+        return handle.answer.remote(request)
+
+    async def unless_lost(self, response: object, timeout: float | None) -> Answer:
+        """Await a replica's answer, ending at once with ``ClusterUnavailable`` if the cluster goes."""
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[None] = loop.create_future()
+        entry = (loop, lost)
+        self._losses.add(entry)
+        answer = asyncio.ensure_future(response)  # type: ignore[arg-type]
+        try:
+            done, _ = await asyncio.wait({answer, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._losses.discard(entry)
+            lost.cancel()
+        if answer in done:
+            return answer.result()
+        answer.cancel()
+        if lost in done:
+            raise ClusterUnavailable(_CLUSTER_LOST)
+        raise TimeoutError
 
     async def answer(self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams) -> Answer:
         return await self.submit(images, prompt, task, params).answer()
 
+    def _watch(self) -> None:
+        period = self.settings.ray.probe_seconds
+        while not self._stop.wait(period):
+            try:
+                _check_reachable(self.settings.ray.address, timeout=period)
+            except ModelLoadError as error:
+                if self.reachable:
+                    self._lose(str(error))
+                continue
+            if not self.reachable:
+                self._rejoin()
+
+    def _lose(self, why: str) -> None:
+        log.error("%s; requests are refused until it is back", why)
+        self.reachable = False
+        for loop, lost in list(self._losses):
+            loop.call_soon_threadsafe(lambda future=lost: future.done() or future.set_result(None))
+
+    def _rejoin(self) -> None:
+        """The cluster answers again (a restarted head is a new cluster): join it and deploy anew."""
+        import ray
+
+        log.info("the Ray cluster at %s answers again; rejoining it", self.settings.ray.address)
+        try:
+            ray.shutdown()
+            _join(self.settings.ray)
+            self._handle = _deploy(self.settings)
+        except Exception:  # the head may still be starting; the next probe tries again
+            log.warning("rejoining the Ray cluster failed; trying again", exc_info=True)
+            return
+        self.reachable = True
+        log.info("rejoined the Ray cluster; answering again")
+
     def close(self) -> None:
         """Leave the cluster; the application keeps serving other bot processes (shards) that use it."""
         self._closed = True
+        self._stop.set()
         import ray
 
         ray.shutdown()

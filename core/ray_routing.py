@@ -21,10 +21,16 @@ from core.wire import WireRequest
 
 
 def affinity_key(pending_request: PendingRequest | None) -> str | None:
-    """The task version a request needs cached (its key), or None for requests that carry none."""
-    if pending_request is None or not pending_request.args:
+    """What a request needs in a replica's memory: a model a server chose, else its task's cached examples.
+
+    Loading a model costs far more than computing a task's examples, so all requests for a chosen
+    model share one replica (until it is too busy), whatever their task.
+    """
+    if pending_request is None:
         return None
-    request = pending_request.args[0]
+    if model := pending_request.metadata.multiplexed_model_id:
+        return f"model\0{model}"
+    request = pending_request.args[0] if pending_request.args else None
     return request.task.key if isinstance(request, WireRequest) else None
 
 

@@ -21,7 +21,15 @@ from PIL import Image
 
 from core.config import Settings
 from core.engine import Answer, FlamingoEngine, PreparedRequest, PromptRules
-from core.errors import FlamingoError, GenerationFailed, RequestCancelled, RequestExpired, ServiceBusy, ServiceClosed
+from core.errors import (
+    BadParameter,
+    FlamingoError,
+    GenerationFailed,
+    RequestCancelled,
+    RequestExpired,
+    ServiceBusy,
+    ServiceClosed,
+)
 from core.generation import GenerationParams
 from core.loading import load_model
 from core.prompts import Task
@@ -75,6 +83,7 @@ class ModelService(Protocol):
         task: Task,
         params: GenerationParams,
         deadline: float | None = None,
+        model: str | None = None,
     ) -> QueuedRequest: ...
 
     async def answer(
@@ -174,10 +183,13 @@ class InferenceService:
         task: Task,
         params: GenerationParams,
         deadline: float | None = None,
+        model: str | None = None,
     ) -> Ticket:
-        """Validate and queue, or refuse at once; call from the event loop."""
+        """Validate and queue, or refuse at once; call from the event loop. ``model``: None, the loaded one."""
         if self._closed:
             raise ServiceClosed("The bot is shutting down; try again in a moment.")
+        if model is not None:
+            raise BadParameter("This bot runs one model in its own process; it cannot answer with another.")
         request = self.engine.prepare(images, prompt, task, params)
         loop = asyncio.get_running_loop()
         job = _Job(request, loop, loop.create_future(), deadline)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -84,16 +85,41 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+class RayHead:
+    """A Ray head on loopback with two CPUs, as an operator would start one with ``ray start``."""
+
+    def __init__(self, temp_dir: Path) -> None:
+        self.temp_dir = temp_dir
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = [str(RAY), "start", "--head", f"--port={self.port}", "--num-cpus=2", "--include-dashboard=false"]
+        command += ["--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self.temp_dir}"]
+        command += [f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
+        subprocess.run(command, check=True, env=os.environ | RAY_LOOPBACK, capture_output=True, timeout=120)
+
+    def kill(self) -> None:
+        """As if its machine went away: every process of this head (only), at once."""
+        import psutil
+
+        mine = [
+            process
+            for process in psutil.process_iter(["cmdline"])
+            if any(str(self.temp_dir) in arg or arg.endswith(self.address) for arg in process.info["cmdline"] or ())
+        ]
+        victims = {p for process in mine for p in (process, *process.children(recursive=True))}
+        for process in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(victims, timeout=30)
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
-    """A Ray head on loopback with two CPUs, as an operator would start one with ``ray start``."""
-    port = free_port()
-    env = os.environ | RAY_LOOPBACK
-    command = [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"]
-    command += ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    command += [f"--temp-dir={tmp_path_factory.mktemp('ray')}"]
-    subprocess.run(command, check=True, env=env, capture_output=True, timeout=120)
+    head = RayHead(tmp_path_factory.mktemp("ray"))
+    head.start()
     try:
-        yield f"127.0.0.1:{port}"
+        yield head.address
     finally:
-        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([str(RAY), "stop", "--force"], env=os.environ | RAY_LOOPBACK, capture_output=True, timeout=120)

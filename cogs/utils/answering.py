@@ -19,6 +19,7 @@ from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, clip
 from core.engine import Answer
 from core.errors import NotAllowedHere
 from core.guild_settings import GuildSettings
+from core.model_choice import short_name
 from core.service import QueuedRequest
 
 ANSWER_COLOUR = discord.Colour.from_rgb(232, 93, 117)
@@ -37,6 +38,7 @@ class Shown:
     prompt: str
     answer: Answer
     images: list[bytes]
+    model: str | None = None  # a model the server chose instead of the default
 
 
 def answer_message(user: discord.abc.User, shown: Shown, heading: str) -> dict:
@@ -47,7 +49,8 @@ def answer_message(user: discord.abc.User, shown: Shown, heading: str) -> dict:
     prompt = clip(discord.utils.escape_markdown(shown.prompt), EMBED_FIELD_LIMIT)
     embed.add_field(name="Prompt", value=prompt, inline=False)
     embed.set_image(url="attachment://image.jpg")
-    footer = f"task: {shown.task} · {len(shown.answer.token_ids)} tokens · {shown.answer.seconds:.1f} s"
+    model = f"model: {short_name(shown.model)} · " if shown.model else ""
+    footer = f"{model}task: {shown.task} · {len(shown.answer.token_ids)} tokens · {shown.answer.seconds:.1f} s"
     embed.set_footer(text=footer)
     names = ["image.jpg"] + [f"image-{n}.jpg" for n in range(2, len(shown.images) + 1)]
     files = [discord.File(io.BytesIO(data), filename=name) for data, name in zip(shown.images, names, strict=True)]

@@ -21,6 +21,7 @@ from cogs.utils.errors import reply_with_error
 from core.builtin_tasks import load_builtin_tasks
 from core.config import Settings
 from core.metrics import Metrics, gather_caches, serve_metrics
+from core.model_choice import ModelCatalog
 from core.moderation import AnswerFilter, WordListFilter
 from core.quotas import RequestQuotas
 from core.service import ModelService, QueuedRequest, start_model_service
@@ -54,6 +55,7 @@ class FlamingoBot(commands.AutoShardedBot):
     store: Storage
     library: TaskLibrary
     quotas: RequestQuotas
+    models: ModelCatalog
 
     def __init__(self, settings: Settings, service: ModelService | None = None) -> None:
         # Both are needed: REST routes come from Route.BASE, and every shard connects (and falls back
@@ -90,6 +92,7 @@ class FlamingoBot(commands.AutoShardedBot):
             # configured gateway rather than to the address /gateway/bot gives.
             self.shard_count = (await self.http.get_bot_gateway())[0]
         self.service = self._given_service or await asyncio.to_thread(start_model_service, self.settings)
+        self.models = await asyncio.to_thread(ModelCatalog.from_settings, self.settings)
         self.store = await Storage.open(self.settings.storage.database_path)
         builtins = await asyncio.to_thread(load_builtin_tasks, self.settings.data_dir, self.settings.images)
         self.library = TaskLibrary(self.store, builtins, self.service.rules, self.settings)

@@ -29,9 +29,12 @@ async def test_settings_default_until_changed_and_are_kept_per_guild(storage):
     assert await storage.guild_settings(GUILD) == GuildSettings()
     await storage.set_default_task(GUILD, "cats")
     changed = await storage.change_guild_settings(
-        GUILD, lambda s: replace(s, answer_channels=frozenset({5, 3}), required_role=9, ephemeral_answers=True)
+        GUILD,
+        lambda s: replace(
+            s, answer_channels=frozenset({5, 3}), required_role=9, ephemeral_answers=True, model="models/small"
+        ),
     )
-    assert changed == GuildSettings("cats", frozenset({3, 5}), 9, True)
+    assert changed == GuildSettings("cats", frozenset({3, 5}), 9, True, model="models/small")
     assert await storage.guild_settings(GUILD) == changed
     assert await storage.guild_settings(OTHER) == GuildSettings()
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from core.config import RaySettings
-from core.errors import BadPrompt, RequestExpired
+from core.errors import BadParameter, BadPrompt, RequestExpired
 from core.generation import GenerationParams
 from core.prompts import Example, Task
 from tests.conftest import tiny_settings
@@ -20,9 +20,10 @@ pytestmark = pytest.mark.ray
 def remote(ray_head, model_dirs):
     from core.ray_backend import RayInferenceService
 
-    settings = tiny_settings(model_dirs["llama"]).model_copy(
-        update={"ray": RaySettings(address=ray_head, replicas=2, num_cpus=0.5)}
-    )
+    settings = tiny_settings(model_dirs["llama"])
+    settings.model.choices = [str(model_dirs["gptneox"])]
+    settings.service.backend = "ray"
+    settings.ray = RaySettings(address=ray_head, replicas=2, num_cpus=0.5, extra_model_memory_gib=1)
     service = RayInferenceService.connect(settings)
     yield service
     service.close()
@@ -39,6 +40,25 @@ async def test_answers_are_token_identical_to_the_local_engine(remote, llama_eng
         local = llama_engine.run(llama_engine.prepare([image], prompt, task, params))
         answer = await remote.answer([image], prompt, task, params)
         assert (answer.token_ids, answer.text, answer.prompt) == (local.token_ids, local.text, local.prompt)
+
+
+async def test_a_chosen_model_is_loaded_on_one_replica_and_answers_as_it_would_locally(
+    remote, engines, model_dirs, photos
+):
+    chosen, engine = str(model_dirs["gptneox"]), engines["gptneox"]
+    task = Task("pets", "", "<image>Output:", (Example(photos["chelsea"], "<image>Output:a cat."),), key="test/pets/1")
+    params = GenerationParams(max_new_tokens=8)
+    for image in ("rocket", "coffee", "astronaut"):
+        local = engine.run(engine.prepare([photos[image]], "<image>Output:", task, params))
+        answer = await remote.submit([photos[image]], "<image>Output:", task, params, model=chosen).answer()
+        assert (answer.token_ids, answer.text) == (local.token_ids, local.text)
+    holding = [replica for replica in await asyncio.to_thread(remote.replica_status) if chosen in replica["models"]]
+    assert len(holding) == 1
+    default = await remote.answer([photos["rocket"]], "<image>Output:", task, params)
+    assert default.token_ids != answer.token_ids or default.text != answer.text
+
+    with pytest.raises(BadParameter, match="does not offer that model"):
+        remote.submit([photos["rocket"]], "<image>Output:", task, params, model=str(model_dirs["mpt"]))
 
 
 async def test_refusals_come_back_as_the_same_errors(remote, llama_engine, photos):

@@ -29,13 +29,13 @@ def _router(lengths: dict[str, int | None], max_imbalance: int = 4) -> TaskAffin
     return router
 
 
-def _pending(key: str | None) -> SimpleNamespace:
+def _pending(key: str | None, model: str = "") -> SimpleNamespace:
     request = to_wire([], "Output:", Task("t", "", "<image>Output:", key=key), GenerationParams())
-    return SimpleNamespace(args=[request])
+    return SimpleNamespace(args=[request], metadata=SimpleNamespace(multiplexed_model_id=model))
 
 
-async def _order(router, replicas, key) -> list[str]:
-    ranks = await router.choose_replicas(replicas, _pending(key))
+async def _order(router, replicas, key, model: str = "") -> list[str]:
+    ranks = await router.choose_replicas(replicas, _pending(key, model))
     return [replica.replica_id.unique_id for rank in ranks for replica in rank]
 
 
@@ -60,6 +60,15 @@ async def test_different_tasks_spread_and_unkeyed_requests_keep_the_default_orde
     assert len(favourites) == 4
     assert await _order(_router(lengths), replicas, None) == ["r0", "r1", "r2", "r3"]
     assert affinity_key(None) is None
+
+
+async def test_a_chosen_model_keeps_to_one_replica_whatever_the_task():
+    replicas = [_replica(f"r{i}") for i in range(4)]
+    lengths = {f"r{i}": 0 for i in range(4)}
+    homes = {(await _order(_router(lengths), replicas, f"task-{n}", model="models/mpt-1b"))[0] for n in range(20)}
+    assert len(homes) == 1
+    assert affinity_key(_pending("task-1", model="models/mpt-1b")) == "model\0models/mpt-1b"
+    assert affinity_key(_pending("task-1")) == "task-1"
 
 
 def test_replica_count_or_autoscaling_bounds_come_from_config():

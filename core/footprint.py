@@ -1,0 +1,151 @@
+"""Weight memory of a model before it is loaded, from exact parameter counts.
+
+A replica decides which models may share its GPU before it loads any of them, so the size must
+come without weights or downloads: the architecture is built on PyTorch's meta device, from the
+published shapes of the released language models or from a local directory's own configs. The
+figure is weights only; activations and key/value caches come on top.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import open_clip
+import torch
+from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MptConfig,
+    MptForCausalLM,
+    PreTrainedModel,
+)
+
+from core.errors import ModelLoadError
+from core.loading import PrecisionPlan, load_tokenizer
+from core.registry import ModelSpec
+
+_GPT_NEOX_VOCAB = 50277 + 3  # gpt-neox-20b's tokenizer plus <|endofchunk|>, <image>, <PAD>
+_LLAMA_VOCAB = 32000 + 3
+
+
+def _mpt(d_model: int, n_heads: int, n_layers: int) -> PreTrainedModel:
+    config = MptConfig(
+        d_model=d_model, n_heads=n_heads, n_layers=n_layers, expansion_ratio=4, max_seq_len=2048, vocab_size=50432
+    )
+    return MptForCausalLM(config)
+
+
+def _redpajama_3b() -> PreTrainedModel:
+    config = GPTNeoXConfig(
+        hidden_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        intermediate_size=10240,
+        vocab_size=50432,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    return GPTNeoXForCausalLM(config)
+
+
+def _llama_7b() -> PreTrainedModel:
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    )
+    return LlamaForCausalLM(config)
+
+
+# The released language models' shapes, from their config.json on the Hub. MPT-1B's MosaicGPT is
+# counted as transformers' MPT of the same shape (its QK-LayerNorm adds a few thousand parameters).
+PUBLISHED_LANGUAGE_MODELS: dict[str, tuple[Callable[[], PreTrainedModel], int]] = {
+    "anas-awadalla/mpt-1b-redpajama-200b": (lambda: _mpt(2048, 16, 24), _GPT_NEOX_VOCAB),
+    "anas-awadalla/mpt-1b-redpajama-200b-dolly": (lambda: _mpt(2048, 16, 24), _GPT_NEOX_VOCAB),
+    "togethercomputer/RedPajama-INCITE-Base-3B-v1": (_redpajama_3b, _GPT_NEOX_VOCAB),
+    "togethercomputer/RedPajama-INCITE-Instruct-3B-v1": (_redpajama_3b, _GPT_NEOX_VOCAB),
+    "anas-awadalla/mpt-7b": (lambda: _mpt(4096, 32, 32), _GPT_NEOX_VOCAB),
+    "huggyllama/llama-7b": (_llama_7b, _LLAMA_VOCAB),
+}
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    total: int
+    quantizable: int  # in the linear layers int8 and nf4 quantize: the LM's (but its output head) and cross-attention's
+
+    def weight_bytes(self, plan: PrecisionPlan) -> int:
+        """Bytes of weights loaded as ``plan`` says: quantized layers packed, the rest in its dtype."""
+        per_weight = plan.dtype.itemsize
+        if plan.quantization is None:
+            return self.total * per_weight
+        rest = (self.total - self.quantizable) * per_weight
+        if plan.quantization.load_in_8bit:  # a byte per weight; an fp32 scale per output row is under 0.1%
+            return self.quantizable + rest
+        return round(self.quantizable * (0.5 + 4 / 64)) + rest  # nf4: half a byte, an fp32 absmax per 64
+
+
+class _ExpectedNoWeights(logging.Filter):
+    """open_clip warns that a model built without weights has none, which is the point here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def _linear_weights(module: nn.Module, head: nn.Module | None = None) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear) and m is not head)
+
+
+def _language_model(spec: ModelSpec) -> PreTrainedModel:
+    """On the meta device already: callers enter ``torch.device("meta")``."""
+    if spec.lang_encoder_path in PUBLISHED_LANGUAGE_MODELS:
+        build, vocab = PUBLISHED_LANGUAGE_MODELS[spec.lang_encoder_path]
+        lm = build()
+    else:  # a local directory: its own config and tokenizer, with the tokens Flamingo adds
+        config = AutoConfig.from_pretrained(spec.lang_encoder_path, trust_remote_code=spec.trust_remote_code)
+        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+        vocab = len(load_tokenizer(spec))
+    lm.resize_token_embeddings(vocab, mean_resizing=False)
+    return lm
+
+
+@cache
+def parameter_counts(spec: ModelSpec) -> ParameterCounts:
+    """Exact counts of the assembled model; raises ``ModelLoadError`` when its shapes are unknown."""
+    quiet = _ExpectedNoWeights()
+    logging.getLogger().addFilter(quiet)
+    try:
+        with torch.device("meta"):
+            lm = _language_model(spec)
+            vision = open_clip.create_model(spec.clip_vision_encoder_path, device="meta", load_weights=False).visual
+            width = open_clip.get_model_config(spec.clip_vision_encoder_path)["vision_cfg"]["width"]
+            hidden = lm.config.hidden_size
+            layers = lm.config.num_hidden_layers
+            perceiver = PerceiverResampler(dim=width)
+            cross = nn.ModuleList(
+                GatedCrossAttentionBlock(dim=hidden, dim_visual=width)
+                for index in range(layers)
+                if (index + 1) % spec.cross_attn_every_n_layers == 0
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"cannot tell the size of {spec.name}: {error}") from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    total = _count(lm) + _count(vision) + _count(perceiver) + _count(cross)
+    return ParameterCounts(total, _linear_weights(lm, lm.get_output_embeddings()) + _linear_weights(cross))
