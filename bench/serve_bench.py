@@ -46,6 +46,8 @@ from tests.reference import Reference
 SHOTS = (0, 4, 8, 16)
 CONCURRENCY = (1, 4, 16)
 NEW_TOKENS = 16
+LONG_TOKENS = 128  # a long answer that a short request arrives during
+ARRIVAL_SECONDS = 0.2  # after the long answer started
 # The fixed sizes that keep figures comparable from one run and one change to the next.
 SIZES = {
     "hidden": 512,
@@ -172,6 +174,44 @@ class Bench:
             rows.append(_row("requests", count, *self.timed(requests, max(1, self.repeats // 2))))
         return rows
 
+    def late_arrival(self) -> dict:
+        """A short request sent while a long answer runs, against the same request alone.
+
+        It joins the running batch (continuous batching); were it to wait for the batch instead, it
+        would take about the long answer's time less the head start, plus its own.
+        """
+        task = make_task("four-late", 4, self.photos, random.Random(2))
+        long_params = GenerationParams(max_new_tokens=LONG_TOKENS, min_new_tokens=LONG_TOKENS)
+
+        async def short() -> float:
+            started = time.perf_counter()
+            await self.service.answer([self.photos.fresh()], task.prompt_template, task, self.params)
+            return time.perf_counter() - started
+
+        async def during_long() -> tuple[float, float]:
+            long = asyncio.create_task(
+                self.service.answer([self.photos.fresh()], task.prompt_template, task, long_params)
+            )
+            await asyncio.sleep(ARRIVAL_SECONDS)
+            waited = await short()
+            return waited, (await long).seconds
+
+        alone, during, long_s = [], [], []
+        for run in range(self.repeats + 1):  # the first run warms up
+            alone_s = asyncio.run(short())
+            during_s, long_answer_s = asyncio.run(during_long())
+            if run:
+                alone.append(alone_s)
+                during.append(during_s)
+                long_s.append(long_answer_s)
+        return {
+            "long_tokens": LONG_TOKENS,
+            "long_s": round(statistics.median(long_s), 4),
+            "short_alone_s": round(statistics.median(alone), 4),
+            "short_during_long_s": round(statistics.median(during), 4),
+            "short_if_it_waited_s": round(statistics.median(long_s) - ARRIVAL_SECONDS + statistics.median(alone), 4),
+        }
+
     def memory(self) -> dict:
         decoder = self.engine.decoder
         return {
@@ -182,7 +222,7 @@ class Bench:
         }
 
 
-def _table(family: str, shots: list[dict], concurrency: list[dict]) -> str:
+def _table(family: str, shots: list[dict], concurrency: list[dict], late: dict) -> str:
     lines = [
         f"{family}: {NEW_TOKENS} new tokens per request, medians (s)",
         f"  {'shots':>8} {'reference':>10} {'service':>9} {'speedup':>8}",
@@ -197,6 +237,11 @@ def _table(family: str, shots: list[dict], concurrency: list[dict]) -> str:
         f"  {r['requests']:>8} {r['reference_s']:>10.3f} {r['service_s']:>9.3f} {r['speedup']:>7.1f}x"
         for r in concurrency
     ]
+    lines.append(
+        f"  a {NEW_TOKENS}-token request sent {ARRIVAL_SECONDS} s into a {late['long_tokens']}-token answer "
+        f"({late['long_s']:.2f} s): {late['short_during_long_s']:.2f} s; alone {late['short_alone_s']:.2f} s; "
+        f"waiting for the batch would take about {late['short_if_it_waited_s']:.2f} s"
+    )
     return "\n".join(lines)
 
 
@@ -221,11 +266,12 @@ def main() -> None:
         for family in args.families:
             model_dir = write_model(Path(root) / family, TinyModelSpec(family=family, **SIZES))
             bench = Bench(family, model_dir, args.repeats)
-            shots, concurrency = bench.shots(), bench.concurrency()
+            shots, concurrency, late = bench.shots(), bench.concurrency(), bench.late_arrival()
             bench.service.close()
             identical &= bench.identical
-            results[family] = {"shots": shots, "concurrency": concurrency, "memory": bench.memory()}
-            print(_table(family, shots, concurrency), flush=True)
+            memory = bench.memory()
+            results[family] = {"shots": shots, "concurrency": concurrency, "late_arrival": late, "memory": memory}
+            print(_table(family, shots, concurrency, late), flush=True)
     first = results[args.families[0]]
     summary = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -234,6 +280,7 @@ def main() -> None:
         "identical": identical,
         "shots": first["shots"],
         "concurrency": first["concurrency"],
+        "late_arrival": first["late_arrival"],
         "memory": first["memory"],
         "families": {family: results[family] for family in args.families[1:]},
     }

@@ -35,7 +35,7 @@ def _model_fields(bot: FlamingoBot) -> dict[str, str]:
     engine = getattr(bot.service, "engine", None)
     if engine is None:  # the ray backend: the model lives on the cluster's replicas
         ray = bot.settings.ray
-        reachable = getattr(bot.service, "reachable", True)
+        reachable = bot.service.reachable
         return {
             "Model": bot.settings.model.name,
             "Backend": f"ray: {ray.replicas} replica(s) of {ray.app_name} at {ray.address}"

@@ -342,18 +342,40 @@ class FlamingoDecoder:
         return output.logits[:, -1, :]
 
     def decode_many(
-        self, jobs: Sequence[DecodeJob], media_token_id: int, finished: Callable[[int, list[int]], None]
+        self,
+        jobs: Sequence[DecodeJob],
+        media_token_id: int,
+        finished: Callable[[int, list[int]], None],
+        joining: Callable[[int], Sequence[DecodeJob]] = lambda running: (),
     ) -> None:
         """Decode requests together, one token of every unfinished request per forward.
 
         Each request's own tokens run alone first, so every first token is exactly the unbatched
         one; then the requests share forwards. A request that stops is handed back at once and
-        leaves the batch, so nobody waits for a longer answer.
+        leaves the batch, so nobody waits for a longer answer; and between two forwards,
+        ``joining(running)`` may hand over requests that arrived meanwhile, which join the batch
+        (continuous batching), so nobody waits for a longer answer to start either. Requests are
+        numbered for ``finished`` in the order they came: ``jobs`` first, then each joiner.
         """
+        rows: list[_Running] = []
+        active: list[int] = []
+
+        def admit(new_jobs: Sequence[DecodeJob]) -> None:
+            for job in new_jobs:
+                index = len(rows)
+                row = self._prefill(job, media_token_id)
+                rows.append(row)
+                if not self._finish_if_done(index, row, row.logits, finished):
+                    active.append(index)
+                else:
+                    row.key_values, row.image_keys_values = [], []
+
         with torch.inference_mode():
-            rows = [self._prefill(job, media_token_id) for job in jobs]
-            active = [i for i, row in enumerate(rows) if not self._finish_if_done(i, row, row.logits, finished)]
-            while active:
+            admit(jobs)
+            while active or (joined := joining(0)):
+                if not active:
+                    admit(joined)
+                    continue
                 batch = [rows[i] for i in active]
                 cache, mask = self._batch(batch)
                 with self._reading_latest_images(batch):
@@ -365,15 +387,20 @@ class FlamingoDecoder:
                             for n, i in enumerate(active)
                             if self._finish_if_done(i, rows[i], logits[n : n + 1], finished)
                         }
-                        if done:
+                        joined = joining(len(active) - len(done))
+                        if done or joined:
                             break
-                for n, row in enumerate(batch):
+                for n, (index, row) in enumerate(zip(active, batch, strict=True)):
+                    if index in done:  # a finished request's caches are let go at once
+                        row.key_values, row.image_keys_values = [], []
+                        continue
                     length = row.sequence.shape[1] - 1
                     row.key_values = [
                         (layer.keys[n : n + 1, :, -length:], layer.values[n : n + 1, :, -length:])
                         for layer in cache.layers
                     ]
                 active = [i for i in active if i not in done]
+                admit(joined)
 
     def _finish_if_done(
         self, index: int, row: _Running, logits: torch.Tensor, finished: Callable[[int, list[int]], None]

@@ -35,6 +35,15 @@ class PreparedRequest:
     request_images: tuple[Image.Image, ...]
     generate_kwargs: dict[str, Any]
 
+    @property
+    def batchable(self) -> bool:
+        """Decoded with others; beam search runs alone through upstream's generate."""
+        return self.generate_kwargs.get("num_beams", 1) == 1
+
+
+# Hands the running batch requests that arrived meanwhile, given how many it runs now.
+Joining = Callable[[int], Sequence[tuple[PreparedRequest, Callable[[], bool]]]]
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -148,24 +157,37 @@ class FlamingoEngine:
         requests: Sequence[PreparedRequest],
         stops: Sequence[Callable[[], bool]],
         deliver: Callable[[int, Answer], None],
+        joining: Joining | None = None,
     ) -> None:
         """Answer several requests, handing each answer over as soon as it is complete.
 
-        Requests without beams are decoded together; beam search runs each through upstream's
-        generate. Only the service's worker thread may call this.
+        Requests without beams are decoded together, and ``joining(running)`` may add batchable
+        requests that arrived meanwhile (numbered after ``requests``, in order); beam search runs
+        each through upstream's generate. Only the service's worker thread may call this.
         """
-        started = time.perf_counter()
-        beams = [i for i, request in enumerate(requests) if request.generate_kwargs.get("num_beams", 1) > 1]
+        everyone = list(requests)
+        started = [time.perf_counter()] * len(everyone)
+        beams = [i for i, request in enumerate(requests) if not request.batchable]
         batched = [i for i in range(len(requests)) if i not in beams]
+
+        def join(running: int) -> list[DecodeJob]:
+            arrived = joining(running) if joining is not None else []
+            for request, _ in arrived:
+                batched.append(len(everyone))
+                everyone.append(request)
+                started.append(time.perf_counter())
+            return [self._job(request, should_stop) for request, should_stop in arrived]
+
+        def finished(n: int, tokens: list[int]) -> None:
+            index = batched[n]
+            deliver(index, self._answer(everyone[index], tokens, started[index]))
+
         try:
             for i in beams:
-                deliver(i, self._answer(requests[i], self._beam_search(requests[i], stops[i]), started))
+                deliver(i, self._answer(requests[i], self._beam_search(requests[i], stops[i]), started[i]))
             if batched:
-                self._decode_together(
-                    [requests[i] for i in batched],
-                    [stops[i] for i in batched],
-                    lambda n, tokens: deliver(batched[n], self._answer(requests[batched[n]], tokens, started)),
-                )
+                jobs = [self._job(requests[i], stops[i]) for i in batched]
+                self.decoder.decode_many(jobs, self.loaded.model.media_token_id, finished, join)
         except torch.OutOfMemoryError:
             raise GenerationFailed(
                 "The model ran out of memory on this request; try fewer examples, fewer beams or fewer new tokens."
@@ -185,27 +207,17 @@ class FlamingoEngine:
             seconds=time.perf_counter() - started,
         )
 
-    def _decode_together(
-        self,
-        requests: Sequence[PreparedRequest],
-        stops: Sequence[Callable[[], bool]],
-        finished: Callable[[int, list[int]], None],
-    ) -> None:
-        """The fast path: each task's prefix from cache, the requests decoded as one batch."""
+    def _job(self, request: PreparedRequest, should_stop: Callable[[], bool]) -> DecodeJob:
+        """The fast path: the task's prefix from cache (computed on a miss), the request's own images."""
+        ids = request.input_ids[0].tolist()
         media_token = self.loaded.model.media_token_id
-        jobs = []
-        for request, should_stop in zip(requests, stops, strict=True):
-            ids = request.input_ids[0].tolist()
-            prefix = self.decoder.prefix(
-                request.task_key, ids[: request.prefix_length], request.example_images, self._pixels, media_token
-            )
-            images = self.decoder.image_features(request.request_images, self._pixels)
-            jobs.append(
-                DecodeJob(
-                    prefix, ids[request.prefix_length :], images, request.generate_kwargs, self._stop_ids, should_stop
-                )
-            )
-        self.decoder.decode_many(jobs, media_token, finished)
+        prefix = self.decoder.prefix(
+            request.task_key, ids[: request.prefix_length], request.example_images, self._pixels, media_token
+        )
+        images = self.decoder.image_features(request.request_images, self._pixels)
+        return DecodeJob(
+            prefix, ids[request.prefix_length :], images, request.generate_kwargs, self._stop_ids, should_stop
+        )
 
     def vision_x(self, request: PreparedRequest) -> torch.Tensor:
         """All the prompt's images as upstream takes them: (1, images, frames=1, channels, height, width)."""

@@ -35,6 +35,10 @@ def short_name(model: str) -> str:
     return model.rstrip("/").rsplit("/", 1)[-1]
 
 
+def _size(size: int) -> str:
+    return f"{size / GIB:.1f} GiB" if size >= GIB / 10 else f"{size / 2**20:.0f} MiB"
+
+
 @dataclass(frozen=True)
 class ModelCatalog:
     default: str
@@ -84,7 +88,7 @@ class ModelCatalog:
     def describe(self, model: str) -> str:
         if model == self.default:
             return f"{short_name(model)} (the default, always loaded)"
-        return f"{short_name(model)} ({self.weight_bytes[model] / GIB:.1f} GiB)"
+        return f"{short_name(model)} ({_size(self.weight_bytes[model])})"
 
     def lookup(self, typed: str) -> str:
         """The choice a member typed, by its full or short name."""
@@ -108,8 +112,8 @@ class ModelCatalog:
         size = self.weight_bytes[model]
         if size > self.budget_bytes:
             raise BadParameter(
-                f"{short_name(model)} needs {size / GIB:.1f} GiB for its weights, but each model server keeps only "
-                f"{self.budget_bytes / GIB:.1f} GiB for models other than the default; choose a smaller one."
+                f"{short_name(model)} needs {_size(size)} for its weights, but each model server keeps only "
+                f"{_size(self.budget_bytes)} for models other than the default; choose a smaller one."
             )
 
     def in_force(self, chosen: str | None) -> str:

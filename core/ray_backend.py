@@ -235,6 +235,11 @@ def _user_error(error: Exception) -> FlamingoError:
     return GenerationFailed("The model's server failed while answering; try again in a moment.")
 
 
+def _retrieve(task: asyncio.Future[Answer]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 _CLUSTER_LOST = (
     "The bot cannot reach its model servers right now. It reconnects by itself as soon as they are back; "
     "please ask again in a few minutes."
@@ -292,6 +297,7 @@ class RayInferenceService:
         self._closed = False
         self.reachable = True
         self._losses: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+        self._losses_lock = threading.Lock()  # the watcher thread reads what callers' loops change
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="ray-cluster-watch", daemon=True)
         self._watcher.start()
@@ -354,16 +360,19 @@ class RayInferenceService:
         loop = asyncio.get_running_loop()
         lost: asyncio.Future[None] = loop.create_future()
         entry = (loop, lost)
-        self._losses.add(entry)
+        with self._losses_lock:
+            self._losses.add(entry)
         answer = asyncio.ensure_future(response)  # type: ignore[arg-type]
         try:
             done, _ = await asyncio.wait({answer, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._losses.discard(entry)
+            with self._losses_lock:
+                self._losses.discard(entry)
             lost.cancel()
         if answer in done:
             return answer.result()
         answer.cancel()
+        answer.add_done_callback(_retrieve)  # Serve ends a cancelled wait with its own error, expected here
         if lost in done:
             raise ClusterUnavailable(_CLUSTER_LOST)
         raise TimeoutError
@@ -386,7 +395,9 @@ class RayInferenceService:
     def _lose(self, why: str) -> None:
         log.error("%s; requests are refused until it is back", why)
         self.reachable = False
-        for loop, lost in list(self._losses):
+        with self._losses_lock:
+            waiting = list(self._losses)
+        for loop, lost in waiting:
             loop.call_soon_threadsafe(lambda future=lost: future.done() or future.set_result(None))
 
     def _rejoin(self) -> None:

@@ -20,7 +20,7 @@ from typing import Protocol
 from PIL import Image
 
 from core.config import Settings
-from core.engine import Answer, FlamingoEngine, PreparedRequest, PromptRules
+from core.engine import Answer, FlamingoEngine, Joining, PreparedRequest, PromptRules
 from core.errors import (
     BadParameter,
     FlamingoError,
@@ -49,6 +49,7 @@ class Engine(Protocol):
         requests: Sequence[PreparedRequest],
         stops: Sequence[Callable[[], bool]],
         deliver: Callable[[int, Answer], None],
+        joining: Joining | None = None,
     ) -> None: ...
 
 
@@ -71,6 +72,11 @@ class ModelService(Protocol):
 
     @property
     def waiting(self) -> int: ...
+
+    @property
+    def reachable(self) -> bool:
+        """False while the model cannot be reached (a lost cluster); requests are refused meanwhile."""
+        ...
 
     def estimated_wait(self, position: int) -> float: ...
 
@@ -120,6 +126,15 @@ def _settle(job: _Job, answer: Answer | None, error: BaseException | None) -> No
         job.future.set_result(answer)
 
 
+def _still_wanted(jobs: list[_Job]) -> list[_Job]:
+    """Those neither withdrawn nor past their deadline; the late ones are told so."""
+    now = time.monotonic()
+    expired = [job for job in jobs if job.deadline is not None and now > job.deadline]
+    for job in expired:
+        _notify(job, None, RequestExpired("Your request waited too long in the queue; please ask again."))
+    return [job for job in jobs if job not in expired and not job.cancelled.is_set()]
+
+
 class Ticket:
     """A queued request: its place in line while it waits, a way to withdraw it, and its answer."""
 
@@ -151,7 +166,7 @@ class InferenceService:
         self._waiting: list[_Job] = []
         self._ready = threading.Condition()
         self._closed = False
-        self._batch_seconds = 0.0  # recent time per batch, for telling users how long they would wait
+        self._request_seconds = 0.0  # how long the latest answer took to run, for telling users their wait
         self._worker = threading.Thread(target=self._work, name="flamingo-model", daemon=True)
         self._worker.start()
 
@@ -167,14 +182,18 @@ class InferenceService:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def reachable(self) -> bool:
+        return True  # in this process
+
     def cache_status(self) -> list[dict[str, dict[str, int]]]:
         """One entry per model copy (here, one): its caches' counters."""
         decoder = self.engine.decoder  # type: ignore[attr-defined]
         return [{"prefix": decoder.prefixes.stats(), "image": decoder.images.stats()}]
 
     def estimated_wait(self, position: int) -> float:
-        """Seconds until a request at ``position`` starts, from recent batch times (0 before any ran)."""
-        return math.ceil(position / self._max_batch) * self._batch_seconds
+        """Seconds until a request at ``position`` starts, from recent answers' times (0 before any ran)."""
+        return math.ceil(position / self._max_batch) * self._request_seconds
 
     def submit(
         self,
@@ -230,24 +249,44 @@ class InferenceService:
                 return None
             batch = self._waiting[: self._max_batch]
             del self._waiting[: self._max_batch]
-        now = time.monotonic()
-        expired = [job for job in batch if job.deadline is not None and now > job.deadline]
-        for job in expired:
-            _notify(job, None, RequestExpired("Your request waited too long in the queue; please ask again."))
-        return [job for job in batch if job not in expired and not job.cancelled.is_set()]
+        return _still_wanted(batch)
+
+    def _joiners(self, running: int) -> list[_Job]:
+        """Requests from the front of the line that can join a running batch, while it has room.
+
+        A request that must run alone (beam search) stops the joining, so a steady stream of
+        short requests cannot hold it back: the batch drains and it runs next.
+        """
+        with self._ready:
+            if self._closed:
+                return []
+            taken = 0
+            while (
+                taken < len(self._waiting)
+                and running + taken < self._max_batch
+                and self._waiting[taken].request.batchable
+            ):
+                taken += 1
+            joiners = self._waiting[:taken]
+            del self._waiting[:taken]
+        return _still_wanted(joiners)
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
             if batch:
-                started = time.monotonic()
                 self._run(batch)
-                self._batch_seconds = time.monotonic() - started
 
     def _run(self, jobs: list[_Job]) -> None:
         delivered: set[int] = set()
 
+        def joining(running: int) -> list[tuple[PreparedRequest, Callable[[], bool]]]:
+            joiners = self._joiners(running)
+            jobs.extend(joiners)  # numbered after the batch, in order, as the engine numbers them
+            return [(job.request, job.cancelled.is_set) for job in joiners]
+
         def deliver(index: int, answer: Answer) -> None:
             delivered.add(index)
+            self._request_seconds = answer.seconds
             if jobs[index].cancelled.is_set():  # stopped early: a partial answer is no answer
                 _notify(jobs[index], None, RequestCancelled("The request was cancelled while it ran."))
             else:
@@ -255,7 +294,8 @@ class InferenceService:
 
         error: BaseException | None = None
         try:
-            self.engine.run_many([job.request for job in jobs], [job.cancelled.is_set for job in jobs], deliver)
+            requests, stops = [job.request for job in jobs], [job.cancelled.is_set for job in jobs]
+            self.engine.run_many(requests, stops, deliver, joining)
         except FlamingoError as known:
             error = known
         except Exception:

@@ -112,7 +112,7 @@ class FlamingoBot(commands.AutoShardedBot):
         return self.metrics.exposition(self.service.waiting, caches, replicas, shards)
 
     def _healthy(self) -> bool:
-        return self.is_ready() and not self.is_closed() and self._closing is None
+        return self.is_ready() and not self.is_closed() and self._closing is None and self.service.reachable
 
     async def _purge_regularly(self) -> None:
         """Retention: expired requests and the data of servers left long enough ago are deleted."""

@@ -28,11 +28,17 @@ class GatedEngine:
     def prepare(self, *args, **kwargs) -> PreparedRequest:
         return self.engine.prepare(*args, **kwargs)
 
-    def run_many(self, requests: list[PreparedRequest], stops, deliver) -> None:
+    def run_many(self, requests: list[PreparedRequest], stops, deliver, joining=None) -> None:
         self.started.set()
         assert self.gate.wait(timeout=30)
         self.ran.extend(request.prompt for request in requests)
-        self.engine.run_many(requests, stops, deliver)
+
+        def recorded(running: int):
+            joiners = joining(running) if joining is not None else []
+            self.ran.extend(request.prompt for request, _ in joiners)
+            return joiners
+
+        self.engine.run_many(requests, stops, deliver, recorded)
 
 
 @pytest.fixture(scope="module")
@@ -182,10 +188,8 @@ async def test_waiting_requests_are_decoded_together_and_a_short_one_leaves_earl
         service.answer([photos["coffee"]], "<image>Short:", task, GenerationParams(max_new_tokens=2))
     )
     await asyncio.sleep(0.05)
-    gated.started.clear()
     gated.gate.set()
     await first
-    await asyncio.to_thread(gated.started.wait, 10)
     done, _ = await asyncio.wait({long, short}, return_when=asyncio.FIRST_COMPLETED)
     assert done == {short}
     assert not long.done()
@@ -229,3 +233,36 @@ async def test_a_request_past_its_deadline_is_refused_instead_of_run(llama_engin
     assert service.estimated_wait(1) > 0
     with pytest.raises(ServiceBusy, match="too long to answer you in time"):
         service.submit([photos["chelsea"]], "<image>Output:", task, params, deadline=time.monotonic())
+
+
+async def test_a_request_joins_a_running_batch_instead_of_waiting_for_it(llama_engine, make_service, photos, task):
+    gated = GatedEngine(llama_engine)
+    service = make_service(gated)
+    gated.gate.set()
+    long_params = GenerationParams(max_new_tokens=200, min_new_tokens=200)
+    long = asyncio.create_task(service.answer([photos["chelsea"]], "<image>Long:", task, long_params))
+    await asyncio.to_thread(gated.started.wait, 10)
+    short_params = GenerationParams(max_new_tokens=3)
+    short = await service.answer([photos["coffee"]], "<image>Short:", task, short_params)
+    assert not long.done()  # it joined the long one's batch and left it first
+    assert len((await long).token_ids) == 200
+    alone = llama_engine.run(llama_engine.prepare([photos["coffee"]], "<image>Short:", task, short_params))
+    assert short.token_ids == alone.token_ids  # (the model is free again: only one thread may run it)
+    assert [p.rsplit(">", 1)[-1] for p in gated.ran] == ["Long:", "Short:"]
+
+
+async def test_beam_search_waiting_in_line_is_not_overtaken_by_joiners(llama_engine, make_service, photos, task):
+    gated = GatedEngine(llama_engine)
+    service = make_service(gated)
+    long = service.submit(
+        [photos["chelsea"]], "<image>Long:", task, GenerationParams(max_new_tokens=40, min_new_tokens=40)
+    )
+    await asyncio.to_thread(gated.started.wait, 10)
+    beams = service.submit([photos["rocket"]], "<image>Beams:", task, GenerationParams(max_new_tokens=3, num_beams=3))
+    after = service.submit([photos["coffee"]], "<image>After:", task, GenerationParams(max_new_tokens=3))
+    gated.started.clear()
+    gated.gate.set()
+    await long.answer()
+    await asyncio.gather(beams.answer(), after.answer())
+    # The beam request starts the next run; the greedy one behind it waits for that run, not joining the first.
+    assert [p.rsplit(">", 1)[-1] for p in gated.ran] == ["Long:", "Beams:", "After:"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
 
 from tests.conftest import RAY_LOOPBACK
 from tests.e2e.conftest import E2E, Scene, new_bot
+from tests.fake_discord.payloads import MANAGE_GUILD
 
 pytestmark = [E2E, pytest.mark.ray]
 
@@ -24,20 +26,33 @@ async def test_the_bot_answers_through_ray_replicas_as_it_does_locally(scene, st
         "FLAMINGO_RAY__APP_NAME": "flamingo-e2e",
         "FLAMINGO_RAY__REPLICAS": "2",
         "FLAMINGO_RAY__NUM_CPUS": "0.5",
+        "FLAMINGO_MODEL__CHOICES": json.dumps([str(model_dirs["gptneox"])]),
+        "FLAMINGO_RAY__EXTRA_MODEL_MEMORY_GIB": "1",
     }
     await bot.start()
     try:
         guild = await stand_in.join("Scaled")
-        here = Scene(stand_in, guild, stand_in.add_member(guild, "reader"), scene.moderator)
+        moderator = stand_in.add_member(guild, "moderator", permissions=MANAGE_GUILD | (1 << 31))
+        here = Scene(stand_in, guild, stand_in.add_member(guild, "reader"), moderator)
         answers = [(await here.ask("comprehend", **ask))[0] for _ in range(3)]
         assert [a.embeds[0]["description"] for a in answers] == [local] * 3
         owner = stand_in.admin_guild.members[stand_in.owner.id]
         status = (await here.ask("admin status", owner, stand_in.admin_guild))[0]
         fields = {f["name"]: f["value"] for f in status.embeds[0]["fields"]}
         assert fields["Backend"] == f"ray: 2 replica(s) of flamingo-e2e at {ray_head}"
+        assert fields["Server models"] == "1 offered besides the default, up to 1 loaded per replica"
         metrics = (await bot.scrape())[1]
         assert "flamingo_replicas 2.0" in metrics.splitlines()
         assert 'flamingo_requests_total{outcome="answered"} 3.0' in metrics.splitlines()
+
+        # A server chooses another model: its replicas load it, and its answers say so.
+        chosen = (await here.ask("settings model", here.moderator, model="gptneox"))[0]
+        assert chosen.content.startswith("This server's answers now come from gptneox (6 MiB).")
+        other = (await here.ask("comprehend", **ask))[0].embeds[0]
+        assert other["footer"]["text"].startswith("model: gptneox · task: caption · ")
+        assert other["description"] != local
+        assert (await scene.ask("comprehend", **ask))[0].embeds[0]["description"] == local  # other servers: unchanged
+        await here.ask("settings model", here.moderator)
 
         # A replica killed under load: every interaction is still answered, once.
         long = {"image": here.photo("rocket"), "max_new_tokens": 120, "min_new_tokens": 120}

@@ -65,3 +65,24 @@ async def test_a_required_role_and_private_answers(scene):
     await scene.ask("settings role", scene.moderator)
     await scene.ask("settings answers", scene.moderator, visibility="public")
     assert not (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=2))[0].ephemeral
+
+
+@pytest.mark.settings
+async def test_in_process_the_model_cannot_be_switched_and_the_reason_is_given(scene):
+    payload = scene.discord.autocomplete_payload("settings model", scene.moderator, scene.guild, "model", model="")
+    record = await scene.discord.send_interaction(payload)
+    await record.wait_for(lambda: record.choices is not None, timeout=30)
+    offered = [choice["name"] for choice in record.choices]
+    assert offered[0] == "llama (the default, always loaded)"
+    assert "OpenFlamingo-9B-vitl-mpt7b (cannot run here)" in offered
+
+    refused = (await scene.ask("settings model", scene.moderator, model="OpenFlamingo-9B-vitl-mpt7b"))[0]
+    assert refused.ephemeral and refused.content == (
+        "This bot runs one model in its own process (llama), so it cannot switch. "
+        "Servers can choose other models only when the bot runs its models on a Ray cluster."
+    )
+    unknown = (await scene.ask("settings model", scene.moderator, model="gpt-4"))[0]
+    assert unknown.content.startswith("There is no model called 'gpt-4' here; choose one of: llama.")
+    kept = (await scene.ask("settings model", scene.moderator))[0]
+    assert kept.content == "This server's answers now come from llama (the default, always loaded)."
+    assert _fields(kept)["Model"] == "llama (the default, always loaded)"
