@@ -29,6 +29,7 @@ class _Snapshot(Collector):
         self.queue_depth = 0
         self.caches: CacheStats = {}
         self.replicas: int | None = None
+        self.reachable = True
         self.shard_latency: dict[int, float] = {}
 
     def collect(self) -> Iterator[Metric]:
@@ -40,6 +41,9 @@ class _Snapshot(Collector):
             for cache, stats in self.caches.items():
                 family.add_metric([cache], stats[counter])
             yield family
+        reachable = GaugeMetricFamily("flamingo_model_reachable", "1 while the model answers; 0 for a lost cluster")
+        reachable.add_metric([], int(self.reachable))
+        yield reachable
         if self.replicas is not None:
             replicas = GaugeMetricFamily("flamingo_replicas", "Model replicas that answered the last status call")
             replicas.add_metric([], self.replicas)
@@ -77,10 +81,11 @@ class Metrics:
         caches: CacheStats,
         replicas: int | None,
         shard_latency: dict[int, float],
+        reachable: bool,
     ) -> bytes:
         snapshot = self._snapshot
         snapshot.queue_depth, snapshot.caches = queue_depth, caches
-        snapshot.replicas, snapshot.shard_latency = replicas, shard_latency
+        snapshot.replicas, snapshot.shard_latency, snapshot.reachable = replicas, shard_latency, reachable
         return generate_latest(self.registry)
 
 

@@ -109,7 +109,7 @@ class FlamingoBot(commands.AutoShardedBot):
     async def _render_metrics(self) -> bytes:
         caches, replicas = await gather_caches(self.service.cache_status)
         shards = dict(self.latencies)
-        return self.metrics.exposition(self.service.waiting, caches, replicas, shards)
+        return self.metrics.exposition(self.service.waiting, caches, replicas, shards, self.service.reachable)
 
     def _healthy(self) -> bool:
         return self.is_ready() and not self.is_closed() and self._closing is None and self.service.reachable

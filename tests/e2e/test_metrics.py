@@ -33,6 +33,7 @@ async def test_metrics_count_answers_and_show_queue_caches_and_shards(scene, sha
     assert after[count] - before.get(count, 0) == 2
     assert after[("flamingo_queue_depth", ())] >= 0
     assert after[("flamingo_replicas", ())] == 1
+    assert after[("flamingo_model_reachable", ())] == 1
     hits = ("flamingo_cache_hits", (("cache", "prefix"),))
     misses = ("flamingo_cache_misses", (("cache", "prefix"),))
     assert after[hits] + after[misses] > before.get(hits, 0) + before.get(misses, 0)
