@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import platform
@@ -46,6 +47,7 @@ from tests.reference import Reference
 SHOTS = (0, 4, 8, 16)
 CONCURRENCY = (1, 4, 16)
 NEW_TOKENS = 16
+BEAMS = 3
 LONG_TOKENS = 128  # a long answer that a short request arrives during
 ARRIVAL_SECONDS = 0.2  # after the long answer started
 # The fixed sizes that keep figures comparable from one run and one change to the next.
@@ -121,31 +123,35 @@ class Bench:
         self.photos = Photos()
         self.identical = True
 
-    def reference_answer(self, task: Task, image: Image.Image) -> tuple[int, ...]:
+    def reference_answer(self, task: Task, image: Image.Image, num_beams: int = 1) -> tuple[int, ...]:
         prompt = "".join(e.text + END_OF_CHUNK for e in task.examples) + task.prompt_template
         images = [e.image for e in task.examples] + [image]
-        return self.reference.generate(
-            images, prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=self.stops
-        )
+        length = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
+        if num_beams > 1:  # upstream's own stop, as the bot's beam search keeps it
+            return self.reference.generate(images, prompt, num_beams=num_beams, **length)
+        return self.reference.generate(images, prompt, eos_token_id=self.stops, **length)
 
-    async def service_answers(self, requests: list[tuple[Task, Image.Image]]) -> list[tuple[int, ...]]:
+    async def service_answers(
+        self, requests: list[tuple[Task, Image.Image]], num_beams: int = 1
+    ) -> list[tuple[int, ...]]:
+        params = dataclasses.replace(self.params, num_beams=num_beams)
         answers = await asyncio.gather(
-            *(self.service.answer([image], t.prompt_template, t, self.params) for t, image in requests)
+            *(self.service.answer([image], t.prompt_template, t, params) for t, image in requests)
         )
         return [answer.token_ids for answer in answers]
 
     def timed(
-        self, requests_for_run: Callable[[], list[tuple[Task, Image.Image]]], repeats: int
+        self, requests_for_run: Callable[[], list[tuple[Task, Image.Image]]], repeats: int, num_beams: int = 1
     ) -> tuple[float, float]:
         """Median seconds for the reference and for the service over the same fresh requests."""
         reference_times, service_times = [], []
         for run in range(repeats + 1):  # the first run warms up
             requests = requests_for_run()
             started = time.perf_counter()
-            expected = [self.reference_answer(task, image) for task, image in requests]
+            expected = [self.reference_answer(task, image, num_beams) for task, image in requests]
             reference_s = time.perf_counter() - started
             started = time.perf_counter()
-            got = asyncio.run(self.service_answers(requests))
+            got = asyncio.run(self.service_answers(requests, num_beams))
             service_s = time.perf_counter() - started
             self.identical &= got == expected
             if run:
@@ -172,6 +178,16 @@ class Bench:
                 return [(tasks[i % 2], self.photos.fresh()) for i in range(count)]
 
             rows.append(_row("requests", count, *self.timed(requests, max(1, self.repeats // 2))))
+        return rows
+
+    def beams(self) -> list[dict]:
+        """Beam search (3 beams) on 0 and 8 examples: upstream runs the whole prompt, the bot its prefix cache."""
+        rows = []
+        rng = random.Random(3)
+        for shots in (0, 8):
+            task = make_task(f"{shots}-shot-beams", shots, self.photos, rng)
+            timing = self.timed(lambda task=task: [(task, self.photos.fresh())], self.repeats, num_beams=BEAMS)
+            rows.append(_row("shots", shots, *timing))
         return rows
 
     def late_arrival(self) -> dict:
@@ -222,7 +238,7 @@ class Bench:
         }
 
 
-def _table(family: str, shots: list[dict], concurrency: list[dict], late: dict) -> str:
+def _table(family: str, shots: list[dict], concurrency: list[dict], beams: list[dict], late: dict) -> str:
     lines = [
         f"{family}: {NEW_TOKENS} new tokens per request, medians (s)",
         f"  {'shots':>8} {'reference':>10} {'service':>9} {'speedup':>8}",
@@ -236,6 +252,10 @@ def _table(family: str, shots: list[dict], concurrency: list[dict], late: dict) 
     lines += [
         f"  {r['requests']:>8} {r['reference_s']:>10.3f} {r['service_s']:>9.3f} {r['speedup']:>7.1f}x"
         for r in concurrency
+    ]
+    lines.append(f"  {'shots':>8} {'reference':>10} {'service':>9} {'speedup':>8}   ({BEAMS} beams)")
+    lines += [
+        f"  {r['shots']:>8} {r['reference_s']:>10.3f} {r['service_s']:>9.3f} {r['speedup']:>7.1f}x" for r in beams
     ]
     lines.append(
         f"  a {NEW_TOKENS}-token request sent {ARRIVAL_SECONDS} s into a {late['long_tokens']}-token answer "
@@ -266,12 +286,18 @@ def main() -> None:
         for family in args.families:
             model_dir = write_model(Path(root) / family, TinyModelSpec(family=family, **SIZES))
             bench = Bench(family, model_dir, args.repeats)
-            shots, concurrency, late = bench.shots(), bench.concurrency(), bench.late_arrival()
+            shots, concurrency, beams = bench.shots(), bench.concurrency(), bench.beams()
+            late = bench.late_arrival()
             bench.service.close()
             identical &= bench.identical
-            memory = bench.memory()
-            results[family] = {"shots": shots, "concurrency": concurrency, "late_arrival": late, "memory": memory}
-            print(_table(family, shots, concurrency, late), flush=True)
+            results[family] = {
+                "shots": shots,
+                "concurrency": concurrency,
+                "beams": beams,
+                "late_arrival": late,
+                "memory": bench.memory(),
+            }
+            print(_table(family, shots, concurrency, beams, late), flush=True)
     first = results[args.families[0]]
     summary = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -280,6 +306,7 @@ def main() -> None:
         "identical": identical,
         "shots": first["shots"],
         "concurrency": first["concurrency"],
+        "beams": first["beams"],
         "late_arrival": first["late_arrival"],
         "memory": first["memory"],
         "families": {family: results[family] for family in args.families[1:]},

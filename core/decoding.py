@@ -81,6 +81,17 @@ class LruCache(Generic[Key, Value]):
         return {"entries": len(self._entries), "bytes": self.bytes, "hits": self.hits, "misses": self.misses}
 
 
+@dataclass(frozen=True)
+class BeamSettings:
+    """Beam search as upstream's ``generate`` runs it: its end-of-chunk token is the only stop."""
+
+    num_beams: int
+    length_penalty: float
+    early_stopping: bool | str
+    eos_id: int
+    pad_id: int
+
+
 @dataclass
 class DecodeJob:
     """One request for the decoder: its task's prefix, its own tokens and images, its parameters."""
@@ -326,11 +337,15 @@ class FlamingoDecoder:
     def _step(self, rows: list[_Running], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
         """One new token for every row: logits (rows, vocab). Each row reads its latest image."""
         tokens = torch.cat([row.sequence[:, -1:] for row in rows])
+        positions = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=self.device)
+        return self._step_tokens(tokens, positions, cache, mask)
+
+    def _step_tokens(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, mask: torch.Tensor
+    ) -> torch.Tensor:
         for layer in self._layers:
             layer.condition_media_locations(torch.ones_like(tokens))
-        extra = {}
-        if self._takes_positions:
-            extra["position_ids"] = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=self.device)
+        extra = {"position_ids": positions} if self._takes_positions else {}
         output = self._lm_forward(
             self.model.lang_encoder,
             input_ids=tokens,
@@ -401,6 +416,70 @@ class FlamingoDecoder:
                     ]
                 active = [i for i in active if i not in done]
                 admit(joined)
+
+    def beam_search(self, job: DecodeJob, media_token_id: int, beams: BeamSettings) -> list[int]:
+        """Beam search on the task's cached prefix, step for step as transformers' ``_beam_search``.
+
+        Upstream runs the whole prompt through ``generate`` with one copy per beam; here the
+        request's own tokens run once against the prefix, the beams then share its cache. The beam
+        bookkeeping is transformers' own (its helpers of the pinned version), so the choices match.
+        """
+        lm, width, early = self.model.lang_encoder, beams.num_beams, beams.early_stopping
+        with torch.inference_mode():
+            row = self._prefill(job, media_token_id)
+            prompt_length = row.sequence.shape[1]
+            max_length = prompt_length + job.kwargs["max_new_tokens"]
+            processors = logits_processors(job.kwargs, prompt_length, {beams.eos_id})
+            keep = 2 * width  # transformers keeps (1 + number of eos tokens) * beams candidates
+            top_mask = torch.arange(keep, device=self.device) < width
+            running = torch.full((1, width, max_length), beams.pad_id, dtype=torch.int64, device=self.device)
+            running[:, :, :prompt_length] = row.sequence
+            finished = running.clone()
+            running_scores = torch.zeros(1, width, device=self.device)
+            running_scores[:, 1:] = -1e9
+            finished_scores = torch.full((1, width), -1e9, device=self.device)
+            is_finished = torch.zeros(1, width, dtype=torch.bool, device=self.device)
+            improvable = torch.ones(1, 1, dtype=torch.bool, device=self.device)
+            shape = (1, width, max_length - prompt_length)
+            running_indices = torch.full(shape, -1, dtype=torch.int32, device=self.device)
+            finished_indices = running_indices.clone()
+            cache = DynamicCache(ddp_cache_data=row.key_values)
+            cache.batch_repeat_interleave(width)
+            mask = torch.ones(width, prompt_length, dtype=torch.long, device=self.device)
+            logits = row.logits.expand(width, -1)
+            length = prompt_length
+            with self._reading_latest_images([row] * width):
+                while True:
+                    sequences = running[0, :, :length]
+                    log_probs = processors(sequences, F.log_softmax(logits.float(), dim=-1))
+                    accumulated = (log_probs + running_scores[0, :, None]).reshape(1, -1)
+                    top_scores, top_sequences, top_indices = lm._get_top_k_continuations(
+                        accumulated, running, running_indices, length, prompt_length, False, keep, width,
+                        log_probs.shape[-1], 1,
+                    )  # fmt: skip
+                    hits = (top_sequences[:, :, length] == beams.eos_id) | (length + 1 >= max_length)
+                    hits |= job.should_stop()
+                    running, running_scores, running_indices = lm._get_running_beams_for_next_iteration(
+                        top_scores, top_sequences, top_indices, hits, width
+                    )
+                    finished, finished_scores, finished_indices, is_finished = lm._update_finished_beams(
+                        finished, top_sequences, finished_scores, top_scores, finished_indices, top_indices,
+                        improvable, is_finished, hits, top_mask, width, length, prompt_length,
+                        beams.length_penalty, early,
+                    )  # fmt: skip
+                    length += 1
+                    improvable = lm._check_early_stop_heuristic(
+                        improvable, running_scores, finished_scores, is_finished, length, max_length,
+                        prompt_length, early, beams.length_penalty,
+                    )  # fmt: skip
+                    if not lm._beam_search_has_unfinished_sequences(improvable, is_finished, hits, early):
+                        break
+                    cache.reorder_cache(running_indices[0, :, length - 1 - prompt_length])
+                    mask = F.pad(mask, (0, 1), value=1)
+                    positions = torch.full((width, 1), length - 1, device=self.device)
+                    logits = self._step_tokens(running[0, :, length - 1 : length], positions, cache, mask)
+            generated = int(((finished_indices[0, 0] + 1) != 0).sum())
+            return finished[0, 0, prompt_length : prompt_length + generated].tolist()
 
     def _finish_if_done(
         self, index: int, row: _Running, logits: torch.Tensor, finished: Callable[[int, list[int]], None]

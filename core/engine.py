@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from core.config import Settings
-from core.decoding import DecodeJob, FlamingoDecoder
+from core.decoding import BeamSettings, DecodeJob, FlamingoDecoder
 from core.errors import BadPrompt, GenerationFailed
 from core.generation import GenerationParams, generation_kwargs
 from core.images import crop_extreme_aspect
@@ -226,7 +226,19 @@ class FlamingoEngine:
         return batch.to(device=self.loaded.device, dtype=self.loaded.precision.dtype)
 
     def _beam_search(self, request: PreparedRequest, should_stop: Callable[[], bool]) -> list[int]:
-        """Beam search goes through upstream's generate, on the whole prompt."""
+        """On the task's cached prefix; beam sampling goes through upstream's generate, on the whole prompt."""
+        kwargs = request.generate_kwargs
+        if not kwargs.get("do_sample"):
+            defaults = self.loaded.model.lang_encoder.generation_config
+            model = self.loaded.model
+            beams = BeamSettings(
+                num_beams=kwargs["num_beams"],
+                length_penalty=kwargs.get("length_penalty", defaults.length_penalty),
+                early_stopping=defaults.early_stopping,
+                eos_id=model.eoc_token_id,
+                pad_id=self.loaded.tokenizer.pad_token_id or model.eoc_token_id,  # as generate fills
+            )
+            return self.decoder.beam_search(self._job(request, should_stop), model.media_token_id, beams)
         model, device = self.loaded.model, self.loaded.device
         with torch.inference_mode():
             output = model.generate(

@@ -5,12 +5,18 @@ This is the guard for every speed-up: greedy and beam outputs must be token-iden
 
 from __future__ import annotations
 
+import collections
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
 from core.engine import FlamingoEngine
 from core.generation import GenerationParams
+from core.loading import load_model
 from core.prompts import END_OF_CHUNK, Example, Task
+from tests.conftest import tiny_settings
 from tests.make_tiny_model import FAMILIES
 from tests.reference import Reference
 
@@ -112,6 +118,77 @@ def test_greedy_with_logit_processors_equals_the_reference(engines, references, 
         **options,
     )
     assert ours.token_ids == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_beams": 2, "max_new_tokens": 30},
+        {"num_beams": 5, "max_new_tokens": 20, "length_penalty": -1.5},
+        {"num_beams": 3, "max_new_tokens": 24, "length_penalty": 2.0, "no_repeat_ngram_size": 2},
+        {"num_beams": 4, "max_new_tokens": 16, "min_new_tokens": 10, "repetition_penalty": 1.3},
+    ],
+    ids=["2-beams", "5-beams-short", "3-beams-long-no-repeat", "4-beams-min-length"],
+)
+def test_beam_search_on_the_cached_prefix_equals_the_reference(engines, references, photos, family, options):
+    """Our beam search runs the request against the task's cached examples; upstream runs it all."""
+    engine, reference = engines[family], references[family]
+    task = _keyed(photos, ["astronaut", "coffee"], key=f"beams/{family}")
+    hits = engine.decoder.prefixes.hits
+    ours = engine.run(engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(**options)))
+    again = engine.run(engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(**options)))
+    assert engine.decoder.prefixes.hits > hits  # the second came from the cache
+    full_prompt = CAPTIONS["astronaut"] + END_OF_CHUNK + CAPTIONS["coffee"] + END_OF_CHUNK + "<image>Output:"
+    images = [photos["astronaut"], photos["coffee"], photos["chelsea"]]
+    assert ours.token_ids == again.token_ids == reference.generate(images, full_prompt, **options)
+
+
+@pytest.fixture(scope="module")
+def ending_model(engines, model_dirs, photos, tmp_path_factory) -> Path:
+    """The tiny LLaMA with its end-of-chunk output row moved next to its favourite token's.
+
+    Random tiny models almost never end a chunk, so beams would never finish before their
+    length; here they often do, early or late, which exercises beam search's bookkeeping.
+    """
+    engine = engines["llama"]
+    task = _task(photos, ["astronaut"])
+    greedy = [
+        engine.run(engine.prepare([photos[n]], "<image>Output:", task, GenerationParams(max_new_tokens=8))).token_ids
+        for n in ("rocket", "coffee", "chelsea")
+    ]
+    favourite = collections.Counter(token for answer in greedy for token in answer).most_common(1)[0][0]
+    directory = tmp_path_factory.mktemp("ending") / "llama"
+    shutil.copytree(model_dirs["llama"], directory)
+    checkpoint = torch.load(directory / "checkpoint.pt")
+    head = checkpoint["lang_encoder.lm_head.weight"]
+    generator = torch.Generator().manual_seed(0)
+    eoc = engine.loaded.model.eoc_token_id
+    head[eoc] = head[favourite] * 0.98 + 0.3 * head.std() * torch.randn(head.shape[1], generator=generator)
+    torch.save(checkpoint, directory / "checkpoint.pt")
+    return directory
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_beams": 3, "max_new_tokens": 30},
+        {"num_beams": 5, "max_new_tokens": 30, "length_penalty": -2.0},
+        {"num_beams": 4, "max_new_tokens": 30, "length_penalty": 2.0},
+    ],
+    ids=["3-beams", "5-beams-short", "4-beams-long"],
+)
+def test_beams_that_end_early_are_chosen_as_upstream_chooses_them(ending_model, photos, options):
+    settings = tiny_settings(ending_model)
+    engine, reference = FlamingoEngine(load_model(settings.model), settings), Reference(ending_model)
+    task = _task(photos, ["astronaut"])
+    lengths = []
+    for name in ("rocket", "coffee", "chelsea", "camera", "astronaut"):
+        ours = engine.run(engine.prepare([photos[name]], "<image>Output:", task, GenerationParams(**options)))
+        prompt = CAPTIONS["astronaut"] + END_OF_CHUNK + "<image>Output:"
+        assert ours.token_ids == reference.generate([photos["astronaut"], photos[name]], prompt, **options)
+        lengths.append(len(ours.token_ids))
+    assert min(lengths) < options["max_new_tokens"]  # some ended with their chunk
 
 
 @pytest.mark.parametrize("family", FAMILIES)
