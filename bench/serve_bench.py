@@ -48,6 +48,7 @@ SHOTS = (0, 4, 8, 16)
 CONCURRENCY = (1, 4, 16)
 NEW_TOKENS = 16
 BEAMS = 3
+BEAM_REQUESTS = 4  # beam requests sent at once
 LONG_TOKENS = 128  # a long answer that a short request arrives during
 ARRIVAL_SECONDS = 0.2  # after the long answer started
 # The fixed sizes that keep figures comparable from one run and one change to the next.
@@ -181,13 +182,22 @@ class Bench:
         return rows
 
     def beams(self) -> list[dict]:
-        """Beam search (3 beams) on 0 and 8 examples: upstream runs the whole prompt, the bot its prefix cache."""
+        """Beam search (3 beams) on 0 and 8 examples, then 4 concurrent 4-shot requests (searched together).
+
+        Upstream runs each request's whole prompt; the bot runs its prefix cache.
+        """
         rows = []
         rng = random.Random(3)
         for shots in (0, 8):
             task = make_task(f"{shots}-shot-beams", shots, self.photos, rng)
             timing = self.timed(lambda task=task: [(task, self.photos.fresh())], self.repeats, num_beams=BEAMS)
             rows.append(_row("shots", shots, *timing))
+        tasks = [make_task("four-beams-a", 4, self.photos, rng), make_task("four-beams-b", 4, self.photos, rng)]
+
+        def together() -> list[tuple[Task, Image.Image]]:
+            return [(tasks[i % 2], self.photos.fresh()) for i in range(BEAM_REQUESTS)]
+
+        rows.append(_row("requests", BEAM_REQUESTS, *self.timed(together, max(1, self.repeats // 2), BEAMS)))
         return rows
 
     def late_arrival(self) -> dict:
@@ -238,25 +248,19 @@ class Bench:
         }
 
 
+def _section(label: str, rows: list[dict], note: str = "") -> list[str]:
+    heading = f"  {label:>8} {'reference':>10} {'service':>9} {'speedup':>8}" + (f"   ({note})" if note else "")
+    return [heading] + [
+        f"  {r[label]:>8} {r['reference_s']:>10.3f} {r['service_s']:>9.3f} {r['speedup']:>7.1f}x" for r in rows
+    ]
+
+
 def _table(family: str, shots: list[dict], concurrency: list[dict], beams: list[dict], late: dict) -> str:
-    lines = [
-        f"{family}: {NEW_TOKENS} new tokens per request, medians (s)",
-        f"  {'shots':>8} {'reference':>10} {'service':>9} {'speedup':>8}",
-    ]
-    lines += [
-        f"  {r['shots']:>8} {r['reference_s']:>10.3f} {r['service_s']:>9.3f} {r['speedup']:>7.1f}x" for r in shots
-    ]
-    lines.append(
-        f"  {'requests':>8} {'reference':>10} {'service':>9} {'speedup':>8}   (4-shot, two tasks, all at once)"
-    )
-    lines += [
-        f"  {r['requests']:>8} {r['reference_s']:>10.3f} {r['service_s']:>9.3f} {r['speedup']:>7.1f}x"
-        for r in concurrency
-    ]
-    lines.append(f"  {'shots':>8} {'reference':>10} {'service':>9} {'speedup':>8}   ({BEAMS} beams)")
-    lines += [
-        f"  {r['shots']:>8} {r['reference_s']:>10.3f} {r['service_s']:>9.3f} {r['speedup']:>7.1f}x" for r in beams
-    ]
+    lines = [f"{family}: {NEW_TOKENS} new tokens per request, medians (s)"]
+    lines += _section("shots", shots)
+    lines += _section("requests", concurrency, "4-shot, two tasks, all at once")
+    lines += _section("shots", [r for r in beams if "shots" in r], f"{BEAMS} beams")
+    lines += _section("requests", [r for r in beams if "requests" in r], f"{BEAMS} beams, 4-shot, two tasks, at once")
     lines.append(
         f"  a {NEW_TOKENS}-token request sent {ARRIVAL_SECONDS} s into a {late['long_tokens']}-token answer "
         f"({late['long_s']:.2f} s): {late['short_during_long_s']:.2f} s; alone {late['short_alone_s']:.2f} s; "

@@ -313,7 +313,8 @@ class FlamingoDecoder:
 
     def _batch(self, rows: list[_Running]) -> tuple[DynamicCache, torch.Tensor]:
         """One cache for the rows, left-padded to the longest, with the mask that hides the padding."""
-        length = max(row.sequence.shape[1] - 1 for row in rows)
+        cached = [row.key_values[0][0].shape[2] for row in rows]
+        length = max(cached)
         layers = []
         for index in range(len(rows[0].key_values)):
             keys, values = zip(*(row.key_values[index] for row in rows), strict=True)
@@ -324,13 +325,7 @@ class FlamingoDecoder:
                 )
             )
         mask = torch.stack(
-            [
-                F.pad(
-                    torch.ones(row.sequence.shape[1] - 1, dtype=torch.long, device=self.device),
-                    (length - row.sequence.shape[1] + 1, 0),
-                )
-                for row in rows
-            ]
+            [F.pad(torch.ones(n, dtype=torch.long, device=self.device), (length - n, 0)) for n in cached]
         )
         return DynamicCache(ddp_cache_data=layers), mask
 
@@ -417,69 +412,91 @@ class FlamingoDecoder:
                 active = [i for i in active if i not in done]
                 admit(joined)
 
-    def beam_search(self, job: DecodeJob, media_token_id: int, beams: BeamSettings) -> list[int]:
-        """Beam search on the task's cached prefix, step for step as transformers' ``_beam_search``.
+    def beam_search(
+        self,
+        jobs: Sequence[DecodeJob],
+        media_token_id: int,
+        beams: BeamSettings,
+        finished: Callable[[int, list[int]], None],
+    ) -> None:
+        """Beam search on the tasks' cached prefixes, step for step as transformers' ``_beam_search``.
 
-        Upstream runs the whole prompt through ``generate`` with one copy per beam; here the
-        request's own tokens run once against the prefix, the beams then share its cache. The beam
-        bookkeeping is transformers' own (its helpers of the pinned version), so the choices match.
+        Upstream runs a request's whole prompt through ``generate`` with one copy per beam. Here each
+        request's own tokens run once against its prefix and its beams share that cache; requests
+        with the same beam settings are searched together, left-padded to one length as
+        transformers pads a batch, each handed back as soon as its search ends. The bookkeeping
+        is transformers' own (its helpers of the pinned version), so the choices match upstream's.
         """
-        lm, width, early = self.model.lang_encoder, beams.num_beams, beams.early_stopping
+        lm, width, early, count = self.model.lang_encoder, beams.num_beams, beams.early_stopping, len(jobs)
         with torch.inference_mode():
-            row = self._prefill(job, media_token_id)
-            prompt_length = row.sequence.shape[1]
-            max_length = prompt_length + job.kwargs["max_new_tokens"]
-            processors = logits_processors(job.kwargs, prompt_length, {beams.eos_id})
+            rows = [self._prefill(job, media_token_id) for job in jobs]
+            own = [row.sequence.shape[1] for row in rows]  # each request's prompt length
+            prompt_length = max(own)
+            longest = max(job.kwargs["max_new_tokens"] for job in jobs)
+            max_length = prompt_length + longest
+            most = torch.tensor([[job.kwargs["max_new_tokens"]] for job in jobs], device=self.device)
+            processors = [logits_processors(job.kwargs, n, {beams.eos_id}) for job, n in zip(jobs, own, strict=True)]
             keep = 2 * width  # transformers keeps (1 + number of eos tokens) * beams candidates
             top_mask = torch.arange(keep, device=self.device) < width
-            running = torch.full((1, width, max_length), beams.pad_id, dtype=torch.int64, device=self.device)
-            running[:, :, :prompt_length] = row.sequence
-            finished = running.clone()
-            running_scores = torch.zeros(1, width, device=self.device)
+            running = torch.full((count, width, max_length), beams.pad_id, dtype=torch.int64, device=self.device)
+            for b, row in enumerate(rows):
+                running[b, :, prompt_length - own[b] : prompt_length] = row.sequence
+            best = running.clone()
+            running_scores = torch.zeros(count, width, device=self.device)
             running_scores[:, 1:] = -1e9
-            finished_scores = torch.full((1, width), -1e9, device=self.device)
-            is_finished = torch.zeros(1, width, dtype=torch.bool, device=self.device)
-            improvable = torch.ones(1, 1, dtype=torch.bool, device=self.device)
-            shape = (1, width, max_length - prompt_length)
+            best_scores = torch.full((count, width), -1e9, device=self.device)
+            is_finished = torch.zeros(count, width, dtype=torch.bool, device=self.device)
+            improvable = torch.ones(count, 1, dtype=torch.bool, device=self.device)
+            shape = (count, width, longest)
             running_indices = torch.full(shape, -1, dtype=torch.int32, device=self.device)
-            finished_indices = running_indices.clone()
-            cache = DynamicCache(ddp_cache_data=row.key_values)
+            best_indices = running_indices.clone()
+            cache, mask = self._batch(rows)
             cache.batch_repeat_interleave(width)
-            mask = torch.ones(width, prompt_length, dtype=torch.long, device=self.device)
-            logits = row.logits.expand(width, -1)
-            length = prompt_length
-            with self._reading_latest_images([row] * width):
+            mask = mask.repeat_interleave(width, dim=0)
+            offsets = torch.tensor(own, device=self.device).repeat_interleave(width)[:, None] - prompt_length
+            logits = torch.cat([row.logits for row in rows]).repeat_interleave(width, dim=0)
+            length, searching = prompt_length, set(range(count))
+            with self._reading_latest_images([row for row in rows for _ in range(width)]):
                 while True:
-                    sequences = running[0, :, :length]
-                    log_probs = processors(sequences, F.log_softmax(logits.float(), dim=-1))
-                    accumulated = (log_probs + running_scores[0, :, None]).reshape(1, -1)
+                    log_probs = F.log_softmax(logits.float(), dim=-1).view(count, width, -1)
+                    for b in range(count):  # on each request's own tokens, as if it ran alone
+                        own_tokens = running[b, :, prompt_length - own[b] : length]
+                        log_probs[b] = processors[b](own_tokens, log_probs[b])
+                    accumulated = (log_probs + running_scores[:, :, None]).reshape(count, -1)
                     top_scores, top_sequences, top_indices = lm._get_top_k_continuations(
                         accumulated, running, running_indices, length, prompt_length, False, keep, width,
-                        log_probs.shape[-1], 1,
+                        log_probs.shape[-1], count,
                     )  # fmt: skip
-                    hits = (top_sequences[:, :, length] == beams.eos_id) | (length + 1 >= max_length)
-                    hits |= job.should_stop()
+                    stopped = torch.tensor([[job.should_stop()] for job in jobs], device=self.device)
+                    hits = (top_sequences[:, :, length] == beams.eos_id) | (length + 1 - prompt_length >= most)
+                    hits |= stopped
                     running, running_scores, running_indices = lm._get_running_beams_for_next_iteration(
                         top_scores, top_sequences, top_indices, hits, width
                     )
-                    finished, finished_scores, finished_indices, is_finished = lm._update_finished_beams(
-                        finished, top_sequences, finished_scores, top_scores, finished_indices, top_indices,
+                    best, best_scores, best_indices, is_finished = lm._update_finished_beams(
+                        best, top_sequences, best_scores, top_scores, best_indices, top_indices,
                         improvable, is_finished, hits, top_mask, width, length, prompt_length,
                         beams.length_penalty, early,
                     )  # fmt: skip
                     length += 1
-                    improvable = lm._check_early_stop_heuristic(
-                        improvable, running_scores, finished_scores, is_finished, length, max_length,
-                        prompt_length, early, beams.length_penalty,
-                    )  # fmt: skip
-                    if not lm._beam_search_has_unfinished_sequences(improvable, is_finished, hits, early):
-                        break
-                    cache.reorder_cache(running_indices[0, :, length - 1 - prompt_length])
+                    for b in sorted(searching):  # per request: each has its own length limit
+                        one = slice(b, b + 1)
+                        improvable[one] = lm._check_early_stop_heuristic(
+                            improvable[one], running_scores[one], best_scores[one], is_finished[one], length,
+                            prompt_length + int(most[b]), prompt_length, early, beams.length_penalty,
+                        )  # fmt: skip
+                        if not lm._beam_search_has_unfinished_sequences(
+                            improvable[one], is_finished[one], hits[one], early
+                        ):
+                            searching.discard(b)
+                            generated = int(((best_indices[b, 0] + 1) != 0).sum())
+                            finished(b, best[b, 0, prompt_length : prompt_length + generated].tolist())
+                    if not searching:
+                        return
+                    cache.reorder_cache(running_indices[:, :, length - 1 - prompt_length].flatten())
                     mask = F.pad(mask, (0, 1), value=1)
-                    positions = torch.full((width, 1), length - 1, device=self.device)
-                    logits = self._step_tokens(running[0, :, length - 1 : length], positions, cache, mask)
-            generated = int(((finished_indices[0, 0] + 1) != 0).sum())
-            return finished[0, 0, prompt_length : prompt_length + generated].tolist()
+                    positions = offsets + length - 1
+                    logits = self._step_tokens(running[:, :, length - 1].reshape(-1, 1), positions, cache, mask)
 
     def _finish_if_done(
         self, index: int, row: _Running, logits: torch.Tensor, finished: Callable[[int, list[int]], None]

@@ -183,8 +183,9 @@ class FlamingoEngine:
             deliver(index, self._answer(everyone[index], tokens, started[index]))
 
         try:
-            for i in beams:
-                deliver(i, self._answer(requests[i], self._beam_search(requests[i], stops[i]), started[i]))
+            self._search_beams(
+                requests, stops, beams, lambda i, tokens: deliver(i, self._answer(requests[i], tokens, started[i]))
+            )
             if batched:
                 jobs = [self._job(requests[i], stops[i]) for i in batched]
                 self.decoder.decode_many(jobs, self.loaded.model.media_token_id, finished, join)
@@ -225,20 +226,41 @@ class FlamingoEngine:
         batch = torch.stack(frames).unsqueeze(1).unsqueeze(0)
         return batch.to(device=self.loaded.device, dtype=self.loaded.precision.dtype)
 
-    def _beam_search(self, request: PreparedRequest, should_stop: Callable[[], bool]) -> list[int]:
-        """On the task's cached prefix; beam sampling goes through upstream's generate, on the whole prompt."""
-        kwargs = request.generate_kwargs
-        if not kwargs.get("do_sample"):
-            defaults = self.loaded.model.lang_encoder.generation_config
-            model = self.loaded.model
-            beams = BeamSettings(
-                num_beams=kwargs["num_beams"],
-                length_penalty=kwargs.get("length_penalty", defaults.length_penalty),
-                early_stopping=defaults.early_stopping,
-                eos_id=model.eoc_token_id,
-                pad_id=self.loaded.tokenizer.pad_token_id or model.eoc_token_id,  # as generate fills
-            )
-            return self.decoder.beam_search(self._job(request, should_stop), model.media_token_id, beams)
+    def _search_beams(
+        self,
+        requests: Sequence[PreparedRequest],
+        stops: Sequence[Callable[[], bool]],
+        indices: Sequence[int],
+        finished: Callable[[int, list[int]], None],
+    ) -> None:
+        """Beam search on the cached prefixes, requests with the same beam settings together.
+
+        Beam sampling goes through upstream's generate, one request at a time, on the whole prompt.
+        """
+        groups: dict[BeamSettings, list[int]] = {}
+        for i in indices:
+            if requests[i].generate_kwargs.get("do_sample"):
+                finished(i, self._sample_beams(requests[i], stops[i]))
+            else:
+                groups.setdefault(self._beam_settings(requests[i]), []).append(i)
+        for settings, members in groups.items():
+            jobs = [self._job(requests[i], stops[i]) for i in members]
+            media_token = self.loaded.model.media_token_id
+            done = lambda n, tokens, members=members: finished(members[n], tokens)  # noqa: E731
+            self.decoder.beam_search(jobs, media_token, settings, done)
+
+    def _beam_settings(self, request: PreparedRequest) -> BeamSettings:
+        defaults = self.loaded.model.lang_encoder.generation_config
+        model = self.loaded.model
+        return BeamSettings(
+            num_beams=request.generate_kwargs["num_beams"],
+            length_penalty=request.generate_kwargs.get("length_penalty", defaults.length_penalty),
+            early_stopping=defaults.early_stopping,
+            eos_id=model.eoc_token_id,
+            pad_id=self.loaded.tokenizer.pad_token_id or model.eoc_token_id,  # as generate fills
+        )
+
+    def _sample_beams(self, request: PreparedRequest, should_stop: Callable[[], bool]) -> list[int]:
         model, device = self.loaded.model, self.loaded.device
         with torch.inference_mode():
             output = model.generate(

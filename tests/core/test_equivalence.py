@@ -191,6 +191,63 @@ def test_beams_that_end_early_are_chosen_as_upstream_chooses_them(ending_model, 
     assert min(lengths) < options["max_new_tokens"]  # some ended with their chunk
 
 
+BEAM_CASES = [
+    ([], "<image>Output:", "rocket", {"num_beams": 3, "max_new_tokens": 10}),
+    (["astronaut"], "<image>Output:", "chelsea", {"num_beams": 3, "max_new_tokens": 14, "repetition_penalty": 1.3}),
+    (["astronaut", "coffee", "chelsea"], "<image>Output:", "camera", {"num_beams": 3, "max_new_tokens": 8}),
+    (
+        ["coffee", "chelsea"],
+        "A photo. <image>Question:What is it? Short answer:",
+        "rocket",
+        {"num_beams": 3, "max_new_tokens": 12, "no_repeat_ngram_size": 2, "min_new_tokens": 5},
+    ),
+    (["astronaut"], "<image>Output:", "coffee", {"num_beams": 2, "max_new_tokens": 9}),  # a group of its own
+]
+
+
+def _run_together(engine, photos, cases, key: str) -> dict[int, tuple[int, ...]]:
+    prepared = [
+        engine.prepare([photos[query]], prompt, _keyed(photos, names, key=f"{key}/{len(names)}"), GenerationParams(**o))
+        for names, prompt, query, o in cases
+    ]
+    answers: dict[int, tuple[int, ...]] = {}
+    engine.run_many(prepared, [lambda: False] * len(prepared), lambda i, a: answers.__setitem__(i, a.token_ids))
+    return answers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_requests_searched_together_match_the_reference(engines, references, photos, family, monkeypatch):
+    """Different prompt lengths, tasks, lengths and penalties in one search, padded as upstream pads."""
+    engine, reference = engines[family], references[family]
+    searches = []
+    search = engine.decoder.beam_search
+
+    def counted(jobs, *rest):
+        searches.append(len(jobs))
+        return search(jobs, *rest)
+
+    monkeypatch.setattr(engine.decoder, "beam_search", counted)
+    answers = _run_together(engine, photos, BEAM_CASES, key=f"beam-batch/{family}")
+    assert searches == [4, 1]  # 3 beams together, 2 beams apart
+    for index, (names, prompt, query, options) in enumerate(BEAM_CASES):
+        full_prompt = "".join(CAPTIONS[n] + END_OF_CHUNK for n in names) + prompt
+        expected = reference.generate([photos[n] for n in names] + [photos[query]], full_prompt, **options)
+        assert answers[index] == expected, f"request {index}"
+
+
+def test_beam_requests_that_end_at_different_steps_are_each_handed_back(ending_model, photos):
+    settings = tiny_settings(ending_model)
+    engine, reference = FlamingoEngine(load_model(settings.model), settings), Reference(ending_model)
+    names = ("rocket", "coffee", "chelsea", "camera", "astronaut")
+    cases = [(["astronaut"], "<image>Output:", name, {"num_beams": 4, "max_new_tokens": 30}) for name in names]
+    answers = _run_together(engine, photos, cases, key="ending")
+    prompt = CAPTIONS["astronaut"] + END_OF_CHUNK + "<image>Output:"
+    for index, name in enumerate(names):
+        expected = reference.generate([photos["astronaut"], photos[name]], prompt, num_beams=4, max_new_tokens=30)
+        assert answers[index] == expected, name
+    assert len({len(tokens) for tokens in answers.values()}) > 1  # they ended at different steps
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_minimum_answer_length_equals_the_reference(engines, references, photos, family):
     engine, reference = engines[family], references[family]
