@@ -243,11 +243,15 @@ class FlamingoEngine:
                 finished(i, self._sample_beams(requests[i], stops[i]))
             else:
                 groups.setdefault(self._beam_settings(requests[i]), []).append(i)
+        media_token = self.loaded.model.media_token_id
         for settings, members in groups.items():
-            jobs = [self._job(requests[i], stops[i]) for i in members]
-            media_token = self.loaded.model.media_token_id
-            done = lambda n, tokens, members=members: finished(members[n], tokens)  # noqa: E731
-            self.decoder.beam_search(jobs, media_token, settings, done)
+            # At most a batch's worth of rows in one search, so beams take no more memory than a batch.
+            per_search = max(1, self.settings.service.max_batch // settings.num_beams)
+            for start in range(0, len(members), per_search):
+                chunk = members[start : start + per_search]
+                jobs = [self._job(requests[i], stops[i]) for i in chunk]
+                done = lambda n, tokens, chunk=chunk: finished(chunk[n], tokens)  # noqa: E731
+                self.decoder.beam_search(jobs, media_token, settings, done)
 
     def _beam_settings(self, request: PreparedRequest) -> BeamSettings:
         defaults = self.loaded.model.lang_encoder.generation_config

@@ -229,6 +229,9 @@ def test_beam_requests_searched_together_match_the_reference(engines, references
     monkeypatch.setattr(engine.decoder, "beam_search", counted)
     answers = _run_together(engine, photos, BEAM_CASES, key=f"beam-batch/{family}")
     assert searches == [4, 1]  # 3 beams together, 2 beams apart
+    monkeypatch.setattr(engine.settings.service, "max_batch", 6)  # rows per search: two 3-beam requests
+    assert _run_together(engine, photos, BEAM_CASES, key=f"beam-batch/{family}") == answers
+    assert searches[2:] == [2, 2, 1]
     for index, (names, prompt, query, options) in enumerate(BEAM_CASES):
         full_prompt = "".join(CAPTIONS[n] + END_OF_CHUNK for n in names) + prompt
         expected = reference.generate([photos[n] for n in names] + [photos[query]], full_prompt, **options)
