@@ -16,10 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,57 +38,9 @@ from transformers.generation.logits_process import (
 )
 
 from core.flamingo_layers import ReusableMediaLayer
+from core.lru_cache import LruCache
 
-Key = TypeVar("Key")
-Value = TypeVar("Value")
 _HF_DEFAULT_TOP_K = 50  # what transformers' generate applies when sampling without top_k
-
-
-class LruCache(Generic[Key, Value]):
-    """Least-recently-used entries dropped first, bounded by their summed size; counted for status."""
-
-    def __init__(self, capacity: int, size_of: Callable[[Value], int]) -> None:
-        self.capacity = capacity
-        self._size_of = size_of
-        self._entries: OrderedDict[Key, Value] = OrderedDict()
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: Key) -> Value | None:
-        value = self._entries.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return value
-
-    def put(self, key: Key, value: Value) -> None:
-        size = self._size_of(value)
-        if size > self.capacity:
-            return
-        if key in self._entries:
-            self.bytes -= self._size_of(self._entries.pop(key))
-        self._entries[key] = value
-        self.bytes += size
-        while self.bytes > self.capacity:
-            _, dropped = self._entries.popitem(last=False)
-            self.bytes -= self._size_of(dropped)
-
-    def stats(self) -> dict[str, int]:
-        return {"entries": len(self._entries), "bytes": self.bytes, "hits": self.hits, "misses": self.misses}
-
-
-@dataclass(frozen=True)
-class BeamSettings:
-    """Beam search as upstream's ``generate`` runs it: its end-of-chunk token is the only stop."""
-
-    num_beams: int
-    length_penalty: float
-    early_stopping: bool | str
-    eos_id: int
-    pad_id: int
 
 
 @dataclass
@@ -105,7 +56,7 @@ class DecodeJob:
 
 
 @dataclass
-class _Running:
+class Running:
     job: DecodeJob
     sequence: torch.Tensor  # (1, tokens so far, the newest not yet in the cache)
     processors: LogitsProcessorList
@@ -211,7 +162,7 @@ class FlamingoDecoder:
             self._forget_media()
 
     @contextlib.contextmanager
-    def _reading_latest_images(self, rows: list[_Running]) -> Iterator[None]:
+    def reading_latest_images(self, rows: list[Running]) -> Iterator[None]:
         """Each row reads the image its prompt ended with, from the keys and values its prefill made."""
         try:
             for index, layer in enumerate(self._layers):
@@ -274,7 +225,7 @@ class FlamingoDecoder:
             self.prefixes.put(key, state)
         return state
 
-    def _prefill(self, job: DecodeJob, media_token_id: int) -> _Running:
+    def prefill(self, job: DecodeJob, media_token_id: int) -> Running:
         """Run one request's own tokens against its task's prefix: alone, so exactly as unbatched."""
         prefix = job.prefix
         images = ([prefix.last_image] if prefix.last_image is not None else []) + list(job.request_images)
@@ -287,7 +238,7 @@ class FlamingoDecoder:
             logits = self._forward(ids, image_index, cache, past=len(prefix.token_ids))
             latest = [layer.latest_image_keys_values() for layer in self._layers]
         sequence = torch.tensor([list(prefix.token_ids) + job.request_ids], device=self.device)
-        return _Running(
+        return Running(
             job=job,
             sequence=sequence,
             processors=logits_processors(job.kwargs, sequence.shape[1], job.stop_ids),
@@ -296,7 +247,7 @@ class FlamingoDecoder:
             logits=logits,
         )
 
-    def _choose(self, row: _Running, logits: torch.Tensor) -> bool:
+    def _choose(self, row: Running, logits: torch.Tensor) -> bool:
         """Pick the row's next token; True when the row is finished."""
         scores = row.processors(row.sequence, logits.float())
         if row.job.kwargs.get("do_sample"):
@@ -311,7 +262,7 @@ class FlamingoDecoder:
             or row.job.should_stop()
         )
 
-    def _batch(self, rows: list[_Running]) -> tuple[DynamicCache, torch.Tensor]:
+    def batch(self, rows: list[Running]) -> tuple[DynamicCache, torch.Tensor]:
         """One cache for the rows, left-padded to the longest, with the mask that hides the padding."""
         cached = [row.key_values[0][0].shape[2] for row in rows]
         length = max(cached)
@@ -329,13 +280,13 @@ class FlamingoDecoder:
         )
         return DynamicCache(ddp_cache_data=layers), mask
 
-    def _step(self, rows: list[_Running], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+    def _step(self, rows: list[Running], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
         """One new token for every row: logits (rows, vocab). Each row reads its latest image."""
         tokens = torch.cat([row.sequence[:, -1:] for row in rows])
         positions = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=self.device)
-        return self._step_tokens(tokens, positions, cache, mask)
+        return self.step_tokens(tokens, positions, cache, mask)
 
-    def _step_tokens(
+    def step_tokens(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, mask: torch.Tensor
     ) -> torch.Tensor:
         for layer in self._layers:
@@ -367,13 +318,13 @@ class FlamingoDecoder:
         (continuous batching), so nobody waits for a longer answer to start either. Requests are
         numbered for ``finished`` in the order they came: ``jobs`` first, then each joiner.
         """
-        rows: list[_Running] = []
+        rows: list[Running] = []
         active: list[int] = []
 
         def admit(new_jobs: Sequence[DecodeJob]) -> None:
             for job in new_jobs:
                 index = len(rows)
-                row = self._prefill(job, media_token_id)
+                row = self.prefill(job, media_token_id)
                 rows.append(row)
                 if not self._finish_if_done(index, row, row.logits, finished):
                     active.append(index)
@@ -387,8 +338,8 @@ class FlamingoDecoder:
                     admit(joined)
                     continue
                 batch = [rows[i] for i in active]
-                cache, mask = self._batch(batch)
-                with self._reading_latest_images(batch):
+                cache, mask = self.batch(batch)
+                with self.reading_latest_images(batch):
                     while True:
                         mask = F.pad(mask, (0, 1), value=1)
                         logits = self._step(batch, cache, mask)
@@ -412,94 +363,8 @@ class FlamingoDecoder:
                 active = [i for i in active if i not in done]
                 admit(joined)
 
-    def beam_search(
-        self,
-        jobs: Sequence[DecodeJob],
-        media_token_id: int,
-        beams: BeamSettings,
-        finished: Callable[[int, list[int]], None],
-    ) -> None:
-        """Beam search on the tasks' cached prefixes, step for step as transformers' ``_beam_search``.
-
-        Upstream runs a request's whole prompt through ``generate`` with one copy per beam. Here each
-        request's own tokens run once against its prefix and its beams share that cache; requests
-        with the same beam settings are searched together, left-padded to one length as
-        transformers pads a batch, each handed back as soon as its search ends. The bookkeeping
-        is transformers' own (its helpers of the pinned version), so the choices match upstream's.
-        """
-        lm, width, early, count = self.model.lang_encoder, beams.num_beams, beams.early_stopping, len(jobs)
-        with torch.inference_mode():
-            rows = [self._prefill(job, media_token_id) for job in jobs]
-            own = [row.sequence.shape[1] for row in rows]  # each request's prompt length
-            prompt_length = max(own)
-            longest = max(job.kwargs["max_new_tokens"] for job in jobs)
-            max_length = prompt_length + longest
-            most = torch.tensor([[job.kwargs["max_new_tokens"]] for job in jobs], device=self.device)
-            processors = [logits_processors(job.kwargs, n, {beams.eos_id}) for job, n in zip(jobs, own, strict=True)]
-            keep = 2 * width  # transformers keeps (1 + number of eos tokens) * beams candidates
-            top_mask = torch.arange(keep, device=self.device) < width
-            running = torch.full((count, width, max_length), beams.pad_id, dtype=torch.int64, device=self.device)
-            for b, row in enumerate(rows):
-                running[b, :, prompt_length - own[b] : prompt_length] = row.sequence
-            best = running.clone()
-            running_scores = torch.zeros(count, width, device=self.device)
-            running_scores[:, 1:] = -1e9
-            best_scores = torch.full((count, width), -1e9, device=self.device)
-            is_finished = torch.zeros(count, width, dtype=torch.bool, device=self.device)
-            improvable = torch.ones(count, 1, dtype=torch.bool, device=self.device)
-            shape = (count, width, longest)
-            running_indices = torch.full(shape, -1, dtype=torch.int32, device=self.device)
-            best_indices = running_indices.clone()
-            cache, mask = self._batch(rows)
-            cache.batch_repeat_interleave(width)
-            mask = mask.repeat_interleave(width, dim=0)
-            offsets = torch.tensor(own, device=self.device).repeat_interleave(width)[:, None] - prompt_length
-            logits = torch.cat([row.logits for row in rows]).repeat_interleave(width, dim=0)
-            length, searching = prompt_length, set(range(count))
-            with self._reading_latest_images([row for row in rows for _ in range(width)]):
-                while True:
-                    log_probs = F.log_softmax(logits.float(), dim=-1).view(count, width, -1)
-                    for b in range(count):  # on each request's own tokens, as if it ran alone
-                        own_tokens = running[b, :, prompt_length - own[b] : length]
-                        log_probs[b] = processors[b](own_tokens, log_probs[b])
-                    accumulated = (log_probs + running_scores[:, :, None]).reshape(count, -1)
-                    top_scores, top_sequences, top_indices = lm._get_top_k_continuations(
-                        accumulated, running, running_indices, length, prompt_length, False, keep, width,
-                        log_probs.shape[-1], count,
-                    )  # fmt: skip
-                    stopped = torch.tensor([[job.should_stop()] for job in jobs], device=self.device)
-                    hits = (top_sequences[:, :, length] == beams.eos_id) | (length + 1 - prompt_length >= most)
-                    hits |= stopped
-                    running, running_scores, running_indices = lm._get_running_beams_for_next_iteration(
-                        top_scores, top_sequences, top_indices, hits, width
-                    )
-                    best, best_scores, best_indices, is_finished = lm._update_finished_beams(
-                        best, top_sequences, best_scores, top_scores, best_indices, top_indices,
-                        improvable, is_finished, hits, top_mask, width, length, prompt_length,
-                        beams.length_penalty, early,
-                    )  # fmt: skip
-                    length += 1
-                    for b in sorted(searching):  # per request: each has its own length limit
-                        one = slice(b, b + 1)
-                        improvable[one] = lm._check_early_stop_heuristic(
-                            improvable[one], running_scores[one], best_scores[one], is_finished[one], length,
-                            prompt_length + int(most[b]), prompt_length, early, beams.length_penalty,
-                        )  # fmt: skip
-                        if not lm._beam_search_has_unfinished_sequences(
-                            improvable[one], is_finished[one], hits[one], early
-                        ):
-                            searching.discard(b)
-                            generated = int(((best_indices[b, 0] + 1) != 0).sum())
-                            finished(b, best[b, 0, prompt_length : prompt_length + generated].tolist())
-                    if not searching:
-                        return
-                    cache.reorder_cache(running_indices[:, :, length - 1 - prompt_length].flatten())
-                    mask = F.pad(mask, (0, 1), value=1)
-                    positions = offsets + length - 1
-                    logits = self._step_tokens(running[:, :, length - 1].reshape(-1, 1), positions, cache, mask)
-
     def _finish_if_done(
-        self, index: int, row: _Running, logits: torch.Tensor, finished: Callable[[int, list[int]], None]
+        self, index: int, row: Running, logits: torch.Tensor, finished: Callable[[int, list[int]], None]
     ) -> bool:
         if self._choose(row, logits):
             finished(index, row.generated)

@@ -16,8 +16,9 @@ from open_flamingo.src.flamingo import Flamingo
 from PIL import Image
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from core.beam_search import BeamSettings, beam_search
 from core.config import Settings
-from core.decoding import BeamSettings, DecodeJob, FlamingoDecoder
+from core.decoding import DecodeJob, FlamingoDecoder
 from core.errors import BadPrompt, GenerationFailed
 from core.generation import GenerationParams, generation_kwargs
 from core.images import crop_extreme_aspect
@@ -251,7 +252,7 @@ class FlamingoEngine:
                 chunk = members[start : start + per_search]
                 jobs = [self._job(requests[i], stops[i]) for i in chunk]
                 done = lambda n, tokens, chunk=chunk: finished(chunk[n], tokens)  # noqa: E731
-                self.decoder.beam_search(jobs, media_token, settings, done)
+                beam_search(self.decoder, jobs, media_token, settings, done)
 
     def _beam_settings(self, request: PreparedRequest) -> BeamSettings:
         defaults = self.loaded.model.lang_encoder.generation_config

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from core.decoding import LruCache
 from core.generation import GenerationParams
+from core.lru_cache import LruCache
 from core.prompts import Example, Task
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import core.engine
+from core.beam_search import beam_search
 from core.engine import FlamingoEngine
 from core.generation import GenerationParams
 from core.loading import load_model
@@ -220,13 +222,12 @@ def test_beam_requests_searched_together_match_the_reference(engines, references
     """Different prompt lengths, tasks, lengths and penalties in one search, padded as upstream pads."""
     engine, reference = engines[family], references[family]
     searches = []
-    search = engine.decoder.beam_search
 
-    def counted(jobs, *rest):
+    def counted(decoder, jobs, *rest):
         searches.append(len(jobs))
-        return search(jobs, *rest)
+        return beam_search(decoder, jobs, *rest)
 
-    monkeypatch.setattr(engine.decoder, "beam_search", counted)
+    monkeypatch.setattr(core.engine, "beam_search", counted)
     answers = _run_together(engine, photos, BEAM_CASES, key=f"beam-batch/{family}")
     assert searches == [4, 1]  # 3 beams together, 2 beams apart
     monkeypatch.setattr(engine.settings.service, "max_batch", 6)  # rows per search: two 3-beam requests
@@ -299,7 +300,7 @@ def test_image_features_are_computed_once_per_image(llama_engine, photos):
 
 
 def test_prefix_cache_is_bounded_in_bytes():
-    from core.decoding import LruCache
+    from core.lru_cache import LruCache
 
     cache: LruCache[str, bytes] = LruCache(10, len)
     for key, value in [("a", b"1234"), ("b", b"5678"), ("c", b"9012")]:

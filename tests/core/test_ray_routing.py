@@ -73,7 +73,7 @@ async def test_a_chosen_model_keeps_to_one_replica_whatever_the_task():
 
 def test_replica_count_or_autoscaling_bounds_come_from_config():
     from core.config import RaySettings
-    from core.ray_backend import deployment_options
+    from core.ray_replica import deployment_options
 
     fixed = deployment_options(RaySettings(replicas=3, num_gpus=1))
     assert (fixed["num_replicas"], fixed["ray_actor_options"]["num_gpus"]) == (3, 1)

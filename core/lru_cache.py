@@ -1,0 +1,46 @@
+"""A cache bounded by the summed size of its entries, least recently used dropped first."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+Key = TypeVar("Key")
+Value = TypeVar("Value")
+
+
+class LruCache(Generic[Key, Value]):
+    """Least-recently-used entries dropped first, bounded by their summed size; counted for status."""
+
+    def __init__(self, capacity: int, size_of: Callable[[Value], int]) -> None:
+        self.capacity = capacity
+        self._size_of = size_of
+        self._entries: OrderedDict[Key, Value] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Key) -> Value | None:
+        value = self._entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: Key, value: Value) -> None:
+        size = self._size_of(value)
+        if size > self.capacity:
+            return
+        if key in self._entries:
+            self.bytes -= self._size_of(self._entries.pop(key))
+        self._entries[key] = value
+        self.bytes += size
+        while self.bytes > self.capacity:
+            _, dropped = self._entries.popitem(last=False)
+            self.bytes -= self._size_of(dropped)
+
+    def stats(self) -> dict[str, int]:
+        return {"entries": len(self._entries), "bytes": self.bytes, "hits": self.hits, "misses": self.misses}
