@@ -37,6 +37,7 @@ from core.errors import BadImage, BadPrompt, FlamingoError, NotAllowedHere, Requ
 from core.generation import GenerationParams, generation_kwargs
 from core.guild_settings import GuildSettings
 from core.images import check_file_size, encode_for_storage, load_image
+from core.model_choice import short_name
 from core.prompts import assemble_prompt
 from core.request_store import StoredRequest
 
@@ -216,7 +217,9 @@ class Inference(commands.Cog):
         task: str | None,
         params: GenerationParams,
         heading: str,
+        rerolled: StoredRequest | None = None,
     ) -> None:
+        """Answer and post; a re-roll keeps the model of the answer it re-rolls, while that is offered."""
         bot, settings = self.bot, self.bot.settings
         guild_id = interaction.guild_id
         rules = await bot.store.guild_settings(guild_id) if guild_id is not None else GuildSettings()
@@ -229,7 +232,7 @@ class Inference(commands.Cog):
             if settings.logging.log_prompts:
                 log.info("request by %s in %s: %r", interaction.user.id, guild_id, text)
             started = time.monotonic()
-            model = bot.models.in_force(rules.model)
+            model = bot.models.in_force(rules.model if rerolled is None else rerolled.model)
             other = None if model == bot.models.default else model
             ticket = bot.service.submit(pictures, text, chosen, params, answer_deadline(interaction), other)
             bot.waiting[interaction.id] = (ticket, interaction.user.id)
@@ -253,7 +256,7 @@ class Inference(commands.Cog):
             images = [await asyncio.to_thread(encode_for_storage, picture) for picture in pictures]
             channel_id = interaction.channel_id or 0
             request_id = await bot.store.save_request(
-                guild_id, channel_id, interaction.user.id, chosen.name, text, params, images
+                guild_id, channel_id, interaction.user.id, chosen.name, text, params, images, other
             )
         withheld = not is_nsfw(interaction) and bot.answer_filter.blocks(answer.text)
         shown = Shown(WITHHELD if withheld else answer.text, chosen.name, text, answer, images, other)
@@ -275,7 +278,8 @@ class Inference(commands.Cog):
         self.bot.track(asyncio.current_task())  # type: ignore[arg-type]
         stored = await self._request(interaction, request_id)
         params = reroll_params(stored.params)
-        await self._answer(interaction, _stored(stored.images), stored.prompt, stored.task, params, "re-rolled")
+        images = _stored(stored.images)
+        await self._answer(interaction, images, stored.prompt, stored.task, params, "re-rolled", stored)
 
     async def on_prompt(self, interaction: discord.Interaction, request_id: int) -> None:
         stored = await self._request(interaction, request_id)
@@ -287,6 +291,7 @@ class Inference(commands.Cog):
         embed = discord.Embed(title="Full prompt", colour=ANSWER_COLOUR)
         embed.description = clip(f"```\n{full.replace('`', 'ˋ')}\n```", 4000)
         embed.add_field(name="Task", value=stored.task)
+        embed.add_field(name="Model", value=short_name(stored.model or self.bot.models.default))
         embed.add_field(name="Parameters", value=clip(_params_text(stored.params), EMBED_FIELD_LIMIT), inline=False)
         await interaction.response.send_message(embed=embed, ephemeral=True)
 

@@ -78,6 +78,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE departed_guilds (guild_id INTEGER PRIMARY KEY, left_at TEXT NOT NULL)",
     ),
     ("ALTER TABLE guild_settings ADD COLUMN model TEXT",),
+    ("ALTER TABLE requests ADD COLUMN model TEXT",),
 )
 
 

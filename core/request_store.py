@@ -27,6 +27,7 @@ class StoredRequest:
     params: GenerationParams
     images: tuple[bytes, ...]
     created_at: datetime
+    model: str | None = None  # a model the server chose; None: the bot's default
 
 
 class RequestStore(Database):
@@ -39,12 +40,14 @@ class RequestStore(Database):
         prompt: str,
         params: GenerationParams,
         images: Sequence[bytes],
+        model: str | None = None,
     ) -> int:
+        params_json = json.dumps(dataclasses.asdict(params))
         async with self._transaction() as db:
             cursor = await db.execute(
-                """INSERT INTO requests (guild_id, channel_id, user_id, task, prompt, params, created_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?)""",
-                (guild_id or 0, channel_id, user_id, task, prompt, json.dumps(dataclasses.asdict(params)), now_text()),
+                """INSERT INTO requests (guild_id, channel_id, user_id, task, prompt, params, created_at, model)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (guild_id or 0, channel_id, user_id, task, prompt, params_json, now_text(), model),
             )
             request_id = cursor.lastrowid
             assert request_id is not None
@@ -73,6 +76,7 @@ class RequestStore(Database):
             params=GenerationParams(**json.loads(row["params"])),
             images=tuple(image[0] for image in images),
             created_at=datetime.fromisoformat(row["created_at"]),
+            model=row["model"],
         )
 
     async def delete_request(self, request_id: int) -> None:

@@ -89,9 +89,11 @@ async def test_requests_round_trip_only_within_their_guild(storage):
         params,
         (b"one", b"two"),
     )
+    assert stored.model is None  # the default model answered
     assert await storage.get_request(request_id, OTHER) is None
-    direct = await storage.save_request(None, 4, 42, "vqa", "<image>Q:", GenerationParams(), [b"x"])
+    direct = await storage.save_request(None, 4, 42, "vqa", "<image>Q:", GenerationParams(), [b"x"], "models/small")
     assert (await storage.get_request(direct, None)).guild_id == 0  # type: ignore[union-attr]
+    assert (await storage.get_request(direct, None)).model == "models/small"  # type: ignore[union-attr]
 
 
 async def test_purge_deletes_old_requests_and_servers_left_long_ago(storage):

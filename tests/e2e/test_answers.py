@@ -47,9 +47,9 @@ async def test_every_answer_can_be_re_rolled_and_shows_its_full_prompt(scene):
     assert shown[0].ephemeral
     prompt = shown[0].embeds[0]
     assert prompt["description"] == "```\n<image>Pet:a cat<|endofchunk|><image>Pet:\n```"
-    assert {f["name"]: f["value"] for f in prompt["fields"]}[
-        "Parameters"
-    ] == "max_new_tokens=6, do_sample=False, num_beams=1"
+    fields = {f["name"]: f["value"] for f in prompt["fields"]}
+    assert fields["Parameters"] == "max_new_tokens=6, do_sample=False, num_beams=1"
+    assert fields["Model"] == "llama"
 
 
 @pytest.mark.re_roll

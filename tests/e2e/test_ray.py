@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import RAY_LOOPBACK
 from tests.e2e.conftest import E2E, Scene, new_bot
+from tests.e2e.test_answers import click
 from tests.fake_discord.payloads import MANAGE_GUILD
 
 pytestmark = [E2E, pytest.mark.ray]
@@ -48,11 +49,16 @@ async def test_the_bot_answers_through_ray_replicas_as_it_does_locally(scene, st
         # A server chooses another model: its replicas load it, and its answers say so.
         chosen = (await here.ask("settings model", here.moderator, model="gptneox"))[0]
         assert chosen.content.startswith("This server's answers now come from gptneox (6 MiB).")
-        other = (await here.ask("comprehend", **ask))[0].embeds[0]
+        answered = (await here.ask("comprehend", **ask))[0]
+        other = answered.embeds[0]
         assert other["footer"]["text"].startswith("model: gptneox · task: caption · ")
         assert other["description"] != local
         assert (await scene.ask("comprehend", **ask))[0].embeds[0]["description"] == local  # other servers: unchanged
         await here.ask("settings model", here.moderator)
+        # Back on the default, a re-roll of that answer still comes from the model that gave it.
+        rerolled = (await (await click(here, answered, "Re-roll")).answered())[0].embeds[0]
+        assert rerolled["footer"]["text"].startswith("model: gptneox · ")
+        assert (await here.ask("comprehend", **ask))[0].embeds[0]["description"] == local
 
         # A replica killed under load: every interaction is still answered, once.
         long = {"image": here.photo("rocket"), "max_new_tokens": 120, "min_new_tokens": 120}
