@@ -38,7 +38,7 @@ class PreparedRequest:
 
     @property
     def batchable(self) -> bool:
-        """Decoded with others; beam search runs alone through upstream's generate."""
+        """Decoded with other greedy and sampled requests; beam requests are searched apart."""
         return self.generate_kwargs.get("num_beams", 1) == 1
 
 
@@ -162,9 +162,9 @@ class FlamingoEngine:
     ) -> None:
         """Answer several requests, handing each answer over as soon as it is complete.
 
-        Requests without beams are decoded together, and ``joining(running)`` may add batchable
-        requests that arrived meanwhile (numbered after ``requests``, in order); beam search runs
-        each through upstream's generate. Only the service's worker thread may call this.
+        Beam requests are searched first (``_search_beams``); the others are decoded together, and
+        ``joining(running)`` may add batchable requests that arrived meanwhile (numbered after
+        ``requests``, in order). Only the service's worker thread may call this.
         """
         everyone = list(requests)
         started = [time.perf_counter()] * len(everyone)
