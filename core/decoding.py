@@ -37,7 +37,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from core.flamingo_layers import ReusableMediaLayer
+from core.flamingo_layers import ReusableMediaLayer, media_keys_values
 from core.lru_cache import LruCache
 
 _HF_DEFAULT_TOP_K = 50  # what transformers' generate applies when sampling without top_k
@@ -72,16 +72,18 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class PrefixState:
-    """A task's examples, run once: their token ids, the LM's cache for them, the last image."""
+    """A task's examples, run once: their token ids, the LM's cache for them, the last image's keys and values."""
 
     token_ids: tuple[int, ...]
     key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    last_image: torch.Tensor | None  # (latents, dim) of the last example, for text before <image>
+    # Per decoder layer (None without cross-attention), the last example image's cross-attention
+    # keys and values, for the request's text before its own <image>; None without examples.
+    last_image: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...] | None
 
     @property
     def nbytes(self) -> int:
-        total = sum(_tensor_bytes(k) + _tensor_bytes(v) for k, v in self.key_values)
-        return total + (_tensor_bytes(self.last_image) if self.last_image is not None else 0)
+        tensors = [*self.key_values, *(kv for kv in self.last_image or () if kv is not None)]
+        return sum(_tensor_bytes(k) + _tensor_bytes(v) for k, v in tensors)
 
 
 def image_key(image: Image.Image) -> str:
@@ -177,6 +179,26 @@ class FlamingoDecoder:
         finally:
             self._forget_media()
 
+    @contextlib.contextmanager
+    def _reading_after(
+        self, earlier: Sequence[tuple[torch.Tensor, torch.Tensor] | None], media: torch.Tensor | None
+    ) -> Iterator[None]:
+        """As ``_reading``, after one image whose keys and values are known (the task's last example's)."""
+        try:
+            for layer, known in zip(self._layers, earlier, strict=True):
+                if known is None:
+                    continue
+                keys, values = known
+                if media is not None:
+                    new_keys, new_values = media_keys_values(layer.gated_cross_attn_layer, media)
+                    keys, values = torch.cat([keys, new_keys], dim=2), torch.cat([values, new_values], dim=2)
+                images = 1 + (media.shape[1] if media is not None else 0)
+                layer.use_keys_values((keys, values), images=images, latents=known[0].shape[2])
+                layer.condition_use_cached_media(False)
+            yield
+        finally:
+            self._forget_media()
+
     def _forget_media(self) -> None:
         """No image or position may outlive its forward, whatever happened during it."""
         self.model.lang_encoder.clear_conditioned_layers()
@@ -219,7 +241,8 @@ class FlamingoDecoder:
             ids = torch.tensor([token_ids], device=self.device)
             with torch.inference_mode(), self._reading(media):
                 self._forward(ids, (ids == media_token_id).cumsum(dim=1), cache, past=0)
-            last_image = features[-1] if features else None
+                if features:
+                    last_image = tuple(layer.latest_image_keys_values() for layer in self._layers)
         state = PrefixState(tuple(token_ids), tuple((layer.keys, layer.values) for layer in cache.layers), last_image)
         if key is not None:
             self.prefixes.put(key, state)
@@ -228,13 +251,13 @@ class FlamingoDecoder:
     def prefill(self, job: DecodeJob, media_token_id: int) -> Running:
         """Run one request's own tokens against its task's prefix: alone, so exactly as unbatched."""
         prefix = job.prefix
-        images = ([prefix.last_image] if prefix.last_image is not None else []) + list(job.request_images)
-        media = torch.stack(images).unsqueeze(0) if images else None
+        media = torch.stack(job.request_images).unsqueeze(0) if job.request_images else None
         start = 1 if prefix.last_image is not None else 0
         ids = torch.tensor([job.request_ids], device=self.device)
         image_index = start + (ids == media_token_id).cumsum(dim=1)
         cache = DynamicCache(ddp_cache_data=prefix.key_values) if prefix.key_values else DynamicCache()
-        with self._reading(media):
+        reading = self._reading(media) if prefix.last_image is None else self._reading_after(prefix.last_image, media)
+        with reading:
             logits = self._forward(ids, image_index, cache, past=len(prefix.token_ids))
             latest = [layer.latest_image_keys_values() for layer in self._layers]
         sequence = torch.tensor([list(prefix.token_ids) + job.request_ids], device=self.device)
