@@ -74,6 +74,7 @@ class ActionButton(
 
     async def callback(self, interaction: discord.Interaction) -> None:  # type: ignore[override]
         # discord.py only logs what a dynamic item raises; the user is told here instead.
+        await interaction.client.after_reload()  # type: ignore[attr-defined]
         cog = interaction.client.get_cog("Inference")  # type: ignore[attr-defined]
         try:
             if cog is None:
@@ -335,11 +336,12 @@ class Inference(commands.Cog):
     async def cog_load(self) -> None:
         # Context menus cannot be cog methods: added here and removed on unload, so reloads work.
         self.bot.tree.add_command(self._describe_menu)
+        # Replaces the previous code's class (same template): the buttons are never without a
+        # handler, which during a reload waits for the new cog.
         self.bot.add_dynamic_items(ActionButton)
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self._describe_menu.name, type=self._describe_menu.type)
-        self.bot.remove_dynamic_items(ActionButton)
 
 
 async def setup(bot: FlamingoBot) -> None:

@@ -72,10 +72,8 @@ class Privacy(commands.Cog):
         )
 
     async def cog_load(self) -> None:
+        # Replaces the previous code's class (same template), so the button never goes unanswered.
         self.bot.add_dynamic_items(ForgetExamplesButton)
-
-    async def cog_unload(self) -> None:
-        self.bot.remove_dynamic_items(ForgetExamplesButton)
 
 
 async def setup(bot: FlamingoBot) -> None:

@@ -40,10 +40,7 @@ class FlamingoTree(app_commands.CommandTree):
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         """Hold interactions while cogs reload, so none finds its command missing."""
         bot: FlamingoBot = self.client  # type: ignore[assignment]
-        try:
-            await asyncio.wait_for(bot.commands_ready.wait(), _RELOAD_WAIT_SECONDS)
-        except TimeoutError:
-            log.warning("an interaction waited %.0f s for a reload", _RELOAD_WAIT_SECONDS)
+        await bot.after_reload()
         return True
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
@@ -85,6 +82,13 @@ class FlamingoBot(commands.AutoShardedBot):
         self._purging: asyncio.Task[None] | None = None
         self.metrics = Metrics()
         self._metrics_server: web.AppRunner | None = None
+
+    async def after_reload(self) -> None:
+        """Wait (briefly) for a cog reload in progress to end, so an interaction finds its handler."""
+        try:
+            await asyncio.wait_for(self.commands_ready.wait(), _RELOAD_WAIT_SECONDS)
+        except TimeoutError:
+            log.warning("an interaction waited %.0f s for a reload", _RELOAD_WAIT_SECONDS)
 
     async def setup_hook(self) -> None:
         if self.shard_count is None:

@@ -75,6 +75,29 @@ async def test_an_interaction_arriving_during_a_reload_is_held_and_answered(worl
     assert messages[0].embeds[0]["title"] == "Tasks"
 
 
+async def test_a_button_clicked_during_a_reload_is_answered_by_the_reloaded_cog(world, monkeypatch):
+    answer = (await world.reply("comprehend", image=photo(world), max_new_tokens=2))[0]
+    prompt_id = next(
+        button["custom_id"] for row in answer.components for button in row["components"] if button["label"] == "Prompt"
+    )
+    reloading = asyncio.Event()
+
+    async def slow_reload(name, **kwargs):
+        await world.bot.unload_extension(name)
+        reloading.set()
+        await asyncio.sleep(0.3)  # no Inference cog now
+        await world.bot.load_extension(name)
+
+    monkeypatch.setattr(world.bot, "reload_extension", slow_reload)
+    reload_task = asyncio.create_task(world.bot.reload_cogs(["cogs.inference"]))
+    await reloading.wait()
+    payload = world.discord.component_payload(answer, prompt_id, world.member, world.guild)
+    world.bot._connection.parse_interaction_create(payload)
+    shown = await world.discord.record(payload).answered()
+    await reload_task
+    assert shown[0].ephemeral and shown[0].embeds[0]["title"] == "Full prompt"
+
+
 async def test_shutdown_finishes_the_running_request_and_refuses_queued_ones(world, monkeypatch):
     gate = asyncio.Event()
     engine = world.bot.service.engine
