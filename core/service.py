@@ -254,8 +254,9 @@ class InferenceService:
     def _joiners(self, running: int) -> list[_Job]:
         """Requests from the front of the line that can join a running batch, while it has room.
 
-        A request that must run alone (beam search) stops the joining, so a steady stream of
-        short requests cannot hold it back: the batch drains and it runs next.
+        A request that cannot join (beam search, which runs in a search of its own) stops the
+        joining, so a steady stream of short requests cannot hold it back: the batch drains and
+        it runs next.
         """
         with self._ready:
             if self._closed:
