@@ -45,7 +45,9 @@ def beam_search(
         longest = max(job.kwargs["max_new_tokens"] for job in jobs)
         max_length = prompt_length + longest
         most = torch.tensor([[job.kwargs["max_new_tokens"]] for job in jobs], device=decoder.device)
-        processors = [logits_processors(job.kwargs, n, {beams.eos_id}) for job, n in zip(jobs, own, strict=True)]
+        processors = [
+            logits_processors(job.kwargs, n, {beams.eos_id}, decoder.device) for job, n in zip(jobs, own, strict=True)
+        ]
         keep = 2 * width  # transformers keeps (1 + number of eos tokens) * beams candidates
         top_mask = torch.arange(keep, device=decoder.device) < width
         running = torch.full((count, width, max_length), beams.pad_id, dtype=torch.int64, device=decoder.device)

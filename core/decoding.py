@@ -39,6 +39,7 @@ from transformers.generation.logits_process import (
 
 from core.flamingo_layers import ReusableMediaLayer, media_keys_values
 from core.lru_cache import LruCache
+from core.static_decode import StaticStep, StaticSteps, supports_static_steps
 
 _HF_DEFAULT_TOP_K = 50  # what transformers' generate applies when sampling without top_k
 
@@ -93,15 +94,22 @@ def image_key(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-def logits_processors(kwargs: dict[str, Any], prompt_length: int, stop_ids: set[int]) -> LogitsProcessorList:
-    """The processors transformers' ``generate`` would build for these parameters, in its order."""
+def logits_processors(
+    kwargs: dict[str, Any], prompt_length: int, stop_ids: set[int], device: torch.device
+) -> LogitsProcessorList:
+    """The processors transformers' ``generate`` would build for these parameters, in its order.
+
+    ``device`` is where the scores live: processors that hold token ids keep them there.
+    """
     processors = LogitsProcessorList()
     if kwargs.get("repetition_penalty") not in (None, 1.0):
         processors.append(RepetitionPenaltyLogitsProcessor(kwargs["repetition_penalty"]))
     if kwargs.get("no_repeat_ngram_size"):
         processors.append(NoRepeatNGramLogitsProcessor(kwargs["no_repeat_ngram_size"]))
     if kwargs.get("min_new_tokens"):
-        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, kwargs["min_new_tokens"], sorted(stop_ids)))
+        processors.append(
+            MinNewTokensLengthLogitsProcessor(prompt_length, kwargs["min_new_tokens"], sorted(stop_ids), device=device)
+        )
     if kwargs.get("do_sample"):
         if kwargs.get("temperature") not in (None, 1.0):
             processors.append(TemperatureLogitsWarper(kwargs["temperature"]))
@@ -115,7 +123,14 @@ class FlamingoDecoder:
     """Runs Flamingo forwards with explicit conditioning; owns the image and prefix caches."""
 
     def __init__(
-        self, model: Flamingo, dtype: torch.dtype, device: torch.device, prefix_cache_bytes: int, image_cache_bytes: int
+        self,
+        model: Flamingo,
+        dtype: torch.dtype,
+        device: torch.device,
+        prefix_cache_bytes: int,
+        image_cache_bytes: int,
+        graph_max_rows: int = 0,
+        graph_bytes: int = 0,
     ) -> None:
         self.model = model
         self.dtype = dtype
@@ -131,6 +146,12 @@ class FlamingoDecoder:
             prefix_cache_bytes, lambda state: state.nbytes
         )
         self.images: LruCache[str, torch.Tensor] = LruCache(image_cache_bytes, _tensor_bytes)
+        # Small batches on a GPU replay their decode steps from CUDA graphs (core.static_decode).
+        self.static_steps = (
+            StaticSteps(self, graph_max_rows, graph_bytes, graphed=True)
+            if graph_max_rows > 0 and device.type == "cuda" and supports_static_steps(model)
+            else None
+        )
 
     def image_features(
         self, images: Sequence[Image.Image], pixels: Callable[[Image.Image], torch.Tensor]
@@ -264,7 +285,7 @@ class FlamingoDecoder:
         return Running(
             job=job,
             sequence=sequence,
-            processors=logits_processors(job.kwargs, sequence.shape[1], job.stop_ids),
+            processors=logits_processors(job.kwargs, sequence.shape[1], job.stop_ids, self.device),
             key_values=[(layer.keys, layer.values) for layer in cache.layers],
             image_keys_values=latest,
             logits=logits,
@@ -302,12 +323,6 @@ class FlamingoDecoder:
             [F.pad(torch.ones(n, dtype=torch.long, device=self.device), (length - n, 0)) for n in cached]
         )
         return DynamicCache(ddp_cache_data=layers), mask
-
-    def _step(self, rows: list[Running], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
-        """One new token for every row: logits (rows, vocab). Each row reads its latest image."""
-        tokens = torch.cat([row.sequence[:, -1:] for row in rows])
-        positions = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=self.device)
-        return self.step_tokens(tokens, positions, cache, mask)
 
     def step_tokens(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, mask: torch.Tensor
@@ -361,11 +376,10 @@ class FlamingoDecoder:
                     admit(joined)
                     continue
                 batch = [rows[i] for i in active]
-                cache, mask = self.batch(batch)
-                with self.reading_latest_images(batch):
+                stepper = self._stepper(batch)
+                with stepper.reading():
                     while True:
-                        mask = F.pad(mask, (0, 1), value=1)
-                        logits = self._step(batch, cache, mask)
+                        logits = stepper.step(batch)
                         done = {
                             i
                             for n, i in enumerate(active)
@@ -377,14 +391,14 @@ class FlamingoDecoder:
                 for n, (index, row) in enumerate(zip(active, batch, strict=True)):
                     if index in done:  # a finished request's caches are let go at once
                         row.key_values, row.image_keys_values = [], []
-                        continue
-                    length = row.sequence.shape[1] - 1
-                    row.key_values = [
-                        (layer.keys[n : n + 1, :, -length:], layer.values[n : n + 1, :, -length:])
-                        for layer in cache.layers
-                    ]
+                    else:
+                        row.key_values = stepper.key_values(n, row.sequence.shape[1] - 1)
                 active = [i for i in active if i not in done]
                 admit(joined)
+
+    def _stepper(self, rows: list[Running]) -> StaticStep | _EagerSteps:
+        static = self.static_steps.for_rows(rows) if self.static_steps is not None else None
+        return static if static is not None else _EagerSteps(self, rows)
 
     def _finish_if_done(
         self, index: int, row: Running, logits: torch.Tensor, finished: Callable[[int, list[int]], None]
@@ -393,3 +407,26 @@ class FlamingoDecoder:
             finished(index, row.generated)
             return True
         return False
+
+
+class _EagerSteps:
+    """The rows' caches joined in one growing DynamicCache, stepped through the LM's own forward."""
+
+    def __init__(self, decoder: FlamingoDecoder, rows: list[Running]) -> None:
+        self.decoder = decoder
+        self.cache, self.mask = decoder.batch(rows)
+        self.rows = rows
+
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        return self.decoder.reading_latest_images(self.rows)
+
+    def step(self, rows: Sequence[Running]) -> torch.Tensor:
+        """One new token for every row: logits (rows, vocab). Each row reads its latest image."""
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        tokens = torch.cat([row.sequence[:, -1:] for row in rows])
+        positions = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=self.decoder.device)
+        return self.decoder.step_tokens(tokens, positions, self.cache, self.mask)
+
+    def key_values(self, n: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        layers = self.cache.layers
+        return [(layer.keys[n : n + 1, :, -length:], layer.values[n : n + 1, :, -length:]) for layer in layers]

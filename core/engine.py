@@ -110,6 +110,8 @@ class FlamingoEngine:
             loaded.device,
             prefix_cache_bytes=service.prefix_cache_mb * 2**20,
             image_cache_bytes=service.image_cache_mb * 2**20,
+            graph_max_rows=service.cuda_graph_max_batch,
+            graph_bytes=service.cuda_graph_mb * 2**20,
         )
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:

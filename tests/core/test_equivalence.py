@@ -18,6 +18,7 @@ from core.engine import FlamingoEngine
 from core.generation import GenerationParams
 from core.loading import load_model
 from core.prompts import END_OF_CHUNK, Example, Task
+from core.static_decode import StaticSteps
 from tests.conftest import tiny_settings
 from tests.make_tiny_model import FAMILIES
 from tests.reference import Reference
@@ -314,16 +315,22 @@ def test_prefix_cache_is_bounded_in_bytes():
 NEAR_TIE = 1e-4
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "stepping"), [*((f, "eager") for f in FAMILIES), ("mpt", "static")])
 @pytest.mark.parametrize("arrival", ["together", "joining"])
-def test_batched_requests_match_the_reference_except_at_near_ties(engines, references, photos, family, arrival):
+def test_batched_requests_match_the_reference_except_at_near_ties(
+    engines, references, photos, family, stepping, arrival, monkeypatch
+):
     """Batched matmuls are not bit-identical to single ones; a token may differ only where the
     reference's two best scores were within 1e-4 (and everything after it then may too).
 
     ``joining``: the first request starts alone and each other one joins the running batch a few
     tokens later (continuous batching), so rows of different lengths and positions share forwards.
+    ``static``: the steps run over fixed-size buffers, as the GPU's CUDA graphs replay them.
     """
     engine, reference = engines[family], references[family]
+    static = StaticSteps(engine.decoder, max_rows=8, memory_bytes=2**30, graphed=False)
+    if stepping == "static":
+        monkeypatch.setattr(engine.decoder, "static_steps", static)
     cases = [
         ([], "<image>Output:", "rocket", 10),
         (["astronaut"], "<image>Output:", "chelsea", 14),
@@ -368,4 +375,5 @@ def test_batched_requests_match_the_reference_except_at_near_ties(engines, refer
                 break
         else:
             assert len(ours) == len(expected)
-    print(f"{family}: {near_ties} of {len(cases)} batched requests diverged at a near tie")
+    assert (static.used > 0) == (stepping == "static")
+    print(f"{family} {stepping}: {near_ties} of {len(cases)} batched requests diverged at a near tie")

@@ -1,0 +1,83 @@
+"""Decode steps over fixed-size buffers (what the GPU's CUDA graphs replay) against the eager steps.
+
+Tokens alone are a weak guard here: a tiny random model's best token rarely changes even when a
+step reads the wrong keys. So the steps' logits and caches are compared directly, for rows of
+different lengths, tasks and images sharing each step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.decoding import Running, _EagerSteps
+from core.generation import GenerationParams
+from core.loading import load_model
+from core.prompts import Example, Task
+from core.static_decode import CAPACITY_STEP, StaticSteps, supports_static_steps
+from tests.conftest import tiny_settings
+
+
+def _rows(engine, photos) -> list[Running]:
+    """Three prefilled requests: 0, 1 and 2 examples, so their caches differ in length."""
+    examples = [Example(photos[name], f"<image>Output:A photo of {name}.") for name in ("astronaut", "coffee")]
+    rows = []
+    for shots, query in [(0, "rocket"), (1, "chelsea"), (2, "camera")]:
+        task = Task(f"static-{shots}", "", "<image>Output:", tuple(examples[:shots]), key=f"static/{shots}")
+        request = engine.prepare([photos[query]], "<image>Output:", task, GenerationParams(max_new_tokens=20))
+        row = engine.decoder.prefill(engine._job(request, lambda: False), engine.loaded.model.media_token_id)
+        row.sequence = torch.cat([row.sequence, row.logits.argmax(dim=-1, keepdim=True)], dim=1)
+        row.generated.append(int(row.sequence[0, -1]))
+        rows.append(row)
+    return rows
+
+
+def test_static_steps_give_the_eager_steps_logits_and_caches(engines, photos):
+    engine = engines["mpt"]
+    static_steps = StaticSteps(engine.decoder, max_rows=4, memory_bytes=2**30, graphed=False)
+    with torch.inference_mode():
+        rows = _rows(engine, photos)
+        eager, static = _EagerSteps(engine.decoder, rows), static_steps.for_rows(rows)
+        assert static is not None and static.capacity == CAPACITY_STEP
+        for _ in range(6):
+            with eager.reading():
+                expected = eager.step(rows)
+            got = static.step(rows)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+            for row, token in zip(rows, expected.argmax(dim=-1), strict=True):
+                row.sequence = torch.cat([row.sequence, token.view(1, 1)], dim=1)
+                row.generated.append(int(token))
+        for n, row in enumerate(rows):
+            length = row.sequence.shape[1] - 1
+            for (want_k, want_v), (got_k, got_v) in zip(
+                eager.key_values(n, length), static.key_values(n, length), strict=True
+            ):
+                torch.testing.assert_close(got_k, want_k, rtol=0, atol=1e-5)
+                torch.testing.assert_close(got_v, want_v, rtol=0, atol=1e-5)
+
+
+def test_static_steps_are_kept_per_batch_size_and_capacity(engines, photos):
+    engine = engines["mpt"]
+    static_steps = StaticSteps(engine.decoder, max_rows=2, memory_bytes=2**30, graphed=False)
+    with torch.inference_mode():
+        rows = _rows(engine, photos)
+        first, again = static_steps.for_rows(rows[:2]), static_steps.for_rows(rows[1:])
+        assert first is again and static_steps.used == 2
+        assert static_steps.for_rows(rows) is None  # above max_rows: the eager loop takes it
+        rows[0].job.kwargs["max_new_tokens"] = CAPACITY_STEP  # needs a larger buffer
+        assert static_steps.for_rows(rows[:1]).capacity == 2 * CAPACITY_STEP
+
+
+@pytest.mark.parametrize(("family", "precision", "supported"), [("mpt", "fp32", True), ("llama", "fp32", False)])
+def test_static_steps_are_offered_for_mpt_models_only(engines, model_dirs, family, precision, supported):
+    assert supports_static_steps(engines[family].loaded.model) is supported
+
+
+def test_int8_models_step_eagerly(model_dirs):
+    """LLM.int8() picks outlier columns with a host round trip, which a CUDA graph cannot hold."""
+    loaded = load_model(tiny_settings(model_dirs["mpt"], precision="int8").model)
+    assert not supports_static_steps(loaded.model)
+
+
+def test_the_decoder_uses_static_steps_only_on_a_gpu(engines):
+    assert engines["mpt"].decoder.static_steps is None  # these run on the CPU: the exact eager loop
