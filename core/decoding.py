@@ -377,6 +377,8 @@ class FlamingoDecoder:
                     continue
                 batch = [rows[i] for i in active]
                 stepper = self._stepper(batch)
+                for row in batch:  # the stepper holds the caches now: one copy of them, not two
+                    row.key_values = []
                 with stepper.reading():
                     while True:
                         logits = stepper.step(batch)

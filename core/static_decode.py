@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CAPACITY_STEP = 256  # buffers grow in these many tokens, so few shapes (and graphs) are ever made
+CAPACITY_STEP = 128  # buffers grow in these many tokens, so few shapes (and graphs) are ever made
 _WARM_UP_STEPS = 2  # eager runs on a side stream before capture, as PyTorch's CUDA graph notes ask
 
 
