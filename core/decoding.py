@@ -87,6 +87,15 @@ class PrefixState:
         return sum(_tensor_bytes(k) + _tensor_bytes(v) for k, v in tensors)
 
 
+def _left_padded(parts: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """(rows, heads, length, dim) from (1, heads, tokens, dim) parts, zeros before each part."""
+    first = parts[0]
+    padded = first.new_zeros((len(parts), first.shape[1], length, first.shape[3]))
+    for n, part in enumerate(parts):
+        padded[n, :, length - part.shape[2] :] = part[0]
+    return padded
+
+
 def image_key(image: Image.Image) -> str:
     """Identical pixels give identical features, whatever file they came from."""
     digest = hashlib.sha256(image.tobytes())
@@ -307,18 +316,18 @@ class FlamingoDecoder:
         )
 
     def batch(self, rows: list[Running]) -> tuple[DynamicCache, torch.Tensor]:
-        """One cache for the rows, left-padded to the longest, with the mask that hides the padding."""
+        """One cache for the rows, left-padded to the longest, with the mask that hides the padding.
+
+        The rows' own caches are taken, layer by layer, so each layer's old copy can be let go as
+        soon as its new one exists: at 32 rows of a 7B model, copies were gigabytes.
+        """
         cached = [row.key_values[0][0].shape[2] for row in rows]
         length = max(cached)
         layers = []
-        for index in range(len(rows[0].key_values)):
-            keys, values = zip(*(row.key_values[index] for row in rows), strict=True)
-            layers.append(
-                (
-                    torch.cat([F.pad(k, (0, 0, length - k.shape[2], 0)) for k in keys]),
-                    torch.cat([F.pad(v, (0, 0, length - v.shape[2], 0)) for v in values]),
-                )
-            )
+        while rows[0].key_values:
+            keys, values = zip(*(row.key_values.pop(0) for row in rows), strict=True)
+            layers.append((_left_padded(keys, length), _left_padded(values, length)))
+            del keys, values
         mask = torch.stack(
             [F.pad(torch.ones(n, dtype=torch.long, device=self.device), (length - n, 0)) for n in cached]
         )
@@ -376,9 +385,7 @@ class FlamingoDecoder:
                     admit(joined)
                     continue
                 batch = [rows[i] for i in active]
-                stepper = self._stepper(batch)
-                for row in batch:  # the stepper holds the caches now: one copy of them, not two
-                    row.key_values = []
+                stepper = self._stepper(batch)  # it takes the rows' caches
                 with stepper.reading():
                     while True:
                         logits = stepper.step(batch)
@@ -395,6 +402,7 @@ class FlamingoDecoder:
                         row.key_values, row.image_keys_values = [], []
                     else:
                         row.key_values = stepper.key_values(n, row.sequence.shape[1] - 1)
+                del stepper  # the rows' views of its cache are let go layer by layer by the next batch
                 active = [i for i in active if i not in done]
                 admit(joined)
 

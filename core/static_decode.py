@@ -92,7 +92,7 @@ class StaticStep:
         return sum(t.nelement() * t.element_size() for t in (*self.keys, *self.values))
 
     def load(self, rows: Sequence[Running]) -> None:
-        """Copy the rows' caches and latest images in, right-aligned at the same slot."""
+        """Take the rows' caches and copy their latest images in, right-aligned at the same slot."""
         length = max(row.key_values[0][0].shape[2] for row in rows)
         for n, row in enumerate(rows):
             cached = row.key_values[0][0].shape[2]
@@ -100,6 +100,7 @@ class StaticStep:
             for index, (keys, values) in enumerate(row.key_values):
                 self.keys[index][n, :, length - cached : length] = keys[0]
                 self.values[index][n, :, length - cached : length] = values[0]
+            row.key_values = []
         self.slot.fill_(length)
         self.next_slot = length
         if not self.media:  # made on first use, when the images' shapes are known

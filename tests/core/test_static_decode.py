@@ -37,7 +37,12 @@ def test_static_steps_give_the_eager_steps_logits_and_caches(engines, photos):
     static_steps = StaticSteps(engine.decoder, max_rows=4, memory_bytes=2**30, graphed=False)
     with torch.inference_mode():
         rows = _rows(engine, photos)
-        eager, static = _EagerSteps(engine.decoder, rows), static_steps.for_rows(rows)
+        caches = [list(row.key_values) for row in rows]
+        eager = _EagerSteps(engine.decoder, rows)  # each stepper takes the rows' caches
+        assert all(row.key_values == [] for row in rows)
+        for row, cache in zip(rows, caches, strict=True):
+            row.key_values = cache
+        static = static_steps.for_rows(rows)
         assert static is not None and static.capacity == CAPACITY_STEP
         for _ in range(6):
             with eager.reading():
@@ -60,10 +65,11 @@ def test_static_steps_are_kept_per_batch_size_and_capacity(engines, photos):
     engine = engines["mpt"]
     static_steps = StaticSteps(engine.decoder, max_rows=2, memory_bytes=2**30, graphed=False)
     with torch.inference_mode():
-        rows = _rows(engine, photos)
-        first, again = static_steps.for_rows(rows[:2]), static_steps.for_rows(rows[1:])
+        first = static_steps.for_rows(_rows(engine, photos)[:2])
+        again = static_steps.for_rows(_rows(engine, photos)[1:])
         assert first is again and static_steps.used == 2
-        assert static_steps.for_rows(rows) is None  # above max_rows: the eager loop takes it
+        assert static_steps.for_rows(_rows(engine, photos)) is None  # above max_rows: the eager loop takes it
+        rows = _rows(engine, photos)
         rows[0].job.kwargs["max_new_tokens"] = CAPACITY_STEP  # needs a larger buffer
         assert static_steps.for_rows(rows[:1]).capacity == 2 * CAPACITY_STEP
 
