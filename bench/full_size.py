@@ -8,8 +8,9 @@ cross-attention every 4 layers) and served by the bot's own engine and service. 
   divided by the bandwidth measured on the device with a large copy);
 - p50 latency of a 4-shot caption (16 new tokens, a fresh query image each time);
 - throughput with 32 concurrent 4-shot requests over two tasks;
-- peak memory while serving (building random weights makes the LM in full precision before
-  quantizing it, which a real load does not, so that peak is reported apart);
+- peak memory while serving, one request at a time and 32 at once (building random weights makes
+  the LM in full precision before quantizing it, which a real load does not, so that peak is
+  reported apart; on the CPU every figure is the process's peak so far);
 - greedy agreement with bf16 on a fixed set of prompts (int8 and nf4 quantize the cross-attention
   layers too). With random weights the logits are nearly flat, so agreement here is a lower bound;
 - on a GPU, greedy agreement of the CUDA-graphed decode steps with the eager loop.
@@ -299,15 +300,18 @@ def measure(scale: str, device: torch.device, precisions: list[str], repeats: in
             "of_limit": round(tokens_per_s / limit, 3),
             "caption_4shot_p50_s": round(statistics.median(latencies), 4),
             "caption_4shot_p90_s": round(statistics.quantiles(latencies, n=10)[-1], 4),
-            f"throughput_{CONCURRENT}": run.throughput(),
-            "peak_gib": round(_peak_bytes(device) / 2**30, 2),
-            "build_peak_gib": round(build_peak / 2**30, 2),
             f"greedy_agreement_with_{precisions[0]}": agreement(greedy, baseline),
             "greedy_agreement_without_graphs": agreement(greedy, run.greedy_without_graphs()),
-            "graphs": run.graphs(),
         }
         if precision == precisions[0]:
             results[precision]["caption_4shot_3_beams_s"] = round(run.beam_seconds(), 4)
+        results[precision]["peak_gib_one_at_a_time"] = round(_peak_bytes(device) / 2**30, 2)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        results[precision][f"throughput_{CONCURRENT}"] = run.throughput()
+        results[precision][f"peak_gib_{CONCURRENT}_at_once"] = round(_peak_bytes(device) / 2**30, 2)
+        results[precision]["build_peak_gib"] = round(build_peak / 2**30, 2)
+        results[precision]["graphs"] = run.graphs()
         print(f"{precision}: {json.dumps(results[precision])}", flush=True)
         del run, loaded
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

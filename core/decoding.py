@@ -39,6 +39,7 @@ from transformers.generation.logits_process import (
 
 from core.flamingo_layers import ReusableMediaLayer, media_keys_values
 from core.lru_cache import LruCache
+from core.shared_prefix import SharedPrefixCache
 from core.static_decode import StaticStep, StaticSteps, supports_static_steps
 
 _HF_DEFAULT_TOP_K = 50  # what transformers' generate applies when sampling without top_k
@@ -61,10 +62,21 @@ class Running:
     job: DecodeJob
     sequence: torch.Tensor  # (1, tokens so far, the newest not yet in the cache)
     processors: LogitsProcessorList
-    key_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (1, heads, tokens, dim)
+    # Per layer, (1, heads, tokens, dim), of the tokens after the task's prefix (whose own cache
+    # is the job's prefix state, shared by the task's requests).
+    key_values: list[tuple[torch.Tensor, torch.Tensor]]
     image_keys_values: list[tuple[torch.Tensor, torch.Tensor] | None]  # per layer, of the image it reads now
     logits: torch.Tensor
     generated: list[int] = field(default_factory=list)
+
+    @property
+    def prefix_length(self) -> int:
+        return len(self.job.prefix.token_ids)
+
+    @property
+    def cached_length(self) -> int:
+        """Tokens in the row's cache, the prefix's included (while the row holds its cache)."""
+        return self.prefix_length + self.key_values[0][0].shape[2]
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
@@ -87,11 +99,22 @@ class PrefixState:
         return sum(_tensor_bytes(k) + _tensor_bytes(v) for k, v in tensors)
 
 
-def _left_padded(parts: Sequence[torch.Tensor], length: int) -> torch.Tensor:
-    """(rows, heads, length, dim) from (1, heads, tokens, dim) parts, zeros before each part."""
+def _after(tensor: torch.Tensor, prefix: PrefixState) -> torch.Tensor:
+    """A (1, heads, tokens, dim) cache tensor without the prefix's tokens, which the prefix state keeps."""
+    length = len(prefix.token_ids)
+    return tensor[:, :, length:].clone() if length else tensor
+
+
+def _left_padded(rows: Sequence[Running], parts: Sequence[torch.Tensor], index: int, which: int) -> torch.Tensor:
+    """(rows, heads, longest, dim): each row's prefix and own ``parts`` of layer ``index``, zeros before them."""
+    cached = [row.prefix_length + part.shape[2] for row, part in zip(rows, parts, strict=True)]
+    length = max(cached)
     first = parts[0]
     padded = first.new_zeros((len(parts), first.shape[1], length, first.shape[3]))
-    for n, part in enumerate(parts):
+    for n, (row, part) in enumerate(zip(rows, parts, strict=True)):
+        if row.prefix_length:
+            start = length - cached[n]
+            padded[n, :, start : start + row.prefix_length] = row.job.prefix.key_values[index][which][0]
         padded[n, :, length - part.shape[2] :] = part[0]
     return padded
 
@@ -295,7 +318,7 @@ class FlamingoDecoder:
             job=job,
             sequence=sequence,
             processors=logits_processors(job.kwargs, sequence.shape[1], job.stop_ids, self.device),
-            key_values=[(layer.keys, layer.values) for layer in cache.layers],
+            key_values=[(_after(layer.keys, prefix), _after(layer.values, prefix)) for layer in cache.layers],
             image_keys_values=latest,
             logits=logits,
         )
@@ -321,12 +344,13 @@ class FlamingoDecoder:
         The rows' own caches are taken, layer by layer, so each layer's old copy can be let go as
         soon as its new one exists: at 32 rows of a 7B model, copies were gigabytes.
         """
-        cached = [row.key_values[0][0].shape[2] for row in rows]
+        cached = [row.cached_length for row in rows]
         length = max(cached)
         layers = []
         while rows[0].key_values:
+            index = len(layers)
             keys, values = zip(*(row.key_values.pop(0) for row in rows), strict=True)
-            layers.append((_left_padded(keys, length), _left_padded(values, length)))
+            layers.append((_left_padded(rows, keys, index, 0), _left_padded(rows, values, index, 1)))
             del keys, values
         mask = torch.stack(
             [F.pad(torch.ones(n, dtype=torch.long, device=self.device), (length - n, 0)) for n in cached]
@@ -334,7 +358,7 @@ class FlamingoDecoder:
         return DynamicCache(ddp_cache_data=layers), mask
 
     def step_tokens(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, mask: torch.Tensor
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | SharedPrefixCache, mask: torch.Tensor
     ) -> torch.Tensor:
         for layer in self._layers:
             layer.condition_media_locations(torch.ones_like(tokens))
@@ -401,7 +425,7 @@ class FlamingoDecoder:
                     if index in done:  # a finished request's caches are let go at once
                         row.key_values, row.image_keys_values = [], []
                     else:
-                        row.key_values = stepper.key_values(n, row.sequence.shape[1] - 1)
+                        row.key_values = stepper.own_key_values(n)
                 del stepper  # the rows' views of its cache are let go layer by layer by the next batch
                 active = [i for i in active if i not in done]
                 admit(joined)
@@ -420,11 +444,13 @@ class FlamingoDecoder:
 
 
 class _EagerSteps:
-    """The rows' caches joined in one growing DynamicCache, stepped through the LM's own forward."""
+    """The rows stepped through the LM's own forward, over a cache that holds each prefix once."""
 
     def __init__(self, decoder: FlamingoDecoder, rows: list[Running]) -> None:
         self.decoder = decoder
-        self.cache, self.mask = decoder.batch(rows)
+        steps = max(row.job.kwargs["max_new_tokens"] - len(row.generated) for row in rows)
+        self.cache = SharedPrefixCache(rows, steps, decoder.device)
+        self.mask = (self.cache.slots != 0).long()
         self.rows = rows
 
     def reading(self) -> contextlib.AbstractContextManager[None]:
@@ -432,11 +458,13 @@ class _EagerSteps:
 
     def step(self, rows: Sequence[Running]) -> torch.Tensor:
         """One new token for every row: logits (rows, vocab). Each row reads its latest image."""
+        self.cache.begin_step()
         self.mask = F.pad(self.mask, (0, 1), value=1)
         tokens = torch.cat([row.sequence[:, -1:] for row in rows])
         positions = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=self.decoder.device)
-        return self.decoder.step_tokens(tokens, positions, self.cache, self.mask)
+        logits = self.decoder.step_tokens(tokens, positions, self.cache, self.mask)
+        self.cache.end_step()
+        return logits
 
-    def key_values(self, n: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        layers = self.cache.layers
-        return [(layer.keys[n : n + 1, :, -length:], layer.values[n : n + 1, :, -length:]) for layer in layers]
+    def own_key_values(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.cache.own_key_values(n)

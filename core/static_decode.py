@@ -84,6 +84,7 @@ class StaticStep:
         self._norm = lm.transformer.norm_f
         self._head = lm.get_output_embeddings()
         self.next_slot = 0  # the host's copy of ``slot``
+        self.own: list[int] = []  # each row's tokens after its prefix
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits = torch.empty(0)
 
@@ -93,13 +94,19 @@ class StaticStep:
 
     def load(self, rows: Sequence[Running]) -> None:
         """Take the rows' caches and copy their latest images in, right-aligned at the same slot."""
-        length = max(row.key_values[0][0].shape[2] for row in rows)
+        length = max(row.cached_length for row in rows)
+        self.own = []
         for n, row in enumerate(rows):
-            cached = row.key_values[0][0].shape[2]
-            self.first[n] = length - cached
+            first, own = length - row.cached_length, row.cached_length - row.prefix_length
+            self.first[n] = first
+            self.own.append(own)
             for index, (keys, values) in enumerate(row.key_values):
-                self.keys[index][n, :, length - cached : length] = keys[0]
-                self.values[index][n, :, length - cached : length] = values[0]
+                if row.prefix_length:
+                    prefix_keys, prefix_values = row.job.prefix.key_values[index]
+                    self.keys[index][n, :, first : first + row.prefix_length] = prefix_keys[0]
+                    self.values[index][n, :, first : first + row.prefix_length] = prefix_values[0]
+                self.keys[index][n, :, length - own : length] = keys[0]
+                self.values[index][n, :, length - own : length] = values[0]
             row.key_values = []
         self.slot.fill_(length)
         self.next_slot = length
@@ -131,11 +138,12 @@ class StaticStep:
             with self._reading():
                 self.logits = self._forward()
         self.next_slot += 1
+        self.own = [own + 1 for own in self.own]
         return self.logits
 
-    def key_values(self, n: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Row ``n``'s cache of its last ``length`` tokens, copied out of the shared buffers."""
-        start = self.next_slot - length
+    def own_key_values(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row ``n``'s cache after its prefix, copied out of the shared buffers."""
+        start = self.next_slot - self.own[n]
         return [
             (keys[n : n + 1, :, start : self.next_slot].clone(), values[n : n + 1, :, start : self.next_slot].clone())
             for keys, values in zip(self.keys, self.values, strict=True)
@@ -205,7 +213,7 @@ class StaticSteps:
         """A step loaded with the rows, or None where the eager loop must take them."""
         if self.failed or len(rows) > self.max_rows:
             return None
-        length = max(row.key_values[0][0].shape[2] for row in rows)
+        length = max(row.cached_length for row in rows)
         remaining = max(row.job.kwargs["max_new_tokens"] - len(row.generated) for row in rows)
         capacity = -(-(length + remaining) // CAPACITY_STEP) * CAPACITY_STEP
         key = (len(rows), capacity)
