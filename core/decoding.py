@@ -216,21 +216,39 @@ class FlamingoDecoder:
         finally:
             self._forget_media()
 
+    def latest_images(self, rows: list[Running], take: bool) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per layer, the keys and values of each row's latest image, one row after another.
+
+        ``take``: the rows give theirs up, so the batch holds the only copy.
+        """
+        batched: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for index in range(len(self._layers)):
+            parts = [row.image_keys_values[index] for row in rows]
+            if parts[0] is None:
+                batched.append(None)
+                continue
+            keys = torch.cat([part[0] for part in parts])  # type: ignore[index]
+            batched.append((keys, torch.cat([part[1] for part in parts])))  # type: ignore[index]
+        if take:
+            for row in rows:
+                row.image_keys_values = []
+        return batched
+
     @contextlib.contextmanager
-    def reading_latest_images(self, rows: list[Running]) -> Iterator[None]:
-        """Each row reads the image its prompt ended with, from the keys and values its prefill made."""
+    def reading_images(self, per_layer: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> Iterator[None]:
+        """Each row reads its own image's keys and values (row ``n`` of each layer's)."""
         try:
-            for index, layer in enumerate(self._layers):
-                parts = [row.image_keys_values[index] for row in rows]
-                if parts[0] is None:
-                    continue
-                keys = torch.cat([part[0] for part in parts])  # type: ignore[index]
-                values = torch.cat([part[1] for part in parts])  # type: ignore[index]
-                layer.use_keys_values((keys, values), images=1, latents=keys.shape[2])
-                layer.condition_use_cached_media(False)
+            for layer, keys_values in zip(self._layers, per_layer, strict=True):
+                if keys_values is not None:
+                    layer.use_keys_values(keys_values, images=1, latents=keys_values[0].shape[2])
+                    layer.condition_use_cached_media(False)
             yield
         finally:
             self._forget_media()
+
+    def reading_latest_images(self, rows: list[Running]) -> contextlib.AbstractContextManager[None]:
+        """Each row reads the image its prompt ended with, from the keys and values its prefill made."""
+        return self.reading_images(self.latest_images(rows, take=False))
 
     @contextlib.contextmanager
     def _reading_after(
@@ -425,7 +443,7 @@ class FlamingoDecoder:
                     if index in done:  # a finished request's caches are let go at once
                         row.key_values, row.image_keys_values = [], []
                     else:
-                        row.key_values = stepper.own_key_values(n)
+                        stepper.hand_back(n, row)
                 del stepper  # the rows' views of its cache are let go layer by layer by the next batch
                 active = [i for i in active if i not in done]
                 admit(joined)
@@ -451,10 +469,10 @@ class _EagerSteps:
         steps = max(row.job.kwargs["max_new_tokens"] - len(row.generated) for row in rows)
         self.cache = SharedPrefixCache(rows, steps, decoder.device)
         self.mask = (self.cache.slots != 0).long()
-        self.rows = rows
+        self.images = decoder.latest_images(rows, take=True)
 
     def reading(self) -> contextlib.AbstractContextManager[None]:
-        return self.decoder.reading_latest_images(self.rows)
+        return self.decoder.reading_images(self.images)
 
     def step(self, rows: Sequence[Running]) -> torch.Tensor:
         """One new token for every row: logits (rows, vocab). Each row reads its latest image."""
@@ -466,5 +484,7 @@ class _EagerSteps:
         self.cache.end_step()
         return logits
 
-    def own_key_values(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return self.cache.own_key_values(n)
+    def hand_back(self, n: int, row: Running) -> None:
+        """Row ``n`` leaves the batch with its caches: views of the batch's, let go when the next batch takes them."""
+        row.key_values = self.cache.own_key_values(n)
+        row.image_keys_values = [None if kv is None else (kv[0][n : n + 1], kv[1][n : n + 1]) for kv in self.images]

@@ -141,6 +141,10 @@ class StaticStep:
         self.own = [own + 1 for own in self.own]
         return self.logits
 
+    def hand_back(self, n: int, row: Running) -> None:
+        """Row ``n`` leaves the batch with its cache (its latest image's keys and values stayed with it)."""
+        row.key_values = self.own_key_values(n)
+
     def own_key_values(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Row ``n``'s cache after its prefix, copied out of the shared buffers."""
         start = self.next_slot - self.own[n]

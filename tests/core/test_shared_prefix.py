@@ -22,6 +22,7 @@ def test_shared_prefixes_give_the_padded_batch_logits_and_caches(engines, photos
         rows = prefilled_rows(engine, photos)
         assert rows[2].job.prefix is rows[3].job.prefix  # one prefix state, shared
         own_lengths = [row.key_values[0][0].shape[2] for row in rows]
+        images = [list(row.image_keys_values) for row in rows]
         padded_rows = prefilled_rows(engine, photos)
         padded, mask = decoder.batch(padded_rows)
         shared = _EagerSteps(decoder, rows)
@@ -37,8 +38,11 @@ def test_shared_prefixes_give_the_padded_batch_logits_and_caches(engines, photos
             for row, padded_row, token in zip(rows, padded_rows, expected.argmax(dim=-1), strict=True):
                 for each in (row, padded_row):
                     each.sequence = torch.cat([each.sequence, token.view(1, 1)], dim=1)
-        for n, own in enumerate(own_lengths):
-            for layer, (keys, values) in zip(padded.layers, shared.own_key_values(n), strict=True):
+        for n, (row, own) in enumerate(zip(rows, own_lengths, strict=True)):
+            shared.hand_back(n, row)  # the image the row reads stays the same
+            for got, want in zip(row.image_keys_values, images[n], strict=True):
+                assert (got is None and want is None) or all(map(torch.equal, got, want))
+            for layer, (keys, values) in zip(padded.layers, row.key_values, strict=True):
                 assert keys.shape[2] == values.shape[2] == own + 5
                 torch.testing.assert_close(keys, layer.keys[n : n + 1, :, -(own + 5) :], rtol=0, atol=1e-5)
                 torch.testing.assert_close(values, layer.values[n : n + 1, :, -(own + 5) :], rtol=0, atol=1e-5)

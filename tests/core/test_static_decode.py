@@ -38,11 +38,11 @@ def test_static_steps_give_the_eager_steps_logits_and_caches(engines, photos):
     static_steps = StaticSteps(engine.decoder, max_rows=4, memory_bytes=2**30, graphed=False)
     with torch.inference_mode():
         rows = prefilled_rows(engine, photos)
-        caches = [list(row.key_values) for row in rows]
+        caches = [(list(row.key_values), list(row.image_keys_values)) for row in rows]
         eager = _EagerSteps(engine.decoder, rows)  # each stepper takes the rows' caches
-        assert all(row.key_values == [] for row in rows)
-        for row, cache in zip(rows, caches, strict=True):
-            row.key_values = cache
+        assert all(row.key_values == [] == row.image_keys_values for row in rows)
+        for row, (cache, images) in zip(rows, caches, strict=True):
+            row.key_values, row.image_keys_values = cache, images
         static = static_steps.for_rows(rows)
         assert static is not None and static.capacity == CAPACITY_STEP
         for _ in range(6):
@@ -54,7 +54,9 @@ def test_static_steps_give_the_eager_steps_logits_and_caches(engines, photos):
                 row.sequence = torch.cat([row.sequence, token.view(1, 1)], dim=1)
                 row.generated.append(int(token))
         for n in range(len(rows)):
-            for (want_k, want_v), (got_k, got_v) in zip(eager.own_key_values(n), static.own_key_values(n), strict=True):
+            for (want_k, want_v), (got_k, got_v) in zip(
+                eager.cache.own_key_values(n), static.own_key_values(n), strict=True
+            ):
                 torch.testing.assert_close(got_k, want_k, rtol=0, atol=1e-5)
                 torch.testing.assert_close(got_v, want_v, rtol=0, atol=1e-5)
 
