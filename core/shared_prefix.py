@@ -80,8 +80,8 @@ class SharedPrefixCache:
         gathered = []
         for store, new in ((self.keys[layer_idx], key), (self.values[layer_idx], value)):
             store.index_copy_(0, self.writes, new[:, :, 0])
-            rows, heads, dim = self.slots.shape[0], store.shape[1], store.shape[2]
-            gathered.append(store[self.slots.flatten()].view(rows, self.length, heads, dim).transpose(1, 2))
+            rows = store.index_select(0, self.slots.flatten())
+            gathered.append(rows.view(*self.slots.shape, *store.shape[1:]).transpose(1, 2))
         return gathered[0], gathered[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
