@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
-from core.decoding import DecodeJob, FlamingoDecoder, logits_processors
+from core.decoding import DecodeJob, FlamingoDecoder, Running
+from core.logits import logits_processors
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ def beam_search(
         shape = (count, width, longest)
         running_indices = torch.full(shape, -1, dtype=torch.int32, device=decoder.device)
         best_indices = running_indices.clone()
-        cache, mask = decoder.batch(rows)
+        cache, mask = padded_batch(rows, decoder.device)
         cache.batch_repeat_interleave(width)
         mask = mask.repeat_interleave(width, dim=0)
         offsets = torch.tensor(own, device=decoder.device).repeat_interleave(width)[:, None] - prompt_length
@@ -109,3 +111,34 @@ def beam_search(
                 mask = F.pad(mask, (0, 1), value=1)
                 positions = offsets + length - 1
                 logits = decoder.step_tokens(running[:, :, length - 1].reshape(-1, 1), positions, cache, mask)
+
+
+def padded_batch(rows: list[Running], device: torch.device) -> tuple[DynamicCache, torch.Tensor]:
+    """One cache for the rows, left-padded to the longest (prefix included), with the mask that hides the padding.
+
+    The rows' own caches are taken, layer by layer, so each layer's old copy goes as soon as its new one exists.
+    """
+    cached = [row.cached_length for row in rows]
+    length = max(cached)
+    layers = []
+    while rows[0].key_values:
+        index = len(layers)
+        keys, values = zip(*(row.key_values.pop(0) for row in rows), strict=True)
+        layers.append((_left_padded(rows, keys, index, 0), _left_padded(rows, values, index, 1)))
+        del keys, values
+    mask = torch.stack([F.pad(torch.ones(n, dtype=torch.long, device=device), (length - n, 0)) for n in cached])
+    return DynamicCache(ddp_cache_data=layers), mask
+
+
+def _left_padded(rows: Sequence[Running], parts: Sequence[torch.Tensor], index: int, which: int) -> torch.Tensor:
+    """(rows, heads, longest, dim): each row's prefix and own ``parts`` of layer ``index``, zeros before them."""
+    cached = [row.prefix_length + part.shape[2] for row, part in zip(rows, parts, strict=True)]
+    length = max(cached)
+    first = parts[0]
+    padded = first.new_zeros((len(parts), first.shape[1], length, first.shape[3]))
+    for n, (row, part) in enumerate(zip(rows, parts, strict=True)):
+        if row.prefix_length:
+            start = length - cached[n]
+            padded[n, :, start : start + row.prefix_length] = row.job.prefix.key_values[index][which][0]
+        padded[n, :, length - part.shape[2] :] = part[0]
+    return padded

@@ -21,28 +21,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from open_flamingo.src.flamingo import Flamingo
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin
 from PIL import Image
 from transformers import DynamicCache
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
-    NoRepeatNGramLogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers.generation.logits_process import LogitsProcessorList
 
 from core.flamingo_layers import ReusableMediaLayer, media_keys_values
+from core.logits import logits_processors
 from core.lru_cache import LruCache
-from core.shared_prefix import SharedPrefixCache
+from core.shared_prefix import SharedPrefixCache, SharedPrefixSteps
 from core.static_decode import StaticStep, StaticSteps, supports_static_steps
-
-_HF_DEFAULT_TOP_K = 50  # what transformers' generate applies when sampling without top_k
 
 
 @dataclass
@@ -105,50 +95,11 @@ def _after(tensor: torch.Tensor, prefix: PrefixState) -> torch.Tensor:
     return tensor[:, :, length:].clone() if length else tensor
 
 
-def _left_padded(rows: Sequence[Running], parts: Sequence[torch.Tensor], index: int, which: int) -> torch.Tensor:
-    """(rows, heads, longest, dim): each row's prefix and own ``parts`` of layer ``index``, zeros before them."""
-    cached = [row.prefix_length + part.shape[2] for row, part in zip(rows, parts, strict=True)]
-    length = max(cached)
-    first = parts[0]
-    padded = first.new_zeros((len(parts), first.shape[1], length, first.shape[3]))
-    for n, (row, part) in enumerate(zip(rows, parts, strict=True)):
-        if row.prefix_length:
-            start = length - cached[n]
-            padded[n, :, start : start + row.prefix_length] = row.job.prefix.key_values[index][which][0]
-        padded[n, :, length - part.shape[2] :] = part[0]
-    return padded
-
-
 def image_key(image: Image.Image) -> str:
     """Identical pixels give identical features, whatever file they came from."""
     digest = hashlib.sha256(image.tobytes())
     digest.update(f"{image.mode}{image.size}".encode())
     return digest.hexdigest()
-
-
-def logits_processors(
-    kwargs: dict[str, Any], prompt_length: int, stop_ids: set[int], device: torch.device
-) -> LogitsProcessorList:
-    """The processors transformers' ``generate`` would build for these parameters, in its order.
-
-    ``device`` is where the scores live: processors that hold token ids keep them there.
-    """
-    processors = LogitsProcessorList()
-    if kwargs.get("repetition_penalty") not in (None, 1.0):
-        processors.append(RepetitionPenaltyLogitsProcessor(kwargs["repetition_penalty"]))
-    if kwargs.get("no_repeat_ngram_size"):
-        processors.append(NoRepeatNGramLogitsProcessor(kwargs["no_repeat_ngram_size"]))
-    if kwargs.get("min_new_tokens"):
-        processors.append(
-            MinNewTokensLengthLogitsProcessor(prompt_length, kwargs["min_new_tokens"], sorted(stop_ids), device=device)
-        )
-    if kwargs.get("do_sample"):
-        if kwargs.get("temperature") not in (None, 1.0):
-            processors.append(TemperatureLogitsWarper(kwargs["temperature"]))
-        processors.append(TopKLogitsWarper(kwargs.get("top_k") or _HF_DEFAULT_TOP_K))
-        if kwargs.get("top_p") not in (None, 1.0):
-            processors.append(TopPLogitsWarper(kwargs["top_p"]))
-    return processors
 
 
 class FlamingoDecoder:
@@ -356,25 +307,6 @@ class FlamingoDecoder:
             or row.job.should_stop()
         )
 
-    def batch(self, rows: list[Running]) -> tuple[DynamicCache, torch.Tensor]:
-        """One cache for the rows, left-padded to the longest, with the mask that hides the padding.
-
-        The rows' own caches are taken, layer by layer, so each layer's old copy can be let go as
-        soon as its new one exists: at 32 rows of a 7B model, copies were gigabytes.
-        """
-        cached = [row.cached_length for row in rows]
-        length = max(cached)
-        layers = []
-        while rows[0].key_values:
-            index = len(layers)
-            keys, values = zip(*(row.key_values.pop(0) for row in rows), strict=True)
-            layers.append((_left_padded(rows, keys, index, 0), _left_padded(rows, values, index, 1)))
-            del keys, values
-        mask = torch.stack(
-            [F.pad(torch.ones(n, dtype=torch.long, device=self.device), (length - n, 0)) for n in cached]
-        )
-        return DynamicCache(ddp_cache_data=layers), mask
-
     def step_tokens(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | SharedPrefixCache, mask: torch.Tensor
     ) -> torch.Tensor:
@@ -448,9 +380,9 @@ class FlamingoDecoder:
                 active = [i for i in active if i not in done]
                 admit(joined)
 
-    def _stepper(self, rows: list[Running]) -> StaticStep | _EagerSteps:
+    def _stepper(self, rows: list[Running]) -> StaticStep | SharedPrefixSteps:
         static = self.static_steps.for_rows(rows) if self.static_steps is not None else None
-        return static if static is not None else _EagerSteps(self, rows)
+        return static if static is not None else SharedPrefixSteps(self, rows)
 
     def _finish_if_done(
         self, index: int, row: Running, logits: torch.Tensor, finished: Callable[[int, list[int]], None]
@@ -459,32 +391,3 @@ class FlamingoDecoder:
             finished(index, row.generated)
             return True
         return False
-
-
-class _EagerSteps:
-    """The rows stepped through the LM's own forward, over a cache that holds each prefix once."""
-
-    def __init__(self, decoder: FlamingoDecoder, rows: list[Running]) -> None:
-        self.decoder = decoder
-        steps = max(row.job.kwargs["max_new_tokens"] - len(row.generated) for row in rows)
-        self.cache = SharedPrefixCache(rows, steps, decoder.device)
-        self.mask = (self.cache.slots != 0).long()
-        self.images = decoder.latest_images(rows, take=True)
-
-    def reading(self) -> contextlib.AbstractContextManager[None]:
-        return self.decoder.reading_images(self.images)
-
-    def step(self, rows: Sequence[Running]) -> torch.Tensor:
-        """One new token for every row: logits (rows, vocab). Each row reads its latest image."""
-        self.cache.begin_step()
-        self.mask = F.pad(self.mask, (0, 1), value=1)
-        tokens = torch.cat([row.sequence[:, -1:] for row in rows])
-        positions = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=self.decoder.device)
-        logits = self.decoder.step_tokens(tokens, positions, self.cache, self.mask)
-        self.cache.end_step()
-        return logits
-
-    def hand_back(self, n: int, row: Running) -> None:
-        """Row ``n`` leaves the batch with its caches: views of the batch's, let go when the next batch takes them."""
-        row.key_values = self.cache.own_key_values(n)
-        row.image_keys_values = [None if kv is None else (kv[0][n : n + 1], kv[1][n : n + 1]) for kv in self.images]

@@ -11,13 +11,15 @@ are as before. Only the gathered tensors of one layer exist at a time.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from core.decoding import Running
+    from core.decoding import FlamingoDecoder, Running
 
 
 class SharedPrefixCache:
@@ -97,3 +99,32 @@ class SharedPrefixCache:
             (keys[begin:end].transpose(0, 1)[None], values[begin:end].transpose(0, 1)[None])
             for keys, values in zip(self.keys, self.values, strict=True)
         ]
+
+
+class SharedPrefixSteps:
+    """The rows stepped through the LM's own forward, over a cache that holds each prefix once."""
+
+    def __init__(self, decoder: FlamingoDecoder, rows: list[Running]) -> None:
+        self.decoder = decoder
+        steps = max(row.job.kwargs["max_new_tokens"] - len(row.generated) for row in rows)
+        self.cache = SharedPrefixCache(rows, steps, decoder.device)
+        self.mask = (self.cache.slots != 0).long()
+        self.images = decoder.latest_images(rows, take=True)
+
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        return self.decoder.reading_images(self.images)
+
+    def step(self, rows: Sequence[Running]) -> torch.Tensor:
+        """One new token for every row: logits (rows, vocab). Each row reads its latest image."""
+        self.cache.begin_step()
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        tokens = torch.cat([row.sequence[:, -1:] for row in rows])
+        positions = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=self.decoder.device)
+        logits = self.decoder.step_tokens(tokens, positions, self.cache, self.mask)
+        self.cache.end_step()
+        return logits
+
+    def hand_back(self, n: int, row: Running) -> None:
+        """Row ``n`` leaves the batch with its caches: views of the batch's, let go when the next batch takes them."""
+        row.key_values = self.cache.own_key_values(n)
+        row.image_keys_values = [None if kv is None else (kv[0][n : n + 1], kv[1][n : n + 1]) for kv in self.images]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.decoding import _EagerSteps
+from core.beam_search import padded_batch
+from core.shared_prefix import SharedPrefixSteps
 from tests.core.test_static_decode import prefilled_rows
 from tests.make_tiny_model import FAMILIES
 
@@ -24,8 +25,8 @@ def test_shared_prefixes_give_the_padded_batch_logits_and_caches(engines, photos
         own_lengths = [row.key_values[0][0].shape[2] for row in rows]
         images = [list(row.image_keys_values) for row in rows]
         padded_rows = prefilled_rows(engine, photos)
-        padded, mask = decoder.batch(padded_rows)
-        shared = _EagerSteps(decoder, rows)
+        padded, mask = padded_batch(padded_rows, decoder.device)
+        shared = SharedPrefixSteps(decoder, rows)
         for _ in range(5):
             mask = torch.nn.functional.pad(mask, (0, 1), value=1)
             tokens = torch.cat([row.sequence[:, -1:] for row in padded_rows])
@@ -53,7 +54,7 @@ def test_a_prefix_is_stored_once_however_many_rows_share_it(engines, photos):
     with torch.inference_mode():
         rows = prefilled_rows(engine, photos)
         distinct = rows[1].prefix_length + rows[2].prefix_length  # 0, 1, 2 and 2 examples again
-        cache = _EagerSteps(engine.decoder, rows).cache
+        cache = SharedPrefixSteps(engine.decoder, rows).cache
     # a zero slot for the padding, each distinct prefix once, each row's own tokens and room to grow
     assert cache.keys[0].shape[0] == 1 + distinct + len(rows) * cache.capacity
 
@@ -64,8 +65,8 @@ def test_the_gathered_rows_are_the_padded_batch_exactly(engines, photos, family)
     step's new ones are stored, are the padded batch's with the new ones appended."""
     engine = engines[family]
     with torch.inference_mode():
-        padded, _ = engine.decoder.batch(prefilled_rows(engine, photos))
-        cache = _EagerSteps(engine.decoder, prefilled_rows(engine, photos)).cache
+        padded, _ = padded_batch(prefilled_rows(engine, photos), engine.decoder.device)
+        cache = SharedPrefixSteps(engine.decoder, prefilled_rows(engine, photos)).cache
         cache.begin_step()
         for index, layer in enumerate(padded.layers):
             new_keys, new_values = torch.randn_like(layer.keys[:, :, :1]), torch.randn_like(layer.values[:, :, :1])

@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.decoding import Running, _EagerSteps
+from core.decoding import Running
 from core.generation import GenerationParams
 from core.loading import load_model
 from core.prompts import Example, Task
+from core.shared_prefix import SharedPrefixSteps
 from core.static_decode import CAPACITY_STEP, StaticSteps, supports_static_steps
 from tests.conftest import tiny_settings
 
@@ -39,7 +40,7 @@ def test_static_steps_give_the_eager_steps_logits_and_caches(engines, photos):
     with torch.inference_mode():
         rows = prefilled_rows(engine, photos)
         caches = [(list(row.key_values), list(row.image_keys_values)) for row in rows]
-        eager = _EagerSteps(engine.decoder, rows)  # each stepper takes the rows' caches
+        eager = SharedPrefixSteps(engine.decoder, rows)  # each stepper takes the rows' caches
         assert all(row.key_values == [] == row.image_keys_values for row in rows)
         for row, (cache, images) in zip(rows, caches, strict=True):
             row.key_values, row.image_keys_values = cache, images

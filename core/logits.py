@@ -1,0 +1,43 @@
+"""The logits processors transformers' ``generate`` builds, for decode loops of our own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+_HF_DEFAULT_TOP_K = 50  # what transformers' generate applies when sampling without top_k
+
+
+def logits_processors(
+    kwargs: dict[str, Any], prompt_length: int, stop_ids: set[int], device: torch.device
+) -> LogitsProcessorList:
+    """The processors transformers' ``generate`` would build for these parameters, in its order.
+
+    ``device`` is where the scores live: processors that hold token ids keep them there.
+    """
+    processors = LogitsProcessorList()
+    if kwargs.get("repetition_penalty") not in (None, 1.0):
+        processors.append(RepetitionPenaltyLogitsProcessor(kwargs["repetition_penalty"]))
+    if kwargs.get("no_repeat_ngram_size"):
+        processors.append(NoRepeatNGramLogitsProcessor(kwargs["no_repeat_ngram_size"]))
+    if kwargs.get("min_new_tokens"):
+        processors.append(
+            MinNewTokensLengthLogitsProcessor(prompt_length, kwargs["min_new_tokens"], sorted(stop_ids), device=device)
+        )
+    if kwargs.get("do_sample"):
+        if kwargs.get("temperature") not in (None, 1.0):
+            processors.append(TemperatureLogitsWarper(kwargs["temperature"]))
+        processors.append(TopKLogitsWarper(kwargs.get("top_k") or _HF_DEFAULT_TOP_K))
+        if kwargs.get("top_p") not in (None, 1.0):
+            processors.append(TopPLogitsWarper(kwargs["top_p"]))
+    return processors
