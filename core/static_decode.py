@@ -3,12 +3,12 @@
 Why: at batch 1 a 9B model's decode step is about 900 small kernels launched from Python. On an
 H200 that took 18 ms a token, five times the 3.6 ms the GPU needs to read the weights. A CUDA graph
 replays the whole step in one launch, but it needs fixed shapes and addresses, so the step runs
-over buffers of a fixed capacity: the rows' caches are copied in left-padded (as
-``FlamingoDecoder.batch`` pads them), each step writes its keys and values at the next slot and
-masks the free slots. MPT places tokens with ALiBi, whose bias for a key depends only on its
-distance to the newest token: computed from the slot, it is upstream's bias bit for bit. What
-differs from an unpadded forward is only the length of the reductions over masked slots, as in
-any padded batch, so these steps are held to the batched paths' near-tie rule.
+over buffers of a fixed capacity: the rows' caches are copied in left-padded, each step writes its
+keys and values at the next slot and masks the free slots. MPT places tokens with ALiBi, whose
+bias for a key depends only on its distance to the newest token: computed from the slot, it is
+upstream's bias bit for bit. What differs from an unpadded forward is only the length of the
+reductions over masked slots, as in any padded batch, so these steps are held to the batched
+paths' near-tie rule.
 
 The step calls upstream's own layers (Flamingo's gated cross-attention, transformers' ``MptBlock``),
 so the arithmetic is theirs. LLaMA and GPT-NeoX models, int8 weights (whose outlier handling
@@ -110,19 +110,23 @@ class StaticStep:
             row.key_values = []
         self.slot.fill_(length)
         self.next_slot = length
-        if not self.media:  # made on first use, when the images' shapes are known
-            self.media = [
-                None
-                if kv is None
-                else tuple(torch.empty((self.rows, *t.shape[1:]), device=t.device, dtype=t.dtype) for t in kv)
-                for kv in rows[0].image_keys_values
-            ]
+        self.make_image_buffers(rows)
         for index, buffers in enumerate(self.media):
             if buffers is not None:
                 for n, row in enumerate(rows):
                     keys, values = row.image_keys_values[index]  # type: ignore[misc]
                     buffers[0][n] = keys[0]
                     buffers[1][n] = values[0]
+
+    def make_image_buffers(self, rows: Sequence[Running]) -> None:
+        """The buffers for the rows' latest images' keys and values, made once their shapes are known."""
+        if not self.media:
+            self.media = [
+                None
+                if kv is None
+                else tuple(torch.zeros((self.rows, *t.shape[1:]), device=t.device, dtype=t.dtype) for t in kv)
+                for kv in rows[0].image_keys_values
+            ]
 
     def reading(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # each step gives the layers its own image buffers
@@ -186,6 +190,7 @@ class StaticStep:
         return self._head(self._norm(hidden))[:, -1, :]
 
     def capture(self) -> None:
+        """Record the step (its warm-ups write only at the current slot, which the first step rewrites)."""
         slot = self.slot.clone()
         stream = torch.cuda.Stream(self.decoder.device)
         stream.wait_stream(torch.cuda.current_stream(self.decoder.device))
@@ -225,14 +230,15 @@ class StaticSteps:
         if step is None:
             step = StaticStep(self.decoder, len(rows), capacity)
             self.steps.put(key, step)
-        step.load(rows)
         if self.graphed and step.graph is None:
+            step.make_image_buffers(rows)
             try:
-                step.capture()
+                step.capture()  # before the rows' caches are taken, so that a failure leaves them whole
             except RuntimeError as error:  # an operation a graph cannot hold: decode eagerly from now on
                 log.warning("CUDA graphs are off for this model: %s", error)
                 self.failed = True
                 self.steps = LruCache(0, lambda step: step.nbytes)
                 return None
+        step.load(rows)
         self.used += 1
         return step

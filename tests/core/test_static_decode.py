@@ -15,7 +15,7 @@ from core.generation import GenerationParams
 from core.loading import load_model
 from core.prompts import Example, Task
 from core.shared_prefix import SharedPrefixSteps
-from core.static_decode import CAPACITY_STEP, StaticSteps, supports_static_steps
+from core.static_decode import CAPACITY_STEP, StaticStep, StaticSteps, supports_static_steps
 from tests.conftest import tiny_settings
 
 
@@ -84,6 +84,21 @@ def test_int8_models_step_eagerly(model_dirs):
     """LLM.int8() picks outlier columns with a host round trip, which a CUDA graph cannot hold."""
     loaded = load_model(tiny_settings(model_dirs["mpt"], precision="int8").model)
     assert not supports_static_steps(loaded.model)
+
+
+def test_a_step_that_cannot_be_captured_leaves_the_rows_to_the_eager_loop(engines, photos, caplog, monkeypatch):
+    def refuse(step: StaticStep) -> None:  # what CUDA says of a host round trip inside a capture
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StaticStep, "capture", refuse)
+    engine = engines["mpt"]
+    static_steps = StaticSteps(engine.decoder, max_rows=4, memory_bytes=2**30, graphed=True)
+    with torch.inference_mode():
+        rows = prefilled_rows(engine, photos)
+        assert static_steps.for_rows(rows) is None
+        assert all(row.key_values for row in rows)  # their caches are untouched
+        assert static_steps.failed and static_steps.for_rows(rows) is None  # and it does not try again
+    assert "CUDA graphs are off" in caplog.text
 
 
 def test_the_decoder_uses_static_steps_only_on_a_gpu(engines):
