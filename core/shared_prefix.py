@@ -25,17 +25,19 @@ if TYPE_CHECKING:
 class SharedPrefixCache:
     """What transformers' decoder layers ask of a cache, for one token per row per forward."""
 
-    def __init__(self, rows: Sequence[Running], steps: int, device: torch.device) -> None:
-        """Take the rows' own caches; ``steps`` bounds the tokens each row may add."""
+    def __init__(self, rows: Sequence[Running], device: torch.device) -> None:
+        """Take the rows' own caches, with room for each row's remaining tokens."""
         prefixes = {id(row.job.prefix): row.job.prefix for row in rows}
         own = [row.cached_length - row.prefix_length for row in rows]
         self.length = max(row.cached_length for row in rows)
-        self.capacity = capacity = max(own) + steps  # each row's room in the store
         prefix_start, start = {}, 1  # slot 0 stays zero: what the padding reads
         for key, prefix in prefixes.items():
             prefix_start[key] = start
             start += len(prefix.token_ids)
-        self.own_start = [start + n * capacity for n in range(len(rows))]
+        self.own_start = []
+        for row, tokens in zip(rows, own, strict=True):
+            self.own_start.append(start)
+            start += tokens + row.job.kwargs["max_new_tokens"] - len(row.generated)
         slots = torch.zeros(len(rows), self.length, dtype=torch.long)
         for n, row in enumerate(rows):
             first = self.length - row.cached_length
@@ -48,7 +50,7 @@ class SharedPrefixCache:
         self.writes = torch.tensor([s + o for s, o in zip(self.own_start, own, strict=True)], device=device)
         self.keys: list[torch.Tensor] = []  # per layer, (tokens, heads, dim)
         self.values: list[torch.Tensor] = []
-        total = start + len(rows) * capacity
+        total = start
         while rows[0].key_values:  # layer by layer, so each row's old copy goes as soon as it is stored
             index = len(self.keys)
             parts = [row.key_values.pop(0) for row in rows]
@@ -106,8 +108,7 @@ class SharedPrefixSteps:
 
     def __init__(self, decoder: FlamingoDecoder, rows: list[Running]) -> None:
         self.decoder = decoder
-        steps = max(row.job.kwargs["max_new_tokens"] - len(row.generated) for row in rows)
-        self.cache = SharedPrefixCache(rows, steps, decoder.device)
+        self.cache = SharedPrefixCache(rows, decoder.device)
         self.mask = (self.cache.slots != 0).long()
         self.images = decoder.latest_images(rows, take=True)
 

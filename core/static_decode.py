@@ -217,6 +217,10 @@ class StaticSteps:
         self.steps: LruCache[tuple[int, int], StaticStep] = LruCache(memory_bytes, lambda step: step.nbytes)
         self.used = 0  # batches decoded with a static step
         self.failed = False
+        self.memory_bytes = memory_bytes
+        # Key and value bytes of one token of one row, over all layers.
+        width = decoder._layers[0].decoder_layer.attn.hidden_size
+        self.bytes_per_token = 2 * len(decoder._layers) * width * decoder.dtype.itemsize
 
     def for_rows(self, rows: Sequence[Running]) -> StaticStep | None:
         """A step loaded with the rows, or None where the eager loop must take them."""
@@ -225,6 +229,8 @@ class StaticSteps:
         length = max(row.cached_length for row in rows)
         remaining = max(row.job.kwargs["max_new_tokens"] - len(row.generated) for row in rows)
         capacity = -(-(length + remaining) // CAPACITY_STEP) * CAPACITY_STEP
+        if len(rows) * capacity * self.bytes_per_token > self.memory_bytes:
+            return None  # longer answers than the graphs' memory allows: they go through the eager loop
         key = (len(rows), capacity)
         step = self.steps.get(key)
         if step is None:

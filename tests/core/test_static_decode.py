@@ -73,6 +73,11 @@ def test_static_steps_are_kept_per_batch_size_and_capacity(engines, photos):
         rows = prefilled_rows(engine, photos)
         rows[0].job.kwargs["max_new_tokens"] = CAPACITY_STEP  # needs a larger buffer
         assert static_steps.for_rows(rows[:1]).capacity == 2 * CAPACITY_STEP
+        assert first.nbytes == 2 * CAPACITY_STEP * static_steps.bytes_per_token
+        assert static_steps.steps.bytes == 2 * first.nbytes  # (2 rows, 128 tokens) and (1 row, 256)
+        small = StaticSteps(engine.decoder, max_rows=2, memory_bytes=first.nbytes // 2, graphed=False)
+        assert small.for_rows(prefilled_rows(engine, photos)[:2]) is None  # its buffers would not fit
+        assert small.for_rows(prefilled_rows(engine, photos)[:1]) is not None
 
 
 @pytest.mark.parametrize(("family", "precision", "supported"), [("mpt", "fp32", True), ("llama", "fp32", False)])
