@@ -15,7 +15,7 @@ cross-attention every 4 layers) and served by the bot's own engine and service. 
   layers too). With random weights the logits are nearly flat, so agreement here is a lower bound;
 - on a GPU, greedy agreement of the CUDA-graphed decode steps with the eager loop.
 
-Usage: ``python bench/serve_bench.py --device cuda [--precisions bf16 int8 nf4]``, or on the CPU with
+Usage: ``python bench/serve_bench.py --device cuda [--precisions bf16 nf4 int8]``, or on the CPU with
 small shapes to try the code: ``python bench/full_size.py --device cpu --scale small``. The last
 line printed is one JSON object.
 """
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full")
-    parser.add_argument("--precisions", nargs="+", default=["bf16", "int8", "nf4"])
+    parser.add_argument("--precisions", nargs="+", default=["bf16", "nf4", "int8"])  # slowest last
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     print(json.dumps(measure(args.scale, torch.device(args.device), args.precisions, args.repeats)))
