@@ -92,7 +92,7 @@ class ServiceSettings(BaseModel):
     prefix_cache_mb: int = Field(2048, ge=0, description="Tasks' precomputed examples, least recently used dropped.")
     image_cache_mb: int = Field(256, ge=0, description="Image features by content hash.")
     cuda_graph_max_batch: int = Field(
-        4, ge=0, description="Batches up to this size replay each decode step from a CUDA graph (MPT on a GPU); 0: off."
+        4, ge=0, description="Batches up to this size replay each decode step from a CUDA graph (on a GPU); 0: off."
     )
     cuda_graph_mb: int = Field(512, ge=0, description="Key/value buffers of those graphs, least used dropped.")
     queue_update_seconds: float = Field(15.0, ge=1, description="Least time between edits of a place in line.")

@@ -1,29 +1,32 @@
-"""Decode steps over fixed-size key/value buffers, replayed from CUDA graphs, for MPT models.
+"""Decode steps over fixed-size key/value buffers, replayed from CUDA graphs.
 
 Why: at batch 1 a 9B model's decode step is about 900 small kernels launched from Python. On an
 H200 that took 18 ms a token, five times the 3.6 ms the GPU needs to read the weights. A CUDA graph
 replays the whole step in one launch, but it needs fixed shapes and addresses, so the step runs
 over buffers of a fixed capacity: the rows' caches are copied in left-padded, each step writes its
-keys and values at the next slot and masks the free slots. MPT places tokens with ALiBi, whose
-bias for a key depends only on its distance to the newest token: computed from the slot, it is
-upstream's bias bit for bit. What differs from an unpadded forward is only the length of the
-reductions over masked slots, as in any padded batch, so these steps are held to the batched
-paths' near-tie rule.
+keys and values at the next slot and masks the free slots. Where a token sits is computed on the
+device from the slot: MPT's ALiBi bias (its distance to the newest token, upstream's bias bit for
+bit) or, for LLaMA and GPT-NeoX, each row's rotary position (the slot less the row's first slot).
+What differs from an unpadded forward is only the length of the reductions over masked slots, as
+in any padded batch, so these steps are held to the batched paths' near-tie rule.
 
-The step calls upstream's own layers (Flamingo's gated cross-attention, transformers' ``MptBlock``),
-so the arithmetic is theirs. LLaMA and GPT-NeoX models, int8 weights (whose outlier handling
-synchronises with the host) and CPUs use the eager loop.
+The step calls upstream's own layers (Flamingo's gated cross-attention, transformers' decoder
+layers), so the arithmetic is theirs. Remote-code models (MPT-1B's MosaicGPT), rotary embeddings
+that resize with the length (which ask the host), int8 weights (whose outlier handling synchronises
+with the host) and CPUs use the eager loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import MptForCausalLM
+from torch import nn
+from transformers import GPTNeoXForCausalLM, LlamaForCausalLM, MptForCausalLM
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
 from core.lru_cache import LruCache
@@ -37,15 +40,54 @@ CAPACITY_STEP = 128  # buffers grow in these many tokens, so few shapes (and gra
 _WARM_UP_STEPS = 2  # eager runs on a side stream before capture, as PyTorch's CUDA graph notes ask
 
 
-def supports_static_steps(model: torch.nn.Module) -> bool:
-    lm = model.lang_encoder
-    if not isinstance(lm, MptForCausalLM):
-        return False
-    return not any(type(module).__name__ == "Linear8bitLt" for module in lm.modules())
+@dataclass(frozen=True)
+class LanguageModelParts:
+    """What a step needs of a language model family beyond its decoder layers."""
+
+    norm: nn.Module  # the final norm, before the output head
+    rotary: nn.Module | None  # the rotary embedding; None: ALiBi (MPT)
+    cache_argument: str  # the name under which the decoder layer takes its cache
+    key_value_heads: int
+    head_dim: int
+
+
+def language_model_parts(lm: nn.Module) -> LanguageModelParts | None:
+    """The family's parts, or None where its steps cannot run over fixed buffers."""
+    if any(type(module).__name__ == "Linear8bitLt" for module in lm.modules()):
+        return None
+    config = lm.config
+    if isinstance(lm, MptForCausalLM):
+        return LanguageModelParts(
+            lm.transformer.norm_f, None, "layer_past", config.n_heads, config.d_model // config.n_heads
+        )
+    if isinstance(lm, LlamaForCausalLM):
+        parts = LanguageModelParts(
+            lm.model.norm,
+            lm.model.rotary_emb,
+            "past_key_values",
+            config.num_key_value_heads,
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        )
+    elif isinstance(lm, GPTNeoXForCausalLM):
+        parts = LanguageModelParts(
+            lm.gpt_neox.final_layer_norm,
+            lm.gpt_neox.rotary_emb,
+            "layer_past",
+            config.num_attention_heads,
+            config.hidden_size // config.num_attention_heads,
+        )
+    else:
+        return None
+    # Frequencies that change with the length are chosen on the host, which a graph cannot hold.
+    return None if "dynamic" in parts.rotary.rope_type or parts.rotary.rope_type == "longrope" else parts
+
+
+def supports_static_steps(model: nn.Module) -> bool:
+    return language_model_parts(model.lang_encoder) is not None
 
 
 class _SlotCache:
-    """What ``MptAttention`` asks of a cache: it stores the new keys and values at the step's slot."""
+    """What the decoder layers' attention asks of a cache: it stores the new keys and values at the step's slot."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slot: torch.Tensor) -> None:
         self.keys, self.values, self.slot = keys, values, slot
@@ -64,13 +106,13 @@ class _SlotCache:
 class StaticStep:
     """One decode step for a fixed number of rows and key/value capacity."""
 
-    def __init__(self, decoder: FlamingoDecoder, rows: int, capacity: int) -> None:
+    def __init__(self, decoder: FlamingoDecoder, parts: LanguageModelParts, rows: int, capacity: int) -> None:
         self.decoder = decoder
+        self.parts = parts
         self.rows, self.capacity = rows, capacity
         lm = decoder.model.lang_encoder
-        attention = decoder._layers[0].decoder_layer.attn
         device, dtype = decoder.device, decoder.dtype
-        shape = (rows, attention.n_heads, capacity, attention.head_dim)
+        shape = (rows, parts.key_value_heads, capacity, parts.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in decoder._layers]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in decoder._layers]
         self.media: list[tuple[torch.Tensor, torch.Tensor] | None] = []
@@ -78,11 +120,15 @@ class StaticStep:
         self.first = torch.zeros(rows, 1, 1, 1, dtype=torch.long, device=device)  # each row's first slot
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where this step's token goes
         self.slots = torch.arange(capacity, device=device)
-        self.slopes = -build_mpt_alibi_tensor(attention.n_heads, 2, device=device)[:, :, :1]  # (heads, 1, 1)
         self.locations = torch.ones(rows, 1, dtype=torch.long, device=device)
         self._embed = lm.get_input_embeddings()
-        self._norm = lm.transformer.norm_f
         self._head = lm.get_output_embeddings()
+        self._placement: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]]
+        if parts.rotary is None:
+            self.slopes = -build_mpt_alibi_tensor(parts.key_value_heads, 2, device=device)[:, :, :1]  # (heads, 1, 1)
+            self._placement = self._alibi
+        else:
+            self._placement = self._rotary
         self.next_slot = 0  # the host's copy of ``slot``
         self.own: list[int] = []  # each row's tokens after its prefix
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -169,25 +215,32 @@ class StaticStep:
         finally:
             self.decoder._forget_media()
 
-    def _forward(self) -> torch.Tensor:
-        """MptModel's forward for one token per row, over the buffers (upstream's layers do the arithmetic)."""
+    def _alibi(self, hidden: torch.Tensor, masked: torch.Tensor) -> dict[str, Any]:
+        """MptBlock's arguments: as build_mpt_alibi_tensor, int32 offsets times float slopes."""
         distance = (self.slots - self.slot).to(torch.int32).view(1, 1, self.capacity)
-        bias = distance * self.slopes  # as build_mpt_alibi_tensor: int32 offsets times float slopes
-        masked = (self.slots < self.first) | (self.slots > self.slot)
-        cache = _SlotCache(self.keys, self.values, self.slot)
+        return {"position_bias": distance * self.slopes, "attention_mask": masked, "output_attentions": False}
+
+    def _rotary(self, hidden: torch.Tensor, masked: torch.Tensor) -> dict[str, Any]:
+        """LLaMA's and GPT-NeoX's arguments: each row's position and an additive mask, as their attention takes."""
+        positions = self.slot - self.first.view(self.rows, 1)
+        mask = torch.zeros(masked.shape, device=hidden.device, dtype=hidden.dtype)
+        return {
+            "position_ids": positions,
+            "position_embeddings": self.parts.rotary(hidden, positions),  # type: ignore[misc]
+            "attention_mask": mask.masked_fill(masked, torch.finfo(hidden.dtype).min),
+        }
+
+    def _forward(self) -> torch.Tensor:
+        """The LM's forward for one token per row, over the buffers (upstream's layers do the arithmetic)."""
+        masked = (self.slots < self.first) | (self.slots > self.slot)  # (rows, 1, 1, capacity)
         hidden = self._embed(self.tokens)
+        arguments = self._placement(hidden, masked)
+        arguments[self.parts.cache_argument] = _SlotCache(self.keys, self.values, self.slot)
         for layer in self.decoder._layers:
-            hidden = layer(
-                hidden,
-                attention_mask=masked,
-                position_bias=bias,
-                layer_past=cache,
-                use_cache=True,
-                output_attentions=False,
-                cache_position=None,
-            )[0]
+            output = layer(hidden, use_cache=True, cache_position=None, **arguments)
+            hidden = output[0] if isinstance(output, tuple) else output  # LLaMA's layers return the tensor alone
         self.slot.add_(1)
-        return self._head(self._norm(hidden))[:, -1, :]
+        return self._head(self.parts.norm(hidden))[:, -1, :]
 
     def capture(self) -> None:
         """Record the step (its warm-ups write only at the current slot, which the first step rewrites)."""
@@ -218,8 +271,12 @@ class StaticSteps:
         self.used = 0  # batches decoded with a static step
         self.failed = False
         self.memory_bytes = memory_bytes
+        parts = language_model_parts(decoder.model.lang_encoder)
+        if parts is None:
+            raise ValueError("this language model's decode steps cannot run over fixed buffers")
+        self.parts = parts
         # Key and value bytes of one token of one row, over all layers.
-        width = decoder._layers[0].decoder_layer.attn.hidden_size
+        width = parts.key_value_heads * parts.head_dim
         self.bytes_per_token = 2 * len(decoder._layers) * width * decoder.dtype.itemsize
 
     def for_rows(self, rows: Sequence[Running]) -> StaticStep | None:
@@ -234,7 +291,7 @@ class StaticSteps:
         key = (len(rows), capacity)
         step = self.steps.get(key)
         if step is None:
-            step = StaticStep(self.decoder, len(rows), capacity)
+            step = StaticStep(self.decoder, self.parts, len(rows), capacity)
             self.steps.put(key, step)
         if self.graphed and step.graph is None:
             step.make_image_buffers(rows)

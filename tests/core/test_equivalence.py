@@ -315,7 +315,8 @@ def test_prefix_cache_is_bounded_in_bytes():
 NEAR_TIE = 1e-4
 
 
-@pytest.mark.parametrize(("family", "stepping"), [*((f, "eager") for f in FAMILIES), ("mpt", "static")])
+@pytest.mark.parametrize("stepping", ["eager", "static"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("arrival", ["together", "joining"])
 def test_batched_requests_match_the_reference_except_at_near_ties(
     engines, references, photos, family, stepping, arrival, monkeypatch

@@ -17,6 +17,7 @@ from core.prompts import Example, Task
 from core.shared_prefix import SharedPrefixSteps
 from core.static_decode import CAPACITY_STEP, StaticStep, StaticSteps, supports_static_steps
 from tests.conftest import tiny_settings
+from tests.make_tiny_model import FAMILIES
 
 
 def prefilled_rows(engine, photos) -> list[Running]:
@@ -34,8 +35,10 @@ def prefilled_rows(engine, photos) -> list[Running]:
     return rows
 
 
-def test_static_steps_give_the_eager_steps_logits_and_caches(engines, photos):
-    engine = engines["mpt"]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_steps_give_the_eager_steps_logits_and_caches(engines, photos, family):
+    """MPT places tokens by ALiBi from the slot; LLaMA and GPT-NeoX by each row's rotary position."""
+    engine = engines[family]
     static_steps = StaticSteps(engine.decoder, max_rows=4, memory_bytes=2**30, graphed=False)
     with torch.inference_mode():
         rows = prefilled_rows(engine, photos)
@@ -80,15 +83,24 @@ def test_static_steps_are_kept_per_batch_size_and_capacity(engines, photos):
         assert small.for_rows(prefilled_rows(engine, photos)[:1]) is not None
 
 
-@pytest.mark.parametrize(("family", "precision", "supported"), [("mpt", "fp32", True), ("llama", "fp32", False)])
-def test_static_steps_are_offered_for_mpt_models_only(engines, model_dirs, family, precision, supported):
-    assert supports_static_steps(engines[family].loaded.model) is supported
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_native_family_is_offered_static_steps(engines, family):
+    assert supports_static_steps(engines[family].loaded.model)
 
 
 def test_int8_models_step_eagerly(model_dirs):
     """LLM.int8() picks outlier columns with a host round trip, which a CUDA graph cannot hold."""
     loaded = load_model(tiny_settings(model_dirs["mpt"], precision="int8").model)
     assert not supports_static_steps(loaded.model)
+
+
+def test_rotary_embeddings_that_resize_with_the_length_step_eagerly(engines, monkeypatch):
+    """Dynamic RoPE compares the length with its cache on the host, which a CUDA graph cannot hold."""
+    rotary = engines["llama"].loaded.model.lang_encoder.model.rotary_emb
+    monkeypatch.setattr(rotary, "rope_type", "dynamic")
+    assert not supports_static_steps(engines["llama"].loaded.model)
+    with pytest.raises(ValueError, match="fixed buffers"):
+        StaticSteps(engines["llama"].decoder, max_rows=4, memory_bytes=2**30, graphed=False)
 
 
 def test_a_step_that_cannot_be_captured_leaves_the_rows_to_the_eager_loop(engines, photos, caplog, monkeypatch):
