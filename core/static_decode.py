@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import GPTNeoXForCausalLM, LlamaForCausalLM, MptForCausalLM
-from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
+from core.layer_stack import LanguageModelParts, language_model_parts
 from core.lru_cache import LruCache
 
 if TYPE_CHECKING:
@@ -40,50 +38,10 @@ CAPACITY_STEP = 128  # buffers grow in these many tokens, so few shapes (and gra
 _WARM_UP_STEPS = 2  # eager runs on a side stream before capture, as PyTorch's CUDA graph notes ask
 
 
-@dataclass(frozen=True)
-class LanguageModelParts:
-    """What a step needs of a language model family beyond its decoder layers."""
-
-    norm: nn.Module  # the final norm, before the output head
-    rotary: nn.Module | None  # the rotary embedding; None: ALiBi (MPT)
-    cache_argument: str  # the name under which the decoder layer takes its cache
-    key_value_heads: int
-    head_dim: int
-
-
-def language_model_parts(lm: nn.Module) -> LanguageModelParts | None:
-    """The family's parts, or None where its steps cannot run over fixed buffers."""
-    if any(type(module).__name__ == "Linear8bitLt" for module in lm.modules()):
-        return None
-    config = lm.config
-    if isinstance(lm, MptForCausalLM):
-        return LanguageModelParts(
-            lm.transformer.norm_f, None, "layer_past", config.n_heads, config.d_model // config.n_heads
-        )
-    if isinstance(lm, LlamaForCausalLM):
-        parts = LanguageModelParts(
-            lm.model.norm,
-            lm.model.rotary_emb,
-            "past_key_values",
-            config.num_key_value_heads,
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        )
-    elif isinstance(lm, GPTNeoXForCausalLM):
-        parts = LanguageModelParts(
-            lm.gpt_neox.final_layer_norm,
-            lm.gpt_neox.rotary_emb,
-            "layer_past",
-            config.num_attention_heads,
-            config.hidden_size // config.num_attention_heads,
-        )
-    else:
-        return None
-    # Frequencies that change with the length are chosen on the host, which a graph cannot hold.
-    return None if "dynamic" in parts.rotary.rope_type or parts.rotary.rope_type == "longrope" else parts
-
-
 def supports_static_steps(model: nn.Module) -> bool:
-    return language_model_parts(model.lang_encoder) is not None
+    lm = model.lang_encoder
+    int8 = any(type(module).__name__ == "Linear8bitLt" for module in lm.modules())
+    return not int8 and language_model_parts(lm) is not None
 
 
 class _SlotCache:
@@ -110,7 +68,6 @@ class StaticStep:
         self.decoder = decoder
         self.parts = parts
         self.rows, self.capacity = rows, capacity
-        lm = decoder.model.lang_encoder
         device, dtype = decoder.device, decoder.dtype
         shape = (rows, parts.key_value_heads, capacity, parts.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in decoder._layers]
@@ -121,14 +78,6 @@ class StaticStep:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where this step's token goes
         self.slots = torch.arange(capacity, device=device)
         self.locations = torch.ones(rows, 1, dtype=torch.long, device=device)
-        self._embed = lm.get_input_embeddings()
-        self._head = lm.get_output_embeddings()
-        self._placement: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]]
-        if parts.rotary is None:
-            self.slopes = -build_mpt_alibi_tensor(parts.key_value_heads, 2, device=device)[:, :, :1]  # (heads, 1, 1)
-            self._placement = self._alibi
-        else:
-            self._placement = self._rotary
         self.next_slot = 0  # the host's copy of ``slot``
         self.own: list[int] = []  # each row's tokens after its prefix
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -215,32 +164,15 @@ class StaticStep:
         finally:
             self.decoder._forget_media()
 
-    def _alibi(self, hidden: torch.Tensor, masked: torch.Tensor) -> dict[str, Any]:
-        """MptBlock's arguments: as build_mpt_alibi_tensor, int32 offsets times float slopes."""
-        distance = (self.slots - self.slot).to(torch.int32).view(1, 1, self.capacity)
-        return {"position_bias": distance * self.slopes, "attention_mask": masked, "output_attentions": False}
-
-    def _rotary(self, hidden: torch.Tensor, masked: torch.Tensor) -> dict[str, Any]:
-        """LLaMA's and GPT-NeoX's arguments: each row's position and an additive mask, as their attention takes."""
-        positions = self.slot - self.first.view(self.rows, 1)
-        mask = torch.zeros(masked.shape, device=hidden.device, dtype=hidden.dtype)
-        return {
-            "position_ids": positions,
-            "position_embeddings": self.parts.rotary(hidden, positions),  # type: ignore[misc]
-            "attention_mask": mask.masked_fill(masked, torch.finfo(hidden.dtype).min),
-        }
-
     def _forward(self) -> torch.Tensor:
-        """The LM's forward for one token per row, over the buffers (upstream's layers do the arithmetic)."""
+        """The LM's forward for one token per row, over the buffers."""
         masked = (self.slots < self.first) | (self.slots > self.slot)  # (rows, 1, 1, capacity)
-        hidden = self._embed(self.tokens)
-        arguments = self._placement(hidden, masked)
-        arguments[self.parts.cache_argument] = _SlotCache(self.keys, self.values, self.slot)
-        for layer in self.decoder._layers:
-            output = layer(hidden, use_cache=True, cache_position=None, **arguments)
-            hidden = output[0] if isinstance(output, tuple) else output  # LLaMA's layers return the tensor alone
+        positions = self.slot - self.first.view(self.rows, 1)
+        cache = _SlotCache(self.keys, self.values, self.slot)
+        layers = self.decoder._layers
+        logits = self.parts.last_logits(layers, self.tokens, cache, masked, self.slots - self.slot, positions)
         self.slot.add_(1)
-        return self._head(self.parts.norm(hidden))[:, -1, :]
+        return logits
 
     def capture(self) -> None:
         """Record the step (its warm-ups write only at the current slot, which the first step rewrites)."""
