@@ -28,7 +28,10 @@ from PIL import Image
 from transformers import DynamicCache
 from transformers.generation.logits_process import LogitsProcessorList
 
+from core.batched_prefill import groups as prefill_groups
+from core.batched_prefill import prefill_together
 from core.flamingo_layers import ReusableMediaLayer, media_keys_values
+from core.layer_stack import language_model_parts
 from core.logits import logits_processors
 from core.lru_cache import LruCache
 from core.shared_prefix import SharedPrefixCache, SharedPrefixSteps
@@ -125,6 +128,7 @@ class FlamingoDecoder:
         self._layers: list[ReusableMediaLayer] = list(lm._get_decoder_layers())
         # MPT places tokens with ALiBi and takes no position ids; LLaMA and GPT-NeoX need them in a batch.
         self._takes_positions = "position_ids" in inspect.signature(self._lm_forward).parameters
+        self._parts = language_model_parts(lm)  # None: requests arriving together are prefilled one by one
         self.prefixes: LruCache[tuple[str, tuple[int, ...]], PrefixState] = LruCache(
             prefix_cache_bytes, lambda state: state.nbytes
         )
@@ -282,15 +286,39 @@ class FlamingoDecoder:
         with reading:
             logits = self._forward(ids, image_index, cache, past=len(prefix.token_ids))
             latest = [layer.latest_image_keys_values() for layer in self._layers]
-        sequence = torch.tensor([list(prefix.token_ids) + job.request_ids], device=self.device)
+        key_values = [(_after(layer.keys, prefix), _after(layer.values, prefix)) for layer in cache.layers]
+        return self.running(job, logits, key_values, latest)
+
+    def running(
+        self,
+        job: DecodeJob,
+        logits: torch.Tensor,
+        key_values: list[tuple[torch.Tensor, torch.Tensor]],
+        latest: list[tuple[torch.Tensor, torch.Tensor] | None],
+    ) -> Running:
+        """A prefilled request, ready to decode: its tokens so far, caches and first logits."""
+        sequence = torch.tensor([list(job.prefix.token_ids) + job.request_ids], device=self.device)
         return Running(
             job=job,
             sequence=sequence,
             processors=logits_processors(job.kwargs, sequence.shape[1], job.stop_ids, self.device),
-            key_values=[(_after(layer.keys, prefix), _after(layer.values, prefix)) for layer in cache.layers],
+            key_values=key_values,
             image_keys_values=latest,
             logits=logits,
         )
+
+    def prefill_many(self, jobs: Sequence[DecodeJob], media_token_id: int) -> list[Running]:
+        """Requests arriving together, prefilled in groups (``core.batched_prefill``) where the model's
+        family allows it; a request alone runs the exact single path."""
+        if self._parts is None:
+            return [self.prefill(job, media_token_id) for job in jobs]
+        rows: list[Running] = []
+        for group in prefill_groups(self, self._parts, jobs):
+            if len(group) == 1:
+                rows.append(self.prefill(group[0], media_token_id))
+            else:
+                rows.extend(prefill_together(self, self._parts, group, media_token_id))
+        return rows
 
     def _choose(self, row: Running, logits: torch.Tensor) -> bool:
         """Pick the row's next token; True when the row is finished."""
@@ -332,8 +360,8 @@ class FlamingoDecoder:
     ) -> None:
         """Decode requests together, one token of every unfinished request per forward.
 
-        Each request's own tokens run alone first, so every first token is exactly the unbatched
-        one; then the requests share forwards. A request that stops is handed back at once and
+        Requests that arrive together run their own tokens together first (a request alone
+        exactly as unbatched); then the requests share forwards. A request that stops is handed back at once and
         leaves the batch, so nobody waits for a longer answer; and between two forwards,
         ``joining(running)`` may hand over requests that arrived meanwhile, which join the batch
         (continuous batching), so nobody waits for a longer answer to start either. Requests are
@@ -343,9 +371,8 @@ class FlamingoDecoder:
         active: list[int] = []
 
         def admit(new_jobs: Sequence[DecodeJob]) -> None:
-            for job in new_jobs:
+            for row in self.prefill_many(new_jobs, media_token_id):
                 index = len(rows)
-                row = self.prefill(job, media_token_id)
                 rows.append(row)
                 if not self._finish_if_done(index, row, row.logits, finished):
                     active.append(index)
