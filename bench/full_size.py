@@ -10,7 +10,9 @@ cross-attention every 4 layers) and served by the bot's own engine and service. 
 - throughput with 32 concurrent 4-shot requests over two tasks;
 - peak memory while serving, one request at a time and 32 at once (building random weights makes
   the LM in full precision before quantizing it, which a real load does not, so that peak is
-  reported apart; on the CPU every figure is the process's peak so far);
+  reported apart). On the CPU, serving peaks are the weights plus the peak of all other live
+  tensors, counted op by op (``bench/live_memory.py``, which slows every operation: its times are
+  not speeds), and ``--layers`` gives fewer layers, whose figures scale to the full model's;
 - greedy agreement with bf16 on a fixed set of prompts (int8 and nf4 quantize the cross-attention
   layers too). With random weights the logits are nearly flat, so agreement here is a lower bound;
 - on a GPU, greedy agreement of the CUDA-graphed decode steps with the eager loop.
@@ -32,16 +34,18 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
 from transformers import MptConfig, MptForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.live_memory import LiveTensorBytes
 from bench.serve_bench import Photos, make_task
 from core.config import ModelSettings, ServiceSettings, Settings
 from core.engine import FlamingoEngine
@@ -65,6 +69,10 @@ class Shapes:
     lm: dict
     vision: dict | str  # an open_clip model config, or the name of one
     cross_attn_every_n_layers: int
+    vocab: int | None  # None: the tokenizer's
+
+    def describe(self) -> str:
+        return f"{self.lm['n_layers']} layers of width {self.lm['d_model']}"
 
 
 SCALES = {
@@ -72,14 +80,15 @@ SCALES = {
         lm={"d_model": 4096, "n_heads": 32, "n_layers": 32, "expansion_ratio": 4, "max_seq_len": 2048},
         vision="ViT-L-14",
         cross_attn_every_n_layers=4,
+        vocab=50432,
     ),
     "small": Shapes(
         lm={"d_model": 512, "n_heads": 8, "n_layers": 8, "expansion_ratio": 4, "max_seq_len": 1024},
         vision=vision_config(TinyModelSpec(family="mpt", vision_width=384, vision_layers=6))["model_cfg"],
         cross_attn_every_n_layers=2,
+        vocab=None,
     ),
 }
-FULL_VOCAB = 50432
 
 
 @contextlib.contextmanager
@@ -109,9 +118,8 @@ def build(shapes: Shapes, precision: str, device: torch.device) -> LoadedModel:
     visual.output_tokens = True
     transform = open_clip.image_transform(visual.image_size, is_train=False)
     # The LM is made on the device in its compute dtype (seconds, not minutes, for 7B parameters).
-    vocab = FULL_VOCAB if shapes is SCALES["full"] else len(tokenizer)
     with torch.device(device), default_dtype(plan.dtype):
-        lm = MptForCausalLM(MptConfig(vocab_size=vocab, **shapes.lm))
+        lm = MptForCausalLM(MptConfig(vocab_size=shapes.vocab or len(tokenizer), **shapes.lm))
     if plan.quantization is not None:
         quantize_linears(lm.transformer, plan, device)
     model = assemble_flamingo(lm, visual, width, tokenizer, shapes.cross_attn_every_n_layers)
@@ -267,13 +275,46 @@ def agreement(ours: list[tuple[int, ...]], reference: list[tuple[int, ...]]) -> 
     return round(matched / max(1, sum(len(y) for y in reference)), 3)
 
 
-def _peak_bytes(device: torch.device) -> int:
+def _build_peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's, on the CPU
 
 
-def measure(scale: str, device: torch.device, precisions: list[str], repeats: int) -> dict:
+class PeakMemory:
+    """Peak bytes since the last reset: the CUDA allocator's, or on the CPU the weights (parameters
+    and buffers) plus the peak of all other live tensors, counted op by op in every call the engine
+    answers, on whichever thread the service runs it."""
+
+    def __init__(self, engine: FlamingoEngine) -> None:
+        loaded = engine.loaded
+        self.device = loaded.device
+        self.weights = loaded.total_bytes
+        self.live: LiveTensorBytes | None = None
+        if self.device.type != "cuda":
+            self.live = LiveTensorBytes(exclude=(*loaded.model.parameters(), *loaded.model.buffers()))
+            engine.run_many = self._counting(engine.run_many)  # type: ignore[method-assign]
+        self.reset()
+
+    def _counting(self, run_many: Callable[..., None]) -> Callable[..., None]:
+        def counted(*args: Any, **kwargs: Any) -> None:
+            with self.live:  # type: ignore[union-attr]
+                run_many(*args, **kwargs)
+
+        return counted
+
+    def reset(self) -> None:
+        if self.live is None:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.live.reset_peak()
+
+    def gib(self) -> float:
+        peak = torch.cuda.max_memory_allocated(self.device) if self.live is None else self.weights + self.live.peak
+        return round(peak / 2**30, 2)
+
+
+def measure(shapes: Shapes, device: torch.device, precisions: list[str], repeats: int) -> dict:
     bandwidth = measured_bandwidth(device)
     results: dict[str, dict] = {}
     baseline: list[tuple[int, ...]] | None = None
@@ -282,11 +323,10 @@ def measure(scale: str, device: torch.device, precisions: list[str], repeats: in
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        loaded = build(SCALES[scale], precision, device)
-        build_peak = _peak_bytes(device)  # random weights made in full precision first: not a real load's peak
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        loaded = build(shapes, precision, device)
+        build_peak = _build_peak_bytes(device)  # random weights made in full precision first: not a real load's peak
         run = Run(loaded)
+        peak = PeakMemory(run.engine)
         per_token = bytes_read_per_token(loaded)
         tokens_per_s = run.decode_tokens_per_second()
         limit = bandwidth / per_token
@@ -305,11 +345,10 @@ def measure(scale: str, device: torch.device, precisions: list[str], repeats: in
         }
         if precision == precisions[0]:
             results[precision]["caption_4shot_3_beams_s"] = round(run.beam_seconds(), 4)
-        results[precision]["peak_gib_one_at_a_time"] = round(_peak_bytes(device) / 2**30, 2)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        results[precision]["peak_gib_one_at_a_time"] = peak.gib()
+        peak.reset()
         results[precision][f"throughput_{CONCURRENT}"] = run.throughput()
-        results[precision][f"peak_gib_{CONCURRENT}_at_once"] = round(_peak_bytes(device) / 2**30, 2)
+        results[precision][f"peak_gib_{CONCURRENT}_at_once"] = peak.gib()
         results[precision]["build_peak_gib"] = round(build_peak / 2**30, 2)
         results[precision]["graphs"] = run.graphs()
         print(f"{precision}: {json.dumps(results[precision])}", flush=True)
@@ -319,7 +358,7 @@ def measure(scale: str, device: torch.device, precisions: list[str], repeats: in
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": name,
-        "model": f"{MODEL} shapes ({scale}), random weights",
+        "model": f"{MODEL} shapes ({shapes.describe()}), random weights",
         "measured_bandwidth_gbs": round(bandwidth / 1e9, 1),
         "nominal_bandwidth_tbs": nominal,
         "precisions": results,
@@ -330,10 +369,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full")
+    parser.add_argument("--layers", type=int, help="fewer decoder layers than the scale's (memory figures on the CPU)")
     parser.add_argument("--precisions", nargs="+", default=["bf16", "nf4", "int8"])  # slowest last
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.scale, torch.device(args.device), args.precisions, args.repeats)))
+    shapes = SCALES[args.scale]
+    if args.layers:
+        shapes = replace(shapes, lm={**shapes.lm, "n_layers": args.layers})
+    print(json.dumps(measure(shapes, torch.device(args.device), args.precisions, args.repeats)))
 
 
 if __name__ == "__main__":
