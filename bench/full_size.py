@@ -17,8 +17,9 @@ cross-attention every 4 layers) and served by the bot's own engine and service. 
   layers too). With random weights the logits are nearly flat, so agreement here is a lower bound;
 - on a GPU, greedy agreement of the CUDA-graphed decode steps with the eager loop.
 
-Usage: ``python bench/serve_bench.py --device cuda [--precisions bf16 nf4 int8]``, or on the CPU with
-small shapes to try the code: ``python bench/full_size.py --device cpu --scale small``. The last
+Usage: ``python bench/serve_bench.py --device cuda [--precisions bf16 nf4 int8]``; ``--scale
+full-llama`` builds the v1 OpenFlamingo-9B (LLaMA-7B) instead. On the CPU with small shapes, to try
+the code: ``python bench/full_size.py --device cpu --scale small`` (or ``small-llama``). The last
 line printed is one JSON object.
 """
 
@@ -42,7 +43,7 @@ from typing import Any
 
 import open_clip
 import torch
-from transformers import MptConfig, MptForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM, PretrainedConfig, PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.live_memory import LiveTensorBytes
@@ -56,7 +57,6 @@ from core.registry import REGISTRY
 from core.service import InferenceService
 from tests.make_tiny_model import TinyModelSpec, build_tokenizer, vision_config
 
-MODEL = "openflamingo/OpenFlamingo-9B-vitl-mpt7b"
 NEW_TOKENS = 16
 DECODE_TOKENS = 128
 CONCURRENT = 32
@@ -65,26 +65,86 @@ NOMINAL_TBS = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H200": 4.8}
 
 
 @dataclass(frozen=True)
+class Family:
+    """A language model family as the benchmark builds it."""
+
+    config: type[PretrainedConfig]
+    model: type[PreTrainedModel]
+    layers_key: str  # the config's number of decoder layers
+    width_key: str
+    context_key: str
+    decoder: str  # the attribute holding the decoder, which quantization converts
+
+
+FAMILIES = {
+    "mpt": Family(MptConfig, MptForCausalLM, "n_layers", "d_model", "max_seq_len", "transformer"),
+    "llama": Family(
+        LlamaConfig, LlamaForCausalLM, "num_hidden_layers", "hidden_size", "max_position_embeddings", "model"
+    ),
+}
+
+
+@dataclass(frozen=True)
 class Shapes:
+    model: str  # the registry name of the model whose shapes these are
+    family: str
     lm: dict
     vision: dict | str  # an open_clip model config, or the name of one
     cross_attn_every_n_layers: int
     vocab: int | None  # None: the tokenizer's
 
     def describe(self) -> str:
-        return f"{self.lm['n_layers']} layers of width {self.lm['d_model']}"
+        family = FAMILIES[self.family]
+        return f"{self.lm[family.layers_key]} layers of width {self.lm[family.width_key]}"
+
+    def with_layers(self, layers: int) -> Shapes:
+        return replace(self, lm={**self.lm, FAMILIES[self.family].layers_key: layers})
 
 
+_SMALL_VISION = vision_config(TinyModelSpec(family="mpt", vision_width=384, vision_layers=6))["model_cfg"]
 SCALES = {
     "full": Shapes(
+        model="openflamingo/OpenFlamingo-9B-vitl-mpt7b",
+        family="mpt",
         lm={"d_model": 4096, "n_heads": 32, "n_layers": 32, "expansion_ratio": 4, "max_seq_len": 2048},
         vision="ViT-L-14",
         cross_attn_every_n_layers=4,
         vocab=50432,
     ),
+    # The v1 OpenFlamingo-9B: LLaMA-7B (its vocabulary with the three tokens Flamingo adds).
+    "full-llama": Shapes(
+        model="openflamingo/OpenFlamingo-9B",
+        family="llama",
+        lm={
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_attention_heads": 32,
+            "num_hidden_layers": 32,
+            "max_position_embeddings": 2048,
+        },
+        vision="ViT-L-14",
+        cross_attn_every_n_layers=4,
+        vocab=32003,
+    ),
     "small": Shapes(
+        model="openflamingo/OpenFlamingo-9B-vitl-mpt7b",
+        family="mpt",
         lm={"d_model": 512, "n_heads": 8, "n_layers": 8, "expansion_ratio": 4, "max_seq_len": 1024},
-        vision=vision_config(TinyModelSpec(family="mpt", vision_width=384, vision_layers=6))["model_cfg"],
+        vision=_SMALL_VISION,
+        cross_attn_every_n_layers=2,
+        vocab=None,
+    ),
+    "small-llama": Shapes(
+        model="openflamingo/OpenFlamingo-9B",
+        family="llama",
+        lm={
+            "hidden_size": 512,
+            "intermediate_size": 1408,  # a multiple of 64, as bitsandbytes' 4-bit CPU layout needs
+            "num_attention_heads": 8,
+            "num_hidden_layers": 8,
+            "max_position_embeddings": 1024,
+        },
+        vision=_SMALL_VISION,
         cross_attn_every_n_layers=2,
         vocab=None,
     ),
@@ -118,10 +178,11 @@ def build(shapes: Shapes, precision: str, device: torch.device) -> LoadedModel:
     visual.output_tokens = True
     transform = open_clip.image_transform(visual.image_size, is_train=False)
     # The LM is made on the device in its compute dtype (seconds, not minutes, for 7B parameters).
+    family = FAMILIES[shapes.family]
     with torch.device(device), default_dtype(plan.dtype):
-        lm = MptForCausalLM(MptConfig(vocab_size=shapes.vocab or len(tokenizer), **shapes.lm))
+        lm = family.model(family.config(vocab_size=shapes.vocab or len(tokenizer), **shapes.lm))
     if plan.quantization is not None:
-        quantize_linears(lm.transformer, plan, device)
+        quantize_linears(getattr(lm, family.decoder), plan, device)
     model = assemble_flamingo(lm, visual, width, tokenizer, shapes.cross_attn_every_n_layers)
     for block in lm.gated_cross_attn_layers:
         if block is not None:  # upstream starts the gates at 0, which would switch the images off
@@ -132,10 +193,10 @@ def build(shapes: Shapes, precision: str, device: torch.device) -> LoadedModel:
         model=model,
         tokenizer=tokenizer,
         image_transform=transform,
-        spec=REGISTRY[MODEL],
+        spec=REGISTRY[shapes.model],
         precision=plan,
         device=device,
-        context_length=shapes.lm["max_seq_len"],
+        context_length=shapes.lm[family.context_key],
         language_model_bytes=lm.get_memory_footprint(),
         load_seconds=time.perf_counter() - started,
     )
@@ -358,7 +419,7 @@ def measure(shapes: Shapes, device: torch.device, precisions: list[str], repeats
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": name,
-        "model": f"{MODEL} shapes ({shapes.describe()}), random weights",
+        "model": f"{shapes.model} shapes ({shapes.describe()}), random weights",
         "measured_bandwidth_gbs": round(bandwidth / 1e9, 1),
         "nominal_bandwidth_tbs": nominal,
         "precisions": results,
@@ -375,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     shapes = SCALES[args.scale]
     if args.layers:
-        shapes = replace(shapes, lm={**shapes.lm, "n_layers": args.layers})
+        shapes = shapes.with_layers(args.layers)
     print(json.dumps(measure(shapes, torch.device(args.device), args.precisions, args.repeats)))
 
 

@@ -24,6 +24,7 @@ import torch
 
 from core.flamingo_layers import media_keys_values
 from core.layer_stack import LanguageModelParts
+from core.shared_prefix import store_and_gather
 
 if TYPE_CHECKING:
     from core.decoding import DecodeJob, FlamingoDecoder, Running
@@ -48,13 +49,7 @@ class _PrefillCache:
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, heads, queries, dim = key.shape
-        gathered = []
-        for store, new in ((self.keys[layer_idx], key), (self.values[layer_idx], value)):
-            store.index_copy_(0, self.writes, new.transpose(1, 2).reshape(rows * queries, heads, dim))
-            picked = store.index_select(0, self.slots.flatten())
-            gathered.append(picked.view(*self.slots.shape, heads, dim).transpose(1, 2))
-        return gathered[0], gathered[1]
+        return store_and_gather(self.keys[layer_idx], self.values[layer_idx], self.writes, self.slots, key, value)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # the gathered columns are the whole length: MPT then takes the bias of them all

@@ -22,6 +22,25 @@ if TYPE_CHECKING:
     from core.decoding import FlamingoDecoder, Running
 
 
+def store_and_gather(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    writes: torch.Tensor,
+    slots: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write (rows, heads, queries, dim) keys and values into (slots, heads, dim) stores at ``writes``
+    (rows * queries), then gather ``slots`` (rows, columns) as (rows, heads, columns, dim)."""
+    rows, heads, queries, dim = new_keys.shape
+    gathered = []
+    for store, new in ((keys, new_keys), (values, new_values)):
+        store.index_copy_(0, writes, new.transpose(1, 2).reshape(rows * queries, heads, dim))
+        picked = store.index_select(0, slots.flatten())
+        gathered.append(picked.view(*slots.shape, heads, dim).transpose(1, 2))
+    return gathered[0], gathered[1]
+
+
 class SharedPrefixCache:
     """What transformers' decoder layers ask of a cache, for one token per row per forward."""
 
@@ -81,12 +100,7 @@ class SharedPrefixCache:
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the step's (rows, heads, 1, dim) keys and values; the rows' whole keys and values, gathered."""
-        gathered = []
-        for store, new in ((self.keys[layer_idx], key), (self.values[layer_idx], value)):
-            store.index_copy_(0, self.writes, new[:, :, 0])
-            rows = store.index_select(0, self.slots.flatten())
-            gathered.append(rows.view(*self.slots.shape, *store.shape[1:]).transpose(1, 2))
-        return gathered[0], gathered[1]
+        return store_and_gather(self.keys[layer_idx], self.values[layer_idx], self.writes, self.slots, key, value)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length - 1  # what was cached before this step's token
