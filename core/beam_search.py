@@ -22,9 +22,12 @@ from core.logits import logits_processors
 
 @dataclass(frozen=True)
 class BeamSettings:
-    """Beam search as upstream's ``generate`` runs it: its end-of-chunk token is the only stop."""
+    """Beam search as upstream's ``generate`` runs it: its end-of-chunk token is the only stop.
+
+    ``do_sample``: beams are drawn from the processed scores instead of taken best first."""
 
     num_beams: int
+    do_sample: bool
     length_penalty: float
     early_stopping: bool | str
     eos_id: int
@@ -78,7 +81,7 @@ def beam_search(
                     log_probs[b] = processors[b](own_tokens, log_probs[b])
                 accumulated = (log_probs + running_scores[:, :, None]).reshape(count, -1)
                 top_scores, top_sequences, top_indices = lm._get_top_k_continuations(
-                    accumulated, running, running_indices, length, prompt_length, False, keep, width,
+                    accumulated, running, running_indices, length, prompt_length, beams.do_sample, keep, width,
                     log_probs.shape[-1], count,
                 )  # fmt: skip
                 stopped = torch.tensor([[job.should_stop()] for job in jobs], device=decoder.device)

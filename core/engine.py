@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from open_flamingo.src.flamingo import Flamingo
 from PIL import Image
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedTokenizerBase
 
 from core.beam_search import BeamSettings, beam_search
 from core.config import Settings
@@ -54,16 +54,6 @@ class Answer:
     prompt_tokens: int
     finished: bool
     seconds: float
-
-
-class _StopWhen(StoppingCriteria):
-    """Lets a cancelled request give the worker back between two tokens."""
-
-    def __init__(self, should_stop: Callable[[], bool]) -> None:
-        self._should_stop = should_stop
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self._should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
 def clear_conditioning(model: Flamingo) -> None:
@@ -223,12 +213,6 @@ class FlamingoEngine:
             prefix, ids[request.prefix_length :], images, request.generate_kwargs, self._stop_ids, should_stop
         )
 
-    def vision_x(self, request: PreparedRequest) -> torch.Tensor:
-        """All the prompt's images as upstream takes them: (1, images, frames=1, channels, height, width)."""
-        frames = [self._pixels(image) for image in (*request.example_images, *request.request_images)]
-        batch = torch.stack(frames).unsqueeze(1).unsqueeze(0)
-        return batch.to(device=self.loaded.device, dtype=self.loaded.precision.dtype)
-
     def _search_beams(
         self,
         requests: Sequence[PreparedRequest],
@@ -236,16 +220,10 @@ class FlamingoEngine:
         indices: Sequence[int],
         finished: Callable[[int, list[int]], None],
     ) -> None:
-        """Beam search on the cached prefixes, requests with the same beam settings together.
-
-        Beam sampling goes through upstream's generate, one request at a time, on the whole prompt.
-        """
+        """Beam search (sampled or not) on the cached prefixes, requests with the same beam settings together."""
         groups: dict[BeamSettings, list[int]] = {}
         for i in indices:
-            if requests[i].generate_kwargs.get("do_sample"):
-                finished(i, self._sample_beams(requests[i], stops[i]))
-            else:
-                groups.setdefault(self._beam_settings(requests[i]), []).append(i)
+            groups.setdefault(self._beam_settings(requests[i]), []).append(i)
         media_token = self.loaded.model.media_token_id
         for settings, members in groups.items():
             # At most a batch's worth of rows in one search, so beams take no more memory than a batch.
@@ -261,21 +239,9 @@ class FlamingoEngine:
         model = self.loaded.model
         return BeamSettings(
             num_beams=request.generate_kwargs["num_beams"],
+            do_sample=bool(request.generate_kwargs.get("do_sample")),
             length_penalty=request.generate_kwargs.get("length_penalty", defaults.length_penalty),
             early_stopping=defaults.early_stopping,
             eos_id=model.eoc_token_id,
             pad_id=self.loaded.tokenizer.pad_token_id or model.eoc_token_id,  # as generate fills
         )
-
-    def _sample_beams(self, request: PreparedRequest, should_stop: Callable[[], bool]) -> list[int]:
-        model, device = self.loaded.model, self.loaded.device
-        with torch.inference_mode():
-            output = model.generate(
-                vision_x=self.vision_x(request),
-                lang_x=request.input_ids.to(device),
-                attention_mask=torch.ones_like(request.input_ids, device=device),
-                pad_token_id=self.loaded.tokenizer.pad_token_id,
-                stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]),
-                **request.generate_kwargs,
-            )
-        return output[0, request.input_ids.shape[1] :].tolist()

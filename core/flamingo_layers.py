@@ -5,7 +5,7 @@ decode loop recomputes the same projection for every new token (on the benchmark
 most of a step's arithmetic). This layer accepts them precomputed. The arithmetic is upstream's
 ``MaskedCrossAttention`` and ``GatedCrossAttentionBlock`` op for op, so results are identical;
 without precomputed values it is upstream's layer unchanged, which keeps ``Flamingo.generate``
-(used for beam sampling) working.
+(the benchmark's reference) working on the loaded model.
 """
 
 from __future__ import annotations

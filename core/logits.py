@@ -23,7 +23,9 @@ def logits_processors(
 ) -> LogitsProcessorList:
     """The processors transformers' ``generate`` would build for these parameters, in its order.
 
-    ``device`` is where the scores live: processors that hold token ids keep them there.
+    ``device`` is where the scores live: processors that hold token ids keep them there. Sampled
+    beams keep one token more than there are stop tokens, as transformers does, so a beam can
+    always go on.
     """
     processors = LogitsProcessorList()
     if kwargs.get("repetition_penalty") not in (None, 1.0):
@@ -35,9 +37,10 @@ def logits_processors(
             MinNewTokensLengthLogitsProcessor(prompt_length, kwargs["min_new_tokens"], sorted(stop_ids), device=device)
         )
     if kwargs.get("do_sample"):
+        keep = len(stop_ids) + 1 if kwargs.get("num_beams", 1) > 1 else 1
         if kwargs.get("temperature") not in (None, 1.0):
             processors.append(TemperatureLogitsWarper(kwargs["temperature"]))
-        processors.append(TopKLogitsWarper(kwargs.get("top_k") or _HF_DEFAULT_TOP_K))
+        processors.append(TopKLogitsWarper(kwargs.get("top_k") or _HF_DEFAULT_TOP_K, min_tokens_to_keep=keep))
         if kwargs.get("top_p") not in (None, 1.0):
-            processors.append(TopPLogitsWarper(kwargs["top_p"]))
+            processors.append(TopPLogitsWarper(kwargs["top_p"], min_tokens_to_keep=keep))
     return processors

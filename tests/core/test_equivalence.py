@@ -17,6 +17,7 @@ from core.beam_search import beam_search
 from core.engine import FlamingoEngine
 from core.generation import GenerationParams
 from core.loading import load_model
+from core.logits import logits_processors
 from core.prompts import END_OF_CHUNK, Example, Task
 from core.static_decode import StaticSteps
 from tests.conftest import tiny_settings
@@ -288,6 +289,43 @@ def test_sampling_draws_the_same_tokens_as_the_reference_for_the_same_seed(engin
         **options,
     )
     assert ours.token_ids == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("seed", [1234, 99])
+def test_sampled_beams_draw_the_same_tokens_as_the_reference_for_the_same_seed(
+    engines, references, photos, family, seed
+):
+    """Beam sampling runs on the cached prefix too; its draws follow upstream's for a seed."""
+    engine, reference = engines[family], references[family]
+    task = _task(photos, ["coffee"])
+    options = {"do_sample": True, "num_beams": 3, "temperature": 1.5, "top_k": 20, "top_p": 0.9}
+    torch.manual_seed(seed)
+    ours = engine.run(
+        engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, **options))
+    )
+    torch.manual_seed(seed)
+    expected = reference.generate(
+        [photos["coffee"], photos["chelsea"]],
+        CAPTIONS["coffee"] + END_OF_CHUNK + "<image>Output:",
+        max_new_tokens=12,
+        **options,
+    )
+    assert ours.token_ids == expected
+    torch.manual_seed(seed)
+    greedy_beams = engine.run(
+        engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, num_beams=3))
+    )
+    assert greedy_beams.token_ids != ours.token_ids  # the draws did choose
+
+
+@pytest.mark.parametrize(("beams", "kept"), [(1, 1), (3, 2)])
+def test_sampled_beams_keep_a_token_beside_the_stop_token(beams, kept):
+    """As transformers does for beams: top-p never leaves a beam only its stop token to choose."""
+    kwargs = {"do_sample": True, "top_p": 0.05, "num_beams": beams}
+    processors = logits_processors(kwargs, 1, {0}, torch.device("cpu"))
+    scores = processors(torch.tensor([[5]]), torch.tensor([[10.0, 1.0, 0.0, 0.0]]))
+    assert int(torch.isfinite(scores).sum()) == kept
 
 
 def test_image_features_are_computed_once_per_image(llama_engine, photos):

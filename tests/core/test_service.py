@@ -119,7 +119,13 @@ async def test_bad_input_is_refused_before_queueing(llama_engine, make_service, 
     assert not gated.started.is_set()
 
 
-@pytest.mark.parametrize("num_beams", [1, 3], ids=["cached-decoder", "upstream-beam-search"])
+def upstream_vision_x(engine, request) -> torch.Tensor:
+    """All the prompt's images as upstream takes them: (1, images, frames=1, channels, height, width)."""
+    frames = [engine._pixels(image) for image in (*request.example_images, *request.request_images)]
+    return torch.stack(frames).unsqueeze(1).unsqueeze(0).to(engine.loaded.device, engine.loaded.precision.dtype)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam-search"])
 async def test_failed_request_leaves_no_conditioned_state(
     llama_engine, make_service, photos, task, monkeypatch, num_beams
 ):
@@ -135,10 +141,10 @@ async def test_failed_request_leaves_no_conditioned_state(
     prepared = llama_engine.prepare([photos["rocket"]], "<image>Output:", task, params)
     # Upstream alone keeps the failed request's images on the layers...
     with pytest.raises(RuntimeError, match="simulated fault"):
-        model.generate(vision_x=llama_engine.vision_x(prepared), lang_x=prepared.input_ids, max_new_tokens=2)
+        model.generate(vision_x=upstream_vision_x(llama_engine, prepared), lang_x=prepared.input_ids, max_new_tokens=2)
     assert holds_conditioning(model)
     with pytest.raises(AssertionError, match="Expect vision_x to be None"), torch.inference_mode():
-        model(vision_x=llama_engine.vision_x(prepared), lang_x=prepared.input_ids)
+        model(vision_x=upstream_vision_x(llama_engine, prepared), lang_x=prepared.input_ids)
     # ...and the service clears them.
     service = make_service(llama_engine)
     with pytest.raises(GenerationFailed, match="Something went wrong while the model was answering"):
@@ -148,7 +154,7 @@ async def test_failed_request_leaves_no_conditioned_state(
     again = await service.answer([photos["rocket"]], "<image>Output:", task, params)
     assert again.token_ids == baseline.token_ids
     with torch.inference_mode():
-        logits = model(vision_x=llama_engine.vision_x(prepared), lang_x=prepared.input_ids).logits
+        logits = model(vision_x=upstream_vision_x(llama_engine, prepared), lang_x=prepared.input_ids).logits
     assert logits.shape[1] == prepared.input_ids.shape[1]
     assert not holds_conditioning(model)
 
