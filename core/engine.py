@@ -169,7 +169,7 @@ class FlamingoEngine:
                 batched.append(len(everyone))
                 everyone.append(request)
                 started.append(time.perf_counter())
-            return [self._job(request, should_stop) for request, should_stop in arrived]
+            return self._jobs([request for request, _ in arrived], [should_stop for _, should_stop in arrived])
 
         def finished(n: int, tokens: list[int]) -> None:
             index = batched[n]
@@ -180,7 +180,7 @@ class FlamingoEngine:
                 requests, stops, beams, lambda i, tokens: deliver(i, self._answer(requests[i], tokens, started[i]))
             )
             if batched:
-                jobs = [self._job(requests[i], stops[i]) for i in batched]
+                jobs = self._jobs([requests[i] for i in batched], [stops[i] for i in batched])
                 self.decoder.decode_many(jobs, self.loaded.model.media_token_id, finished, join)
         except torch.OutOfMemoryError:
             raise GenerationFailed(
@@ -201,17 +201,21 @@ class FlamingoEngine:
             seconds=time.perf_counter() - started,
         )
 
-    def _job(self, request: PreparedRequest, should_stop: Callable[[], bool]) -> DecodeJob:
-        """The fast path: the task's prefix from cache (computed on a miss), the request's own images."""
-        ids = request.input_ids[0].tolist()
+    def _jobs(self, requests: Sequence[PreparedRequest], stops: Sequence[Callable[[], bool]]) -> list[DecodeJob]:
+        """The fast path: each task's prefix from cache (computed on a miss); the requests' own
+        images encoded together, in one vision forward for all of them."""
         media_token = self.loaded.model.media_token_id
-        prefix = self.decoder.prefix(
-            request.task_key, ids[: request.prefix_length], request.example_images, self._pixels, media_token
-        )
-        images = self.decoder.image_features(request.request_images, self._pixels)
-        return DecodeJob(
-            prefix, ids[request.prefix_length :], images, request.generate_kwargs, self._stop_ids, should_stop
-        )
+        images = self.decoder.image_features([image for r in requests for image in r.request_images], self._pixels)
+        jobs = []
+        for request, should_stop in zip(requests, stops, strict=True):
+            ids = request.input_ids[0].tolist()
+            prefix = self.decoder.prefix(
+                request.task_key, ids[: request.prefix_length], request.example_images, self._pixels, media_token
+            )
+            own, images = images[: len(request.request_images)], images[len(request.request_images) :]
+            kwargs = request.generate_kwargs
+            jobs.append(DecodeJob(prefix, ids[request.prefix_length :], own, kwargs, self._stop_ids, should_stop))
+        return jobs
 
     def _search_beams(
         self,
@@ -230,7 +234,7 @@ class FlamingoEngine:
             per_search = max(1, self.settings.service.max_batch // settings.num_beams)
             for start in range(0, len(members), per_search):
                 chunk = members[start : start + per_search]
-                jobs = [self._job(requests[i], stops[i]) for i in chunk]
+                jobs = self._jobs([requests[i] for i in chunk], [stops[i] for i in chunk])
                 done = lambda n, tokens, chunk=chunk: finished(chunk[n], tokens)  # noqa: E731
                 beam_search(self.decoder, jobs, media_token, settings, done)
 

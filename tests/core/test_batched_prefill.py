@@ -34,7 +34,7 @@ def jobs_for(engine, photos, cases=CASES):
         task = Task(f"prefill-{len(names)}", "", "<image>Output:", examples, key=f"prefill/{len(names)}")
         params = GenerationParams(max_new_tokens=8)
         request = engine.prepare([photos[query] for query in queries], prompt, task, params)
-        jobs.append(engine._job(request, lambda: False))
+        jobs.append(engine._jobs([request], [lambda: False])[0])
     return jobs
 
 
@@ -88,3 +88,22 @@ def test_a_batch_of_arrivals_is_prefilled_together(engines, photos, monkeypatch)
         engine.decoder.decode_many(jobs_for(engine, photos), engine.loaded.model.media_token_id, finished.__setitem__)
     assert calls == [5] and sorted(finished) == [0, 1, 2, 3, 4]
     assert all(len(tokens) == 8 for tokens in finished.values())
+
+
+def test_the_images_of_requests_arriving_together_are_encoded_in_one_vision_forward(engines, photos, monkeypatch):
+    engine = engines["gptneox"]
+    vision = engine.loaded.model.vision_encoder
+    batches = []
+    original = vision.forward
+
+    def counted(pixels, *args, **kwargs):
+        batches.append(pixels.shape[0])
+        return original(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(vision, "forward", counted)
+    task = Task("none", "", "<image>Output:")
+    unseen = [photos["rocket"].rotate(angle) for angle in (90, 180, 270)]  # new pixels: not in the image cache
+    requests = [engine.prepare([image], "<image>Output:", task, GenerationParams(max_new_tokens=3)) for image in unseen]
+    answers = {}
+    engine.run_many(requests, [lambda: False] * 3, answers.__setitem__)
+    assert batches == [3] and sorted(answers) == [0, 1, 2]

@@ -28,7 +28,7 @@ def prefilled_rows(engine, photos) -> list[Running]:
     for shots, query in [(0, "rocket"), (1, "chelsea"), (2, "camera"), (2, "coffee")]:
         task = Task(f"static-{shots}", "", "<image>Output:", tuple(examples[:shots]), key=f"static/{shots}")
         request = engine.prepare([photos[query]], "<image>Output:", task, GenerationParams(max_new_tokens=20))
-        row = engine.decoder.prefill(engine._job(request, lambda: False), engine.loaded.model.media_token_id)
+        row = engine.decoder.prefill(engine._jobs([request], [lambda: False])[0], engine.loaded.model.media_token_id)
         row.sequence = torch.cat([row.sequence, row.logits.argmax(dim=-1, keepdim=True)], dim=1)
         row.generated.append(int(row.sequence[0, -1]))
         rows.append(row)
