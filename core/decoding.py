@@ -361,11 +361,12 @@ class FlamingoDecoder:
         """Decode requests together, one token of every unfinished request per forward.
 
         Requests that arrive together run their own tokens together first (a request alone
-        exactly as unbatched); then the requests share forwards. A request that stops is handed back at once and
-        leaves the batch, so nobody waits for a longer answer; and between two forwards,
-        ``joining(running)`` may hand over requests that arrived meanwhile, which join the batch
-        (continuous batching), so nobody waits for a longer answer to start either. Requests are
-        numbered for ``finished`` in the order they came: ``jobs`` first, then each joiner.
+        exactly as unbatched); then the requests share forwards. A request that stops is handed
+        back at once and leaves the batch, so nobody waits for a longer answer; and between two
+        forwards, ``joining(running)`` may hand over requests that arrived meanwhile, which join
+        the batch (continuous batching), so nobody waits for a longer answer to start either.
+        Requests are numbered for ``finished`` in the order they came: ``jobs`` first, then each
+        joiner.
         """
         rows: list[Running] = []
         active: list[int] = []
