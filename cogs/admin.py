@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import discord
 import psutil
@@ -14,6 +15,9 @@ from discord.ext import commands
 import core
 from cogs.utils.bot import EXTENSIONS, FlamingoBot
 from cogs.utils.checks import OwnerGroup
+
+if TYPE_CHECKING:
+    from core.static_decode import StaticSteps
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,18 @@ def _model_fields(bot: FlamingoBot) -> dict[str, str]:
         "Queue": f"{bot.service.waiting} waiting",
         "Prefix cache": _cache_line(decoder.prefixes.stats(), "tasks"),
         "Image cache": _cache_line(decoder.images.stats(), "images"),
+        "Decode graphs": _graphs_line(decoder.static_steps),
     }
+
+
+def _graphs_line(static_steps: StaticSteps | None) -> str:
+    """The CUDA-graphed decode steps: off (CPU, int8, remote-code models or turned off), failed, or in use."""
+    if static_steps is None:
+        return "off"
+    if static_steps.failed:
+        return "off: a capture failed (see the log)"
+    stats = static_steps.steps.stats()
+    return f"{stats['entries']} kept, {stats['bytes'] / 2**20:.1f} MiB, batches stepped from them: {static_steps.used}"
 
 
 def status_embed(bot: FlamingoBot) -> discord.Embed:

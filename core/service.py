@@ -189,7 +189,10 @@ class InferenceService:
     def cache_status(self) -> list[dict[str, dict[str, int]]]:
         """One entry per model copy (here, one): its caches' counters."""
         decoder = self.engine.decoder  # type: ignore[attr-defined]
-        return [{"prefix": decoder.prefixes.stats(), "image": decoder.images.stats()}]
+        caches = {"prefix": decoder.prefixes.stats(), "image": decoder.images.stats()}
+        if decoder.static_steps is not None:
+            caches["graphs"] = decoder.static_steps.steps.stats()
+        return [caches]
 
     def estimated_wait(self, position: int) -> float:
         """Seconds until a request at ``position`` starts, from recent answers' times (0 before any ran)."""

@@ -6,6 +6,7 @@ import asyncio
 
 import discord
 
+from core.static_decode import StaticSteps
 from tests.cogs.test_inference import photo
 
 
@@ -34,11 +35,29 @@ async def test_status_is_for_the_owner_only(world):
     assert "GiB" in fields["Memory"]
     assert fields["Prefix cache"].endswith(" misses") and " tasks, " in fields["Prefix cache"]
     assert " images, " in fields["Image cache"]
+    assert fields["Decode graphs"] == "off"  # a CPU steps eagerly
 
     stranger = world.discord.add_member(world.admin_guild, "stranger", permissions=1 << 3)
     refused = (await world.reply("admin status", member=stranger, guild=world.admin_guild))[0]
     assert refused.ephemeral
     assert refused.content == "Only the bot's owner can use this command."
+
+
+async def test_status_counts_the_decode_graphs_in_use(world, monkeypatch):
+    """What a GPU shows: here the same fixed-buffer steps, run without graphs."""
+    decoder = world.bot.service.engine.decoder
+    monkeypatch.setattr(decoder, "static_steps", StaticSteps(decoder, max_rows=4, memory_bytes=2**30, graphed=False))
+    await world.reply("comprehend", image=photo(world), max_new_tokens=3)
+    owner = world.admin_guild.members[world.discord.owner.id]
+    status = (await world.reply("admin status", member=owner, guild=world.admin_guild))[0]
+    fields = {field["name"]: field["value"] for field in status.embeds[0]["fields"]}
+    assert fields["Decode graphs"].startswith("1 kept, ")
+    assert fields["Decode graphs"].endswith(" MiB, batches stepped from them: 1")
+    assert world.bot.service.cache_status()[0]["graphs"]["entries"] == 1
+    decoder.static_steps.failed = True
+    status = (await world.reply("admin status", member=owner, guild=world.admin_guild))[0]
+    fields = {field["name"]: field["value"] for field in status.embeds[0]["fields"]}
+    assert fields["Decode graphs"] == "off: a capture failed (see the log)"
 
 
 async def test_reload_keeps_the_model_service_and_the_database(world):
