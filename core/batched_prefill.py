@@ -27,7 +27,8 @@ from core.layer_stack import LanguageModelParts
 from core.shared_prefix import store_and_gather
 
 if TYPE_CHECKING:
-    from core.decoding import DecodeJob, FlamingoDecoder, Running
+    from core.decode_state import DecodeJob, Running
+    from core.decoding import FlamingoDecoder
 
 # Transient bytes of one group's forward (one layer's attention scores, every layer's image keys
 # and values); larger arrivals are split into groups, so a batched prefill stays a small part of

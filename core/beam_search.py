@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from core.decoding import DecodeJob, FlamingoDecoder, Running
+from core.decode_state import DecodeJob, Running
+from core.decoding import FlamingoDecoder
 from core.logits import logits_processors
 
 

@@ -17,8 +17,6 @@ import contextlib
 import hashlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from einops import rearrange
@@ -26,76 +24,16 @@ from open_flamingo.src.flamingo import Flamingo
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin
 from PIL import Image
 from transformers import DynamicCache
-from transformers.generation.logits_process import LogitsProcessorList
 
 from core.batched_prefill import groups as prefill_groups
 from core.batched_prefill import prefill_together
+from core.decode_state import DecodeJob, PrefixState, Running, after_prefix, tensor_bytes
 from core.flamingo_layers import ReusableMediaLayer, media_keys_values
 from core.layer_stack import language_model_parts
 from core.logits import logits_processors
 from core.lru_cache import LruCache
 from core.shared_prefix import SharedPrefixCache, SharedPrefixSteps
 from core.static_decode import StaticStep, StaticSteps, supports_static_steps
-
-
-@dataclass
-class DecodeJob:
-    """One request for the decoder: its task's prefix, its own tokens and images, its parameters."""
-
-    prefix: PrefixState
-    request_ids: list[int]
-    request_images: list[torch.Tensor]
-    kwargs: dict[str, Any]
-    stop_ids: set[int]
-    should_stop: Callable[[], bool]
-
-
-@dataclass
-class Running:
-    job: DecodeJob
-    sequence: torch.Tensor  # (1, tokens so far, the newest not yet in the cache)
-    processors: LogitsProcessorList
-    # Per layer, (1, heads, tokens, dim), of the tokens after the task's prefix (whose own cache
-    # is the job's prefix state, shared by the task's requests).
-    key_values: list[tuple[torch.Tensor, torch.Tensor]]
-    image_keys_values: list[tuple[torch.Tensor, torch.Tensor] | None]  # per layer, of the image it reads now
-    logits: torch.Tensor
-    generated: list[int] = field(default_factory=list)
-
-    @property
-    def prefix_length(self) -> int:
-        return len(self.job.prefix.token_ids)
-
-    @property
-    def cached_length(self) -> int:
-        """Tokens in the row's cache, the prefix's included (while the row holds its cache)."""
-        return self.prefix_length + self.key_values[0][0].shape[2]
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.nelement() * tensor.element_size()
-
-
-@dataclass(frozen=True)
-class PrefixState:
-    """A task's examples, run once: their token ids, the LM's cache for them, the last image's keys and values."""
-
-    token_ids: tuple[int, ...]
-    key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    # Per decoder layer (None without cross-attention), the last example image's cross-attention
-    # keys and values, for the request's text before its own <image>; None without examples.
-    last_image: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...] | None
-
-    @property
-    def nbytes(self) -> int:
-        tensors = [*self.key_values, *(kv for kv in self.last_image or () if kv is not None)]
-        return sum(_tensor_bytes(k) + _tensor_bytes(v) for k, v in tensors)
-
-
-def _after(tensor: torch.Tensor, prefix: PrefixState) -> torch.Tensor:
-    """A (1, heads, tokens, dim) cache tensor without the prefix's tokens, which the prefix state keeps."""
-    length = len(prefix.token_ids)
-    return tensor[:, :, length:].clone() if length else tensor
 
 
 def image_key(image: Image.Image) -> str:
@@ -132,7 +70,7 @@ class FlamingoDecoder:
         self.prefixes: LruCache[tuple[str, tuple[int, ...]], PrefixState] = LruCache(
             prefix_cache_bytes, lambda state: state.nbytes
         )
-        self.images: LruCache[str, torch.Tensor] = LruCache(image_cache_bytes, _tensor_bytes)
+        self.images: LruCache[str, torch.Tensor] = LruCache(image_cache_bytes, tensor_bytes)
         # Small batches on a GPU replay their decode steps from CUDA graphs (core.static_decode).
         self.static_steps = (
             StaticSteps(self, graph_max_rows, graph_bytes, graphed=True)
@@ -286,7 +224,7 @@ class FlamingoDecoder:
         with reading:
             logits = self._forward(ids, image_index, cache, past=len(prefix.token_ids))
             latest = [layer.latest_image_keys_values() for layer in self._layers]
-        key_values = [(_after(layer.keys, prefix), _after(layer.values, prefix)) for layer in cache.layers]
+        key_values = [(after_prefix(layer.keys, prefix), after_prefix(layer.values, prefix)) for layer in cache.layers]
         return self.running(job, logits, key_values, latest)
 
     def running(

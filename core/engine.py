@@ -18,7 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from core.beam_search import BeamSettings, beam_search
 from core.config import Settings
-from core.decoding import DecodeJob, FlamingoDecoder
+from core.decode_state import DecodeJob
+from core.decoding import FlamingoDecoder
 from core.errors import BadPrompt, GenerationFailed
 from core.generation import GenerationParams, generation_kwargs
 from core.images import crop_extreme_aspect

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from core.decoding import FlamingoDecoder, Running
+    from core.decode_state import Running
+    from core.decoding import FlamingoDecoder
 
 
 def store_and_gather(

@@ -30,7 +30,8 @@ from core.layer_stack import LanguageModelParts, language_model_parts
 from core.lru_cache import LruCache
 
 if TYPE_CHECKING:
-    from core.decoding import FlamingoDecoder, Running
+    from core.decode_state import Running
+    from core.decoding import FlamingoDecoder
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,21 @@ from pathlib import Path
 import torch
 from open_flamingo import create_model_and_transforms
 
+from core.prompts import Example, Task
 from tests.make_tiny_model import MANIFEST_NAME
+
+# Examples' texts for the equivalence tests' tasks, by the photo they caption.
+CAPTIONS = {
+    "astronaut": "<image>Output:An astronaut in an orange suit.",
+    "coffee": "<image>Output:A cup of coffee on a saucer.",
+    "chelsea": "<image>Output:A tabby cat.",
+}
+
+
+def captioned_task(photos: dict, names: list[str]) -> Task:
+    """A task whose examples are these photos with their captions."""
+    examples = tuple(Example(photos[name], CAPTIONS[name]) for name in names)
+    return Task("test", "", "<image>Output:", examples)
 
 
 class Reference:

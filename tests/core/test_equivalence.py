@@ -17,29 +17,11 @@ from core.beam_search import beam_search
 from core.engine import FlamingoEngine
 from core.generation import GenerationParams
 from core.loading import load_model
-from core.logits import logits_processors
 from core.prompts import END_OF_CHUNK, Example, Task
 from core.static_decode import StaticSteps
 from tests.conftest import tiny_settings
 from tests.make_tiny_model import FAMILIES
-from tests.reference import Reference
-
-CAPTIONS = {
-    "astronaut": "<image>Output:An astronaut in an orange suit.",
-    "coffee": "<image>Output:A cup of coffee on a saucer.",
-    "chelsea": "<image>Output:A tabby cat.",
-}
-
-
-@pytest.fixture(scope="module")
-def references(model_dirs) -> dict[str, Reference]:
-    return {family: Reference(model_dirs[family]) for family in FAMILIES}
-
-
-def _task(photos, names: list[str]) -> Task:
-    examples = tuple(Example(photos[name], CAPTIONS[name]) for name in names)
-    return Task("test", "", "<image>Output:", examples)
-
+from tests.reference import CAPTIONS, Reference, captioned_task
 
 CASES = [
     pytest.param([], "<image>Output:", id="0-shot"),
@@ -56,7 +38,7 @@ def test_engine_matches_upstream_generate(
     engines: dict[str, FlamingoEngine], references, photos, family, num_beams, example_names, prompt
 ):
     engine, reference = engines[family], references[family]
-    task = _task(photos, example_names)
+    task = captioned_task(photos, example_names)
     query = photos["rocket"]
     params = GenerationParams(max_new_tokens=12, num_beams=num_beams)
 
@@ -74,7 +56,7 @@ def test_engine_matches_upstream_generate(
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_different_image_changes_the_answer(engines: dict[str, FlamingoEngine], photos, family):
     engine = engines[family]
-    task = _task(photos, ["astronaut"])
+    task = captioned_task(photos, ["astronaut"])
     params = GenerationParams(max_new_tokens=12)
     answers = {
         name: engine.run(engine.prepare([photos[name]], "<image>Output:", task, params)).token_ids
@@ -111,7 +93,7 @@ def test_answers_from_the_prefix_cache_equal_the_reference(engines, references, 
 )
 def test_greedy_with_logit_processors_equals_the_reference(engines, references, photos, family, options):
     engine, reference = engines[family], references[family]
-    task = _task(photos, ["astronaut"])
+    task = captioned_task(photos, ["astronaut"])
     ours = engine.run(
         engine.prepare([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, **options))
     )
@@ -156,7 +138,7 @@ def ending_model(engines, model_dirs, photos, tmp_path_factory) -> Path:
     length; here they often do, early or late, which exercises beam search's bookkeeping.
     """
     engine = engines["llama"]
-    task = _task(photos, ["astronaut"])
+    task = captioned_task(photos, ["astronaut"])
     greedy = [
         engine.run(engine.prepare([photos[n]], "<image>Output:", task, GenerationParams(max_new_tokens=8))).token_ids
         for n in ("rocket", "coffee", "chelsea")
@@ -185,7 +167,7 @@ def ending_model(engines, model_dirs, photos, tmp_path_factory) -> Path:
 def test_beams_that_end_early_are_chosen_as_upstream_chooses_them(ending_model, photos, options):
     settings = tiny_settings(ending_model)
     engine, reference = FlamingoEngine(load_model(settings.model), settings), Reference(ending_model)
-    task = _task(photos, ["astronaut"])
+    task = captioned_task(photos, ["astronaut"])
     lengths = []
     for name in ("rocket", "coffee", "chelsea", "camera", "astronaut"):
         ours = engine.run(engine.prepare([photos[name]], "<image>Output:", task, GenerationParams(**options)))
@@ -257,7 +239,7 @@ def test_beam_requests_that_end_at_different_steps_are_each_handed_back(ending_m
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_minimum_answer_length_equals_the_reference(engines, references, photos, family):
     engine, reference = engines[family], references[family]
-    task = _task(photos, ["astronaut"])
+    task = captioned_task(photos, ["astronaut"])
     params = GenerationParams(max_new_tokens=16, min_new_tokens=16)
     ours = engine.run(engine.prepare([photos["rocket"]], "<image>Output:", task, params))
     stops = sorted(reference.stop_ids)
@@ -270,62 +252,6 @@ def test_a_minimum_answer_length_equals_the_reference(engines, references, photo
     )
     assert len(ours.token_ids) == 16
     assert ours.token_ids == expected
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_sampling_draws_the_same_tokens_as_the_reference_for_the_same_seed(engines, references, photos, family):
-    engine, reference = engines[family], references[family]
-    task = _task(photos, ["coffee"])
-    options = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95}
-    torch.manual_seed(1234)
-    ours = engine.run(
-        engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, **options))
-    )
-    torch.manual_seed(1234)
-    expected = reference.generate(
-        [photos["coffee"], photos["chelsea"]],
-        CAPTIONS["coffee"] + END_OF_CHUNK + "<image>Output:",
-        max_new_tokens=12,
-        **options,
-    )
-    assert ours.token_ids == expected
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("seed", [1234, 99])
-def test_sampled_beams_draw_the_same_tokens_as_the_reference_for_the_same_seed(
-    engines, references, photos, family, seed
-):
-    """Beam sampling runs on the cached prefix too; its draws follow upstream's for a seed."""
-    engine, reference = engines[family], references[family]
-    task = _task(photos, ["coffee"])
-    options = {"do_sample": True, "num_beams": 3, "temperature": 1.5, "top_k": 20, "top_p": 0.9}
-    torch.manual_seed(seed)
-    ours = engine.run(
-        engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, **options))
-    )
-    torch.manual_seed(seed)
-    expected = reference.generate(
-        [photos["coffee"], photos["chelsea"]],
-        CAPTIONS["coffee"] + END_OF_CHUNK + "<image>Output:",
-        max_new_tokens=12,
-        **options,
-    )
-    assert ours.token_ids == expected
-    torch.manual_seed(seed)
-    greedy_beams = engine.run(
-        engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, num_beams=3))
-    )
-    assert greedy_beams.token_ids != ours.token_ids  # the draws did choose
-
-
-@pytest.mark.parametrize(("beams", "kept"), [(1, 1), (3, 2)])
-def test_sampled_beams_keep_a_token_beside_the_stop_token(beams, kept):
-    """As transformers does for beams: top-p never leaves a beam only its stop token to choose."""
-    kwargs = {"do_sample": True, "top_p": 0.05, "num_beams": beams}
-    processors = logits_processors(kwargs, 1, {0}, torch.device("cpu"))
-    scores = processors(torch.tensor([[5]]), torch.tensor([[10.0, 1.0, 0.0, 0.0]]))
-    assert int(torch.isfinite(scores).sum()) == kept
 
 
 def test_image_features_are_computed_once_per_image(llama_engine, photos):

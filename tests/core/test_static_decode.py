@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.decoding import Running
+from core.decode_state import Running
 from core.generation import GenerationParams
 from core.loading import load_model
 from core.prompts import Example, Task

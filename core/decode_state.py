@@ -1,0 +1,74 @@
+"""What a request carries through decoding: its job, its task's prefix state, its running row.
+
+Kept apart from the decoder so that the stepping modules (shared prefix, static steps, batched
+prefill, beam search) can share these types without importing the decoder itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.generation.logits_process import LogitsProcessorList
+
+
+@dataclass
+class DecodeJob:
+    """One request for the decoder: its task's prefix, its own tokens and images, its parameters."""
+
+    prefix: PrefixState
+    request_ids: list[int]
+    request_images: list[torch.Tensor]
+    kwargs: dict[str, Any]
+    stop_ids: set[int]
+    should_stop: Callable[[], bool]
+
+
+@dataclass
+class Running:
+    job: DecodeJob
+    sequence: torch.Tensor  # (1, tokens so far, the newest not yet in the cache)
+    processors: LogitsProcessorList
+    # Per layer, (1, heads, tokens, dim), of the tokens after the task's prefix (whose own cache
+    # is the job's prefix state, shared by the task's requests).
+    key_values: list[tuple[torch.Tensor, torch.Tensor]]
+    image_keys_values: list[tuple[torch.Tensor, torch.Tensor] | None]  # per layer, of the image it reads now
+    logits: torch.Tensor
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def prefix_length(self) -> int:
+        return len(self.job.prefix.token_ids)
+
+    @property
+    def cached_length(self) -> int:
+        """Tokens in the row's cache, the prefix's included (while the row holds its cache)."""
+        return self.prefix_length + self.key_values[0][0].shape[2]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.nelement() * tensor.element_size()
+
+
+@dataclass(frozen=True)
+class PrefixState:
+    """A task's examples, run once: their token ids, the LM's cache for them, the last image's keys and values."""
+
+    token_ids: tuple[int, ...]
+    key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    # Per decoder layer (None without cross-attention), the last example image's cross-attention
+    # keys and values, for the request's text before its own <image>; None without examples.
+    last_image: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...] | None
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.key_values, *(kv for kv in self.last_image or () if kv is not None)]
+        return sum(tensor_bytes(k) + tensor_bytes(v) for k, v in tensors)
+
+
+def after_prefix(tensor: torch.Tensor, prefix: PrefixState) -> torch.Tensor:
+    """A (1, heads, tokens, dim) cache tensor without the prefix's tokens, which the prefix state keeps."""
+    length = len(prefix.token_ids)
+    return tensor[:, :, length:].clone() if length else tensor

@@ -1,0 +1,14 @@
+"""Fixtures shared by the core tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.make_tiny_model import FAMILIES
+from tests.reference import Reference
+
+
+@pytest.fixture(scope="session")
+def references(model_dirs) -> dict[str, Reference]:
+    """Upstream's own model for each family, loaded once."""
+    return {family: Reference(model_dirs[family]) for family in FAMILIES}

@@ -1,0 +1,68 @@
+"""Sampling, with and without beams, draws what upstream draws for the same seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.generation import GenerationParams
+from core.logits import logits_processors
+from core.prompts import END_OF_CHUNK
+from tests.make_tiny_model import FAMILIES
+from tests.reference import CAPTIONS, captioned_task
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_draws_the_same_tokens_as_the_reference_for_the_same_seed(engines, references, photos, family):
+    engine, reference = engines[family], references[family]
+    task = captioned_task(photos, ["coffee"])
+    options = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95}
+    torch.manual_seed(1234)
+    ours = engine.run(
+        engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, **options))
+    )
+    torch.manual_seed(1234)
+    expected = reference.generate(
+        [photos["coffee"], photos["chelsea"]],
+        CAPTIONS["coffee"] + END_OF_CHUNK + "<image>Output:",
+        max_new_tokens=12,
+        **options,
+    )
+    assert ours.token_ids == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("seed", [1234, 99])
+def test_sampled_beams_draw_the_same_tokens_as_the_reference_for_the_same_seed(
+    engines, references, photos, family, seed
+):
+    """Beam sampling runs on the cached prefix too; its draws follow upstream's for a seed."""
+    engine, reference = engines[family], references[family]
+    task = captioned_task(photos, ["coffee"])
+    options = {"do_sample": True, "num_beams": 3, "temperature": 1.5, "top_k": 20, "top_p": 0.9}
+    torch.manual_seed(seed)
+    ours = engine.run(
+        engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, **options))
+    )
+    torch.manual_seed(seed)
+    expected = reference.generate(
+        [photos["coffee"], photos["chelsea"]],
+        CAPTIONS["coffee"] + END_OF_CHUNK + "<image>Output:",
+        max_new_tokens=12,
+        **options,
+    )
+    assert ours.token_ids == expected
+    torch.manual_seed(seed)
+    greedy_beams = engine.run(
+        engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, num_beams=3))
+    )
+    assert greedy_beams.token_ids != ours.token_ids  # the draws did choose
+
+
+@pytest.mark.parametrize(("beams", "kept"), [(1, 1), (3, 2)])
+def test_sampled_beams_keep_a_token_beside_the_stop_token(beams, kept):
+    """As transformers does for beams: top-p never leaves a beam only its stop token to choose."""
+    kwargs = {"do_sample": True, "top_p": 0.05, "num_beams": beams}
+    processors = logits_processors(kwargs, 1, {0}, torch.device("cpu"))
+    scores = processors(torch.tensor([[5]]), torch.tensor([[10.0, 1.0, 0.0, 0.0]]))
+    assert int(torch.isfinite(scores).sum()) == kept
