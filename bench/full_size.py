@@ -48,7 +48,7 @@ from bench.serve_bench import Photos, make_task
 from core.config import ModelSettings, ServiceSettings, Settings
 from core.engine import FlamingoEngine
 from core.generation import GenerationParams
-from core.loading import LoadedModel
+from core.loading import LoadedModel, tensors_held
 from core.service import InferenceService
 
 NEW_TOKENS = 16
@@ -75,9 +75,10 @@ def measured_bandwidth(device: torch.device) -> float:
 
 
 def bytes_read_per_token(loaded: LoadedModel) -> int:
-    """The weights each decode step reads: the LM with its cross-attention, less the embedding table."""
+    """The weights each decode step reads (with their quantization scales): the LM with its
+    cross-attention, less the embedding table."""
     lm = loaded.model.lang_encoder
-    tensors = {id(t): t for t in (*lm.parameters(), *lm.buffers())}
+    tensors = {id(t): t for p in (*lm.parameters(), *lm.buffers()) for t in tensors_held(p)}
     embedding = lm.get_input_embeddings().weight
     tensors.pop(id(embedding), None)
     return sum(t.nelement() * t.element_size() for t in tensors.values())

@@ -43,6 +43,11 @@ def image_key(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
+# Images per vision forward: a 16-shot task's examples in one, and arrivals' images in as few as
+# that allows, so the encoder's activations stay what a 16-shot prefix already takes.
+VISION_BATCH = 16
+
+
 class FlamingoDecoder:
     """Runs Flamingo forwards with explicit conditioning; owns the image and prefix caches."""
 
@@ -81,16 +86,18 @@ class FlamingoDecoder:
     def image_features(
         self, images: Sequence[Image.Image], pixels: Callable[[Image.Image], torch.Tensor]
     ) -> list[torch.Tensor]:
-        """(latents, dim) per image; images seen before come from the cache."""
+        """(latents, dim) per image; images seen before come from the cache, the others are encoded
+        together, at most ``VISION_BATCH`` per forward."""
         keys = [image_key(image) for image in images]
         found = {key: self.images.get(key) for key in dict.fromkeys(keys)}
         missing = [key for key, features in found.items() if features is None]
-        if missing:
-            batch = torch.stack([pixels(images[keys.index(key)]) for key in missing]).to(self.device, self.dtype)
+        for start in range(0, len(missing), VISION_BATCH):
+            chunk = missing[start : start + VISION_BATCH]
+            batch = torch.stack([pixels(images[keys.index(key)]) for key in chunk]).to(self.device, self.dtype)
             with torch.inference_mode():
                 tokens = self.model.vision_encoder(batch)[1]
                 latents = self.model.perceiver(rearrange(tokens, "(b t f) v d -> b t f v d", b=1, f=1))[0]
-            for key, features in zip(missing, latents, strict=True):
+            for key, features in zip(chunk, latents, strict=True):
                 found[key] = features
                 self.images.put(key, features)
         return [found[key] for key in keys]  # type: ignore[misc]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -104,8 +104,23 @@ class LoadedModel:
 
     @property
     def total_bytes(self) -> int:
-        tensors = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+        """The weights' memory, with the scales bitsandbytes keeps beside its quantized parameters."""
+        held = (t for p in (*self.model.parameters(), *self.model.buffers()) for t in tensors_held(p))
+        tensors = {id(t): t for t in held}
         return sum(t.nelement() * t.element_size() for t in tensors.values())
+
+
+def tensors_held(parameter: torch.Tensor) -> Iterator[torch.Tensor]:
+    """A parameter and its quantization state: 4-bit block scales (one per 64 weights, nested when
+    double-quantized) and int8 row scales, which are attributes, not parameters."""
+    yield parameter
+    state = getattr(parameter, "quant_state", None)
+    while state is not None:
+        yield from (t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor))
+        state = state.state2
+    scales = getattr(parameter, "SCB", None)
+    if isinstance(scales, torch.Tensor):
+        yield scales
 
 
 def _fetch_checkpoint(spec: ModelSpec) -> str:

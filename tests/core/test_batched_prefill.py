@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core import batched_prefill
+from core import batched_prefill, decoding
 from core.batched_prefill import groups, prefill_together
 from core.generation import GenerationParams
 from core.layer_stack import language_model_parts
@@ -107,3 +107,9 @@ def test_the_images_of_requests_arriving_together_are_encoded_in_one_vision_forw
     answers = {}
     engine.run_many(requests, [lambda: False] * 3, answers.__setitem__)
     assert batches == [3] and sorted(answers) == [0, 1, 2]
+    monkeypatch.setattr(decoding, "VISION_BATCH", 2)  # at most this many per forward
+    batches.clear()
+    unseen = [photos["coffee"].rotate(angle) for angle in (90, 180, 270)]
+    requests = [engine.prepare([image], "<image>Output:", task, GenerationParams(max_new_tokens=3)) for image in unseen]
+    engine.run_many(requests, [lambda: False] * 3, answers.__setitem__)
+    assert batches == [2, 1]

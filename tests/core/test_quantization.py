@@ -59,6 +59,19 @@ def test_quantized_memory_is_reported_smaller_than_fp32(model_dirs):
     assert sizes["int8"].precision.dtype == torch.float16
 
 
+@pytest.mark.parametrize(("precision", "scale_bytes_per_weight"), [("nf4", 4 / 64), ("int8", 0.0)])
+def test_reported_memory_counts_the_quantization_scales(model_dirs, precision, scale_bytes_per_weight):
+    """4-bit layers keep an fp32 scale per 64 weights, int8 ones per output row: beside the parameters."""
+    loaded = load_model(ModelSettings(name=str(model_dirs["llama"]), precision=precision, device="cpu"))
+    tensors = {id(t): t for t in (*loaded.model.parameters(), *loaded.model.buffers())}
+    parameters = sum(t.nelement() * t.element_size() for t in tensors.values())
+    quantized = [t for t in tensors.values() if type(t).__name__ in ("Params4bit", "Int8Params")]
+    rows = sum(t.shape[0] for t in quantized) if precision == "int8" else 0
+    weights = sum(t.quant_state.shape.numel() for t in quantized) if precision == "nf4" else 0
+    assert quantized
+    assert loaded.total_bytes - parameters >= weights * scale_bytes_per_weight + rows * 4
+
+
 @pytest.mark.parametrize("precision", ["int8", "nf4"])
 def test_cross_attention_layers_can_stay_unquantized_and_then_take_more_memory(model_dirs, photos, precision):
     both = {
