@@ -7,11 +7,14 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from open_flamingo import create_model_and_transforms
 
-from core.prompts import Example, Task
+from core.engine import FlamingoEngine
+from core.generation import GenerationParams
+from core.prompts import END_OF_CHUNK, Example, Task
 from tests.make_tiny_model import MANIFEST_NAME
 
 # Examples' texts for the equivalence tests' tasks, by the photo they caption.
@@ -26,6 +29,18 @@ def captioned_task(photos: dict, names: list[str]) -> Task:
     """A task whose examples are these photos with their captions."""
     examples = tuple(Example(photos[name], CAPTIONS[name]) for name in names)
     return Task("test", "", "<image>Output:", examples)
+
+
+def one_shot_answers(
+    engine: FlamingoEngine, reference: Reference, photos: dict, example: str, query: str, seed: int, **options: Any
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The engine's and upstream's answers to a 1-shot caption with these options, each drawn from ``seed``."""
+    torch.manual_seed(seed)
+    task = captioned_task(photos, [example])
+    ours = engine.run(engine.prepare([photos[query]], "<image>Output:", task, GenerationParams(**options)))
+    torch.manual_seed(seed)
+    prompt = CAPTIONS[example] + END_OF_CHUNK + "<image>Output:"
+    return ours.token_ids, reference.generate([photos[example], photos[query]], prompt, **options)
 
 
 class Reference:

@@ -21,7 +21,7 @@ from core.prompts import END_OF_CHUNK, Example, Task
 from core.static_decode import StaticSteps
 from tests.conftest import tiny_settings
 from tests.make_tiny_model import FAMILIES
-from tests.reference import CAPTIONS, Reference, captioned_task
+from tests.reference import CAPTIONS, Reference, captioned_task, one_shot_answers
 
 CASES = [
     pytest.param([], "<image>Output:", id="0-shot"),
@@ -93,17 +93,8 @@ def test_answers_from_the_prefix_cache_equal_the_reference(engines, references, 
 )
 def test_greedy_with_logit_processors_equals_the_reference(engines, references, photos, family, options):
     engine, reference = engines[family], references[family]
-    task = captioned_task(photos, ["astronaut"])
-    ours = engine.run(
-        engine.prepare([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, **options))
-    )
-    expected = reference.generate(
-        [photos["astronaut"], photos["rocket"]],
-        CAPTIONS["astronaut"] + END_OF_CHUNK + "<image>Output:",
-        max_new_tokens=12,
-        **options,
-    )
-    assert ours.token_ids == expected
+    ours, expected = one_shot_answers(engine, reference, photos, "astronaut", "rocket", 0, max_new_tokens=12, **options)
+    assert ours == expected
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -5,30 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.generation import GenerationParams
 from core.logits import logits_processors
-from core.prompts import END_OF_CHUNK
 from tests.make_tiny_model import FAMILIES
-from tests.reference import CAPTIONS, captioned_task
+from tests.reference import one_shot_answers
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sampling_draws_the_same_tokens_as_the_reference_for_the_same_seed(engines, references, photos, family):
-    engine, reference = engines[family], references[family]
-    task = captioned_task(photos, ["coffee"])
-    options = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95}
-    torch.manual_seed(1234)
-    ours = engine.run(
-        engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, **options))
-    )
-    torch.manual_seed(1234)
-    expected = reference.generate(
-        [photos["coffee"], photos["chelsea"]],
-        CAPTIONS["coffee"] + END_OF_CHUNK + "<image>Output:",
-        max_new_tokens=12,
-        **options,
-    )
-    assert ours.token_ids == expected
+    options = {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "max_new_tokens": 12}
+    ours, expected = one_shot_answers(engines[family], references[family], photos, "coffee", "chelsea", 1234, **options)
+    assert ours == expected
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -38,25 +24,12 @@ def test_sampled_beams_draw_the_same_tokens_as_the_reference_for_the_same_seed(
 ):
     """Beam sampling runs on the cached prefix too; its draws follow upstream's for a seed."""
     engine, reference = engines[family], references[family]
-    task = captioned_task(photos, ["coffee"])
-    options = {"do_sample": True, "num_beams": 3, "temperature": 1.5, "top_k": 20, "top_p": 0.9}
-    torch.manual_seed(seed)
-    ours = engine.run(
-        engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, **options))
-    )
-    torch.manual_seed(seed)
-    expected = reference.generate(
-        [photos["coffee"], photos["chelsea"]],
-        CAPTIONS["coffee"] + END_OF_CHUNK + "<image>Output:",
-        max_new_tokens=12,
-        **options,
-    )
-    assert ours.token_ids == expected
-    torch.manual_seed(seed)
-    greedy_beams = engine.run(
-        engine.prepare([photos["chelsea"]], "<image>Output:", task, GenerationParams(max_new_tokens=12, num_beams=3))
-    )
-    assert greedy_beams.token_ids != ours.token_ids  # the draws did choose
+    options = {"num_beams": 3, "max_new_tokens": 12}
+    sampling = {"do_sample": True, "temperature": 1.5, "top_k": 20, "top_p": 0.9}
+    ours, expected = one_shot_answers(engine, reference, photos, "coffee", "chelsea", seed, **options, **sampling)
+    assert ours == expected
+    greedy_beams, _ = one_shot_answers(engine, reference, photos, "coffee", "chelsea", seed, **options)
+    assert greedy_beams != ours  # the draws did choose
 
 
 @pytest.mark.parametrize(("beams", "kept"), [(1, 1), (3, 2)])
