@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     shapes = SCALES[args.scale]
     if args.layers:
-        shapes = shapes.with_layers(args.layers)
+        shapes = replace(shapes, layers=args.layers)
     print(json.dumps(measure(shapes, torch.device(args.device), args.precisions, args.repeats)))
 
 

@@ -9,102 +9,75 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import open_clip
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaConfig, MptConfig, PretrainedConfig
 
-from core.loading import LoadedModel, assemble_flamingo, place_model, plan_precision, quantize_linears
+from core.footprint import PUBLISHED_LANGUAGE_MODELS
+from core.loading import (
+    LoadedModel,
+    assemble_flamingo,
+    context_length_of,
+    place_model,
+    plan_precision,
+    quantize_linears,
+)
 from core.prompts import END_OF_CHUNK, IMAGE_TOKEN
 from core.registry import REGISTRY
 from tests.make_tiny_model import TinyModelSpec, build_tokenizer, vision_config
 
 
 @dataclass(frozen=True)
-class Family:
-    """A language model family as the benchmark builds it."""
-
-    config: type[PretrainedConfig]
-    model: type[PreTrainedModel]
-    layers_key: str  # the config's number of decoder layers
-    width_key: str
-    context_key: str
-    decoder: str  # the attribute holding the decoder, which quantization converts
-
-
-FAMILIES = {
-    "mpt": Family(MptConfig, MptForCausalLM, "n_layers", "d_model", "max_seq_len", "transformer"),
-    "llama": Family(
-        LlamaConfig, LlamaForCausalLM, "num_hidden_layers", "hidden_size", "max_position_embeddings", "model"
-    ),
-}
-
-
-@dataclass(frozen=True)
 class Shapes:
-    model: str  # the registry name of the model whose shapes these are
-    family: str
-    lm: dict
-    vision: dict | str  # an open_clip model config, or the name of one
-    cross_attn_every_n_layers: int
-    vocab: int | None  # None: the tokenizer's
+    """A registry model's shapes: its published language model (``core.footprint``), vision encoder
+    and cross-attention spacing, or smaller ones of the same family to try the code on a CPU."""
+
+    model: str  # the registry name
+    lm: Callable[[], PretrainedConfig] | None = None  # None: the published one, with Flamingo's vocabulary
+    vision: dict | None = None  # an open_clip model config; None: the registry's encoder
+    cross_attn_every_n_layers: int | None = None  # None: the registry's
+    layers: int | None = None  # fewer decoder layers than the language model has
+
+    def language_config(self, tokenizer_size: int) -> PretrainedConfig:
+        if self.lm is None:
+            published, vocab = PUBLISHED_LANGUAGE_MODELS[REGISTRY[self.model].lang_encoder_path]
+            config = published()
+        else:
+            config, vocab = self.lm(), tokenizer_size
+        config.vocab_size = vocab
+        if self.layers:
+            config.num_hidden_layers = self.layers
+        return config
 
     def describe(self) -> str:
-        family = FAMILIES[self.family]
-        return f"{self.lm[family.layers_key]} layers of width {self.lm[family.width_key]}"
-
-    def with_layers(self, layers: int) -> Shapes:
-        return replace(self, lm={**self.lm, FAMILIES[self.family].layers_key: layers})
+        config = self.language_config(0)
+        return f"{config.num_hidden_layers} layers of width {config.hidden_size}"
 
 
 _SMALL_VISION = vision_config(TinyModelSpec(family="mpt", vision_width=384, vision_layers=6))["model_cfg"]
 SCALES = {
-    "full": Shapes(
-        model="openflamingo/OpenFlamingo-9B-vitl-mpt7b",
-        family="mpt",
-        lm={"d_model": 4096, "n_heads": 32, "n_layers": 32, "expansion_ratio": 4, "max_seq_len": 2048},
-        vision="ViT-L-14",
-        cross_attn_every_n_layers=4,
-        vocab=50432,
-    ),
-    # The v1 OpenFlamingo-9B: LLaMA-7B (its vocabulary with the three tokens Flamingo adds).
-    "full-llama": Shapes(
-        model="openflamingo/OpenFlamingo-9B",
-        family="llama",
-        lm={
-            "hidden_size": 4096,
-            "intermediate_size": 11008,
-            "num_attention_heads": 32,
-            "num_hidden_layers": 32,
-            "max_position_embeddings": 2048,
-        },
-        vision="ViT-L-14",
-        cross_attn_every_n_layers=4,
-        vocab=32003,
-    ),
+    "full": Shapes("openflamingo/OpenFlamingo-9B-vitl-mpt7b"),
+    "full-llama": Shapes("openflamingo/OpenFlamingo-9B"),  # v1: LLaMA-7B
     "small": Shapes(
-        model="openflamingo/OpenFlamingo-9B-vitl-mpt7b",
-        family="mpt",
-        lm={"d_model": 512, "n_heads": 8, "n_layers": 8, "expansion_ratio": 4, "max_seq_len": 1024},
-        vision=_SMALL_VISION,
+        "openflamingo/OpenFlamingo-9B-vitl-mpt7b",
+        lambda: MptConfig(d_model=512, n_heads=8, n_layers=8, expansion_ratio=4, max_seq_len=1024),
+        _SMALL_VISION,
         cross_attn_every_n_layers=2,
-        vocab=None,
     ),
     "small-llama": Shapes(
-        model="openflamingo/OpenFlamingo-9B",
-        family="llama",
-        lm={
-            "hidden_size": 512,
-            "intermediate_size": 1408,  # a multiple of 64, as bitsandbytes' 4-bit CPU layout needs
-            "num_attention_heads": 8,
-            "num_hidden_layers": 8,
-            "max_position_embeddings": 1024,
-        },
-        vision=_SMALL_VISION,
+        "openflamingo/OpenFlamingo-9B",
+        lambda: LlamaConfig(
+            hidden_size=512,
+            intermediate_size=1408,  # a multiple of 64, as bitsandbytes' 4-bit CPU layout needs
+            num_attention_heads=8,
+            num_hidden_layers=8,
+            max_position_embeddings=1024,
+        ),
+        _SMALL_VISION,
         cross_attn_every_n_layers=2,
-        vocab=None,
     ),
 }
 
@@ -126,22 +99,24 @@ def build(shapes: Shapes, precision: str, device: torch.device) -> LoadedModel:
     plan = plan_precision(precision, device)
     tokenizer = build_tokenizer(TinyModelSpec(family="mpt"))
     tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK, IMAGE_TOKEN]})
-    if isinstance(shapes.vision, str):
-        clip = open_clip.create_model(shapes.vision, pretrained=None)
-        width = open_clip.get_model_config(shapes.vision)["vision_cfg"]["width"]
+    spec = REGISTRY[shapes.model]
+    if shapes.vision is None:
+        clip = open_clip.create_model(spec.clip_vision_encoder_path, pretrained=None)
+        width = open_clip.get_model_config(spec.clip_vision_encoder_path)["vision_cfg"]["width"]
     else:
         clip = open_clip.model.CLIP(**shapes.vision)
         width = shapes.vision["vision_cfg"]["width"]
     visual = clip.visual
     visual.output_tokens = True
     transform = open_clip.image_transform(visual.image_size, is_train=False)
+    config = shapes.language_config(len(tokenizer))
     # The LM is made on the device in its compute dtype (seconds, not minutes, for 7B parameters).
-    family = FAMILIES[shapes.family]
     with torch.device(device), default_dtype(plan.dtype):
-        lm = family.model(family.config(vocab_size=shapes.vocab or len(tokenizer), **shapes.lm))
+        lm = AutoModelForCausalLM.from_config(config)
     if plan.quantization is not None:
-        quantize_linears(getattr(lm, family.decoder), plan, device)
-    model = assemble_flamingo(lm, visual, width, tokenizer, shapes.cross_attn_every_n_layers)
+        quantize_linears(lm.base_model, plan, device)
+    every = shapes.cross_attn_every_n_layers or spec.cross_attn_every_n_layers
+    model = assemble_flamingo(lm, visual, width, tokenizer, every)
     for block in lm.gated_cross_attn_layers:
         if block is not None:  # upstream starts the gates at 0, which would switch the images off
             block.attn_gate.data.fill_(0.5)
@@ -151,10 +126,10 @@ def build(shapes: Shapes, precision: str, device: torch.device) -> LoadedModel:
         model=model,
         tokenizer=tokenizer,
         image_transform=transform,
-        spec=REGISTRY[shapes.model],
+        spec=spec,
         precision=plan,
         device=device,
-        context_length=shapes.lm[family.context_key],
+        context_length=context_length_of(config),
         language_model_bytes=lm.get_memory_footprint(),
         load_seconds=time.perf_counter() - started,
     )

@@ -21,11 +21,9 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     GPTNeoXConfig,
-    GPTNeoXForCausalLM,
     LlamaConfig,
-    LlamaForCausalLM,
     MptConfig,
-    MptForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
 )
 
@@ -37,15 +35,14 @@ _GPT_NEOX_VOCAB = 50277 + 3  # gpt-neox-20b's tokenizer plus <|endofchunk|>, <im
 _LLAMA_VOCAB = 32000 + 3
 
 
-def _mpt(d_model: int, n_heads: int, n_layers: int) -> PreTrainedModel:
-    config = MptConfig(
+def _mpt(d_model: int, n_heads: int, n_layers: int) -> PretrainedConfig:
+    return MptConfig(
         d_model=d_model, n_heads=n_heads, n_layers=n_layers, expansion_ratio=4, max_seq_len=2048, vocab_size=50432
     )
-    return MptForCausalLM(config)
 
 
-def _redpajama_3b() -> PreTrainedModel:
-    config = GPTNeoXConfig(
+def _redpajama_3b() -> PretrainedConfig:
+    return GPTNeoXConfig(
         hidden_size=2560,
         num_hidden_layers=32,
         num_attention_heads=32,
@@ -54,11 +51,10 @@ def _redpajama_3b() -> PreTrainedModel:
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
-    return GPTNeoXForCausalLM(config)
 
 
-def _llama_7b() -> PreTrainedModel:
-    config = LlamaConfig(
+def _llama_7b() -> PretrainedConfig:
+    return LlamaConfig(
         hidden_size=4096,
         intermediate_size=11008,
         num_hidden_layers=32,
@@ -66,12 +62,12 @@ def _llama_7b() -> PreTrainedModel:
         vocab_size=32000,
         max_position_embeddings=2048,
     )
-    return LlamaForCausalLM(config)
 
 
-# The released language models' shapes, from their config.json on the Hub. MPT-1B's MosaicGPT is
-# counted as transformers' MPT of the same shape (its QK-LayerNorm adds a few thousand parameters).
-PUBLISHED_LANGUAGE_MODELS: dict[str, tuple[Callable[[], PreTrainedModel], int]] = {
+# The released language models' configs, from their config.json on the Hub, and their vocabulary
+# once Flamingo's tokens are added. MPT-1B's MosaicGPT is counted as transformers' MPT of the same
+# shape (its QK-LayerNorm adds a few thousand parameters).
+PUBLISHED_LANGUAGE_MODELS: dict[str, tuple[Callable[[], PretrainedConfig], int]] = {
     "anas-awadalla/mpt-1b-redpajama-200b": (lambda: _mpt(2048, 16, 24), _GPT_NEOX_VOCAB),
     "anas-awadalla/mpt-1b-redpajama-200b-dolly": (lambda: _mpt(2048, 16, 24), _GPT_NEOX_VOCAB),
     "togethercomputer/RedPajama-INCITE-Base-3B-v1": (_redpajama_3b, _GPT_NEOX_VOCAB),
@@ -115,8 +111,8 @@ def _linear_weights(module: nn.Module, head: nn.Module | None = None) -> int:
 def _language_model(spec: ModelSpec) -> PreTrainedModel:
     """On the meta device already: callers enter ``torch.device("meta")``."""
     if spec.lang_encoder_path in PUBLISHED_LANGUAGE_MODELS:
-        build, vocab = PUBLISHED_LANGUAGE_MODELS[spec.lang_encoder_path]
-        lm = build()
+        config, vocab = PUBLISHED_LANGUAGE_MODELS[spec.lang_encoder_path]
+        lm = AutoModelForCausalLM.from_config(config())
     else:  # a local directory: its own config and tokenizer, with the tokens Flamingo adds
         config = AutoConfig.from_pretrained(spec.lang_encoder_path, trust_remote_code=spec.trust_remote_code)
         lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
