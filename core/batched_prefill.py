@@ -158,7 +158,7 @@ def prefill_together(
     newest_seen = columns - queries + torch.arange(queries)  # query j sits at this column
     masked = (column < first_column.view(rows, 1, 1, 1)) | (column > newest_seen.view(1, 1, queries, 1))
     media = _media_keys_values(decoder, jobs, latents)
-    images = media[next(i for i, kv in enumerate(media) if kv is not None)][0].shape[2] // latents
+    images = 1 + max(len(job.request_images) for job in jobs)  # the prefix's last, then the most any row has
     increments = torch.diff(image_index, dim=1, prepend=torch.zeros(rows, 1, dtype=torch.long)).to(device)
     cache = _PrefillCache(stores[0], stores[1], writes.flatten().to(device), slots.to(device))
     try:
