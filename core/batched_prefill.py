@@ -56,11 +56,12 @@ class _PrefillCache:
         return 0  # the gathered columns are the whole length: MPT then takes the bias of them all
 
 
-def transient_bytes(decoder: FlamingoDecoder, parts: LanguageModelParts, jobs: Sequence[DecodeJob]) -> int:
+def transient_bytes(decoder: FlamingoDecoder, jobs: Sequence[DecodeJob]) -> int:
     """What a group's forward holds beyond the rows' caches: see ``GROUP_BYTES``."""
     queries = max(len(job.request_ids) for job in jobs)
     columns = max(len(job.prefix.token_ids) + len(job.request_ids) for job in jobs)
-    scores = len(jobs) * parts.key_value_heads * queries * columns * 4
+    heads = decoder.model.lang_encoder.config.num_attention_heads  # the queries' heads, which the scores have
+    scores = len(jobs) * heads * queries * columns * 4
     images = 1 + max(len(job.request_images) for job in jobs)
     latents = jobs[0].request_images[0].shape[0]
     blocks = [layer.gated_cross_attn_layer for layer in decoder._layers if layer.gated_cross_attn_layer is not None]
@@ -68,13 +69,13 @@ def transient_bytes(decoder: FlamingoDecoder, parts: LanguageModelParts, jobs: S
     return scores + media * decoder.dtype.itemsize
 
 
-def groups(decoder: FlamingoDecoder, parts: LanguageModelParts, jobs: Sequence[DecodeJob]) -> list[list[DecodeJob]]:
+def groups(decoder: FlamingoDecoder, jobs: Sequence[DecodeJob]) -> list[list[DecodeJob]]:
     """Consecutive jobs, in groups whose forward stays within ``GROUP_BYTES``; a job without images of
     its own goes alone."""
     result: list[list[DecodeJob]] = []
     for job in jobs:
         joinable = result and job.request_images and result[-1][-1].request_images
-        if joinable and transient_bytes(decoder, parts, [*result[-1], job]) <= GROUP_BYTES:
+        if joinable and transient_bytes(decoder, [*result[-1], job]) <= GROUP_BYTES:
             result[-1].append(job)
         else:
             result.append([job])

@@ -258,7 +258,7 @@ class FlamingoDecoder:
         if self._parts is None:
             return [self.prefill(job, media_token_id) for job in jobs]
         rows: list[Running] = []
-        for group in prefill_groups(self, self._parts, jobs):
+        for group in prefill_groups(self, jobs):
             if len(group) == 1:
                 rows.append(self.prefill(group[0], media_token_id))
             else:

@@ -62,15 +62,14 @@ def test_rows_prefilled_together_equal_rows_prefilled_alone(engines, photos, fam
 
 def test_arrivals_are_grouped_within_the_memory_bound(engines, photos, monkeypatch):
     engine = engines["mpt"]
-    parts = language_model_parts(engine.loaded.model.lang_encoder)
     jobs = jobs_for(engine, photos)
-    assert [len(group) for group in groups(engine.decoder, parts, jobs)] == [5]
-    two = batched_prefill.transient_bytes(engine.decoder, parts, jobs[:2])
+    assert [len(group) for group in groups(engine.decoder, jobs)] == [5]
+    two = batched_prefill.transient_bytes(engine.decoder, jobs[:2])
     monkeypatch.setattr(batched_prefill, "GROUP_BYTES", two)
-    assert [len(group) for group in groups(engine.decoder, parts, jobs)] == [2, 1, 1, 1]
+    assert [len(group) for group in groups(engine.decoder, jobs)] == [2, 1, 1, 1]
     imageless = jobs[1].__class__(**{**jobs[1].__dict__, "request_images": []})
     monkeypatch.setattr(batched_prefill, "GROUP_BYTES", 2**40)
-    assert [len(group) for group in groups(engine.decoder, parts, [jobs[0], imageless, jobs[2]])] == [1, 1, 1]
+    assert [len(group) for group in groups(engine.decoder, [jobs[0], imageless, jobs[2]])] == [1, 1, 1]
 
 
 def test_a_batch_of_arrivals_is_prefilled_together(engines, photos, monkeypatch):
