@@ -24,7 +24,7 @@ import torch
 
 from core.flamingo_layers import media_keys_values
 from core.layer_stack import LanguageModelParts
-from core.shared_prefix import store_and_gather
+from core.shared_prefix import StoreLayout, store_and_gather
 
 if TYPE_CHECKING:
     from core.decode_state import DecodeJob, Running
@@ -118,15 +118,8 @@ def prefill_together(
     columns = max(p + o for p, o in zip(prefix_lengths, own, strict=True))
     latents = jobs[0].request_images[0].shape[0]
     # The store: padding's zeros, the scratch slot, each distinct prefix once, then each row's tokens.
-    prefixes = {id(job.prefix): job.prefix for job in jobs}
-    prefix_start, start = {}, _SCRATCH + 1
-    for key, prefix in prefixes.items():
-        prefix_start[key] = start
-        start += len(prefix.token_ids)
-    own_start = []
-    for tokens in own:
-        own_start.append(start)
-        start += tokens
+    layout = StoreLayout([job.prefix for job in jobs], own, first_free=_SCRATCH + 1)
+    own_start = layout.own_start
     slots = torch.full((rows, columns), _PADDING, dtype=torch.long)
     writes = torch.full((rows, queries), _SCRATCH, dtype=torch.long)
     tokens = torch.zeros(rows, queries, dtype=torch.long)
@@ -136,7 +129,7 @@ def prefill_together(
     for n, job in enumerate(jobs):
         length, prefix_length = own[n], prefix_lengths[n]
         first_column[n] = columns - length - prefix_length
-        begin = prefix_start[id(job.prefix)]
+        begin = layout.prefix_start[id(job.prefix)]
         slots[n, columns - length - prefix_length : columns - length] = torch.arange(begin, begin + prefix_length)
         slots[n, columns - length :] = torch.arange(own_start[n], own_start[n] + length)
         writes[n, queries - length :] = torch.arange(own_start[n], own_start[n] + length)
@@ -146,15 +139,11 @@ def prefill_together(
         seen = (ids == media_token_id).cumsum(dim=0)
         # Image 1 is the prefix's last example; a row without one reads nothing before its own first.
         image_index[n, queries - length :] = seen + 1 if job.prefix.last_image is not None else (seen + 1) * (seen > 0)
-    stores: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-    for index in range(len(decoder._layers)):
-        for which, store in enumerate(stores):
-            buffer = torch.zeros(start, parts.key_value_heads, parts.head_dim, device=device, dtype=decoder.dtype)
-            for key, prefix in prefixes.items():
-                if prefix.token_ids:
-                    tensor = prefix.key_values[index][which][0]  # (heads, tokens, dim)
-                    buffer[prefix_start[key] : prefix_start[key] + tensor.shape[1]] = tensor.transpose(0, 1)
-            store.append(buffer)
+    like = jobs[0].request_images[0]  # the model's device and dtype
+    heads, dim = parts.key_value_heads, parts.head_dim
+    stores = tuple(
+        [layout.store(index, which, heads, dim, like) for index in range(len(decoder._layers))] for which in (0, 1)
+    )
     column = torch.arange(columns)
     newest_seen = columns - queries + torch.arange(queries)  # query j sits at this column
     masked = (column < first_column.view(rows, 1, 1, 1)) | (column > newest_seen.view(1, 1, queries, 1))

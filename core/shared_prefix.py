@@ -19,8 +19,36 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from core.decode_state import Running
+    from core.decode_state import PrefixState, Running
     from core.decoding import FlamingoDecoder
+
+
+class StoreLayout:
+    """Where a store keeps each distinct prefix once and each row's own tokens (with its room)."""
+
+    def __init__(self, prefixes: Sequence[PrefixState], room: Sequence[int], first_free: int) -> None:
+        """``room``: slots for each row's tokens; slots before ``first_free`` are the caller's."""
+        self.prefixes = {id(prefix): prefix for prefix in prefixes}
+        self.prefix_start: dict[int, int] = {}
+        start = first_free
+        for key, prefix in self.prefixes.items():
+            self.prefix_start[key] = start
+            start += len(prefix.token_ids)
+        self.own_start = []
+        for tokens in room:
+            self.own_start.append(start)
+            start += tokens
+        self.size = start
+
+    def store(self, index: int, which: int, heads: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+        """Layer ``index``'s (size, heads, dim) store of keys (``which`` 0) or values (1): zeros but
+        for the prefixes', on ``like``'s device in its dtype."""
+        buffer = like.new_zeros((self.size, heads, dim))
+        for key, prefix in self.prefixes.items():
+            if prefix.token_ids:
+                tensor = prefix.key_values[index][which][0]  # (heads, tokens, dim)
+                buffer[self.prefix_start[key] : self.prefix_start[key] + tensor.shape[1]] = tensor.transpose(0, 1)
+        return buffer
 
 
 def store_and_gather(
@@ -47,22 +75,20 @@ class SharedPrefixCache:
 
     def __init__(self, rows: Sequence[Running], device: torch.device) -> None:
         """Take the rows' own caches, with room for each row's remaining tokens."""
-        prefixes = {id(row.job.prefix): row.job.prefix for row in rows}
         own = [row.cached_length - row.prefix_length for row in rows]
         self.length = max(row.cached_length for row in rows)
-        prefix_start, start = {}, 1  # slot 0 stays zero: what the padding reads
-        for key, prefix in prefixes.items():
-            prefix_start[key] = start
-            start += len(prefix.token_ids)
-        self.own_start = []
-        for row, tokens in zip(rows, own, strict=True):
-            self.own_start.append(start)
-            start += tokens + row.job.kwargs["max_new_tokens"] - len(row.generated)
+        room = [
+            tokens + row.job.kwargs["max_new_tokens"] - len(row.generated)
+            for row, tokens in zip(rows, own, strict=True)
+        ]
+        # Slot 0 stays zero: what the padding reads.
+        layout = StoreLayout([row.job.prefix for row in rows], room, first_free=1)
+        self.own_start = layout.own_start
         slots = torch.zeros(len(rows), self.length, dtype=torch.long)
         for n, row in enumerate(rows):
             first = self.length - row.cached_length
             if row.prefix_length:
-                begin = prefix_start[id(row.job.prefix)]
+                begin = layout.prefix_start[id(row.job.prefix)]
                 slots[n, first : first + row.prefix_length] = torch.arange(begin, begin + row.prefix_length)
             slots[n, self.length - own[n] :] = torch.arange(self.own_start[n], self.own_start[n] + own[n])
         self.slots = slots.to(device)  # (rows, length): where each place of each row is stored
@@ -70,17 +96,12 @@ class SharedPrefixCache:
         self.writes = torch.tensor([s + o for s, o in zip(self.own_start, own, strict=True)], device=device)
         self.keys: list[torch.Tensor] = []  # per layer, (tokens, heads, dim)
         self.values: list[torch.Tensor] = []
-        total = start
         while rows[0].key_values:  # layer by layer, so each row's old copy goes as soon as it is stored
             index = len(self.keys)
             parts = [row.key_values.pop(0) for row in rows]
             for which, store in enumerate((self.keys, self.values)):
                 first_part = parts[0][which]
-                buffer = first_part.new_zeros((total, first_part.shape[1], first_part.shape[3]))
-                for key, prefix in prefixes.items():
-                    if prefix.token_ids:
-                        tensor = prefix.key_values[index][which][0]
-                        buffer[prefix_start[key] : prefix_start[key] + tensor.shape[1]] = tensor.transpose(0, 1)
+                buffer = layout.store(index, which, first_part.shape[1], first_part.shape[3], first_part)
                 for n, part in enumerate(parts):
                     buffer[self.own_start[n] : self.own_start[n] + own[n]] = part[which][0].transpose(0, 1)
                 store.append(buffer)
