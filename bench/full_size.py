@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precisions", nargs="+", default=["bf16", "nf4", "int8"])  # slowest last
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2: the p90 latency needs two")
     shapes = SCALES[args.scale]
     if args.layers:
         shapes = replace(shapes, layers=args.layers)

@@ -78,7 +78,10 @@ class PromptRules:
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.max_chars = settings.prompts.max_chars
-        self.reserved_tokens = frozenset(tokenizer.all_special_tokens) | frozenset(tokenizer.get_added_vocab())
+        # Only special tokens: GPT-NeoX's tokenizer (MPT, RedPajama) also adds plain runs of spaces.
+        self.reserved_tokens = frozenset(tokenizer.all_special_tokens) | frozenset(
+            token.content for token in tokenizer.added_tokens_decoder.values() if token.special
+        )
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import copy
 
-from core.engine import FlamingoEngine
+import pytest
+from tokenizers import AddedToken
+
+from core.engine import FlamingoEngine, PromptRules
 from core.errors import BadParameter, BadPrompt
 from core.generation import GenerationParams
 from core.prompts import Example, Task
@@ -48,6 +51,18 @@ def test_newlines_and_tabs_are_allowed(llama_engine: FlamingoEngine, photos):
         [photos["chelsea"]], "<image>\tQuestion:\nwhat?\r\nAnswer:", task, GenerationParams()
     )
     assert prepared.prompt.endswith("Answer:")
+
+
+def test_plain_added_tokens_are_not_reserved(engines: dict[str, FlamingoEngine]):
+    """GPT-NeoX's tokenizer (MPT, RedPajama) adds runs of spaces as plain tokens: typing two spaces
+    is ordinary text, while the special tokens stay refused."""
+    engine = engines["gptneox"]
+    tokenizer = copy.deepcopy(engine.loaded.tokenizer)
+    tokenizer.add_tokens([AddedToken(" " * width, special=False, normalized=True) for width in range(2, 25)])
+    rules = PromptRules(tokenizer, engine.loaded.context_length, engine.settings)
+    assert rules.check_text("<image>Question: what is it?  Answer:", images=1).endswith("  Answer:")
+    with pytest.raises(BadPrompt, match=r"reserved token `<\|endoftext\|>`"):
+        rules.check_text("<image>Output:<|endoftext|>", images=1)
 
 
 def test_prompt_that_does_not_fit_the_context_is_refused(llama_engine: FlamingoEngine, photos, two_shot):
