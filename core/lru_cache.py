@@ -34,13 +34,16 @@ class LruCache(Generic[Key, Value]):
         size = self._size_of(value)
         if size > self.capacity:
             return
-        if key in self._entries:
-            self.bytes -= self._size_of(self._entries.pop(key))
+        self.discard(key)
         self._entries[key] = value
         self.bytes += size
         while self.bytes > self.capacity:
             _, dropped = self._entries.popitem(last=False)
             self.bytes -= self._size_of(dropped)
+
+    def discard(self, key: Key) -> None:
+        if key in self._entries:
+            self.bytes -= self._size_of(self._entries.pop(key))
 
     def stats(self) -> dict[str, int]:
         return {"entries": len(self._entries), "bytes": self.bytes, "hits": self.hits, "misses": self.misses}

@@ -230,6 +230,10 @@ class StaticSteps:
             step.make_image_buffers(rows)
             try:
                 step.capture()  # before the rows' caches are taken, so that a failure leaves them whole
+            except torch.OutOfMemoryError:  # the memory of the moment, not the model: these rows go eagerly
+                log.warning("no memory to capture a decode step for %d rows; they decode without a graph", len(rows))
+                self.steps.discard(key)
+                return None
             except RuntimeError as error:  # an operation a graph cannot hold: decode eagerly from now on
                 log.warning("CUDA graphs are off for this model: %s", error)
                 self.failed = True

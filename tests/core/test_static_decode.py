@@ -118,5 +118,25 @@ def test_a_step_that_cannot_be_captured_leaves_the_rows_to_the_eager_loop(engine
     assert "CUDA graphs are off" in caplog.text
 
 
+def test_a_capture_out_of_memory_leaves_graphs_on_for_later_batches(engines, photos, caplog, monkeypatch):
+    """Running out of memory is a moment's state, unlike an operation a graph cannot hold."""
+    captures = []
+
+    def short_of_memory_once(step: StaticStep) -> None:
+        captures.append(step)
+        if len(captures) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(StaticStep, "capture", short_of_memory_once)
+    engine = engines["mpt"]
+    static_steps = StaticSteps(engine.decoder, max_rows=4, memory_bytes=2**30, graphed=True)
+    with torch.inference_mode():
+        rows = prefilled_rows(engine, photos)
+        assert static_steps.for_rows(rows) is None and all(row.key_values for row in rows)
+        assert not static_steps.failed and static_steps.steps.stats()["entries"] == 0
+        assert static_steps.for_rows(rows) is not None and len(captures) == 2
+    assert "no memory to capture" in caplog.text and "CUDA graphs are off" not in caplog.text
+
+
 def test_the_decoder_uses_static_steps_only_on_a_gpu(engines):
     assert engines["mpt"].decoder.static_steps is None  # these run on the CPU: the exact eager loop
