@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -313,17 +314,16 @@ class FlamingoDecoder:
         Requests are numbered for ``finished`` in the order they came: ``jobs`` first, then each
         joiner.
         """
-        rows: list[Running] = []
+        rows: dict[int, Running] = {}  # the unfinished ones: a finished request is let go at once
         active: list[int] = []
+        numbers = itertools.count()
 
         def admit(new_jobs: Sequence[DecodeJob]) -> None:
             for row in self.prefill_many(new_jobs, media_token_id):
-                index = len(rows)
-                rows.append(row)
+                index = next(numbers)
                 if not self._finish_if_done(index, row, row.logits, finished):
+                    rows[index] = row
                     active.append(index)
-                else:
-                    row.key_values, row.image_keys_values = [], []
 
         with torch.inference_mode():
             admit(jobs)
@@ -333,23 +333,21 @@ class FlamingoDecoder:
                     continue
                 batch = [rows[i] for i in active]
                 stepper = self._stepper(batch)  # it takes the rows' caches
-                with stepper.reading():
-                    while True:
+                while True:
+                    with stepper.reading():  # not around joining, whose prefixes condition the layers
                         logits = stepper.step(batch)
-                        done = {
-                            i
-                            for n, i in enumerate(active)
-                            if self._finish_if_done(i, rows[i], logits[n : n + 1], finished)
-                        }
-                        joined = joining(len(active) - len(done))
-                        if done or joined:
-                            break
-                for n, (index, row) in enumerate(zip(active, batch, strict=True)):
-                    if index in done:  # a finished request's caches are let go at once
-                        row.key_values, row.image_keys_values = [], []
+                    done = {
+                        i for n, i in enumerate(active) if self._finish_if_done(i, rows[i], logits[n : n + 1], finished)
+                    }
+                    joined = joining(len(active) - len(done))
+                    if done or joined:
+                        break
+                for n, index in enumerate(active):
+                    if index in done:
+                        del rows[index]
                     else:
-                        stepper.hand_back(n, row)
-                del stepper  # the rows' views of its cache are let go layer by layer by the next batch
+                        stepper.hand_back(n, batch[n])
+                del stepper, batch  # the rows' views of its cache are let go layer by layer by the next batch
                 active = [i for i in active if i not in done]
                 admit(joined)
 

@@ -6,6 +6,8 @@ in the queue; ``run`` touches the model and must only be called from the service
 
 from __future__ import annotations
 
+import itertools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,11 +22,13 @@ from core.beam_search import BeamSettings, beam_search
 from core.config import Settings
 from core.decode_state import DecodeJob
 from core.decoding import FlamingoDecoder
-from core.errors import BadPrompt, GenerationFailed
+from core.errors import BadPrompt, FlamingoError, GenerationFailed
 from core.generation import GenerationParams, generation_kwargs
 from core.images import crop_extreme_aspect
 from core.loading import LoadedModel
 from core.prompts import IMAGE_TOKEN, Task, assemble_prompt, check_user_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,22 @@ class Answer:
     prompt_tokens: int
     finished: bool
     seconds: float
+
+
+# Takes each request's outcome, by its number: its answer, or the error that ended it alone.
+Deliver = Callable[[int, Answer | FlamingoError], None]
+
+
+def _as_user_error(error: Exception) -> FlamingoError:
+    """What to tell the asker; anything unexpected is logged, as a bug."""
+    if isinstance(error, FlamingoError):
+        return error
+    if isinstance(error, torch.OutOfMemoryError):
+        return GenerationFailed(
+            "The model ran out of memory on this request; try fewer examples, fewer beams or fewer new tokens."
+        )
+    log.error("a request failed", exc_info=error)
+    return GenerationFailed("Something went wrong while the model was answering; it has been logged.")
 
 
 def clear_conditioning(model: Flamingo) -> None:
@@ -145,55 +165,97 @@ class FlamingoEngine:
 
     def run(self, request: PreparedRequest, should_stop: Callable[[], bool] = lambda: False) -> Answer:
         """Decode one request. Only the service's worker thread may call this."""
-        answers: list[Answer] = []
-        self.run_many([request], [should_stop], lambda _, answer: answers.append(answer))
-        return answers[0]
+        outcomes: list[Answer | FlamingoError] = []
+        self.run_many([request], [should_stop], lambda _, outcome: outcomes.append(outcome))
+        outcome = outcomes[0]
+        if isinstance(outcome, FlamingoError):
+            raise outcome
+        return outcome
 
     def run_many(
         self,
         requests: Sequence[PreparedRequest],
         stops: Sequence[Callable[[], bool]],
-        deliver: Callable[[int, Answer], None],
+        deliver: Deliver,
         joining: Joining | None = None,
     ) -> None:
         """Answer several requests, handing each answer over as soon as it is complete.
 
         Beam requests are searched first (``_search_beams``); the others are decoded together, and
         ``joining(running)`` may add batchable requests that arrived meanwhile (numbered after
-        ``requests``, in order). Only the service's worker thread may call this.
+        ``requests``, in order). A request whose own preparation or beam search fails is handed its
+        error and the others go on; a failure of the shared decode raises. Each request is let go
+        once answered, so a batch that keeps taking joiners does not hold every past request.
+        Only the service's worker thread may call this.
         """
-        everyone = list(requests)
-        started = [time.perf_counter()] * len(everyone)
-        beams = [i for i, request in enumerate(requests) if not request.batchable]
-        batched = [i for i in range(len(requests)) if i not in beams]
+        pending = dict(enumerate(requests))
+        pending_stops = dict(enumerate(stops))
+        started = dict.fromkeys(pending, time.perf_counter())
+        numbers = itertools.count(len(requests))
+        decoded: list[int] = []  # ours, by the decoder's numbering of the batched requests
+
+        def let_go(index: int) -> tuple[PreparedRequest, float]:
+            del pending_stops[index]
+            return pending.pop(index), started.pop(index)
+
+        def answered(index: int, tokens: list[int]) -> None:
+            deliver(index, self._answer(*let_go(index), tokens))
+
+        def failed(indices: Sequence[int], error: Exception) -> None:
+            clear_conditioning(self.loaded.model)  # before the asker hears of it
+            reason = _as_user_error(error)
+            for index in indices:
+                let_go(index)
+                deliver(index, reason)
 
         def join(running: int) -> list[DecodeJob]:
             arrived = joining(running) if joining is not None else []
-            for request, _ in arrived:
-                batched.append(len(everyone))
-                everyone.append(request)
-                started.append(time.perf_counter())
-            return self._jobs([request for request, _ in arrived], [should_stop for _, should_stop in arrived])
-
-        def finished(n: int, tokens: list[int]) -> None:
-            index = batched[n]
-            deliver(index, self._answer(everyone[index], tokens, started[index]))
+            indices = [next(numbers) for _ in arrived]
+            for index, (request, should_stop) in zip(indices, arrived, strict=True):
+                pending[index], pending_stops[index], started[index] = request, should_stop, time.perf_counter()
+            kept, jobs = self._jobs_apart(indices, pending, pending_stops, failed)
+            decoded.extend(kept)
+            return jobs
 
         try:
-            self._search_beams(
-                requests, stops, beams, lambda i, tokens: deliver(i, self._answer(requests[i], tokens, started[i]))
-            )
-            if batched:
-                jobs = self._jobs([requests[i] for i in batched], [stops[i] for i in batched])
-                self.decoder.decode_many(jobs, self.loaded.model.media_token_id, finished, join)
-        except torch.OutOfMemoryError:
-            raise GenerationFailed(
-                "The model ran out of memory on this request; try fewer examples, fewer beams or fewer new tokens."
-            ) from None
+            batched = [i for i, request in pending.items() if request.batchable]
+            beams = [i for i in pending if i not in batched]
+            self._search_beams(pending, pending_stops, beams, answered, failed)
+            kept, jobs = self._jobs_apart(batched, pending, pending_stops, failed)
+            decoded.extend(kept)
+            if jobs:
+                done = lambda n, tokens: answered(decoded[n], tokens)  # noqa: E731
+                self.decoder.decode_many(jobs, self.loaded.model.media_token_id, done, join)
+        except torch.OutOfMemoryError as error:
+            raise _as_user_error(error) from None
         finally:
             clear_conditioning(self.loaded.model)
 
-    def _answer(self, request: PreparedRequest, new_tokens: list[int], started: float) -> Answer:
+    def _jobs_apart(
+        self,
+        indices: Sequence[int],
+        requests: dict[int, PreparedRequest],
+        stops: dict[int, Callable[[], bool]],
+        failed: Callable[[Sequence[int], Exception], None],
+    ) -> tuple[list[int], list[DecodeJob]]:
+        """The requests' jobs, with the indices of those that have one. When preparing them together
+        fails (a prefix too large for memory, say), each is tried alone, so only a request that
+        fails by itself is refused."""
+        try:
+            return list(indices), self._jobs([requests[i] for i in indices], [stops[i] for i in indices])
+        except Exception as error:
+            if len(indices) <= 1:
+                failed(indices, error)
+                return [], []
+        kept: list[int] = []
+        jobs: list[DecodeJob] = []
+        for index in indices:
+            alone, job = self._jobs_apart([index], requests, stops, failed)
+            kept += alone
+            jobs += job
+        return kept, jobs
+
+    def _answer(self, request: PreparedRequest, started: float, new_tokens: list[int]) -> Answer:
         stop = next((i for i, token in enumerate(new_tokens) if token in self._stop_ids), None)
         kept = new_tokens if stop is None else new_tokens[:stop]
         return Answer(
@@ -223,12 +285,14 @@ class FlamingoEngine:
 
     def _search_beams(
         self,
-        requests: Sequence[PreparedRequest],
-        stops: Sequence[Callable[[], bool]],
+        requests: dict[int, PreparedRequest],
+        stops: dict[int, Callable[[], bool]],
         indices: Sequence[int],
         finished: Callable[[int, list[int]], None],
+        failed: Callable[[Sequence[int], Exception], None],
     ) -> None:
-        """Beam search (sampled or not) on the cached prefixes, requests with the same beam settings together."""
+        """Beam search (sampled or not) on the cached prefixes, requests with the same beam settings
+        together; a search that fails fails only its own requests."""
         groups: dict[BeamSettings, list[int]] = {}
         for i in indices:
             groups.setdefault(self._beam_settings(requests[i]), []).append(i)
@@ -237,10 +301,14 @@ class FlamingoEngine:
             # At most a batch's worth of rows in one search, so beams take no more memory than a batch.
             per_search = max(1, self.settings.service.max_batch // settings.num_beams)
             for start in range(0, len(members), per_search):
-                chunk = members[start : start + per_search]
-                jobs = self._jobs([requests[i] for i in chunk], [stops[i] for i in chunk])
-                done = lambda n, tokens, chunk=chunk: finished(chunk[n], tokens)  # noqa: E731
-                beam_search(self.decoder, jobs, media_token, settings, done)
+                chunk, jobs = self._jobs_apart(members[start : start + per_search], requests, stops, failed)
+                if not jobs:
+                    continue
+                try:
+                    done = lambda n, tokens, chunk=chunk: finished(chunk[n], tokens)  # noqa: E731
+                    beam_search(self.decoder, jobs, media_token, settings, done)
+                except Exception as error:
+                    failed([i for i in chunk if i in requests], error)
 
     def _beam_settings(self, request: PreparedRequest) -> BeamSettings:
         defaults = self.loaded.model.lang_encoder.generation_config

@@ -9,6 +9,7 @@ their place in line or withdraw while they wait.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import threading
@@ -20,7 +21,7 @@ from typing import Protocol
 from PIL import Image
 
 from core.config import Settings
-from core.engine import Answer, FlamingoEngine, Joining, PreparedRequest, PromptRules
+from core.engine import Answer, Deliver, FlamingoEngine, Joining, PreparedRequest, PromptRules
 from core.errors import (
     BadParameter,
     FlamingoError,
@@ -48,7 +49,7 @@ class Engine(Protocol):
         self,
         requests: Sequence[PreparedRequest],
         stops: Sequence[Callable[[], bool]],
-        deliver: Callable[[int, Answer], None],
+        deliver: Deliver,
         joining: Joining | None = None,
     ) -> None: ...
 
@@ -127,12 +128,18 @@ def _settle(job: _Job, answer: Answer | None, error: BaseException | None) -> No
 
 
 def _still_wanted(jobs: list[_Job]) -> list[_Job]:
-    """Those neither withdrawn nor past their deadline; the late ones are told so."""
+    """Those neither withdrawn nor past their deadline; the others are told so (a request withdrawn
+    while the worker took it was no longer waiting to be told by ``_withdraw``)."""
     now = time.monotonic()
-    expired = [job for job in jobs if job.deadline is not None and now > job.deadline]
-    for job in expired:
-        _notify(job, None, RequestExpired("Your request waited too long in the queue; please ask again."))
-    return [job for job in jobs if job not in expired and not job.cancelled.is_set()]
+    wanted = []
+    for job in jobs:
+        if job.cancelled.is_set():
+            _notify(job, None, RequestCancelled("The request was cancelled before it ran."))
+        elif job.deadline is not None and now > job.deadline:
+            _notify(job, None, RequestExpired("Your request waited too long in the queue; please ask again."))
+        else:
+            wanted.append(job)
+    return wanted
 
 
 class Ticket:
@@ -216,6 +223,8 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         job = _Job(request, loop, loop.create_future(), deadline)
         with self._ready:
+            if self._closed:  # closed while the request was prepared
+                raise ServiceClosed("The bot is shutting down; try again in a moment.")
             if len(self._waiting) >= self._max_queue:
                 raise ServiceBusy(
                     f"The model is busy ({self._max_queue} requests are already waiting); try again in a minute."
@@ -244,14 +253,22 @@ class InferenceService:
             _notify(job, None, RequestCancelled("The request was cancelled before it ran."))
 
     def _next_batch(self) -> list[_Job] | None:
-        """Whatever is waiting, up to a batch, decoded together; None once closed and drained."""
+        """The requests at the front of the line, up to a batch, decoded together; None once closed.
+
+        Only requests of the first one's kind: beam searches run before the batch's decoding, so a
+        short request queued before a long search must not wait for it.
+        """
         with self._ready:
             while not self._waiting and not self._closed:
                 self._ready.wait()
             if self._closed:
                 return None
-            batch = self._waiting[: self._max_batch]
-            del self._waiting[: self._max_batch]
+            kind = self._waiting[0].request.batchable
+            taken = 1
+            while taken < min(len(self._waiting), self._max_batch) and self._waiting[taken].request.batchable == kind:
+                taken += 1
+            batch = self._waiting[:taken]
+            del self._waiting[:taken]
         return _still_wanted(batch)
 
     def _joiners(self, running: int) -> list[_Job]:
@@ -279,35 +296,40 @@ class InferenceService:
         while (batch := self._next_batch()) is not None:
             if batch:
                 self._run(batch)
+            del batch  # not held while the worker waits for the next
 
     def _run(self, jobs: list[_Job]) -> None:
-        delivered: set[int] = set()
+        pending = dict(enumerate(jobs))  # until answered: a long run does not hold past requests
+        numbers = itertools.count(len(jobs))
 
         def joining(running: int) -> list[tuple[PreparedRequest, Callable[[], bool]]]:
             joiners = self._joiners(running)
-            jobs.extend(joiners)  # numbered after the batch, in order, as the engine numbers them
+            pending.update((next(numbers), job) for job in joiners)  # numbered in order, as the engine does
             return [(job.request, job.cancelled.is_set) for job in joiners]
 
-        def deliver(index: int, answer: Answer) -> None:
-            delivered.add(index)
-            self._request_seconds = answer.seconds
-            if jobs[index].cancelled.is_set():  # stopped early: a partial answer is no answer
-                _notify(jobs[index], None, RequestCancelled("The request was cancelled while it ran."))
+        def deliver(index: int, outcome: Answer | FlamingoError) -> None:
+            job = pending.pop(index)
+            if isinstance(outcome, FlamingoError):
+                _notify(job, None, outcome)
+                return
+            self._request_seconds = outcome.seconds
+            if job.cancelled.is_set():  # stopped early: a partial answer is no answer
+                _notify(job, None, RequestCancelled("The request was cancelled while it ran."))
             else:
-                _notify(jobs[index], answer, None)
+                _notify(job, outcome, None)
 
         error: BaseException | None = None
         try:
             requests, stops = [job.request for job in jobs], [job.cancelled.is_set for job in jobs]
+            del jobs
             self.engine.run_many(requests, stops, deliver, joining)
         except FlamingoError as known:
             error = known
         except Exception:
             log.exception("generation failed")
             error = GenerationFailed("Something went wrong while the model was answering; it has been logged.")
-        for index, job in enumerate(jobs):
-            if index not in delivered:
-                _notify(job, None, error or GenerationFailed("The model gave no answer; it has been logged."))
+        for job in pending.values():
+            _notify(job, None, error or GenerationFailed("The model gave no answer; it has been logged."))
 
     def close(self) -> None:
         """Refuse new work, withdraw waiting requests, and stop the worker after the current batch."""

@@ -3,42 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
 import torch
 
-from core.engine import FlamingoEngine, PreparedRequest, holds_conditioning
+from core.engine import holds_conditioning
 from core.errors import BadPrompt, GenerationFailed, RequestCancelled, RequestExpired, ServiceBusy, ServiceClosed
 from core.generation import GenerationParams
 from core.prompts import Example, Task
-
-
-class GatedEngine:
-    """The real engine behind a gate, so a test decides when the worker may proceed."""
-
-    def __init__(self, engine: FlamingoEngine) -> None:
-        self.engine = engine
-        self.rules = engine.rules
-        self.gate = threading.Event()
-        self.started = threading.Event()
-        self.ran: list[str] = []
-
-    def prepare(self, *args, **kwargs) -> PreparedRequest:
-        return self.engine.prepare(*args, **kwargs)
-
-    def run_many(self, requests: list[PreparedRequest], stops, deliver, joining=None) -> None:
-        self.started.set()
-        assert self.gate.wait(timeout=30)
-        self.ran.extend(request.prompt for request in requests)
-
-        def recorded(running: int):
-            joiners = joining(running) if joining is not None else []
-            self.ran.extend(request.prompt for request, _ in joiners)
-            return joiners
-
-        self.engine.run_many(requests, stops, deliver, recorded)
+from tests.gated_engine import GatedEngine
 
 
 @pytest.fixture(scope="module")
