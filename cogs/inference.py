@@ -298,7 +298,9 @@ class Inference(commands.Cog):
 
     async def on_delete(self, interaction: discord.Interaction, request_id: int) -> None:
         stored = await self.bot.store.get_request(request_id, interaction.guild_id)
-        owner = stored.user_id if stored is not None else None
+        # Once the request is gone (forgotten, or past its retention), Discord still knows who asked.
+        metadata = interaction.message.interaction_metadata if interaction.message else None
+        owner = stored.user_id if stored is not None else metadata.user.id if metadata else None
         if interaction.user.id != owner and not interaction.permissions.manage_messages:
             raise NotAllowedHere("Only the person who asked, or a member with Manage Messages, can delete this answer.")
         await interaction.response.defer()

@@ -50,6 +50,17 @@ async def test_forget_me_deletes_requests_at_once_and_examples_after_confirmatio
 
 
 @pytest.mark.privacy
+async def test_an_answer_stays_its_askers_to_delete_after_they_are_forgotten(scene):
+    answer = (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=2))[0]
+    await scene.ask("forget-me")
+    stranger = scene.discord.add_member(scene.guild, "stranger")
+    refused = await (await click(scene, answer, "Delete", stranger)).answered()
+    assert refused[0].content.startswith("Only the person who asked") and not answer.deleted
+    deleted = await click(scene, answer, "Delete")  # Discord still says who asked
+    await deleted.wait_for(lambda: answer.deleted, timeout=30)
+
+
+@pytest.mark.privacy
 async def test_report_posts_the_answer_to_the_moderators_channel(scene):
     answer = (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=3))[0]
     nowhere = await (await click(scene, answer, "Report")).answered()

@@ -119,7 +119,15 @@ class InteractionBuilder:
                 "authorizing_integration_owners": {"1": str(member.id)},
                 "context": 1,
             }
-        record = InteractionRecord(int(payload["id"]), payload["token"], self.clock(), channel_id=channel.id)
+        metadata = {
+            "id": payload["id"],
+            "type": kind,
+            "user": user_payload(member.id, member.name),
+            "authorizing_integration_owners": payload["authorizing_integration_owners"],
+        }
+        record = InteractionRecord(
+            int(payload["id"]), payload["token"], self.clock(), channel_id=channel.id, metadata=metadata
+        )
         self.interactions[payload["token"]] = record
         return payload
 

@@ -113,7 +113,7 @@ class MessageRoutes:
             "mentions": [],
             "mention_roles": [],
             "pinned": False,
-        }
+        } | ({"interaction_metadata": message.interaction_metadata} if message.interaction_metadata else {})
 
     # Shared by every route
 
@@ -163,7 +163,10 @@ class MessageRoutes:
 
     @staticmethod
     def _new_message(record: InteractionRecord, flags: Any) -> Message:
-        return Message(snowflake(), ephemeral=bool(int(flags or 0) & EPHEMERAL), channel_id=record.channel_id)
+        ephemeral = bool(int(flags or 0) & EPHEMERAL)
+        return Message(
+            snowflake(), ephemeral=ephemeral, channel_id=record.channel_id, interaction_metadata=record.metadata
+        )
 
     async def _callback(self, request: web.Request) -> web.Response:
         record = self._interaction(request.match_info["token"], acknowledging=True)

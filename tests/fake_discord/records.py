@@ -48,6 +48,7 @@ class Message:
     # (None: it sent none, so Discord's default applies and every mention in the content pings).
     allowed_mentions: dict[str, Any] | None = None
     type: int = 20  # CHAT_INPUT_COMMAND for interaction responses, 0 (DEFAULT) for channel messages
+    interaction_metadata: dict[str, Any] | None = None  # who, with which interaction, made a response
 
     @property
     def silent(self) -> bool:
@@ -69,6 +70,7 @@ class InteractionRecord:
     choices: list[dict[str, Any]] | None = None
     modal: dict[str, Any] | None = None
     target: Message | None = None  # the message whose component was used
+    metadata: dict[str, Any] | None = None  # what Discord puts in its responses' ``interaction_metadata``
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
