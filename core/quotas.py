@@ -1,4 +1,5 @@
-"""Fair use: a per-user cooldown, and per-guild caps on requests in flight and per period.
+"""Fair use: a per-user cooldown, and per-server caps on requests in flight and per period (per
+person in direct messages, where there is no server to share them).
 
 One user cannot starve a server, and one server cannot starve the others. Refusals say when to
 try again. State is in memory: a restart forgives everyone, which errs on the side of the user.
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from core.config import QuotaSettings
 from core.errors import FlamingoError
+from core.guild_settings import MAX_COOLDOWN_SECONDS
 
 
 class TooManyRequests(FlamingoError):
@@ -30,9 +32,15 @@ def _wait(seconds: float) -> str:
 
 
 @dataclass
-class _Guild:
+class _Place:
+    """A server's requests, or one person's in direct messages, where there is no server to share."""
+
     in_flight: int = 0
     recent: deque[float] = field(default_factory=deque)
+
+
+# How often idle users and places are forgotten, so that memory follows the active ones.
+PRUNE_SECONDS = 600.0
 
 
 class RequestQuotas:
@@ -40,37 +48,63 @@ class RequestQuotas:
         self.settings = settings
         self.clock = clock
         self._last_request: dict[int, float] = {}
-        self._guilds: dict[int, _Guild] = {}
+        self._places: dict[tuple[str, int], _Place] = {}
+        self._pruned = clock()
 
     @contextmanager
     def admit(self, guild_id: int | None, user_id: int, limits: QuotaSettings | None = None) -> Iterator[None]:
         """Hold a place for one request while it runs, or raise ``TooManyRequests`` saying when to retry.
 
-        ``limits``: the server's own, where it set stricter ones than the config's.
+        ``limits``: the server's own, where it set stricter ones than the config's. A request refused
+        on the way (a ``FlamingoError``: a bad image or prompt, a busy or failed model) gives back
+        what it took, so that fixing a typo does not cost a cooldown or a share of the server's quota.
         """
         now = self.clock()
+        self._prune(now)
         settings = limits or self.settings
         last = self._last_request.get(user_id)
         if last is not None and now - last < settings.user_cooldown_seconds:
             wait = settings.user_cooldown_seconds - (now - last)
             raise TooManyRequests(f"You are asking too fast; you can ask again in {_wait(wait)}.")
-        guild = self._guilds.setdefault(guild_id or 0, _Guild())
-        recent = guild.recent
+        in_dms = guild_id is None
+        place = self._places.setdefault(("user", user_id) if in_dms else ("guild", guild_id), _Place())
+        recent = place.recent
         while recent and now - recent[0] >= settings.period_seconds:
             recent.popleft()
-        if guild.in_flight >= settings.guild_in_flight:
-            raise TooManyRequests(
-                f"This server already has {guild.in_flight} requests being answered; try again in a minute."
-            )
+        if place.in_flight >= settings.guild_in_flight:
+            who = "You already have" if in_dms else "This server already has"
+            raise TooManyRequests(f"{who} {place.in_flight} requests being answered; try again in a minute.")
         if len(recent) >= settings.guild_per_period:
             wait = settings.period_seconds - (now - recent[0])
-            raise TooManyRequests(
-                f"This server has used its {settings.guild_per_period} requests for now; more in {_wait(wait)}."
-            )
+            who = "You have used your" if in_dms else "This server has used its"
+            raise TooManyRequests(f"{who} {settings.guild_per_period} requests for now; more in {_wait(wait)}.")
         self._last_request[user_id] = now
         recent.append(now)
-        guild.in_flight += 1
+        place.in_flight += 1
         try:
             yield
+        except FlamingoError:
+            if now in recent:  # (unless it has aged out of the period meanwhile)
+                recent.remove(now)
+            if self._last_request.get(user_id) == now:
+                if last is None:
+                    del self._last_request[user_id]
+                else:
+                    self._last_request[user_id] = last
+            raise
         finally:
-            guild.in_flight -= 1
+            place.in_flight -= 1
+
+    def _prune(self, now: float) -> None:
+        """Forget users whose every cooldown has passed, and places with nothing running or counted."""
+        if now - self._pruned < PRUNE_SECONDS:
+            return
+        self._pruned = now
+        longest = max(self.settings.user_cooldown_seconds, MAX_COOLDOWN_SECONDS)
+        self._last_request = {user: at for user, at in self._last_request.items() if now - at < longest}
+        period = self.settings.period_seconds
+        self._places = {
+            key: place
+            for key, place in self._places.items()
+            if place.in_flight or (place.recent and now - place.recent[-1] < period)
+        }

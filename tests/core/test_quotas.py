@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from core.config import QuotaSettings
-from core.quotas import RequestQuotas, TooManyRequests
+from core.errors import BadImage
+from core.guild_settings import MAX_COOLDOWN_SECONDS
+from core.quotas import PRUNE_SECONDS, RequestQuotas, TooManyRequests
 
 
 class Clock:
@@ -55,4 +57,52 @@ def test_a_guild_has_a_quota_per_period():
         pass
     clock.now += 58 * 60
     with quotas.admit(5, 3):
+        pass
+
+
+def test_a_refused_request_gives_back_its_cooldown_and_its_share_of_the_quota():
+    clock = Clock()
+    quotas = RequestQuotas(QuotaSettings(user_cooldown_seconds=10, guild_per_period=1), clock)
+    with pytest.raises(BadImage), quotas.admit(5, 7):
+        raise BadImage("That file is not an image.")
+    with quotas.admit(5, 7):  # at once, and the server's one request is still there
+        pass
+    with pytest.raises(TooManyRequests, match="asking too fast"), quotas.admit(5, 7):
+        pass
+    with pytest.raises(TooManyRequests, match="used its 1 requests"), quotas.admit(5, 8):
+        pass
+
+
+def test_an_answered_request_keeps_its_cooldown_whatever_fails_after():
+    clock = Clock()
+    quotas = RequestQuotas(QuotaSettings(user_cooldown_seconds=10), clock)
+    with pytest.raises(OSError), quotas.admit(5, 7):
+        raise OSError("the answer could not be posted")
+    with pytest.raises(TooManyRequests, match="asking too fast"), quotas.admit(5, 7):
+        pass
+
+
+def test_direct_messages_count_per_person():
+    quotas = RequestQuotas(QuotaSettings(user_cooldown_seconds=0, guild_per_period=1, guild_in_flight=1), Clock())
+    with quotas.admit(None, 1):
+        with pytest.raises(TooManyRequests, match=r"^You already have 1 requests being"), quotas.admit(None, 1):
+            pass
+        with quotas.admit(None, 2):  # someone else's direct messages are not shared with theirs
+            pass
+    with pytest.raises(TooManyRequests, match=r"^You have used your 1 requests for now"), quotas.admit(None, 1):
+        pass
+
+
+def test_idle_users_and_places_are_forgotten():
+    clock = Clock()
+    quotas = RequestQuotas(QuotaSettings(user_cooldown_seconds=10, period_seconds=60), clock)
+    for user in range(100):
+        with quotas.admit(user, user):
+            pass
+    with quotas.admit(None, 1000):
+        clock.now += max(PRUNE_SECONDS, MAX_COOLDOWN_SECONDS)
+        with quotas.admit(None, 1001):  # prunes: the running places and the newest user stay
+            assert len(quotas._places) == 2 and list(quotas._last_request) == [1001]
+    clock.now += 0.5
+    with pytest.raises(TooManyRequests, match="asking too fast"), quotas.admit(1, 1001):
         pass

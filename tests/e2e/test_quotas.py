@@ -19,6 +19,8 @@ async def test_a_server_can_tighten_its_quotas_and_refusals_say_when_to_retry(sc
     assert fields["Quotas (this server's)"] == "30 s between a member's requests · 64 at once · 3 per hour"
 
     ask = {"image": scene.photo(), "max_new_tokens": 2}
+    typo = await scene.ask("comprehend", task="captoin", **ask)  # refused: it costs neither cooldown nor quota
+    assert typo[0].ephemeral and "captoin" in typo[0].content
     assert (await scene.ask("comprehend", **ask))[0].embeds
     again = await scene.ask("comprehend", **ask)
     assert len(again) == 1 and again[0].ephemeral
