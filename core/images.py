@@ -23,6 +23,8 @@ _ACCEPTED_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 _WHITE = (255, 255, 255)
 # A centred crop wider than this keeps everything the vision encoder's centre crop sees.
 MAX_ASPECT_RATIO = 2.0
+# What Pillow raises on malformed files besides its own errors: any of them means a bad upload.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, KeyError, IndexError, struct.error)
 
 
 def _sizes(size: int, limit: int) -> tuple[str, str]:
@@ -48,7 +50,7 @@ def _open(data: bytes, settings: ImageSettings) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError:
         raise BadImage(_too_many_pixels(settings, "far more than that")) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except (UnidentifiedImageError, *_DECODE_ERRORS):
         raise BadImage(f"This file is not an image I can read; send a {_ACCEPTED_NAMES} file.") from None
     width, height = image.size
     if width < 1 or height < 1:
@@ -63,17 +65,28 @@ def _too_many_pixels(settings: ImageSettings, actual: str) -> str:
 
 
 def _to_eight_bit(image: Image.Image) -> Image.Image:
-    """Scale 16/32-bit integer and float greyscale to 0..255 (Pillow's convert clips instead)."""
-    pixels = np.asarray(image, dtype=np.float64)
+    """Scale 16/32-bit integer and float greyscale to 0..255 (Pillow's convert clips instead).
+
+    In place, in float32 (exact for 16-bit values): a 40-megapixel upload takes one 160 MB array.
+    """
+    pixels = np.asarray(image, dtype=np.float32)
+    if not pixels.flags.writeable:
+        pixels = pixels.copy()
     if image.mode == "F":
-        finite = pixels[np.isfinite(pixels)]
-        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        pixels = np.nan_to_num(pixels, nan=low, posinf=high, neginf=low)
-        scaled = (pixels - low) / (high - low or 1.0) * 255.0
+        finite = np.isfinite(pixels)
+        low = float(pixels.min(where=finite, initial=np.inf))
+        high = float(pixels.max(where=finite, initial=-np.inf))
+        low, high = (low, high) if low <= high else (0.0, 1.0)
+        np.nan_to_num(pixels, copy=False, nan=low, posinf=high, neginf=low)
+        del finite
+        pixels -= low
+        pixels *= 255.0 / (high - low or 1.0)
     else:
         top = 255.0 if image.mode == "I" and pixels.max() <= 255 else 65535.0
-        scaled = np.clip(pixels, 0, top) / top * 255.0
-    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+        np.clip(pixels, 0, top, out=pixels)
+        pixels *= 255.0 / top
+    np.rint(pixels, out=pixels)
+    return Image.fromarray(pixels.astype(np.uint8), mode="L")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -101,7 +114,7 @@ def _upright(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; a malformed EXIF block is ignored, since the pixels are fine."""
     try:
         return ImageOps.exif_transpose(image)
-    except (OSError, ValueError, SyntaxError, KeyError, TypeError, struct.error):
+    except _DECODE_ERRORS:
         return image
 
 
@@ -117,7 +130,7 @@ def load_image(data: bytes, settings: ImageSettings) -> Image.Image:
         image = _to_rgb(_upright(image))
     except Image.DecompressionBombError:
         raise BadImage(_too_many_pixels(settings, "far more than that")) from None
-    except (OSError, ValueError, SyntaxError, EOFError):
+    except _DECODE_ERRORS:
         raise BadImage("The image file is damaged or incomplete; try saving it again.") from None
     return _shrink(image, settings.max_side_kept)
 
@@ -141,11 +154,18 @@ def crop_extreme_aspect(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO)
 
 
 STORED_SHORT_SIDE = 448
+# A panorama's long side too is bounded (JPEG itself stops at 65,535 pixels).
+STORED_LONG_SIDE = 4096
 _STORED_QUALITY = 90
 
 
 def encode_for_storage(image: Image.Image) -> bytes:
-    """A task example as saved: JPEG, short side at most twice the encoder's 224 pixels."""
+    """A task example or a request's image as saved: JPEG, short side at most twice the encoder's
+    224 pixels, long side at most ``STORED_LONG_SIDE``."""
+    image = _shrink(image, STORED_SHORT_SIDE)
+    if max(image.size) > STORED_LONG_SIDE:
+        scale = STORED_LONG_SIDE / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
     buffer = io.BytesIO()
-    _shrink(image, STORED_SHORT_SIDE).save(buffer, format="JPEG", quality=_STORED_QUALITY)
+    image.save(buffer, format="JPEG", quality=_STORED_QUALITY)
     return buffer.getvalue()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from PIL import Image, ImageOps
 
 from core.config import PROJECT_ROOT, ImageSettings
 from core.errors import BadImage
-from core.images import MAX_ASPECT_RATIO, crop_extreme_aspect, load_image
+from core.images import MAX_ASPECT_RATIO, STORED_LONG_SIDE, crop_extreme_aspect, encode_for_storage, load_image
 
 DEFAULT = ImageSettings()
 SMALL_KEPT = ImageSettings(max_side_kept=256)
@@ -91,6 +92,17 @@ def corrupt_idat(data: bytes) -> bytes:
     for offset in range(start + length // 4, start + length // 4 + 64):
         damaged[offset] ^= 0xFF
     return bytes(damaged)
+
+
+def tiff_with_rational_strip_offsets() -> bytes:
+    """A TIFF whose strip offsets are typed as a fraction: Pillow fails on it with a TypeError."""
+    data = bytearray(encode(noise_rgb(16), "TIFF"))
+    assert data[:4] == b"II*\0"
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for entry in range(ifd + 2, ifd + 2 + 12 * struct.unpack_from("<H", data, ifd)[0], 12):
+        if struct.unpack_from("<H", data, entry)[0] == 273:  # StripOffsets
+            struct.pack_into("<H", data, entry + 2, 5)  # RATIONAL
+    return bytes(data)
 
 
 def first_half(data: bytes) -> bytes:
@@ -493,6 +505,7 @@ SAMPLE = Image.new("RGB", (64, 48), (200, 30, 40))
         pytest.param(lambda: first_half(encode(noise_rgb(64), "GIF")), DEFAULT, DAMAGED, id="truncated-gif"),
         pytest.param(lambda: corrupt_idat(encode(noise_rgb(64), "PNG")), DEFAULT, DAMAGED, id="corrupt-png-idat"),
         pytest.param(lambda: png_header_only(1, 1), DEFAULT, DAMAGED, id="png-without-pixel-data"),
+        pytest.param(tiff_with_rational_strip_offsets, DEFAULT, DAMAGED, id="tiff-strip-offsets-a-fraction"),
         pytest.param(
             lambda: png_header_only(20_000, 20_000),
             DEFAULT,
@@ -639,6 +652,34 @@ def test_float_image_scales_by_its_finite_values(bad: float) -> None:
     image = load_image(data, DEFAULT)
     row = [image.getpixel((x, 0))[0] for x in range(4)]
     assert (row[0], row[2], row[3]) == (0, 255, 128)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "fmt"),
+    [
+        ((np.arange(2000 * 2000) % 65536).astype(np.uint16).reshape(2000, 2000), "PNG"),
+        (np.linspace(-5, 5, 2000 * 2000, dtype=np.float32).reshape(2000, 2000), "TIFF"),
+    ],
+    ids=["16-bit", "float"],
+)
+def test_deep_images_are_scaled_to_eight_bits_without_large_copies(pixels: np.ndarray, fmt: str) -> None:
+    """Four images of up to 40 megapixels per request, several requests at once: each byte per pixel
+    counts. (Arrays in float64, one per step, took 25 to 33 bytes per pixel.)"""
+    data = encode(Image.fromarray(pixels), fmt)
+    tracemalloc.start()
+    try:
+        image = load_image(data, DEFAULT)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 12 * pixels.size
+    assert image.mode == "RGB" and image.getextrema()[0][1] >= 250
+
+
+def test_a_panorama_is_stored_within_jpegs_limits() -> None:
+    """JPEG stops at 65,535 pixels a side; a long panorama is scaled down whole, not refused."""
+    stored = Image.open(io.BytesIO(encode_for_storage(Image.new("RGB", (66_000, 40), RED))))
+    assert stored.format == "JPEG" and stored.size == (STORED_LONG_SIDE, 2)
 
 
 def test_malformed_exif_is_ignored_not_refused() -> None:
