@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
 from PIL import Image
 
 from core.builtin_tasks import DEFAULT_TASK, load_builtin_tasks
-from core.config import ConfigError, Settings, load_settings
+from core.config import ConfigError, LoggingSettings, Settings, load_settings
 from core.errors import BadImage, FlamingoError, UnknownTask
 from core.generation import GenerationParams, generation_kwargs
 from core.images import load_image
@@ -124,6 +125,20 @@ def describe(args: argparse.Namespace) -> int:
     return 0
 
 
+# At DEBUG these log every interaction's payload (prompts, user ids, interaction tokens) and every
+# SQL statement's parameters (stored prompts): private, so kept at INFO unless prompts may be logged.
+PRIVATE_DEBUG_LOGGERS = ("discord.gateway", "discord.http", "discord.client", "discord.state", "aiosqlite")
+
+
+def setup_bot_logging(settings: LoggingSettings) -> None:
+    import discord
+
+    level = getattr(logging, settings.level)
+    discord.utils.setup_logging(level=level)
+    for name in PRIVATE_DEBUG_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if settings.log_prompts else max(level, logging.INFO))
+
+
 async def _serve(settings: Settings, token: str) -> None:
     from cogs.utils.bot import FlamingoBot
 
@@ -141,7 +156,7 @@ def run_bot(args: argparse.Namespace) -> int:
         raise ConfigError("no Discord bot token: set DISCORD_TOKEN in the environment or in a .env file")
     import discord
 
-    discord.utils.setup_logging(level=getattr(logging, settings.logging.level))
+    setup_bot_logging(settings.logging)
     try:
         asyncio.run(_serve(settings, settings.discord_token.get_secret_value().strip()))
     except discord.LoginFailure:
@@ -156,8 +171,14 @@ def backup(args: argparse.Namespace) -> int:
     source = settings.storage.database_path
     if not source.is_file():
         raise ConfigError(f"there is no database at {source} yet")
-    backup_database(source, args.target)
-    print(f"Copied {source} to {args.target}", file=sys.stderr)
+    target: Path = args.target / source.name if args.target.is_dir() else args.target
+    if target.exists() and target.samefile(source):
+        raise ConfigError(f"{target} is the database itself; back it up to another file")
+    try:
+        backup_database(source, target)
+    except (sqlite3.Error, OSError) as error:
+        raise ConfigError(f"could not back up to {target}: {error}") from None
+    print(f"Copied {source} to {target}", file=sys.stderr)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -79,3 +80,44 @@ def test_backup_without_a_database_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr == f"error: there is no database at {tmp_path / 'none.db'} yet\n"
     assert not Path(tmp_path / "x.db").exists()
+
+
+def test_backup_refuses_the_database_itself_and_unwritable_targets_in_one_line(tmp_path):
+    database = tmp_path / "live.db"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\ndatabase = "{database}"\n')
+    asyncio.run(asyncio.run(TaskStore.open(database)).close())
+    (tmp_path / "notes.txt").write_text("not a database, and not to be overwritten\n" * 100)
+    for target, message in [
+        (database, f"error: {database} is the database itself; back it up to another file\n"),
+        (tmp_path / "sub" / ".." / "live.db", f"error: {tmp_path / 'sub' / '..' / 'live.db'} is the database itself"),
+        (tmp_path / "notes.txt", f"error: could not back up to {tmp_path / 'notes.txt'}: file is not a database\n"),
+    ]:
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        result = run_main("--config", str(config), "backup", str(target))
+        assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
+    assert (tmp_path / "notes.txt").read_text().startswith("not a database")
+    into_folder = run_main("--config", str(config), "backup", str(tmp_path / "sub"))
+    assert into_folder.returncode == 0
+    assert into_folder.stderr == f"Copied {database} to {tmp_path / 'sub' / 'live.db'}\n"
+    with sqlite3.connect(tmp_path / "sub" / "live.db") as copy:
+        assert copy.execute("SELECT count(*) FROM tasks").fetchall() == [(0,)]
+
+
+def test_debug_logging_keeps_interaction_payloads_and_sql_parameters_out_unless_prompts_may_be_logged():
+    from core.config import LoggingSettings
+    from main import PRIVATE_DEBUG_LOGGERS, setup_bot_logging
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    try:
+        setup_bot_logging(LoggingSettings(level="DEBUG"))
+        assert root.level == logging.DEBUG
+        assert all(logging.getLogger(name).getEffectiveLevel() == logging.INFO for name in PRIVATE_DEBUG_LOGGERS)
+        setup_bot_logging(LoggingSettings(level="DEBUG", log_prompts=True))
+        assert all(logging.getLogger(name).getEffectiveLevel() == logging.DEBUG for name in PRIVATE_DEBUG_LOGGERS)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        for name in PRIVATE_DEBUG_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
