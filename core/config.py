@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -23,7 +24,13 @@ DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config.toml"
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8", "nf4"]
 
 
-class ModelSettings(BaseModel):
+class Section(BaseModel):
+    """A table of settings: a key it does not know is a typo to report, not a default to use."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(Section):
     name: str = Field(
         "openflamingo/OpenFlamingo-9B-vitl-mpt7b",
         description="A registry name or a local model directory holding flamingo.json.",
@@ -42,18 +49,18 @@ class ModelSettings(BaseModel):
     )
 
 
-class ImageSettings(BaseModel):
+class ImageSettings(Section):
     max_bytes: int = Field(25 * 1024 * 1024, gt=0)
     max_pixels: int = Field(40_000_000, gt=0)
     max_side_kept: int = Field(1024, ge=224, description="Larger images are scaled down to this short side.")
     max_per_request: int = Field(4, ge=1, le=4, description="Images one /comprehend may read (Discord offers 4).")
 
 
-class PromptSettings(BaseModel):
+class PromptSettings(Section):
     max_chars: int = Field(2000, gt=0)
 
 
-class Range(BaseModel):
+class Range(Section):
     low: float
     high: float
 
@@ -64,7 +71,7 @@ class Range(BaseModel):
         return self
 
 
-class GenerationSettings(BaseModel):
+class GenerationSettings(Section):
     """Defaults and the ranges users may choose from; the ranges are inclusive."""
 
     max_new_tokens_default: int = Field(30, gt=0)
@@ -85,7 +92,7 @@ class GenerationSettings(BaseModel):
         return self
 
 
-class ServiceSettings(BaseModel):
+class ServiceSettings(Section):
     backend: Literal["local", "ray"] = Field("local", description="ray: the model runs on Ray Serve replicas.")
     max_queue: int = Field(32, gt=0, description="Requests waiting beyond this are refused as busy.")
     max_batch: int = Field(16, gt=0, description="Waiting requests decoded together in one batch.")
@@ -98,7 +105,7 @@ class ServiceSettings(BaseModel):
     queue_update_seconds: float = Field(15.0, ge=1, description="Least time between edits of a place in line.")
 
 
-class RaySettings(BaseModel):
+class RaySettings(Section):
     """Where the model runs when it is served by Ray Serve replicas instead of in the bot's process."""
 
     address: str = Field("127.0.0.1:6379", description="The Ray cluster's GCS address, host:port.")
@@ -126,14 +133,14 @@ class RaySettings(BaseModel):
         return self
 
 
-class QuotaSettings(BaseModel):
+class QuotaSettings(Section):
     user_cooldown_seconds: float = Field(10.0, ge=0)
     guild_in_flight: int = Field(8, gt=0, description="Requests of one guild being answered or waiting.")
     guild_per_period: int = Field(120, gt=0)
     period_seconds: float = Field(3600.0, gt=0)
 
 
-class DiscordSettings(BaseModel):
+class DiscordSettings(Section):
     owner_ids: list[int] = Field(default_factory=list, description="Empty: the application's owner or team.")
     admin_guild_id: int | None = Field(None, description="The only guild that sees the owner's admin commands.")
     sync_commands_on_start: bool = True
@@ -144,7 +151,7 @@ class DiscordSettings(BaseModel):
     shard_count: int | None = Field(None, ge=1, description="None: as many shards as Discord recommends.")
 
 
-class LimitSettings(BaseModel):
+class LimitSettings(Section):
     max_tasks_per_guild: int = Field(50, gt=0)
     max_examples_per_task: int = Field(8, gt=0)
     max_example_chars: int = Field(400, gt=0)
@@ -153,7 +160,7 @@ class LimitSettings(BaseModel):
     max_import_bytes: int = Field(25 * 1024 * 1024, gt=0, description="A task file /manage-tasks import reads.")
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(Section):
     database: Path = Field(Path("data/flamingo.db"), description="Relative paths are relative to the project.")
 
     @property
@@ -161,7 +168,7 @@ class StorageSettings(BaseModel):
         return self.database if self.database.is_absolute() else PROJECT_ROOT / self.database
 
 
-class PrivacySettings(BaseModel):
+class PrivacySettings(Section):
     request_retention_hours: float = Field(
         168.0, gt=0, description="Answered requests (kept for their buttons) are deleted after this."
     )
@@ -174,13 +181,13 @@ class PrivacySettings(BaseModel):
     purge_interval_minutes: float = Field(60.0, gt=0)
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(Section):
     enabled: bool = Field(False, description="Serve /metrics (Prometheus) and /health over HTTP.")
     host: str = Field("127.0.0.1", description="Loopback unless the scraper is on another machine.")
     port: int = Field(9464, ge=1, le=65535)
 
 
-class LoggingSettings(BaseModel):
+class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_prompts: bool = Field(False, description="Prompts are private to the people who wrote them.")
 
@@ -196,6 +203,9 @@ class _TomlWithoutSecrets(TomlConfigSettingsSource):
         values = super().__call__()
         if {"discord_token", "DISCORD_TOKEN"} & set(values):
             raise ConfigError("config.toml must not hold the bot token; set DISCORD_TOKEN in the environment or .env")
+        unknown = sorted(set(values) - set(Settings.model_fields))
+        if unknown:  # the settings themselves ignore unknown keys, which the environment is full of
+            raise ConfigError(f"config.toml has no setting called {unknown[0]!r}")
         return values
 
 
@@ -239,6 +249,8 @@ class Settings(BaseSettings):
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "settings"
+    if first["type"] == "extra_forbidden":
+        return f"{key}: there is no such setting"
     return f"{key}: {first['msg']} (got {first.get('input')!r})"
 
 
@@ -258,5 +270,7 @@ def load_settings(config_path: Path | None = None) -> Settings:
         return _FromFile()
     except ValidationError as error:
         raise ConfigError(f"bad setting {_describe(error)}") from None
+    except SettingsError as error:  # a FLAMINGO_ variable that is not valid JSON, say
+        raise ConfigError(f"cannot read the environment's settings (FLAMINGO_*, .env): {error}") from None
     except ValueError as error:  # TOML syntax
         raise ConfigError(f"cannot read {path}: {error}") from None

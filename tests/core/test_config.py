@@ -46,8 +46,20 @@ def test_environment_overrides_the_file(tmp_path, monkeypatch):
         ("[generation]\ntemperature = { low = 2, high = 1 }\n", r"^bad setting generation\.temperature: .*range low"),
         ("[model\n", r"^cannot read .*config\.toml: "),
         ('DISCORD_TOKEN = "abc"\n', r"^config\.toml must not hold the bot token; set DISCORD_TOKEN"),
+        ('[model]\nprecison = "int8"\n', r"^bad setting model\.precison: there is no such setting$"),
+        ("[generation]\ntemperature = { low = 0.1, high = 1, hi = 2 }\n", r"^bad setting generation\.temperature\.hi:"),
+        ("[metric]\nenabled = true\n", r"^config\.toml has no setting called 'metric'$"),
     ],
-    ids=["bad-choice", "out-of-range", "inverted-range", "toml-syntax", "token-in-file"],
+    ids=[
+        "bad-choice",
+        "out-of-range",
+        "inverted-range",
+        "toml-syntax",
+        "token-in-file",
+        "typo",
+        "nested-typo",
+        "unknown-section",
+    ],
 )
 def test_bad_configuration_is_one_line_naming_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as refused:
@@ -58,3 +70,13 @@ def test_bad_configuration_is_one_line_naming_the_key(tmp_path, text, message):
 def test_missing_config_file_is_reported(tmp_path):
     with pytest.raises(ConfigError, match="no configuration file at"):
         load_settings(tmp_path / "absent.toml")
+
+
+def test_a_typo_in_the_environment_is_reported_as_the_environments(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAMINGO_MODEL__PRECISON", "int8")
+    with pytest.raises(ConfigError, match=r"^bad setting model\.precison: there is no such setting$"):
+        load_settings(_config(tmp_path, ""))
+    monkeypatch.delenv("FLAMINGO_MODEL__PRECISON")
+    monkeypatch.setenv("FLAMINGO_PRIVACY__BLOCKED_WORDS", "foo,bar")  # a list must be JSON
+    with pytest.raises(ConfigError, match=r"^cannot read the environment's settings \(FLAMINGO_\*, \.env\): "):
+        load_settings(_config(tmp_path, ""))
