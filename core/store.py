@@ -289,12 +289,12 @@ class TaskStore(Database):
             return cursor.rowcount
 
     async def _renumber(self, task_id: int) -> None:
-        """Close gaps left by deleted examples, keeping their order (two passes, like ``_shift``)."""
+        """Close gaps left by deleted examples, keeping their order. Positions are unique, so they
+        go through negatives first, as in ``_shift``."""
+        rows = await self._db.execute_fetchall(
+            "SELECT rowid FROM examples WHERE task_id = ? ORDER BY position", (task_id,)
+        )
         await self._db.execute("UPDATE examples SET position = -position WHERE task_id = ?", (task_id,))
-        await self._db.execute(
-            """UPDATE examples SET position = (
-                SELECT count(*) FROM examples AS other WHERE other.task_id = examples.task_id
-                AND other.position >= examples.position
-            ) WHERE task_id = ?""",
-            (task_id,),
+        await self._db.executemany(
+            "UPDATE examples SET position = ? WHERE rowid = ?", [(n, rowid) for n, (rowid,) in enumerate(rows, 1)]
         )

@@ -138,6 +138,21 @@ async def test_forgetting_a_user_removes_their_requests_and_examples_and_renumbe
     assert await storage.count_user_examples(42) == 0
 
 
+@pytest.mark.parametrize("moves", [[], [(4, 1)], [(1, 4)], [(3, 1), (4, 2)]], ids=str)
+async def test_forgetting_a_user_keeps_the_order_of_examples_that_were_moved(storage, moves):
+    """Positions need not follow the rows' order once examples have moved."""
+    await storage.create_task(GUILD, "cats", "", "<image>Cat:", 7, max_tasks=5)
+    for n, author in enumerate([7, 42, 7, 7, 42, 7], 1):
+        await storage.add_example(GUILD, "cats", b"%d" % n, f"example {n}", max_examples=8, added_by=author)
+    for position, new_position in moves:
+        await storage.move_example(GUILD, "cats", position, new_position)
+    before = [e.text for e in (await storage.get_task(GUILD, "cats")).examples]
+    assert await storage.delete_user_examples(42) == 2
+    after = (await storage.get_task(GUILD, "cats")).examples
+    assert [e.text for e in after] == [text for text in before if text not in ("example 2", "example 5")]
+    assert [e.position for e in after] == [1, 2, 3, 4]
+
+
 def test_the_word_filter_matches_whole_words_in_any_case():
     words = WordListFilter(["darn", " Heck ", "", "^_^"])
     assert words.blocks("Well DARN it")
