@@ -69,6 +69,12 @@ class ArchiveLimits:
     # Only a sanity cap: the importer applies the task rules to every text afterwards.
     max_text_chars: int
 
+    @property
+    def max_manifest_bytes(self) -> int:
+        """task.json's bound, from its texts' (each character at most six bytes, as a JSON escape):
+        it is read whole before its fields are checked, so it must not be allowed the images' room."""
+        return 4096 + (3 + self.max_examples) * (6 * self.max_text_chars + 256)
+
 
 def archive_filename(name: str) -> str:
     """A safe attachment name even if the task name is not (task names are checked, but old ones may not be)."""
@@ -164,12 +170,19 @@ def _check_entries(zf: zipfile.ZipFile, limits: ArchiveLimits) -> list[zipfile.Z
         seen.add(name)
     if TASK_FILE not in seen:
         raise BadArchive("The task file has no task.json, so it was not made by a task export.")
+    manifest = zf.getinfo(TASK_FILE).file_size
+    if manifest > limits.max_manifest_bytes:
+        raise BadArchive(_manifest_too_large(manifest, limits))
     declared = sum(info.file_size for info in infos)
     if declared > limits.max_uncompressed_bytes:
         raise BadArchive(
             f"The task file unpacks to {declared:,} bytes; the limit is {limits.max_uncompressed_bytes:,} bytes."
         )
     return infos
+
+
+def _manifest_too_large(size: int, limits: ArchiveLimits) -> str:
+    return f"The task file's task.json is {size:,} bytes; it may be at most {limits.max_manifest_bytes:,} bytes."
 
 
 def _read_files(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], budget: int) -> dict[str, bytes]:
@@ -279,7 +292,10 @@ def read_archive(data: bytes, limits: ArchiveLimits) -> TaskArchive:
             files = _read_files(zf, infos, limits.max_uncompressed_bytes)
         except _ZIP_ERRORS:
             raise BadArchive(_DAMAGED) from None
-    manifest = _manifest(files.pop(TASK_FILE))
+    raw_manifest = files.pop(TASK_FILE)
+    if len(raw_manifest) > limits.max_manifest_bytes:  # more than its header declared
+        raise BadArchive(_manifest_too_large(len(raw_manifest), limits))
+    manifest = _manifest(raw_manifest)
     return TaskArchive(
         name=_text(manifest, "name", "task.json", "name", limits),
         description=_text(manifest, "description", "task.json", "description", limits),

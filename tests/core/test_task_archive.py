@@ -272,6 +272,29 @@ def test_lying_headers_are_caught_while_reading(monkeypatch):
     assert refusal(data) == "The task file unpacks to more than its headers declare, past the 50,000-byte limit."
 
 
+def test_a_task_json_larger_than_its_texts_allow_is_refused_before_it_is_parsed(monkeypatch):
+    """Parsing is the costly part: 50 MiB of JSON list took 1.25 GB and held the event loop's GIL."""
+    cap = LIMITS.max_manifest_bytes
+    assert cap == 4096 + 7 * (6 * 200 + 256)
+    body = b"[" + b"0," * (cap // 2) + b"0]"
+    assert refusal(archive_with(body, [])) == (
+        f"The task file's task.json is {len(body):,} bytes; it may be at most {cap:,} bytes."
+    )
+    parsed = []
+    monkeypatch.setattr(json, "loads", lambda *args, **kwargs: parsed.append(args) or {})
+    data = write_archive(sample(1), WHEN)
+    real_open = zipfile.ZipFile.open
+
+    def open_bigger(self, info, *args, **kwargs):  # more than its header declares
+        if info.filename == "task.json":
+            return io.BytesIO(b" " * (cap + 1))
+        return real_open(self, info, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", open_bigger)
+    assert refusal(data) == f"The task file's task.json is {cap + 1:,} bytes; it may be at most {cap:,} bytes."
+    assert parsed == []
+
+
 def test_random_damage_is_refused_with_a_message_not_a_crash():
     good = write_archive(sample(2), WHEN)
     rng = random.Random(1234)
@@ -290,7 +313,7 @@ def test_random_damage_is_refused_with_a_message_not_a_crash():
 # Refusals: task.json
 
 
-@pytest.mark.parametrize("body", [b"\xff\xfe{}", b"{not json", b"[" * 40_000, "{}".encode("utf-16")])
+@pytest.mark.parametrize("body", [b"\xff\xfe{}", b"{not json", b"[" * 10_000, "{}".encode("utf-16")])
 def test_task_json_that_is_not_utf8_json_is_refused(body):
     assert refusal(archive_with(body, [])) == "The task file's task.json is not valid UTF-8 JSON."
 
