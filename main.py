@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -143,9 +144,20 @@ async def _serve(settings: Settings, token: str) -> None:
     from cogs.utils.bot import FlamingoBot
 
     bot = FlamingoBot(settings)
+
+    def on_signal() -> None:
+        """Finish what is being answered, then stop; but during start-up (loading the model can
+        take minutes, and it cannot be interrupted) or on a second signal, stop at once."""
+        if bot.started_up and not bot.closing:
+            bot.request_shutdown()
+            return
+        log.warning("stopping at once: %s", "a second signal" if bot.closing else "still starting up")
+        logging.shutdown()
+        os._exit(0 if not bot.closing else 1)
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, bot.request_shutdown)
+        loop.add_signal_handler(signum, on_signal)
     async with bot:
         await bot.start(token)
 

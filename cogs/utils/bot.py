@@ -79,6 +79,7 @@ class FlamingoBot(commands.AutoShardedBot):
         self.waiting: dict[int, tuple[QueuedRequest, int]] = {}
         self.answer_filter: AnswerFilter = WordListFilter(settings.privacy.blocked_words)
         self._closing: asyncio.Task[None] | None = None
+        self.started_up = False  # until then a shutdown has nothing to finish (see main.py's signals)
         self._purging: asyncio.Task[None] | None = None
         self.metrics = Metrics()
         self._metrics_server: web.AppRunner | None = None
@@ -109,6 +110,7 @@ class FlamingoBot(commands.AutoShardedBot):
         metrics = self.settings.metrics
         if metrics.enabled:
             self._metrics_server = await serve_metrics(metrics.host, metrics.port, self._render_metrics, self._healthy)
+        self.started_up = True
 
     async def _render_metrics(self) -> bytes:
         caches, replicas = await gather_caches(self.service.cache_status)
@@ -154,6 +156,10 @@ class FlamingoBot(commands.AutoShardedBot):
                 await self.reload_extension(name)
         finally:
             self.commands_ready.set()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing is not None
 
     def request_shutdown(self) -> None:
         """Close from a signal handler or a command; the task is kept so it cannot be collected."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
+import sys
 
 import pytest
 
+from core.config import PROJECT_ROOT
 from tests.e2e.conftest import E2E, Scene, new_bot
 from tests.fake_discord.payloads import MANAGE_GUILD
 
@@ -54,6 +56,23 @@ async def test_tasks_and_answer_buttons_survive_a_restart_and_sigterm_stops_clea
     assert rerolled.embeds[0]["author"]["name"] == "Reader re-rolled"
     assert rerolled.embeds[0]["footer"]["text"].startswith("task: kept")
     assert await bot.stop(signal.SIGINT) == 0
+
+
+async def test_a_signal_while_the_model_loads_stops_the_bot_at_once(stand_in, model_dirs, tmp_path):
+    """Loading can take minutes and cannot be interrupted; nothing is being answered yet."""
+    bot = new_bot(stand_in, model_dirs, tmp_path)
+    asked = stand_in.gateway_bot_asked
+    with bot.log_path.open("a") as log:
+        bot.process = await asyncio.create_subprocess_exec(
+            sys.executable, "main.py", cwd=PROJECT_ROOT, env=bot.env, stdout=log, stderr=log
+        )
+    async with asyncio.timeout(60):
+        while stand_in.gateway_bot_asked == asked:  # set-up has begun: the model loads next
+            await asyncio.sleep(0.01)
+    sessions = len(stand_in.gateway.sessions)
+    assert await bot.stop(signal.SIGTERM) == 0
+    assert "stopping at once: still starting up" in bot.log()
+    assert "Traceback" not in bot.log() and len(stand_in.gateway.sessions) == sessions
 
 
 async def test_sigkill_during_task_writes_keeps_the_last_committed_state(stand_in, model_dirs, tmp_path):

@@ -60,6 +60,7 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         self.guilds: dict[int, Guild] = {}  # guilds the bot is in
         self.departed: dict[int, Guild] = {}  # guilds the bot left or was removed from
         self.recommended_shards = 1  # what GET /gateway/bot recommends
+        self.gateway_bot_asked = 0  # how many times: a bot asks it as it starts to set up
         self.announced: set[int] = set()  # guilds a gateway session has had a GUILD_CREATE for
         self.channel_messages: dict[int, list[Message]] = {}
         self.channel_changed = asyncio.Event()
@@ -224,6 +225,7 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         return self._json(self.bot_user())
 
     async def _gateway_bot(self, request: web.Request) -> web.Response:
+        self.gateway_bot_asked += 1
         return self._json(
             {
                 "url": self.gateway.url,
