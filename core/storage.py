@@ -15,6 +15,8 @@ from core.guild_settings import GuildSettingsStore
 from core.request_store import RequestStore
 from core.store import TaskStore
 
+_DEPARTED = "INSERT INTO departed_guilds (guild_id, left_at) VALUES (?, ?) ON CONFLICT (guild_id) DO NOTHING"
+
 
 @dataclass(frozen=True)
 class Purged:
@@ -25,14 +27,27 @@ class Purged:
 class Storage(TaskStore, GuildSettingsStore, RequestStore):
     async def mark_departed(self, guild_id: int) -> None:
         async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO departed_guilds (guild_id, left_at) VALUES (?, ?) ON CONFLICT (guild_id) DO NOTHING",
-                (guild_id, now_text()),
-            )
+            await db.execute(_DEPARTED, (guild_id, now_text()))
 
     async def mark_present(self, guild_id: int) -> None:
         async with self._transaction() as db:
             await db.execute("DELETE FROM departed_guilds WHERE guild_id = ?", (guild_id,))
+
+    async def reconcile_presence(self, present: set[int]) -> None:
+        """After connecting: Discord sends no join or leave for what changed while the bot was away,
+        so the servers it is in are marked present, and servers with data it is no longer in, departed."""
+        async with self._transaction() as db:
+            known = await db.execute_fetchall(
+                """SELECT guild_id FROM tasks UNION SELECT guild_id FROM guild_settings
+                UNION SELECT guild_id FROM requests UNION SELECT guild_id FROM departed_guilds"""
+            )
+            for (guild_id,) in known:
+                if guild_id == 0:  # direct messages' requests, which only expire
+                    continue
+                if guild_id in present:
+                    await db.execute("DELETE FROM departed_guilds WHERE guild_id = ?", (guild_id,))
+                else:
+                    await db.execute(_DEPARTED, (guild_id, now_text()))
 
     async def purge(self, privacy: PrivacySettings, now: datetime | None = None) -> Purged:
         """Delete requests past their retention and every row of servers the bot left long enough ago."""

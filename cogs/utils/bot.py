@@ -132,7 +132,14 @@ class FlamingoBot(commands.AutoShardedBot):
                 log.exception("purging expired data failed; will try again")
             await asyncio.sleep(privacy.purge_interval_minutes * 60)
 
+    async def on_ready(self) -> None:
+        """Every shard is connected: what changed while the bot was away is taken into account."""
+        await self.store.reconcile_presence({guild.id for guild in self.guilds})
+
     async def on_guild_join(self, guild: discord.Guild) -> None:
+        await self.store.mark_present(guild.id)
+
+    async def on_guild_available(self, guild: discord.Guild) -> None:
         await self.store.mark_present(guild.id)
 
     async def on_guild_remove(self, guild: discord.Guild) -> None:

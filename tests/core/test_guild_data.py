@@ -119,6 +119,19 @@ async def test_purge_deletes_old_requests_and_servers_left_long_ago(storage):
     assert (await storage.guild_settings(OTHER)).default_task == "cats"
 
 
+async def test_servers_joined_or_left_while_the_bot_was_away_are_reconciled_on_connecting(storage):
+    """Discord sends no join or leave for changes made while the bot was disconnected."""
+    privacy = PrivacySettings(departed_guild_retention_days=30)
+    for guild in (GUILD, OTHER):
+        await storage.create_task(guild, "cats", "", "<image>Cat:", 7, max_tasks=5)
+    await storage.save_request(None, 3, 42, "caption", "<image>Output:", GenerationParams(), [b"x"])
+    await storage.mark_departed(GUILD)  # left, then invited back while the bot was away
+    await storage.reconcile_presence({GUILD})  # and OTHER removed it meanwhile
+    assert (await storage.purge(privacy, datetime.now(UTC) + timedelta(days=31))).guilds == 1
+    assert await storage.get_task(GUILD, "cats") is not None
+    assert await storage.get_task(OTHER, "cats") is None
+
+
 async def test_forgetting_a_user_removes_their_requests_and_examples_and_renumbers(storage):
     await storage.create_task(GUILD, "cats", "", "<image>Cat:", 7, max_tasks=5, examples=[(b"a", "by seven")])
     for image, text, author in [(b"b", "by me", 42), (b"c", "by seven again", 7), (b"d", "by me again", 42)]:

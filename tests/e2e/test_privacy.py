@@ -12,6 +12,7 @@ import pytest
 from cogs.utils.answering import WITHHELD
 from tests.e2e.conftest import E2E, Scene, new_bot
 from tests.e2e.test_answers import buttons, click
+from tests.fake_discord.payloads import MANAGE_GUILD
 
 pytestmark = E2E
 
@@ -112,6 +113,32 @@ async def test_the_word_filter_and_a_departed_servers_data(scene, stand_in, mode
         await stand_in.add_bot(guild)
         listing = (await here.ask("tasks list"))[0].embeds[0]["description"]
         assert "ours" not in listing
+    finally:
+        await bot.stop()
+
+
+@pytest.mark.privacy
+async def test_a_server_that_removed_the_bot_while_it_was_away_is_purged(stand_in, model_dirs, tmp_path):
+    """Discord sends no leave for what happened while the bot was disconnected."""
+    bot = new_bot(stand_in, model_dirs, tmp_path)
+    bot.env |= {
+        "FLAMINGO_PRIVACY__DEPARTED_GUILD_RETENTION_DAYS": "0",
+        "FLAMINGO_PRIVACY__PURGE_INTERVAL_MINUTES": "0.01",
+    }
+    await bot.start()
+    try:
+        away, stays = await stand_in.join("Away"), await stand_in.join("Stays")
+        for guild in (away, stays):
+            moderator = stand_in.add_member(guild, "moderator", permissions=MANAGE_GUILD)
+            here = Scene(stand_in, guild, moderator, moderator)
+            await here.ask("manage-tasks create", moderator, name="ours", template="<image>Ours:")
+        await bot.stop()
+        await stand_in.remove_bot(away)
+        await bot.start()
+        async with asyncio.timeout(30):
+            while _rows(tmp_path / "tasks.db", away.id):
+                await asyncio.sleep(0.1)
+        assert _rows(tmp_path / "tasks.db", stays.id) == 1
     finally:
         await bot.stop()
 
