@@ -160,6 +160,7 @@ async def _serve(settings: Settings, token: str) -> None:
         loop.add_signal_handler(signum, on_signal)
     async with bot:
         await bot.start(token)
+    await bot.finish_closing()
 
 
 def run_bot(args: argparse.Namespace) -> int:

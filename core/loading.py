@@ -87,6 +87,8 @@ def pick_device(name: str) -> torch.device:
         raise ModelLoadError(f"unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device cuda was asked for but no GPU is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {name} was asked for but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -336,14 +338,19 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         log.info("Loading checkpoint %s", spec.checkpoint_path)
         checkpoint_file = _fetch_checkpoint(spec)
         checkpoint = read_state_dict(checkpoint_file)
+        step = "assembled model"
+        model = assemble_flamingo(lm, visual, vision_width, tokenizer, spec.cross_attn_every_n_layers)
+        trained = [model.perceiver, lm.gated_cross_attn_layers]
+        tensors = select_checkpoint_tensors(model, checkpoint, trained, source=checkpoint_file)
+        model.load_state_dict(tensors, strict=False)
+        place_model(model, plan, device, settings.quantize_cross_attention)
+    except torch.OutOfMemoryError:
+        raise ModelLoadError(
+            f"not enough memory on {device} for the {step} of {spec.name} in {plan.name}; "
+            'a smaller precision (model.precision = "int8" or "nf4") or a larger device may fit'
+        ) from None
     except _LOAD_ERRORS as error:
         raise ModelLoadError(f"cannot load the {step} of {spec.name}: {_first_line(error)}") from None
-
-    model = assemble_flamingo(lm, visual, vision_width, tokenizer, spec.cross_attn_every_n_layers)
-    trained = [model.perceiver, lm.gated_cross_attn_layers]
-    tensors = select_checkpoint_tensors(model, checkpoint, trained, source=checkpoint_file)
-    model.load_state_dict(tensors, strict=False)
-    place_model(model, plan, device, settings.quantize_cross_attention)
     elapsed = time.perf_counter() - started
     log.info("Model ready in %.1f s", elapsed)
     return LoadedModel(

@@ -192,3 +192,9 @@ class FlamingoBot(commands.AutoShardedBot):
             await self._metrics_server.cleanup()
         if getattr(self, "store", None) is not None:
             await self.store.close()
+        log.info("Closed: answers delivered, the database closed")
+
+    async def finish_closing(self) -> None:
+        """Wait for a shutdown in progress, which outlives ``start`` (it returns once disconnected)."""
+        if self._closing is not None:
+            await self._closing

@@ -12,9 +12,11 @@ import pytest
 import torch
 import transformers
 
+from core import loading
 from core.config import ModelSettings
 from core.errors import ModelLoadError
-from core.loading import decoder_layers_attr, load_model, with_embedding_accessors
+from core.loading import decoder_layers_attr, load_model, pick_device, with_embedding_accessors
+from tests.conftest import tiny_settings
 from tests.make_tiny_model import MANIFEST_NAME, TinyModelSpec, write_model
 
 
@@ -240,3 +242,21 @@ def test_hub_code_shipped_with_a_native_model_is_never_run(model_dirs, tmp_path)
         (directory / "lm" / module).write_text("raise SystemExit('hub code ran')\n")
     loaded = _load(directory)
     assert isinstance(loaded.model.lang_encoder, transformers.MptForCausalLM)
+
+
+def test_running_out_of_memory_while_placing_the_model_is_one_line(model_dirs, monkeypatch):
+    def short_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+
+    monkeypatch.setattr(loading, "place_model", short_of_memory)
+    settings = tiny_settings(model_dirs["mpt"], precision="bf16").model
+    with pytest.raises(ModelLoadError, match=r"^not enough memory on cpu for the assembled model of .* in bf16; a "):
+        load_model(settings)
+
+
+def test_a_gpu_the_machine_does_not_have_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ModelLoadError, match=r"^device cuda:7 was asked for but this machine has 1 GPU\(s\)$"):
+        pick_device("cuda:7")

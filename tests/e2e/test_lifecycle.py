@@ -56,6 +56,7 @@ async def test_tasks_and_answer_buttons_survive_a_restart_and_sigterm_stops_clea
     assert rerolled.embeds[0]["author"]["name"] == "Reader re-rolled"
     assert rerolled.embeds[0]["footer"]["text"].startswith("task: kept")
     assert await bot.stop(signal.SIGINT) == 0
+    assert bot.log().count("Closed: answers delivered, the database closed") == 2
 
 
 async def test_a_signal_while_the_model_loads_stops_the_bot_at_once(stand_in, model_dirs, tmp_path):
