@@ -57,6 +57,7 @@ class Privacy(commands.Cog):
     async def forget_me(self, interaction: discord.Interaction) -> None:
         user_id = interaction.user.id
         requests = await self.bot.store.delete_user_requests(user_id)
+        await self.bot.store.forget_task_authorship(user_id)
         examples = await self.bot.store.count_user_examples(user_id)
         done = f"Deleted {_plural(requests, 'stored request')} (the inputs behind your answers' buttons)."
         if not examples:

@@ -18,6 +18,7 @@ class StoredExample:
     text: str
     image: bytes
     image_sha256: str
+    added_by: int  # 0: nobody (a built-in task's example, or one stored before authors were kept)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ class TaskStore(Database):
             if task is None:
                 return None
             rows = await self._db.execute_fetchall(
-                "SELECT position, text, image, image_sha256 FROM examples WHERE task_id = ? ORDER BY position",
+                """SELECT position, text, image, image_sha256, added_by FROM examples
+                WHERE task_id = ? ORDER BY position""",
                 (task["id"],),
             )
         return StoredTask(
@@ -155,8 +157,9 @@ class TaskStore(Database):
         created_by: int,
         *,
         max_tasks: int,
-        examples: Sequence[tuple[bytes, str]] = (),
+        examples: Sequence[tuple[bytes, str, int]] = (),
     ) -> None:
+        """``examples``: image, text and who added it (kept through copies, for /forget-me)."""
         async with self._transaction() as db:
             if (existing := await self._find(guild_id, name)) is not None:
                 raise TaskExists(f"This server already has a task called “{existing['name']}”.")
@@ -174,7 +177,7 @@ class TaskStore(Database):
             assert task_id is not None
             await db.executemany(
                 _INSERT_EXAMPLE,
-                [_example_row(task_id, i, image, text, created_by) for i, (image, text) in enumerate(examples, 1)],
+                [_example_row(task_id, i, *example) for i, example in enumerate(examples, 1)],
             )
 
     async def update_task(
@@ -273,6 +276,11 @@ class TaskStore(Database):
                 ON CONFLICT (guild_id) DO UPDATE SET default_task = excluded.default_task""",
                 (guild_id, name),
             )
+
+    async def forget_task_authorship(self, user_id: int) -> None:
+        """The tasks a user created stay (they are the server's), without saying who created them."""
+        async with self._transaction() as db:
+            await db.execute("UPDATE tasks SET created_by = 0 WHERE created_by = ?", (user_id,))
 
     async def count_user_examples(self, user_id: int) -> int:
         async with self._lock:

@@ -137,11 +137,11 @@ class TaskLibrary:
         if builtin is not None:
             images = await asyncio.to_thread(lambda: [encode_for_storage(e.image) for e in builtin.examples])
             description, template = builtin.description, builtin.prompt_template
-            examples = list(zip(images, (e.text for e in builtin.examples), strict=True))
+            examples = [(image, e.text, 0) for image, e in zip(images, builtin.examples, strict=True)]
         else:
             stored = await self._stored(guild_id, source)
             description, template = stored.description, stored.prompt_template
-            examples = [(e.image, e.text) for e in stored.examples]
+            examples = [(e.image, e.text, e.added_by) for e in stored.examples]  # still theirs to /forget-me
         return await self._save_new(guild_id, new_name, description, template, author_id, examples)
 
     async def export(self, guild_id: int | None, name: str) -> TaskArchive:
@@ -163,7 +163,7 @@ class TaskLibrary:
             raise BadArchive(f"The task file cannot be imported: {error}") from None
         self._check_fits(new_name, texts, template)
         images = await asyncio.to_thread(self._stored_images, archive.examples)
-        examples = list(zip(images, texts, strict=True))
+        examples = [(image, text, author_id) for image, text in zip(images, texts, strict=True)]
         return await self._save_new(guild_id, new_name, description, template, author_id, examples)
 
     async def _save_new(
@@ -173,7 +173,7 @@ class TaskLibrary:
         description: str,
         template: str,
         author_id: int,
-        examples: list[tuple[bytes, str]],
+        examples: list[tuple[bytes, str, int]],
     ) -> str:
         """A whole task with its examples in one transaction, within the guild's task limit."""
         await self.store.create_task(

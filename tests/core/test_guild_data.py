@@ -99,7 +99,7 @@ async def test_requests_round_trip_only_within_their_guild(storage):
 async def test_purge_deletes_old_requests_and_servers_left_long_ago(storage):
     privacy = PrivacySettings(request_retention_hours=24, departed_guild_retention_days=30)
     for guild in (GUILD, OTHER):
-        await storage.create_task(guild, "cats", "", "<image>Cat:", 42, max_tasks=5, examples=[(b"jpeg", "t")])
+        await storage.create_task(guild, "cats", "", "<image>Cat:", 42, max_tasks=5, examples=[(b"jpeg", "t", 42)])
         await storage.set_default_task(guild, "cats")
         await storage.save_request(guild, 3, 42, "cats", "<image>Cat:", GenerationParams(), [b"x"])
     await storage.mark_departed(GUILD)
@@ -133,7 +133,7 @@ async def test_servers_joined_or_left_while_the_bot_was_away_are_reconciled_on_c
 
 
 async def test_forgetting_a_user_removes_their_requests_and_examples_and_renumbers(storage):
-    await storage.create_task(GUILD, "cats", "", "<image>Cat:", 7, max_tasks=5, examples=[(b"a", "by seven")])
+    await storage.create_task(GUILD, "cats", "", "<image>Cat:", 7, max_tasks=5, examples=[(b"a", "by seven", 7)])
     for image, text, author in [(b"b", "by me", 42), (b"c", "by seven again", 7), (b"d", "by me again", 42)]:
         await storage.add_example(GUILD, "cats", image, text, max_examples=8, added_by=author)
     await storage.save_request(GUILD, 3, 42, "cats", "<image>Cat:", GenerationParams(), [b"x"])

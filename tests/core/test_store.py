@@ -35,7 +35,7 @@ async def store(db_path: Path) -> AsyncIterator[TaskStore]:
 
 
 async def make_cats(store: TaskStore, guild_id: int = GUILD, count: int = 3, name: str = "Cats") -> None:
-    examples = [(f"jpeg-{i}".encode(), f"text {i}") for i in range(1, count + 1)]
+    examples = [(f"jpeg-{i}".encode(), f"text {i}", 42) for i in range(1, count + 1)]
     await store.create_task(guild_id, name, "Cat captions", "A photo of", 42, max_tasks=MAX, examples=examples)
 
 
@@ -166,7 +166,7 @@ async def test_create_task_beyond_the_guild_cap_raises_limit_reached(store: Task
 
 async def test_a_failed_change_leaves_nothing_behind(store: TaskStore) -> None:
     with pytest.raises(TypeError):  # hashing the bad image fails after the task row was inserted
-        await store.create_task(GUILD, "cats", "d", "p", 1, max_tasks=MAX, examples=[("not bytes", "t")])  # type: ignore[list-item]
+        await store.create_task(GUILD, "cats", "d", "p", 1, max_tasks=MAX, examples=[("not bytes", "t", 1)])  # type: ignore[list-item]
     assert await store.count_tasks(GUILD) == 0
 
 

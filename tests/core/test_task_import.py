@@ -69,3 +69,22 @@ async def test_an_existing_name_is_refused_until_another_is_given(library):
     archive = await library.export(HOME, "pets")
     await library.import_task(AWAY, write_archive(archive, NOW), author_id=5)
     await _refused(library, archive, "already has a task called “pets”")
+
+
+async def test_copies_keep_who_added_each_example_so_forgetting_them_reaches_the_copies(library):
+    """Built-in examples belong to nobody; an import belongs to the importer, who uploaded it."""
+    await library.add_example(HOME, "pets", (IMAGES / "astronaut.jpg").read_bytes(), "<image>Pet:a person", 3)
+    await library.copy(HOME, "pets", "pets-copy", author_id=2)
+    await library.copy(HOME, "caption", "captions", author_id=2)
+    await library.import_task(AWAY, write_archive(await library.export(HOME, "pets"), NOW), author_id=5)
+    store = library.store
+    copied = await store.get_task(HOME, "pets-copy")
+    assert [e.added_by for e in copied.examples] == [1, 1, 3] and copied.created_by == 2
+    assert {e.added_by for e in (await store.get_task(HOME, "captions")).examples} == {0}
+    assert {e.added_by for e in (await store.get_task(AWAY, "pets")).examples} == {5}
+
+    assert await store.delete_user_examples(3) == 2  # from the task and its copy
+    assert await store.delete_user_examples(2) == 0  # the copier added none
+    await store.forget_task_authorship(2)
+    assert (await store.get_task(HOME, "pets-copy")).created_by == 0
+    assert (await store.get_task(HOME, "pets")).created_by == 1
