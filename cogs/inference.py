@@ -305,7 +305,7 @@ class Inference(commands.Cog):
             raise NotAllowedHere("Only the person who asked, or a member with Manage Messages, can delete this answer.")
         await interaction.response.defer()
         await interaction.delete_original_response()
-        await self.bot.store.delete_request(request_id)
+        await self.bot.store.delete_request(request_id, interaction.guild_id)
 
     async def on_report(self, interaction: discord.Interaction, request_id: int) -> None:
         rules = await self.bot.store.guild_settings(interaction.guild_id) if interaction.guild_id else GuildSettings()

@@ -79,9 +79,10 @@ class RequestStore(Database):
             model=row["model"],
         )
 
-    async def delete_request(self, request_id: int) -> None:
+    async def delete_request(self, request_id: int, guild_id: int | None) -> None:
+        """Only in the server it was made in, as ``get_request`` reads."""
         async with self._transaction() as db:
-            await db.execute("DELETE FROM requests WHERE id = ?", (request_id,))
+            await db.execute("DELETE FROM requests WHERE id = ? AND guild_id = ?", (request_id, guild_id or 0))
 
     async def delete_requests_before(self, cutoff: datetime) -> int:
         """Retention: every request older than ``cutoff`` goes, with its images."""

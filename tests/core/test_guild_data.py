@@ -94,6 +94,10 @@ async def test_requests_round_trip_only_within_their_guild(storage):
     direct = await storage.save_request(None, 4, 42, "vqa", "<image>Q:", GenerationParams(), [b"x"], "models/small")
     assert (await storage.get_request(direct, None)).guild_id == 0  # type: ignore[union-attr]
     assert (await storage.get_request(direct, None)).model == "models/small"  # type: ignore[union-attr]
+    await storage.delete_request(request_id, OTHER)  # only where it was made
+    assert await storage.get_request(request_id, GUILD) is not None
+    await storage.delete_request(request_id, GUILD)
+    assert await storage.get_request(request_id, GUILD) is None
 
 
 async def test_purge_deletes_old_requests_and_servers_left_long_ago(storage):
