@@ -40,6 +40,9 @@ from core.wire import WireRequest, to_wire
 
 log = logging.getLogger(__name__)
 
+# How long closing waits for answers in flight, as the local service waits for its batch.
+CLOSE_WAIT_SECONDS = 60.0
+
 
 # Ray reports usage to its makers over the internet unless told not to, in every process it starts.
 _NO_USAGE_STATS = {"RAY_USAGE_STATS_ENABLED": "0"}
@@ -303,8 +306,12 @@ class RayInferenceService:
         log.info("rejoined the Ray cluster; answering again")
 
     def close(self) -> None:
-        """Leave the cluster; the application keeps serving other bot processes (shards) that use it."""
+        """Refuse new requests, let those in flight be answered (for a while), then leave the cluster;
+        the application keeps serving other bot processes (shards) that use it."""
         self._closed = True
+        give_up = time.monotonic() + CLOSE_WAIT_SECONDS
+        while self.in_flight and self.reachable and time.monotonic() < give_up:
+            time.sleep(0.05)
         self._stop.set()
         import ray
 

@@ -55,6 +55,14 @@ async def test_a_lost_cluster_is_told_at_once_and_rejoined_when_it_is_back(
             while not service.reachable:
                 await asyncio.sleep(0.2)
         assert (await service.answer([photos["rocket"]], "<image>Output:", task, short)).token_ids == expected
+
+        # Closing lets an answer in flight arrive before leaving the cluster.
+        running = asyncio.create_task(service.answer([photos["rocket"]], "<image>Output:", task, long))
+        async with asyncio.timeout(60):
+            while not service.in_flight:
+                await asyncio.sleep(0.05)
+        await asyncio.to_thread(service.close)
+        assert len((await running).token_ids) == 256
     finally:
         await asyncio.to_thread(service.close)
         await asyncio.to_thread(head.kill)
