@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sqlite3
 import time
+from pathlib import Path
 
 import discord
 import yarl
@@ -19,7 +22,7 @@ from discord.gateway import DiscordWebSocket
 
 from cogs.utils.errors import reply_with_error
 from core.builtin_tasks import load_builtin_tasks
-from core.config import Settings
+from core.config import ConfigError, Settings
 from core.metrics import Metrics, gather_caches, serve_metrics
 from core.model_choice import ModelCatalog
 from core.moderation import AnswerFilter, WordListFilter
@@ -45,6 +48,13 @@ class FlamingoTree(app_commands.CommandTree):
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         await reply_with_error(interaction, error)
+
+
+async def _open_storage(path: Path) -> Storage:
+    try:
+        return await Storage.open(path)
+    except (sqlite3.Error, OSError, RuntimeError) as error:
+        raise ConfigError(f"cannot open the database at {path}: {error}") from None
 
 
 class FlamingoBot(commands.AutoShardedBot):
@@ -96,9 +106,20 @@ class FlamingoBot(commands.AutoShardedBot):
             # Discord's recommendation, asked here so that discord.py then connects every shard to the
             # configured gateway rather than to the address /gateway/bot gives.
             self.shard_count = (await self.http.get_bot_gateway())[0]
+        # The database and the metrics port first: a bad path or a busy port is told in seconds,
+        # not after minutes of loading the model.
+        self.store = await _open_storage(self.settings.storage.database_path)
+        metrics = self.settings.metrics
+        if metrics.enabled:
+            try:
+                self._metrics_server = await serve_metrics(
+                    metrics.host, metrics.port, self._render_metrics, self._healthy
+                )
+            except OSError as error:
+                why = os.strerror(error.errno) if error.errno else str(error)
+                raise ConfigError(f"cannot serve metrics on {metrics.host}:{metrics.port}: {why}") from None
         self.service = self._given_service or await asyncio.to_thread(start_model_service, self.settings)
         self.models = await asyncio.to_thread(ModelCatalog.from_settings, self.settings)
-        self.store = await Storage.open(self.settings.storage.database_path)
         builtins = await asyncio.to_thread(load_builtin_tasks, self.settings.data_dir, self.settings.images)
         self.library = TaskLibrary(self.store, builtins, self.service.rules, self.settings)
         self.quotas = RequestQuotas(self.settings.quotas)
@@ -107,18 +128,18 @@ class FlamingoBot(commands.AutoShardedBot):
         if self.settings.discord.sync_commands_on_start:
             await self.sync_commands()
         self._purging = asyncio.create_task(self._purge_regularly(), name="flamingo-purge")
-        metrics = self.settings.metrics
-        if metrics.enabled:
-            self._metrics_server = await serve_metrics(metrics.host, metrics.port, self._render_metrics, self._healthy)
         self.started_up = True
 
     async def _render_metrics(self) -> bytes:
+        if not self.started_up:  # the model is still loading
+            return self.metrics.exposition(0, {}, None, dict(self.latencies), False)
         caches, replicas = await gather_caches(self.service.cache_status)
         shards = dict(self.latencies)
         return self.metrics.exposition(self.service.waiting, caches, replicas, shards, self.service.reachable)
 
     def _healthy(self) -> bool:
-        return self.is_ready() and not self.is_closed() and self._closing is None and self.service.reachable
+        ready = self.started_up and self.is_ready() and not self.is_closed()
+        return ready and self._closing is None and self.service.reachable
 
     async def _purge_regularly(self) -> None:
         """Retention: expired requests and the data of servers left long enough ago are deleted."""

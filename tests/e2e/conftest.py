@@ -56,12 +56,16 @@ class BotProcess:
         }
         self.process: asyncio.subprocess.Process | None = None
 
-    async def start(self) -> None:
-        sessions_before = len(self.discord.gateway.sessions)
+    async def launch(self) -> None:
+        """``python main.py``, without waiting for it to connect."""
         with self.log_path.open("a") as log:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "main.py", cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log
             )
+
+    async def start(self) -> None:
+        sessions_before = len(self.discord.gateway.sessions)
+        await self.launch()
         async with asyncio.timeout(_START_TIMEOUT):
             while (
                 len(self.discord.gateway.sessions) <= sessions_before

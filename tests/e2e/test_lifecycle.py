@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sqlite3
-import sys
 
 import pytest
 
-from core.config import PROJECT_ROOT
 from tests.e2e.conftest import E2E, Scene, new_bot
 from tests.fake_discord.payloads import MANAGE_GUILD
 
@@ -63,10 +62,7 @@ async def test_a_signal_while_the_model_loads_stops_the_bot_at_once(stand_in, mo
     """Loading can take minutes and cannot be interrupted; nothing is being answered yet."""
     bot = new_bot(stand_in, model_dirs, tmp_path)
     asked = stand_in.gateway_bot_asked
-    with bot.log_path.open("a") as log:
-        bot.process = await asyncio.create_subprocess_exec(
-            sys.executable, "main.py", cwd=PROJECT_ROOT, env=bot.env, stdout=log, stderr=log
-        )
+    await bot.launch()
     async with asyncio.timeout(60):
         while stand_in.gateway_bot_asked == asked:  # set-up has begun: the model loads next
             await asyncio.sleep(0.01)
@@ -74,6 +70,26 @@ async def test_a_signal_while_the_model_loads_stops_the_bot_at_once(stand_in, mo
     assert await bot.stop(signal.SIGTERM) == 0
     assert "stopping at once: still starting up" in bot.log()
     assert "Traceback" not in bot.log() and len(stand_in.gateway.sessions) == sessions
+
+
+@pytest.mark.parametrize("broken", ["database", "metrics port"])
+async def test_a_bad_database_path_or_a_busy_metrics_port_is_one_line_before_the_model_loads(
+    stand_in, model_dirs, tmp_path, broken
+):
+    bot = new_bot(stand_in, model_dirs, tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if broken == "database":
+            bot.env["FLAMINGO_STORAGE__DATABASE"] = str(tmp_path)  # a folder
+            expected = f"error: cannot open the database at {tmp_path}: unable to open database file\n"
+        else:
+            bot.env |= {"FLAMINGO_METRICS__ENABLED": "true", "FLAMINGO_METRICS__PORT": str(taken.getsockname()[1])}
+            expected = f"error: cannot serve metrics on 127.0.0.1:{taken.getsockname()[1]}: Address already in use\n"
+        await bot.launch()
+        assert await asyncio.wait_for(bot.process.wait(), 60) == 2
+    assert bot.log().endswith(expected)
+    assert "Loading vision encoder" not in bot.log() and "Traceback" not in bot.log()
 
 
 async def test_sigkill_during_task_writes_keeps_the_last_committed_state(stand_in, model_dirs, tmp_path):
