@@ -35,6 +35,10 @@ class TaskExists(TaskError):
     """The guild already has a task of that name."""
 
 
+class TaskChanged(TaskError):
+    """Someone else changed the task between reading it and writing the change."""
+
+
 class ExampleNotFound(TaskError):
     """The task has no example at that position."""
 

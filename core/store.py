@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from core.database import Database, now_text
-from core.errors import ExampleNotFound, LimitReached, TaskExists, UnknownTask
+from core.errors import ExampleNotFound, LimitReached, TaskChanged, TaskExists, UnknownTask
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,15 @@ class TaskStore(Database):
         if task is None:
             raise UnknownTask(f"This server has no task called “{name}”.")
         return task
+
+    @staticmethod
+    def _unchanged(task: sqlite3.Row, revision: int | None) -> None:
+        """A change checked against ``revision`` (where given) is refused if someone changed the task
+        meanwhile: the checks would no longer hold. After the store's own checks, whose refusals say more."""
+        if revision is not None and task["revision"] != revision:
+            raise TaskChanged(
+                f"Task “{task['name']}” was changed by someone else a moment ago; look at it again and retry."
+            )
 
     async def _count_examples(self, task_id: int) -> int:
         return await self._int("SELECT count(*) FROM examples WHERE task_id = ?", (task_id,))
@@ -181,10 +190,17 @@ class TaskStore(Database):
             )
 
     async def update_task(
-        self, guild_id: int, name: str, *, description: str | None = None, prompt_template: str | None = None
+        self,
+        guild_id: int,
+        name: str,
+        *,
+        description: str | None = None,
+        prompt_template: str | None = None,
+        revision: int | None = None,
     ) -> None:
         async with self._transaction() as db:
             task = await self._require(guild_id, name)
+            self._unchanged(task, revision)
             await db.execute(
                 """UPDATE tasks SET description = coalesce(?, description),
                 prompt_template = coalesce(?, prompt_template) WHERE id = ?""",
@@ -212,7 +228,15 @@ class TaskStore(Database):
             await self._retarget_default(guild_id, task["name"], None)
 
     async def add_example(
-        self, guild_id: int, name: str, image: bytes, text: str, *, max_examples: int, added_by: int
+        self,
+        guild_id: int,
+        name: str,
+        image: bytes,
+        text: str,
+        *,
+        max_examples: int,
+        added_by: int,
+        revision: int | None = None,
     ) -> int:
         async with self._transaction() as db:
             task = await self._require(guild_id, name)
@@ -221,32 +245,40 @@ class TaskStore(Database):
                 raise LimitReached(
                     f"Task “{task['name']}” already has {max_examples} examples, the most a task may have."
                 )
+            self._unchanged(task, revision)
             await db.execute(_INSERT_EXAMPLE, _example_row(task["id"], count + 1, image, text, added_by))
             await self._touch(task["id"])
             return count + 1
 
-    async def edit_example(self, guild_id: int, name: str, position: int, text: str) -> None:
+    async def edit_example(
+        self, guild_id: int, name: str, position: int, text: str, *, revision: int | None = None
+    ) -> None:
         async with self._transaction() as db:
             task = await self._require(guild_id, name)
             await self._check_position(task, position)
+            self._unchanged(task, revision)
             await db.execute(
                 "UPDATE examples SET text = ? WHERE task_id = ? AND position = ?",
                 (text, task["id"], position),
             )
             await self._touch(task["id"])
 
-    async def remove_example(self, guild_id: int, name: str, position: int) -> None:
+    async def remove_example(self, guild_id: int, name: str, position: int, *, revision: int | None = None) -> None:
         async with self._transaction() as db:
             task = await self._require(guild_id, name)
             count = await self._check_position(task, position)
+            self._unchanged(task, revision)
             await db.execute("DELETE FROM examples WHERE task_id = ? AND position = ?", (task["id"], position))
             await self._shift(task["id"], position + 1, count, -1)
             await self._touch(task["id"])
 
-    async def move_example(self, guild_id: int, name: str, position: int, new_position: int) -> None:
+    async def move_example(
+        self, guild_id: int, name: str, position: int, new_position: int, *, revision: int | None = None
+    ) -> None:
         async with self._transaction() as db:
             task = await self._require(guild_id, name)
             await self._check_position(task, position, new_position)
+            self._unchanged(task, revision)
             if position == new_position:
                 return
             # Park the moving example at 0 (never a real position), close the gap it leaves, then drop it in.

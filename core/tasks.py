@@ -215,7 +215,9 @@ class TaskLibrary:
         if template is not None:
             template = self._check_template(template)
             self._check_fits(stored.name, [e.text for e in stored.examples], template)
-        await self.store.update_task(guild_id, stored.name, description=description, prompt_template=template)
+        await self.store.update_task(
+            guild_id, stored.name, description=description, prompt_template=template, revision=stored.revision
+        )
 
     async def rename(self, guild_id: int, name: str, new_name: str) -> str:
         stored = await self._stored_for_change(guild_id, name)
@@ -245,6 +247,7 @@ class TaskLibrary:
             text,
             max_examples=self.limits.max_examples_per_task,
             added_by=author_id,
+            revision=stored.revision,  # the limits were checked against this revision
         )
 
     async def edit_example(self, guild_id: int, name: str, position: int, text: str) -> None:
@@ -252,15 +255,15 @@ class TaskLibrary:
         text = self._check_example_text(text)
         texts = [text if e.position == position else e.text for e in stored.examples]
         self._check_fits(stored.name, texts, stored.prompt_template)
-        await self.store.edit_example(guild_id, stored.name, position, text)
+        await self.store.edit_example(guild_id, stored.name, position, text, revision=stored.revision)
 
     async def remove_example(self, guild_id: int, name: str, position: int) -> None:
         stored = await self._stored_for_change(guild_id, name)
-        await self.store.remove_example(guild_id, stored.name, position)
+        await self.store.remove_example(guild_id, stored.name, position, revision=stored.revision)
 
     async def move_example(self, guild_id: int, name: str, position: int, new_position: int) -> None:
         stored = await self._stored_for_change(guild_id, name)
-        await self.store.move_example(guild_id, stored.name, position, new_position)
+        await self.store.move_example(guild_id, stored.name, position, new_position, revision=stored.revision)
 
     async def set_default(self, guild_id: int, name: str | None) -> str | None:
         if name is None:
