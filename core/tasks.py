@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from core.builtin_tasks import DEFAULT_TASK
 from core.config import Settings
-from core.errors import BadImage, BadName, FlamingoError, LimitReached, ReadOnlyTask, UnknownTask
+from core.errors import BadImage, BadName, FlamingoError, LimitReached, ReadOnlyTask, TaskChanged, UnknownTask
 from core.images import encode_for_storage, load_image
 from core.prompts import Example, Task, assemble_prompt
 from core.store import StoredTask, TaskStore
 from core.task_archive import ArchivedExample, ArchiveLimits, BadArchive, TaskArchive, read_archive
+
+T = TypeVar("T")
+# Changes at the same moment to one task are applied one after another, each checked anew; past
+# this many, the last refusal is shown.
+_WRITE_ATTEMPTS = 8
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _NAME_RULE = "1 to 32 characters: lowercase letters, digits, '-' and '_', starting with a letter or digit"
@@ -203,21 +208,25 @@ class TaskLibrary:
         stored = []
         for position, example in enumerate(examples, 1):
             try:
-                stored.append(encode_for_storage(load_image(example.image, self.settings.images)))
+                stored.append(self._image_for_storage(example.image))
             except BadImage as error:
                 raise BadArchive(f"Example {position} of the task file: {error}") from None
         return stored
 
     async def update(self, guild_id: int, name: str, description: str | None, template: str | None) -> None:
-        stored = await self._stored_for_change(guild_id, name)
         if description is not None:
             description = self._check_length(description.strip(), self.limits.max_description_chars, "description")
         if template is not None:
             template = self._check_template(template)
-            self._check_fits(stored.name, [e.text for e in stored.examples], template)
-        await self.store.update_task(
-            guild_id, stored.name, description=description, prompt_template=template, revision=stored.revision
-        )
+
+        async def write(stored: StoredTask) -> None:
+            if template is not None:
+                self._check_fits(stored.name, [e.text for e in stored.examples], template)
+            await self.store.update_task(
+                guild_id, stored.name, description=description, prompt_template=template, revision=stored.revision
+            )
+
+        await self._checked_write(guild_id, name, write)
 
     async def rename(self, guild_id: int, name: str, new_name: str) -> str:
         stored = await self._stored_for_change(guild_id, name)
@@ -231,24 +240,42 @@ class TaskLibrary:
         return stored.name
 
     async def add_example(self, guild_id: int, name: str, upload: bytes, text: str, author_id: int) -> int:
-        stored = await self._stored_for_change(guild_id, name)
         text = self._check_example_text(text)
-        if len(stored.examples) >= self.limits.max_examples_per_task:
-            raise LimitReached(
-                f"Task “{stored.name}” already has {len(stored.examples)} examples, the most a task may have."
+        image: bytes | None = None  # decoded once, after the checks, whatever the attempts
+
+        async def write(stored: StoredTask) -> int:
+            nonlocal image
+            if len(stored.examples) >= self.limits.max_examples_per_task:
+                raise LimitReached(
+                    f"Task “{stored.name}” already has {len(stored.examples)} examples, the most a task may have."
+                )
+            self._check_fits(stored.name, [e.text for e in stored.examples] + [text], stored.prompt_template)
+            if image is None:
+                image = await asyncio.to_thread(self._image_for_storage, upload)
+            return await self.store.add_example(
+                guild_id,
+                stored.name,
+                image,
+                text,
+                max_examples=self.limits.max_examples_per_task,
+                added_by=author_id,
+                revision=stored.revision,  # the checks above hold for this revision
             )
-        self._check_fits(stored.name, [e.text for e in stored.examples] + [text], stored.prompt_template)
-        image = await asyncio.to_thread(load_image, upload, self.settings.images)
-        stored_bytes = await asyncio.to_thread(encode_for_storage, image)
-        return await self.store.add_example(
-            guild_id,
-            stored.name,
-            stored_bytes,
-            text,
-            max_examples=self.limits.max_examples_per_task,
-            added_by=author_id,
-            revision=stored.revision,  # the limits were checked against this revision
-        )
+
+        return await self._checked_write(guild_id, name, write)
+
+    def _image_for_storage(self, upload: bytes) -> bytes:
+        return encode_for_storage(load_image(upload, self.settings.images))
+
+    async def _checked_write(self, guild_id: int, name: str, write: Callable[[StoredTask], Awaitable[T]]) -> T:
+        """Read the task, check and write the change at that revision; when someone else's change came
+        in between, read and check again, so that changes at the same moment apply one after another."""
+        for _ in range(_WRITE_ATTEMPTS - 1):
+            try:
+                return await write(await self._stored_for_change(guild_id, name))
+            except TaskChanged:
+                continue
+        return await write(await self._stored_for_change(guild_id, name))
 
     async def edit_example(self, guild_id: int, name: str, position: int, text: str) -> None:
         stored = await self._stored_for_change(guild_id, name)

@@ -9,7 +9,8 @@ import threading
 import pytest
 
 import core.tasks
-from core.errors import TaskChanged
+from core.errors import LimitReached, TaskChanged
+from core.prompts import assemble_prompt
 from core.store import TaskStore
 from core.tasks import TaskLibrary
 from tests.conftest import IMAGES
@@ -28,24 +29,46 @@ async def library(tmp_path, llama_engine, builtin_tasks):
     await store.close()
 
 
-async def test_of_two_examples_added_at_once_the_second_is_refused_not_saved_unchecked(library, monkeypatch):
+def both_read_first(monkeypatch) -> None:
+    """Two adds at once each read the task and check it before either decodes its image and writes."""
     both_read = threading.Barrier(2, timeout=10)
     load_image = core.tasks.load_image
 
-    def after_both_read(*args, **kwargs):  # each add has read the task and checked it before this
+    def after_both_read(*args, **kwargs):
         both_read.wait()
         return load_image(*args, **kwargs)
 
     monkeypatch.setattr(core.tasks, "load_image", after_both_read)
+
+
+async def test_examples_added_at_once_are_applied_one_after_another_each_checked(library, monkeypatch):
+    both_read_first(monkeypatch)
+    image = (IMAGES / "coffee.jpg").read_bytes()
+    added = await asyncio.gather(
+        library.add_example(GUILD, "pets", image, "<image>Pet:four", 2),
+        library.add_example(GUILD, "pets", image, "<image>Pet:five", 3),
+    )
+    assert sorted(added) == [4, 5]
+    texts = [e.text for e in (await library.store.get_task(GUILD, "pets")).examples]
+    assert sorted(texts[3:]) == ["<image>Pet:five", "<image>Pet:four"]
+
+
+async def test_of_two_examples_added_at_once_the_one_that_no_longer_fits_is_refused(library, monkeypatch):
+    """Each fits the model's context alone, not both: checked on the same read, both were saved."""
+    stored = await library.store.get_task(GUILD, "pets")
+    four = [e.text for e in stored.examples] + ["<image>Pet:four"]
+    tokens = library.rules.count_tokens(assemble_prompt(four, stored.prompt_template))
+    monkeypatch.setattr(library.rules, "context_length", tokens + library.settings.generation.max_new_tokens_default)
+    both_read_first(monkeypatch)
     image = (IMAGES / "coffee.jpg").read_bytes()
     outcomes = await asyncio.gather(
         library.add_example(GUILD, "pets", image, "<image>Pet:four", 2),
-        library.add_example(GUILD, "pets", image, "<image>Pet:five", 3),
+        library.add_example(GUILD, "pets", image, "<image>Pet:four", 3),
         return_exceptions=True,
     )
-    assert sorted(map(type, outcomes), key=str) == sorted([int, TaskChanged], key=str)
-    refused = next(o for o in outcomes if isinstance(o, TaskChanged))
-    assert str(refused) == "Task “pets” was changed by someone else a moment ago; look at it again and retry."
+    assert sorted(map(type, outcomes), key=str) == sorted([int, LimitReached], key=str)
+    refused = next(o for o in outcomes if isinstance(o, LimitReached))
+    assert str(refused).startswith("Task “pets” would need")
     assert len((await library.store.get_task(GUILD, "pets")).examples) == 4
 
 
