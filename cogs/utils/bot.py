@@ -139,7 +139,7 @@ class FlamingoBot(commands.AutoShardedBot):
 
     def _healthy(self) -> bool:
         ready = self.started_up and self.is_ready() and not self.is_closed()
-        return ready and self._closing is None and self.service.reachable
+        return ready and not self.closing and self.service.reachable
 
     async def _purge_regularly(self) -> None:
         """Retention: expired requests and the data of servers left long enough ago are deleted."""
