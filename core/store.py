@@ -135,6 +135,10 @@ class TaskStore(Database):
         async with self._lock:
             return await self._count_tasks(guild_id)
 
+    async def has_task(self, guild_id: int, name: str) -> bool:
+        async with self._lock:
+            return await self._find(guild_id, name) is not None
+
     async def get_task(self, guild_id: int, name: str) -> StoredTask | None:
         async with self._lock:
             task = await self._find(guild_id, name)

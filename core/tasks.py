@@ -81,8 +81,13 @@ class TaskLibrary:
     # Reading
 
     async def list_tasks(self, guild_id: int | None) -> list[TaskInfo]:
-        builtins = [TaskInfo(t.name, t.description, len(t.examples), builtin=True) for t in self.builtins.values()]
         stored = await self.store.list_tasks(guild_id) if guild_id is not None else []
+        own = {s.name for s in stored}
+        builtins = [
+            TaskInfo(t.name, t.description, len(t.examples), builtin=True)
+            for t in self.builtins.values()
+            if t.name not in own
+        ]
         return builtins + [TaskInfo(s.name, s.description, s.example_count, builtin=False) for s in stored]
 
     async def names_like(self, guild_id: int | None, typed: str, limit: int = 25) -> list[str]:
@@ -101,17 +106,17 @@ class TaskLibrary:
         """The task to run: the one named, else the guild's default, else ``caption``."""
         if name is None:
             name = await self.default_task_name(guild_id)
-        builtin = self.builtins.get(name.strip().lower())
-        if builtin is not None:
-            return builtin
         stored = await self.store.get_task(guild_id, name) if guild_id is not None else None
-        if stored is None:
+        if stored is not None:
+            return await asyncio.to_thread(self._to_task, stored)
+        builtin = self.builtins.get(name.strip().lower())
+        if builtin is None:
             raise self._unknown(name)
-        return await asyncio.to_thread(self._to_task, stored)
+        return builtin
 
     async def details(self, guild_id: int | None, name: str) -> TaskDetails:
         """A task with its examples' stored image bytes, for showing it."""
-        builtin = self.builtins.get(name.strip().lower())
+        builtin = await self._builtin(guild_id, name)
         if builtin is not None:
             images = await asyncio.to_thread(lambda: [encode_for_storage(e.image) for e in builtin.examples])
             pairs = zip(builtin.examples, images, strict=True)
@@ -138,7 +143,7 @@ class TaskLibrary:
 
     async def copy(self, guild_id: int, source: str, new_name: str, author_id: int) -> str:
         new_name = self._new_name(new_name)
-        builtin = self.builtins.get(source.strip().lower())
+        builtin = await self._builtin(guild_id, source)
         if builtin is not None:
             images = await asyncio.to_thread(lambda: [encode_for_storage(e.image) for e in builtin.examples])
             description, template = builtin.description, builtin.prompt_template
@@ -315,8 +320,16 @@ class TaskLibrary:
             raise self._unknown(name)
         return stored
 
+    async def _builtin(self, guild_id: int | None, name: str) -> Task | None:
+        """The built-in task so named, unless the server has its own by that name: one made before a
+        later version shipped a built-in of the same name stays the server's to use and change."""
+        builtin = self.builtins.get(name.strip().lower())
+        if builtin is None or guild_id is None or not await self.store.has_task(guild_id, name):
+            return builtin
+        return None
+
     async def _stored_for_change(self, guild_id: int, name: str) -> StoredTask:
-        if name.strip().lower() in self.builtins:
+        if await self._builtin(guild_id, name) is not None:
             raise ReadOnlyTask(f"“{name}” is a built-in task and cannot be changed; copy it to make your own.")
         return await self._stored(guild_id, name)
 
