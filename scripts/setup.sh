@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Create or update .venv from the pinned requirements; a no-op when they have not changed.
+# Create or update .venv from the pinned requirements, every transitive package held to constraints.txt;
+# a no-op when none of them changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-$(command -v python3.11 || command -v python3)}
-wanted=$(cat requirements.txt requirements-dev.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
+wanted=$(cat requirements.txt requirements-dev.txt requirements-nodeps.txt constraints.txt | sha256sum | cut -d' ' -f1)
 stamp=.venv/.requirements.sha256
 
 if [[ -f $stamp && $(cat "$stamp") == "$wanted" ]]; then
@@ -12,6 +13,6 @@ if [[ -f $stamp && $(cat "$stamp") == "$wanted" ]]; then
 fi
 echo "Setting up .venv (first run or changed requirements)..." >&2
 "$python" -m venv .venv
-.venv/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-.venv/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements-dev.txt
+.venv/bin/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt -r requirements-nodeps.txt
 echo "$wanted" > "$stamp"
