@@ -32,11 +32,18 @@ log = logging.getLogger("flamingo")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="OpenFlamingo for Discord servers.")
     parser.add_argument("--config", type=Path, help="settings file (default: config.toml)")
+    # Also after the command; SUPPRESS keeps a --config given before it when none follows.
+    config_too = argparse.ArgumentParser(add_help=False)
+    config_too.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
     commands = parser.add_subparsers(dest="command")
-    commands.add_parser("run", help="run the bot (the default)")
-    backup = commands.add_parser("backup", help="copy the task database safely, even while the bot runs")
-    backup.add_argument("target", type=Path, metavar="PATH")
-    describe = commands.add_parser("describe", help="answer a prompt about local images, without Discord")
+    commands.add_parser("run", parents=[config_too], help="run the bot (the default)")
+    backup = commands.add_parser(
+        "backup", parents=[config_too], help="copy the task database safely, even while the bot runs"
+    )
+    backup.add_argument("target", metavar="PATH", help="a file to write (replaced if it exists), or a folder")
+    describe = commands.add_parser(
+        "describe", parents=[config_too], help="answer a prompt about local images, without Discord"
+    )
     describe.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     describe.add_argument("--prompt", help="text with one <image> per image (default: the task's template)")
     describe.add_argument("--task", default=DEFAULT_TASK, help="built-in task whose examples are prepended")
@@ -128,7 +135,14 @@ def describe(args: argparse.Namespace) -> int:
 
 # At DEBUG these log every interaction's payload (prompts, user ids, interaction tokens) and every
 # SQL statement's parameters (stored prompts): private, so kept at INFO unless prompts may be logged.
-PRIVATE_DEBUG_LOGGERS = ("discord.gateway", "discord.http", "discord.client", "discord.state", "aiosqlite")
+PRIVATE_DEBUG_LOGGERS = (
+    "discord.gateway",
+    "discord.http",
+    "discord.webhook",  # interaction follow-ups: the URL carries the interaction's token
+    "discord.client",
+    "discord.state",
+    "aiosqlite",
+)
 
 
 def setup_bot_logging(settings: LoggingSettings) -> None:
@@ -167,6 +181,7 @@ def run_bot(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if settings.discord_token is None or not settings.discord_token.get_secret_value().strip():
         raise ConfigError("no Discord bot token: set DISCORD_TOKEN in the environment or in a .env file")
+    import aiohttp
     import discord
 
     setup_bot_logging(settings.logging)
@@ -174,6 +189,9 @@ def run_bot(args: argparse.Namespace) -> int:
         asyncio.run(_serve(settings, settings.discord_token.get_secret_value().strip()))
     except discord.LoginFailure:
         raise ConfigError("Discord refused the bot token; check DISCORD_TOKEN") from None
+    except (aiohttp.ClientError, discord.GatewayNotFound) as error:
+        where = settings.discord.api_base_url
+        raise ConfigError(f"cannot reach Discord at {where}: {error or type(error).__name__}") from None
     return 0
 
 
@@ -184,10 +202,15 @@ def backup(args: argparse.Namespace) -> int:
     source = settings.storage.database_path
     if not source.is_file():
         raise ConfigError(f"there is no database at {source} yet")
-    target: Path = args.target / source.name if args.target.is_dir() else args.target
+    target = Path(args.target)
+    into_folder = args.target.endswith(os.sep) or target.is_dir()  # "backups/" is a folder, even one not made yet
+    if into_folder:
+        target /= source.name
     if target.exists() and target.samefile(source):
         raise ConfigError(f"{target} is the database itself; back it up to another file")
     try:
+        if into_folder:
+            target.parent.mkdir(parents=True, exist_ok=True)
         backup_database(source, target)
     except (sqlite3.Error, OSError) as error:
         raise ConfigError(f"could not back up to {target}: {error}") from None

@@ -107,13 +107,21 @@ class Admin(commands.Cog):
         await self.bot.reload_cogs(names)
         await interaction.followup.send(f"Reloaded {', '.join(names)}.", ephemeral=True)
 
-    @admin.command(description="Sync slash commands globally, or to one guild while developing")
+    @admin.command(description="Sync commands with Discord: all of them, or only one guild's own (such as /admin)")
+    @app_commands.describe(guild_id="A server's id, to sync only the commands made for that server")
     async def sync(self, interaction: discord.Interaction, guild_id: str | None = None) -> None:
+        if guild_id is not None and not guild_id.strip().isdigit():
+            await interaction.response.send_message(f"“{guild_id}” is not a server's id.", ephemeral=True)
+            return
+        target = int(guild_id) if guild_id is not None else None
         await interaction.response.defer(ephemeral=True, thinking=True)
-        target = int(guild_id) if guild_id and guild_id.isdigit() else None
-        count = await self.bot.sync_commands(target)
-        where = f"guild {target}" if target else "everywhere"
-        await interaction.followup.send(f"Synced {count} commands {where}.", ephemeral=True)
+        try:
+            count = await self.bot.sync_commands(target)
+        except discord.Forbidden:
+            await interaction.followup.send(f"The bot is not in server {target}.", ephemeral=True)
+            return
+        where = f"for server {target}" if target else "everywhere"
+        await interaction.followup.send(f"Synced {count} command{'' if count == 1 else 's'} {where}.", ephemeral=True)
 
     @admin.command(description="Model, memory, queue and uptime")
     async def status(self, interaction: discord.Interaction) -> None:

@@ -331,7 +331,9 @@ class Inference(commands.Cog):
             raise RequestCancelled("That request is no longer waiting: it has been answered or withdrawn.")
         ticket, requester = waiting
         if interaction.user.id != requester and not interaction.permissions.manage_messages:
-            raise NotAllowedHere("Only the person who asked can cancel this request.")
+            raise NotAllowedHere(
+                "Only the person who asked, or a member with Manage Messages, can cancel this request."
+            )
         ticket.cancel()
         await interaction.response.edit_message(content="Cancelled.", view=None)
 

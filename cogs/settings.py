@@ -169,7 +169,7 @@ class ServerSettings(commands.Cog):
 
     @group.command(name="reports", description="The channel where reported answers are posted (empty: none)")
     async def reports(self, interaction: discord.Interaction, channel: discord.TextChannel | None = None) -> None:
-        note = f"Reports go to {channel.mention}." if channel else "Reports are off: answers show no report target."
+        note = f"Reports go to {channel.mention}." if channel else "Reports are off: the Report button says so."
         await self._change(interaction, lambda r: replace(r, report_channel=channel.id if channel else None), note)
 
 

@@ -8,8 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -87,8 +97,11 @@ class GenerationSettings(Section):
 
     @model_validator(mode="after")
     def _default_in_range(self) -> GenerationSettings:
-        if not self.max_new_tokens.low <= self.max_new_tokens_default <= self.max_new_tokens.high:
-            raise ValueError("max_new_tokens_default must lie within max_new_tokens")
+        low, high = self.max_new_tokens.low, self.max_new_tokens.high
+        if not low <= self.max_new_tokens_default <= high:
+            raise ValueError(
+                f"max_new_tokens_default {self.max_new_tokens_default} must lie within max_new_tokens ({low} to {high})"
+            )
         return self
 
 
@@ -150,6 +163,24 @@ class DiscordSettings(Section):
     gateway_url: str = Field("wss://gateway.discord.gg/", description="For every shard, also after a new session.")
     shard_count: int | None = Field(None, ge=1, description="None: as many shards as Discord recommends.")
 
+    @field_validator("api_base_url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        return _url(url, ("http", "https"))
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _websocket(cls, url: str) -> str:
+        return _url(url, ("ws", "wss"))
+
+
+def _url(url: str, schemes: tuple[str, ...]) -> str:
+    """A malformed address is a setting to fix, not a connection error after the model has loaded."""
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"must be a {' or '.join(f'{scheme}://' for scheme in schemes)} address with a host")
+    return url
+
 
 class LimitSettings(Section):
     max_tasks_per_guild: int = Field(50, gt=0)
@@ -201,11 +232,12 @@ class _TomlWithoutSecrets(TomlConfigSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         values = super().__call__()
+        name = Path(str(self.toml_file_path)).name
         if {"discord_token", "DISCORD_TOKEN"} & set(values):
-            raise ConfigError("config.toml must not hold the bot token; set DISCORD_TOKEN in the environment or .env")
+            raise ConfigError(f"{name} must not hold the bot token; set DISCORD_TOKEN in the environment or .env")
         unknown = sorted(set(values) - set(Settings.model_fields))
         if unknown:  # the settings themselves ignore unknown keys, which the environment is full of
-            raise ConfigError(f"config.toml has no setting called {unknown[0]!r}")
+            raise ConfigError(f"{name} has no setting called {unknown[0]!r}")
         return values
 
 
@@ -230,8 +262,14 @@ class Settings(BaseSettings):
     ray: RaySettings = RaySettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
-    data_dir: Path = PROJECT_ROOT / "data"
+    data_dir: Path = Field(PROJECT_ROOT / "data", description="The built-in tasks (tasks/*.json) and their images.")
     discord_token: SecretStr | None = Field(None, validation_alias=AliasChoices("DISCORD_TOKEN", "discord_token"))
+
+    @field_validator("data_dir")
+    @classmethod
+    def _within_project(cls, path: Path) -> Path:
+        """Relative to the project, like the database, whatever folder the bot is started from."""
+        return path if path.is_absolute() else PROJECT_ROOT / path
 
     @classmethod
     def settings_customise_sources(
@@ -246,12 +284,14 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, dotenv_settings, toml)
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, file_name: str) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "settings"
     if first["type"] == "extra_forbidden":
-        return f"{key}: there is no such setting"
-    return f"{key}: {first['msg']} (got {first.get('input')!r})"
+        return f"{key}: there is no such setting (in {file_name}, or as a FLAMINGO_ variable)"
+    given = first.get("input")
+    # A check across a table (a range, a default within its range) gets the whole table as input.
+    return f"{key}: {first['msg']}" + ("" if isinstance(given, dict) else f" (got {given!r})")
 
 
 def load_settings(config_path: Path | None = None) -> Settings:
@@ -269,8 +309,11 @@ def load_settings(config_path: Path | None = None) -> Settings:
     try:
         return _FromFile()
     except ValidationError as error:
-        raise ConfigError(f"bad setting {_describe(error)}") from None
+        raise ConfigError(f"bad setting {_describe(error, path.name)}") from None
     except SettingsError as error:  # a FLAMINGO_ variable that is not valid JSON, say
-        raise ConfigError(f"cannot read the environment's settings (FLAMINGO_*, .env): {error}") from None
+        raise ConfigError(
+            f"cannot read the environment's settings (FLAMINGO_*, .env): {error}; lists and tables are "
+            "written as JSON there, e.g. FLAMINGO_DISCORD__OWNER_IDS='[123]'"
+        ) from None
     except ValueError as error:  # TOML syntax
         raise ConfigError(f"cannot read {path}: {error}") from None

@@ -55,7 +55,8 @@ def generation_kwargs(params: GenerationParams, settings: GenerationSettings) ->
     if not params.do_sample:
         needs_sampling = [name for name in _SAMPLING_ONLY if name in given]
         if needs_sampling:
-            raise BadParameter(f"{', '.join(needs_sampling)} only apply when sampling; turn on do_sample.")
+            verb = "applies" if len(needs_sampling) == 1 else "apply"
+            raise BadParameter(f"{', '.join(needs_sampling)} only {verb} when sampling; turn on do_sample.")
     if given.get("min_new_tokens", 0) > given["max_new_tokens"]:
         shortest, longest = given["min_new_tokens"], given["max_new_tokens"]
         raise BadParameter(f"min_new_tokens ({shortest}) cannot be more than max_new_tokens ({longest}).")

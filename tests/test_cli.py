@@ -99,7 +99,7 @@ def test_describe_accepts_awkward_but_valid_images(model_dirs, awkward_images):
             r"There is no task called 'poetry'; built-in tasks: caption, vqa\.",
         ),
         ([IMAGES / "chelsea.jpg", "--prompt", "Output:"], r"has 0 <image> markers but 1 image was given"),
-        ([IMAGES / "chelsea.jpg", "--temperature", "0.5"], r"temperature only apply when sampling"),
+        ([IMAGES / "chelsea.jpg", "--temperature", "0.5"], r"temperature only applies when sampling"),
         ([IMAGES / "chelsea.jpg", "--num-beams", "50"], r"num_beams must be between 1 and 5 \(got 50\)"),
         ([IMAGES / "chelsea.jpg", "--model", "OpenFlamingo-10B"], r"unknown model 'OpenFlamingo-10B'"),
         (["TRUNCATED"], r"damaged or incomplete"),

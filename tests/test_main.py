@@ -104,6 +104,34 @@ def test_backup_refuses_the_database_itself_and_unwritable_targets_in_one_line(t
         assert copy.execute("SELECT count(*) FROM tasks").fetchall() == [(0,)]
 
 
+def test_backup_into_a_folder_named_with_a_slash_makes_it_and_config_may_follow_the_command(tmp_path):
+    database = tmp_path / "live.db"
+    config = tmp_path / "staging.toml"
+    config.write_text(f'[storage]\ndatabase = "{database}"\n')
+    asyncio.run(asyncio.run(TaskStore.open(database)).close())
+    result = run_main("backup", f"{tmp_path / 'backups' / 'nightly'}/", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "backups" / "nightly" / "live.db").is_file()
+    blocked = tmp_path / "file"
+    blocked.write_text("in the way")
+    result = run_main("backup", f"{blocked / 'sub'}/", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: could not back up to {blocked / 'sub' / 'live.db'}: ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_discord_out_of_reach_is_one_line(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\ndatabase = "{tmp_path / "tasks.db"}"\n')
+    closed_port = "http://127.0.0.1:9/api/v10"
+    environment = {"DISCORD_TOKEN": "x", "FLAMINGO_DISCORD__API_BASE_URL": closed_port}
+    result = run_main("--config", str(config), env=environment)
+    assert result.returncode == 2
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"error: cannot reach Discord at {closed_port}: Cannot connect"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_debug_logging_keeps_interaction_payloads_and_sql_parameters_out_unless_prompts_may_be_logged():
     from core.config import LoggingSettings
     from main import PRIVATE_DEBUG_LOGGERS, setup_bot_logging
@@ -114,6 +142,9 @@ def test_debug_logging_keeps_interaction_payloads_and_sql_parameters_out_unless_
         setup_bot_logging(LoggingSettings(level="DEBUG"))
         assert root.level == logging.DEBUG
         assert all(logging.getLogger(name).getEffectiveLevel() == logging.INFO for name in PRIVATE_DEBUG_LOGGERS)
+        # These log URLs that carry interaction tokens, and payloads.
+        for name in ("discord.webhook.async_", "discord.http", "discord.gateway"):
+            assert logging.getLogger(name).getEffectiveLevel() == logging.INFO, name
         setup_bot_logging(LoggingSettings(level="DEBUG", log_prompts=True))
         assert all(logging.getLogger(name).getEffectiveLevel() == logging.DEBUG for name in PRIVATE_DEBUG_LOGGERS)
     finally:

@@ -109,6 +109,7 @@ class FlamingoBot(commands.AutoShardedBot):
         # The database and the metrics port first: a bad path or a busy port is told in seconds,
         # not after minutes of loading the model.
         self.store = await _open_storage(self.settings.storage.database_path)
+        await self._check_admin_guild()
         metrics = self.settings.metrics
         if metrics.enabled:
             try:
@@ -129,6 +130,19 @@ class FlamingoBot(commands.AutoShardedBot):
             await self.sync_commands()
         self._purging = asyncio.create_task(self._purge_regularly(), name="flamingo-purge")
         self.started_up = True
+
+    async def _check_admin_guild(self) -> None:
+        """Syncing /admin to a guild the bot is not in would fail only after the model had loaded."""
+        guild_id = self.settings.discord.admin_guild_id
+        if guild_id is None:
+            return
+        try:
+            await self.http.get_guild(guild_id)
+        except (discord.Forbidden, discord.NotFound):
+            raise ConfigError(
+                f"discord.admin_guild_id = {guild_id}: the bot is not in that server; "
+                "add it there or change the setting"
+            ) from None
 
     async def _render_metrics(self) -> bytes:
         if not self.started_up:  # the model is still loading

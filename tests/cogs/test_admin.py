@@ -5,9 +5,15 @@ from __future__ import annotations
 import asyncio
 
 import discord
+import pytest
 
+import cogs.utils.bot
+from cogs.utils.bot import FlamingoBot
+from core.config import ConfigError, DiscordSettings, StorageSettings
 from core.static_decode import StaticSteps
 from tests.cogs.test_inference import photo
+from tests.conftest import tiny_settings
+from tests.fake_discord.server import FakeDiscord
 
 
 async def test_admin_commands_exist_only_in_the_admin_guild(world):
@@ -19,6 +25,42 @@ async def test_admin_commands_exist_only_in_the_admin_guild(world):
     manage = next(c for c in world.discord.global_commands if c["name"] == "manage-tasks")
     assert int(manage["default_member_permissions"]) == 1 << 5
     assert manage["contexts"] == [0]
+
+
+async def test_sync_updates_every_command_or_only_one_servers_own(world):
+    owner = world.admin_guild.members[world.discord.owner.id]
+
+    async def sync(**options) -> str:
+        return (await world.reply("admin sync", member=owner, guild=world.admin_guild, **options))[0].content
+
+    world.discord.global_commands = []
+    everywhere = await sync()
+    assert everywhere == f"Synced {len(world.discord.global_commands) + 1} commands everywhere."
+    assert {"comprehend", "tasks"} <= {command["name"] for command in world.discord.global_commands}
+    assert await sync(guild_id=str(world.admin_guild.id)) == f"Synced 1 command for server {world.admin_guild.id}."
+    assert await sync(guild_id="Bot HQ") == "“Bot HQ” is not a server's id."
+    assert await sync(guild_id="12345") == "The bot is not in server 12345."
+
+
+async def test_an_admin_guild_the_bot_is_not_in_is_refused_before_the_model_loads(model_dirs, tmp_path, monkeypatch):
+    fake = FakeDiscord()
+    api = await fake.start()
+    loaded = []
+    monkeypatch.setattr(cogs.utils.bot, "start_model_service", loaded.append)
+    settings = tiny_settings(model_dirs["llama"]).model_copy(
+        update={
+            "discord": DiscordSettings(api_base_url=api, admin_guild_id=12345),
+            "storage": StorageSettings(database=tmp_path / "tasks.db"),
+        }
+    )
+    bot = FlamingoBot(settings)
+    try:
+        with pytest.raises(ConfigError, match=r"^discord\.admin_guild_id = 12345: the bot is not in that server;"):
+            await bot.login(fake.token)
+        assert loaded == []
+    finally:
+        await bot.close()
+        await fake.stop()
 
 
 async def test_status_is_for_the_owner_only(world):

@@ -52,7 +52,7 @@ async def test_out_of_range_parameters_are_refused_privately(world):
         "num_beams must be between 1 and 5 (got 40)."
     )
     assert await _private_only(world.invoke("comprehend", image=photo(world), temperature=0.3)) == (
-        "temperature only apply when sampling; turn on do_sample."
+        "temperature only applies when sampling; turn on do_sample."
     )
 
 

@@ -100,7 +100,7 @@ PARAMETER_CASES = [
     (GenerationParams(num_beams=64), r"num_beams must be between 1 and 5 \(got 64\)"),
     (GenerationParams(repetition_penalty=0.0), r"repetition_penalty must be between 1.0 and 2.0 \(got 0.0\)"),
     (GenerationParams(no_repeat_ngram_size=-1), r"no_repeat_ngram_size must be between 0 and 10 \(got -1\)"),
-    (GenerationParams(temperature=0.7), r"temperature only apply when sampling; turn on do_sample"),
+    (GenerationParams(temperature=0.7), r"temperature only applies when sampling; turn on do_sample"),
     (GenerationParams(top_p=0.9, top_k=40), r"top_p, top_k only apply when sampling"),
     (GenerationParams(length_penalty=1.0), r"length_penalty only applies to beam search"),
     (

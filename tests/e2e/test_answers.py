@@ -80,7 +80,9 @@ async def test_a_waiting_request_shows_its_place_and_can_be_cancelled_by_its_ask
 
     stranger = scene.discord.add_member(scene.guild, "stranger")
     refused = await (await click(scene, notice, "Cancel", stranger)).answered()
-    assert refused[0].ephemeral and refused[0].content == "Only the person who asked can cancel this request."
+    assert refused[0].ephemeral and refused[0].content == (
+        "Only the person who asked, or a member with Manage Messages, can cancel this request."
+    )
     cancel = await click(scene, notice, "Cancel")
     await cancel.wait_for(lambda: notice.content == "Cancelled.", timeout=30)
     assert notice.components == []

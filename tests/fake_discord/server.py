@@ -83,6 +83,7 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
             web.get(f"{API}/oauth2/applications/@me", self._application),
             web.put(f"{API}/applications/{{app}}/commands", self._sync_global),
             web.put(f"{API}/applications/{{app}}/guilds/{{guild}}/commands", self._sync_guild),
+            web.get(f"{API}/guilds/{{guild}}", self._guild),
         ]
         open_routes = [
             *interaction_routes,
@@ -270,8 +271,18 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         self.global_commands = self._registered(request, await request.json())
         return self._json(self.global_commands)
 
+    def _joined(self, request: web.Request) -> Guild:
+        """The guild in the path, which the bot must be in (else Missing Access, as Discord answers)."""
+        guild = self.guilds.get(int(request.match_info["guild"]))
+        if guild is None:
+            raise DiscordError(403, 50001, "Missing Access")
+        return guild
+
+    async def _guild(self, request: web.Request) -> web.Response:
+        return self._json(self.guild_payload(self._joined(request)))
+
     async def _sync_guild(self, request: web.Request) -> web.Response:
-        guild_id = int(request.match_info["guild"])
+        guild_id = self._joined(request).id
         self.guild_commands[guild_id] = [
             c | {"guild_id": str(guild_id)} for c in self._registered(request, await request.json())
         ]
