@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MptConfig, Pretraine
 from core.footprint import PUBLISHED_LANGUAGE_MODELS
 from core.loading import (
     LoadedModel,
+    as_trained,
     assemble_flamingo,
     context_length_of,
     place_model,
@@ -101,13 +102,12 @@ def build(shapes: Shapes, precision: str, device: torch.device) -> LoadedModel:
     tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK, IMAGE_TOKEN]})
     spec = REGISTRY[shapes.model]
     if shapes.vision is None:
-        clip = open_clip.create_model(spec.clip_vision_encoder_path, pretrained=None)
+        clip = open_clip.create_model(spec.clip_vision_encoder_path, pretrained=None, force_quick_gelu=True)
         width = open_clip.get_model_config(spec.clip_vision_encoder_path)["vision_cfg"]["width"]
     else:
         clip = open_clip.model.CLIP(**shapes.vision)
         width = shapes.vision["vision_cfg"]["width"]
-    visual = clip.visual
-    visual.output_tokens = True
+    visual = as_trained(clip.visual)
     transform = open_clip.image_transform(visual.image_size, is_train=False)
     config = shapes.language_config(len(tokenizer))
     # The LM is made on the device in its compute dtype (seconds, not minutes, for 7B parameters).

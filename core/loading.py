@@ -132,13 +132,27 @@ def _fetch_checkpoint(spec: ModelSpec) -> str:
 
 
 def _load_vision(spec: ModelSpec) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor], int]:
+    """The CLIP tower as OpenFlamingo was trained with it, under the open_clip pinned here.
+
+    Since open_clip 2.29, ``pretrained="openai"`` builds GELU where those weights were trained with
+    QuickGELU (only a warning says so); since 2.23 the tokens come out after ``ln_post``, where
+    OpenFlamingo's perceiver was trained on them before it. Both are put back.
+    """
+    name, tag = spec.clip_vision_encoder_path, spec.clip_vision_encoder_pretrained
+    trained_with_quick_gelu = bool(tag and open_clip.get_pretrained_cfg(name, tag).get("quick_gelu"))
     clip, _, transform = open_clip.create_model_and_transforms(
-        spec.clip_vision_encoder_path, pretrained=spec.clip_vision_encoder_pretrained
+        name, pretrained=tag, force_quick_gelu=trained_with_quick_gelu
     )
-    visual = clip.visual
-    visual.output_tokens = True
-    width = open_clip.get_model_config(spec.clip_vision_encoder_path)["vision_cfg"]["width"]
+    visual = as_trained(clip.visual)
+    width = open_clip.get_model_config(name)["vision_cfg"]["width"]
     return visual, transform, width
+
+
+def as_trained(visual: torch.nn.Module) -> torch.nn.Module:
+    """Patch tokens as OpenFlamingo's training saw them: before the final layer norm."""
+    visual.output_tokens = True
+    visual.final_ln_after_pool = True
+    return visual
 
 
 def _first_line(error: BaseException) -> str:

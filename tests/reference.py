@@ -14,6 +14,7 @@ from open_flamingo import create_model_and_transforms
 
 from core.engine import FlamingoEngine
 from core.generation import GenerationParams
+from core.loading import as_trained
 from core.prompts import END_OF_CHUNK, Example, Task
 from tests.make_tiny_model import MANIFEST_NAME
 
@@ -56,6 +57,7 @@ class Reference:
                 use_local_files=True,
             )
         self.model.load_state_dict(torch.load(model_dir / "checkpoint.pt"), strict=False)
+        as_trained(self.model.vision_encoder)  # the open_clip upstream trained with, not today's
         self.model.eval()
         self.stop_ids = {self.model.eoc_token_id, self.tokenizer.eos_token_id}
 

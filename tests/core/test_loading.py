@@ -8,6 +8,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 import transformers
@@ -16,6 +17,7 @@ from core import loading
 from core.config import ModelSettings
 from core.errors import ModelLoadError
 from core.loading import decoder_layers_attr, load_model, pick_device, with_embedding_accessors
+from core.registry import resolve_model
 from tests.conftest import tiny_settings
 from tests.make_tiny_model import MANIFEST_NAME, TinyModelSpec, write_model
 
@@ -168,6 +170,31 @@ def test_every_part_computes_in_one_dtype(model_dirs, family):
     dtypes = {p.dtype for p in loaded.model.parameters() if p.is_floating_point()}
     assert dtypes == {torch.bfloat16}
     assert loaded.context_length == 512
+
+
+def test_clip_is_built_with_the_activation_its_weights_were_trained_with(monkeypatch):
+    """open_clip builds ViT-L-14 "openai" with GELU unless told; its weights were trained with QuickGELU."""
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, cache_dir=None: "weights.pt")
+    monkeypatch.setattr(open_clip.factory, "load_checkpoint", lambda *args, **kwargs: None)
+    build = open_clip.create_model_and_transforms
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **k: build(*a, device="meta", **k))
+    spec = resolve_model("openflamingo/OpenFlamingo-3B-vitl-mpt1b", "huggyllama/llama-7b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # open_clip warns of a GELU/QuickGELU mismatch
+        visual, _, width = loading._load_vision(spec)
+    assert isinstance(visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    assert width == 1024
+
+
+def test_patch_tokens_reach_the_perceiver_before_clips_final_layer_norm(model_dirs):
+    """As under the open_clip OpenFlamingo was trained with; later versions apply ln_post to them."""
+    visual = _load(model_dirs["llama"]).model.vision_encoder
+    seen = []
+    hook = visual.transformer.register_forward_hook(lambda module, args, output: seen.append(output))
+    with torch.inference_mode():
+        tokens = visual(torch.randn(1, 3, 224, 224))[1]
+    hook.remove()
+    assert torch.equal(tokens, seen[0][:, 1:])  # the transformer's patch outputs, class token dropped
 
 
 @pytest.mark.parametrize(
