@@ -35,6 +35,7 @@ from core.logits import logits_processors
 from core.lru_cache import LruCache
 from core.shared_prefix import SharedPrefixCache, SharedPrefixSteps
 from core.static_decode import StaticStep, StaticSteps, supports_static_steps
+from core.tuple_cache import TupleCacheView, keeps_tuple_cache
 
 
 def image_key(image: Image.Image) -> str:
@@ -73,6 +74,7 @@ class FlamingoDecoder:
         # MPT places tokens with ALiBi and takes no position ids; LLaMA and GPT-NeoX need them in a batch.
         self._takes_positions = "position_ids" in inspect.signature(self._lm_forward).parameters
         self._parts = language_model_parts(lm)  # None: requests arriving together are prefilled one by one
+        self._tuple_cache = keeps_tuple_cache(lm)  # MPT-1B's hub code: its own cache format
         self.prefixes: LruCache[tuple[str, tuple[int, ...]], PrefixState] = LruCache(
             prefix_cache_bytes, lambda state: state.nbytes
         )
@@ -188,10 +190,18 @@ class FlamingoDecoder:
             self.model.lang_encoder,
             input_ids=ids,
             attention_mask=torch.ones(1, past + ids.shape[1], dtype=torch.long, device=self.device),
-            past_key_values=cache,
+            past_key_values=self._as_taken(cache, rows=1),
             use_cache=True,
         )
         return output.logits[:, -1, :]
+
+    def _as_taken(self, cache: DynamicCache | SharedPrefixCache, rows: int) -> object:
+        """The cache in the form the language model takes."""
+        if not self._tuple_cache:
+            return cache
+        config = self.model.lang_encoder.config
+        empty = torch.empty(rows, 0, config.d_model, dtype=self.dtype, device=self.device)
+        return TupleCacheView(cache, len(self._layers), config.n_heads, empty)
 
     def prefix(
         self,
@@ -291,7 +301,7 @@ class FlamingoDecoder:
             self.model.lang_encoder,
             input_ids=tokens,
             attention_mask=mask,
-            past_key_values=cache,
+            past_key_values=self._as_taken(cache, rows=tokens.shape[0]),
             use_cache=True,
             **extra,
         )

@@ -27,7 +27,8 @@ class ModelSpec:
 
     Paths are Hugging Face Hub ids, or absolute local paths for a local model directory.
     ``lang_encoder_revision`` pins the LM repository; it is required whenever
-    ``trust_remote_code`` is set, so no unpinned hub code ever runs.
+    ``trust_remote_code`` is set for a hub id, so no unpinned hub code ever runs (a local
+    folder's code is the operator's own).
     """
 
     name: str
@@ -42,7 +43,8 @@ class ModelSpec:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        if self.trust_remote_code and not self.lang_encoder_revision:
+        local = Path(self.lang_encoder_path).is_dir()
+        if self.trust_remote_code and not self.lang_encoder_revision and not local:
             raise ValueError(f"{self.name}: remote code must be pinned to a revision")
 
 
@@ -140,6 +142,8 @@ class LocalManifest(BaseModel):
     tokenizer_path: str
     cross_attn_every_n_layers: int = Field(gt=0)
     checkpoint: str = CHECKPOINT_FILE
+    trust_remote_code: bool = Field(False, description="Run the language model's own code (MPT-1B's MosaicGPT).")
+    lang_encoder_revision: str | None = Field(None, description="Required with trust_remote_code for a hub id.")
 
 
 def _local_path(base: Path, value: str) -> str:
@@ -158,6 +162,13 @@ def spec_from_directory(directory: Path) -> ModelSpec:
     except (OSError, ValueError, ValidationError) as error:
         detail = str(error).splitlines()[0]
         raise ModelLoadError(f"cannot read model manifest {manifest_path}: {detail}") from None
+    try:
+        return _local_spec(directory, manifest)
+    except ValueError as error:
+        raise ModelLoadError(f"{manifest_path}: {error}") from None
+
+
+def _local_spec(directory: Path, manifest: LocalManifest) -> ModelSpec:
     pretrained = manifest.clip_vision_encoder_pretrained
     if pretrained and (directory / pretrained).exists():
         pretrained = str((directory / pretrained).resolve())
@@ -170,6 +181,8 @@ def spec_from_directory(directory: Path) -> ModelSpec:
         cross_attn_every_n_layers=manifest.cross_attn_every_n_layers,
         checkpoint_repo=None,
         checkpoint_path=str((directory / manifest.checkpoint).resolve()),
+        lang_encoder_revision=manifest.lang_encoder_revision,
+        trust_remote_code=manifest.trust_remote_code,
     )
 
 

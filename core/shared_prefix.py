@@ -127,6 +127,16 @@ class SharedPrefixCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length - 1  # what was cached before this step's token
 
+    def past(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' keys and values before this step's token, (rows, heads, columns, dim): for a
+        model that appends the new ones itself (``core.tuple_cache``)."""
+        slots = self.slots[:, :-1]
+        gathered = []
+        for store in (self.keys[layer_idx], self.values[layer_idx]):
+            picked = store.index_select(0, slots.flatten())
+            gathered.append(picked.view(*slots.shape, *store.shape[1:]).transpose(1, 2))
+        return gathered[0], gathered[1]
+
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
         return self.length, 0
 

@@ -19,7 +19,7 @@ from core.images import load_image
 from core.loading import load_model
 from core.prompts import Task
 from core.service import InferenceService
-from tests.make_tiny_model import FAMILIES, TinyModelSpec, write_model
+from tests.make_tiny_model import FAMILIES, REMOTE_CODE_FAMILY, TinyModelSpec, write_model
 
 IMAGES = PROJECT_ROOT / "data" / "images"
 
@@ -27,7 +27,8 @@ IMAGES = PROJECT_ROOT / "data" / "images"
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {family: write_model(root / family, TinyModelSpec(family=family)) for family in FAMILIES}
+    families = (*FAMILIES, REMOTE_CODE_FAMILY)
+    return {family: write_model(root / family, TinyModelSpec(family=family)) for family in families}
 
 
 def tiny_settings(model_dir: Path, precision: str = "fp32") -> Settings:

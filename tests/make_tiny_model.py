@@ -5,7 +5,7 @@ same structure (open_clip vision tower, a transformers causal LM, a tokenizer wi
 special tokens, and a ``checkpoint.pt`` holding only the trained Flamingo parameters, keyed the
 way upstream saves them) and load it through the project's real loader.
 
-Usage: ``python tests/make_tiny_model.py OUT_DIR --family llama|gptneox|mpt``
+Usage: ``python -m tests.make_tiny_model OUT_DIR --family llama|gptneox|mpt|mosaicgpt``
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from transformers import (
 )
 
 FAMILIES = ("llama", "gptneox", "mpt")
+# MPT-1B's family: hub code, built from tests/tiny_mosaic_gpt and loaded with trust_remote_code.
+REMOTE_CODE_FAMILY = "mosaicgpt"
 MANIFEST_NAME = "flamingo.json"
 
 _WORDS = (
@@ -149,6 +151,21 @@ def build_language_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast
             **ids,
         )
         return MptForCausalLM(config)
+    if spec.family == REMOTE_CODE_FAMILY:
+        from tests.tiny_mosaic_gpt.mosaic_gpt import MosaicGPT, MosaicGPTConfig
+
+        MosaicGPTConfig.register_for_auto_class()  # save_pretrained writes the code beside the weights
+        MosaicGPT.register_for_auto_class("AutoModelForCausalLM")
+        config = MosaicGPTConfig(
+            d_model=spec.hidden,
+            n_heads=spec.heads,
+            n_layers=spec.layers,
+            mlp_ratio=max(1, spec.intermediate // spec.hidden),
+            max_seq_len=spec.max_positions,
+            vocab_size=vocab,
+            **ids,
+        )
+        return MosaicGPT(config)
     raise ValueError(f"unknown family {spec.family!r}; choose one of {', '.join(FAMILIES)}")
 
 
@@ -186,7 +203,12 @@ def build_flamingo_checkpoint(
     from open_flamingo.src.helpers import GatedCrossAttentionBlock, PerceiverResampler
 
     lang_dim = spec.hidden
-    layers_attr = {"llama": "model.layers", "gptneox": "gpt_neox.layers", "mpt": "transformer.blocks"}[spec.family]
+    layers_attr = {
+        "llama": "model.layers",
+        "gptneox": "gpt_neox.layers",
+        "mpt": "transformer.blocks",
+        REMOTE_CODE_FAMILY: "transformer.blocks",
+    }[spec.family]
     state: dict[str, torch.Tensor] = {}
     perceiver = PerceiverResampler(dim=spec.vision_width)
     state.update({f"perceiver.{k}": v for k, v in perceiver.state_dict().items()})
@@ -205,9 +227,10 @@ def build_flamingo_checkpoint(
         "llama": ("model.embed_tokens", "lm_head"),
         "gptneox": ("gpt_neox.embed_in", "embed_out"),
         "mpt": ("transformer.wte", None),
+        REMOTE_CODE_FAMILY: ("transformer.wte", None),
     }
     input_name, output_name = embed_names[spec.family]
-    tables = [(input_name, lm.get_input_embeddings().weight.detach())]
+    tables = [(input_name, lm.get_submodule(input_name).weight.detach())]
     if output_name is not None:
         tables.append((output_name, lm.get_output_embeddings().weight.detach()))
     for name, table in tables:
@@ -222,8 +245,10 @@ def write_model(out_dir: Path, spec: TinyModelSpec) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec)
     lm = build_language_model(spec, tokenizer)
-    lm.save_pretrained(out_dir / "lm")
-    tokenizer.save_pretrained(out_dir / "lm")
+    # Upstream recognises MPT-1B by this name in the path (and adds the embedding accessors it lacks).
+    lm_dir = "mpt-1b-redpajama-200b" if spec.family == REMOTE_CODE_FAMILY else "lm"
+    lm.save_pretrained(out_dir / lm_dir)
+    tokenizer.save_pretrained(out_dir / lm_dir)
 
     vision_dir = out_dir / "vision"
     vision_dir.mkdir(exist_ok=True)
@@ -240,11 +265,13 @@ def write_model(out_dir: Path, spec: TinyModelSpec) -> Path:
     manifest = {
         "clip_vision_encoder_path": "local-dir:vision",
         "clip_vision_encoder_pretrained": None,
-        "lang_encoder_path": "lm",
-        "tokenizer_path": "lm",
+        "lang_encoder_path": lm_dir,
+        "tokenizer_path": lm_dir,
         "cross_attn_every_n_layers": spec.cross_attn_every_n_layers,
         "checkpoint": "checkpoint.pt",
     }
+    if spec.family == REMOTE_CODE_FAMILY:
+        manifest["trust_remote_code"] = True
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
 
@@ -252,7 +279,7 @@ def write_model(out_dir: Path, spec: TinyModelSpec) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--family", choices=(*FAMILIES, REMOTE_CODE_FAMILY), required=True)
     defaults = TinyModelSpec(family="llama")
     for name in (
         "hidden",

@@ -51,8 +51,8 @@ class Reference:
             self.model, self.image_processor, self.tokenizer = create_model_and_transforms(
                 clip_vision_encoder_path=f"local-dir:{model_dir / 'vision'}",
                 clip_vision_encoder_pretrained=None,
-                lang_encoder_path=str(model_dir / "lm"),
-                tokenizer_path=str(model_dir / "lm"),
+                lang_encoder_path=str(model_dir / manifest["lang_encoder_path"]),
+                tokenizer_path=str(model_dir / manifest["tokenizer_path"]),
                 cross_attn_every_n_layers=manifest["cross_attn_every_n_layers"],
                 use_local_files=True,
             )
@@ -60,6 +60,9 @@ class Reference:
         as_trained(self.model.vision_encoder)  # the open_clip upstream trained with, not today's
         self.model.eval()
         self.stop_ids = {self.model.eoc_token_id, self.tokenizer.eos_token_id}
+        # transformers' generate hands MPT-1B's MosaicGPT a cache object it cannot read; without a
+        # cache it re-reads the prompt for each token, as upstream does for MPT-7B's shipped config.
+        self.options = {"use_cache": False} if manifest.get("trust_remote_code") else {}
 
     def generate(self, images: Sequence[object], prompt: str, **kwargs: object) -> tuple[int, ...]:
         """New tokens up to (not including) the first end-of-chunk or end-of-sequence token."""
@@ -78,7 +81,7 @@ class Reference:
                 attention_mask=encoded["attention_mask"],
                 output_scores=True,
                 return_dict_in_generate=True,
-                **kwargs,
+                **self.options | kwargs,
             )
         new_tokens = output.sequences[0, encoded["input_ids"].shape[1] :].tolist()
         margins = [float(top[0, 0] - top[0, 1]) for top in (score.topk(2, dim=-1).values for score in output.scores)]

@@ -20,8 +20,11 @@ from core.loading import load_model
 from core.prompts import END_OF_CHUNK, Example, Task
 from core.static_decode import StaticSteps
 from tests.conftest import tiny_settings
-from tests.make_tiny_model import FAMILIES
+from tests.make_tiny_model import FAMILIES, REMOTE_CODE_FAMILY
 from tests.reference import CAPTIONS, Reference, captioned_task, one_shot_answers
+
+# MPT-1B's hub code (its own cache format) wherever it runs the engine's general paths.
+WITH_HUB_CODE = (*FAMILIES, REMOTE_CODE_FAMILY)
 
 CASES = [
     pytest.param([], "<image>Output:", id="0-shot"),
@@ -31,7 +34,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WITH_HUB_CODE)
 @pytest.mark.parametrize("num_beams", [1, 3])
 @pytest.mark.parametrize(("example_names", "prompt"), CASES)
 def test_engine_matches_upstream_generate(
@@ -192,7 +195,7 @@ def _run_together(engine, photos, cases, key: str) -> dict[int, tuple[int, ...]]
     return answers
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WITH_HUB_CODE)
 def test_beam_requests_searched_together_match_the_reference(engines, references, photos, family, monkeypatch):
     """Different prompt lengths, tasks, lengths and penalties in one search, padded as upstream pads."""
     engine, reference = engines[family], references[family]
@@ -270,8 +273,10 @@ def test_prefix_cache_is_bounded_in_bytes():
 NEAR_TIE = 1e-4
 
 
-@pytest.mark.parametrize("stepping", ["eager", "static"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    ("stepping", "family"),
+    [*(("eager", family) for family in WITH_HUB_CODE), *(("static", family) for family in FAMILIES)],
+)
 @pytest.mark.parametrize("arrival", ["together", "joining"])
 def test_batched_requests_match_the_reference_except_at_near_ties(
     engines, references, photos, family, stepping, arrival, monkeypatch
