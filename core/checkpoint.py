@@ -33,10 +33,18 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
     except Exception as error:  # torch raises many types for unreadable files
         raise ModelLoadError(f"cannot read checkpoint {path}: {error}".splitlines()[0]) from None
     if isinstance(state, Mapping) and "model_state_dict" in state:
-        state = {key.removeprefix("module."): value for key, value in state["model_state_dict"].items()}
+        state = state["model_state_dict"]
+    if isinstance(state, Mapping) and state and all(str(key).startswith("module.") for key in state):
+        state = {key.removeprefix("module."): value for key, value in state.items()}  # saved from a DDP wrapper
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"checkpoint {path} is not a dictionary of tensors")
     return dict(state)
+
+
+def _stale(key: str, tensor: torch.Tensor) -> bool:
+    """A buffer an older library saved and ours no longer has: trained weights are never integers
+    (the v1 9B's file was saved with Hugging Face's CLIP, whose position ids are int64)."""
+    return key.endswith(_STALE_BUFFER_SUFFIXES) or not tensor.is_floating_point()
 
 
 def _listing(kind: str, keys: list[str]) -> str:
@@ -62,7 +70,7 @@ def select_checkpoint_tensors(
     for name, tensor in expected.items():
         names_of.setdefault(id(tensor), []).append(name)
 
-    unexpected = sorted(key for key in checkpoint if key not in expected and not key.endswith(_STALE_BUFFER_SUFFIXES))
+    unexpected = sorted(key for key in checkpoint if key not in expected and not _stale(key, checkpoint[key]))
     mismatched = sorted(
         f"{key} {tuple(checkpoint[key].shape)} vs {tuple(expected[key].shape)}"
         for key in checkpoint

@@ -80,17 +80,19 @@ PUBLISHED_LANGUAGE_MODELS: dict[str, tuple[Callable[[], PretrainedConfig], int]]
 @dataclass(frozen=True)
 class ParameterCounts:
     total: int
-    quantizable: int  # in the linear layers int8 and nf4 quantize: the LM's (but its output head) and cross-attention's
+    language_linear: int  # weights int8 and nf4 quantize in the LM: its linear layers but the output head
+    cross_attention_linear: int  # and in the cross-attention layers, unless model.quantize_cross_attention is off
 
-    def weight_bytes(self, plan: PrecisionPlan) -> int:
+    def weight_bytes(self, plan: PrecisionPlan, quantize_cross_attention: bool = True) -> int:
         """Bytes of weights loaded as ``plan`` says: quantized layers packed, the rest in its dtype."""
         per_weight = plan.dtype.itemsize
         if plan.quantization is None:
             return self.total * per_weight
-        rest = (self.total - self.quantizable) * per_weight
+        quantized = self.language_linear + (self.cross_attention_linear if quantize_cross_attention else 0)
+        rest = (self.total - quantized) * per_weight
         if plan.quantization.load_in_8bit:  # a byte per weight; an fp32 scale per output row is under 0.1%
-            return self.quantizable + rest
-        return round(self.quantizable * (0.5 + 4 / 64)) + rest  # nf4: half a byte, an fp32 absmax per 64
+            return quantized + rest
+        return round(quantized * (0.5 + 4 / 64)) + rest  # nf4: half a byte, an fp32 absmax per 64
 
 
 class _ExpectedNoWeights(logging.Filter):
@@ -139,9 +141,9 @@ def parameter_counts(spec: ModelSpec) -> ParameterCounts:
                 for index in range(layers)
                 if (index + 1) % spec.cross_attn_every_n_layers == 0
             )
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as error:
         raise ModelLoadError(f"cannot tell the size of {spec.name}: {error}") from None
     finally:
         logging.getLogger().removeFilter(quiet)
     total = _count(lm) + _count(vision) + _count(perceiver) + _count(cross)
-    return ParameterCounts(total, _linear_weights(lm, lm.get_output_embeddings()) + _linear_weights(cross))
+    return ParameterCounts(total, _linear_weights(lm, lm.get_output_embeddings()), _linear_weights(cross))

@@ -60,7 +60,8 @@ class ModelCatalog:
             for name in choices[1:]:
                 try:
                     spec = resolve_model(name, settings.model.llama_path)
-                    sizes[name] = parameter_counts(spec).weight_bytes(precision)
+                    counts = parameter_counts(spec)
+                    sizes[name] = counts.weight_bytes(precision, settings.model.quantize_cross_attention)
                 except ModelLoadError as error:
                     log.warning("model.choices: %s is left out: %s", name, error)
             choices = (default, *sizes)

@@ -103,6 +103,8 @@ def test_stale_buffers_of_older_transformers_are_accepted(model_dirs, tmp_path):
         f"{layer}.bias": torch.ones(1, 1, 8, 8, dtype=torch.bool),
         f"{layer}.masked_bias": torch.tensor(-1e9),
         f"{layer}.rotary_emb.inv_freq": torch.ones(4),
+        # The v1 9B was saved with Hugging Face's CLIP, whose position ids are an int64 buffer.
+        "vision_encoder.vision_model.embeddings.position_ids": torch.arange(257)[None],
     }
     loaded = _load(_variant(model_dirs["gptneox"], tmp_path / "m", checkpoint))
     assert loaded.spec.cross_attn_every_n_layers == 2
@@ -120,8 +122,10 @@ def test_tensors_saved_under_the_other_module_path_count(model_dirs, tmp_path):
     assert gate.item() == pytest.approx(0.85)
 
 
-def test_training_checkpoint_layout_is_unwrapped(model_dirs, tmp_path):
-    saved = {"model_state_dict": {f"module.{k}": v for k, v in _checkpoint(model_dirs["llama"]).items()}, "epoch": 3}
+@pytest.mark.parametrize("wrapped", [True, False], ids=["training-save", "plain-ddp-save"])
+def test_training_checkpoint_layout_is_unwrapped(model_dirs, tmp_path, wrapped):
+    tensors = {f"module.{k}": v for k, v in _checkpoint(model_dirs["llama"]).items()}
+    saved = {"model_state_dict": tensors, "epoch": 3} if wrapped else tensors
     loaded = _load(_variant(model_dirs["llama"], tmp_path / "m", saved))
     assert loaded.model.lang_encoder.gated_cross_attn_layers[1].attn_gate.item() == pytest.approx(0.75)
 

@@ -25,10 +25,17 @@ def test_counted_size_is_what_loading_takes(engines, model_dirs, family):
     assert counts.weight_bytes(plan_precision("fp32", CPU)) == _parameter_bytes(engines[family].loaded)
 
 
-def test_counted_int8_size_is_what_loading_takes(model_dirs):
-    loaded = load_model(ModelSettings(name=str(model_dirs["llama"]), precision="int8", device="cpu"))
+@pytest.mark.parametrize("quantize_cross_attention", [True, False])
+def test_counted_int8_size_is_what_loading_takes(model_dirs, quantize_cross_attention):
+    settings = ModelSettings(
+        name=str(model_dirs["llama"]),
+        precision="int8",
+        device="cpu",
+        quantize_cross_attention=quantize_cross_attention,
+    )
+    loaded = load_model(settings)
     counts = parameter_counts(resolve_model(str(model_dirs["llama"])))
-    assert counts.weight_bytes(loaded.precision) == _parameter_bytes(loaded)
+    assert counts.weight_bytes(loaded.precision, quantize_cross_attention) == _parameter_bytes(loaded)
 
 
 def test_released_models_are_counted_without_weights():
