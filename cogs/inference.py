@@ -32,7 +32,7 @@ from cogs.utils.answering import (
 from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.errors import reply_with_error
-from cogs.utils.replies import EMBED_FIELD_LIMIT, clip, defer_answer
+from cogs.utils.replies import EMBED_FIELD_LIMIT, clip, defer_answer, verbatim
 from core.errors import BadImage, BadPrompt, FlamingoError, NotAllowedHere, RequestCancelled, UnknownTask
 from core.generation import GenerationParams, generation_kwargs
 from core.guild_settings import GuildSettings
@@ -290,7 +290,7 @@ class Inference(commands.Cog):
         except UnknownTask:
             full = f"{stored.prompt}\n(task “{stored.task}” has since been deleted)"
         embed = discord.Embed(title="Full prompt", colour=ANSWER_COLOUR)
-        embed.description = clip(f"```\n{full.replace('`', 'ˋ')}\n```", 4000)
+        embed.description = clip(f"```\n{verbatim(full)}\n```", 4000)
         embed.add_field(name="Task", value=stored.task)
         embed.add_field(name="Model", value=short_name(stored.model or self.bot.models.default))
         embed.add_field(name="Parameters", value=clip(_params_text(stored.params), EMBED_FIELD_LIMIT), inline=False)
@@ -311,6 +311,10 @@ class Inference(commands.Cog):
         rules = await self.bot.store.guild_settings(interaction.guild_id) if interaction.guild_id else GuildSettings()
         if rules.report_channel is None:
             raise NotAllowedHere("This server has no report channel; a moderator can set one with /settings reports.")
+        if not self.bot.reports.first(request_id, interaction.user.id):
+            raise NotAllowedHere("You have already reported this answer; the moderators have it.")
+        # Acknowledged first: posting may wait on the report channel's rate limit past Discord's 3 seconds.
+        await interaction.response.defer(ephemeral=True, thinking=True)
         answer = interaction.message.embeds[0] if interaction.message and interaction.message.embeds else None
         embed = discord.Embed(title="Answer reported", colour=discord.Colour.red())
         embed.description = clip(answer.description or "", 2000) if answer else "(no answer text)"
@@ -320,10 +324,11 @@ class Inference(commands.Cog):
         try:
             await self.bot.get_partial_messageable(rules.report_channel).send(embed=embed)
         except discord.HTTPException:
+            self.bot.reports.forget(request_id, interaction.user.id)
             raise NotAllowedHere(
                 "I could not post in this server's report channel; ask a moderator to check /settings reports."
             ) from None
-        await interaction.response.send_message("Thank you; the moderators have been told.", ephemeral=True)
+        await interaction.followup.send("Thank you; the moderators have been told.", ephemeral=True)
 
     async def on_cancel(self, interaction: discord.Interaction, interaction_id: int) -> None:
         waiting = self.bot.waiting.get(interaction_id)

@@ -18,6 +18,7 @@ from cogs.utils.bot import FlamingoBot
 from cogs.utils.checks import ManageServerGroup
 from core.builtin_tasks import DEFAULT_TASK
 from core.config import QuotaSettings
+from core.errors import NotAllowedHere
 from core.guild_settings import GuildSettings, check_quota_change
 from core.model_choice import ModelCatalog, short_name
 
@@ -66,7 +67,10 @@ class ServerSettings(commands.Cog):
         assert guild_id is not None  # the group is guild-only
         changed = await self.bot.store.change_guild_settings(guild_id, change)
         embed = settings_embed(changed, self.bot.settings.quotas, self.bot.models)
-        await interaction.response.send_message(note, embed=embed, ephemeral=True)
+        if interaction.response.is_done():
+            await interaction.followup.send(note, embed=embed, ephemeral=True)
+        else:
+            await interaction.response.send_message(note, embed=embed, ephemeral=True)
 
     @group.command(name="show", description="This server's settings")
     async def show(self, interaction: discord.Interaction) -> None:
@@ -169,6 +173,17 @@ class ServerSettings(commands.Cog):
 
     @group.command(name="reports", description="The channel where reported answers are posted (empty: none)")
     async def reports(self, interaction: discord.Interaction, channel: discord.TextChannel | None = None) -> None:
+        if channel is not None:
+            # Tried now, so a channel the bot cannot post in is found by the moderator setting it,
+            # not by the first member whose report is lost.
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            try:
+                await channel.send("Answers that members report will be posted here.")
+            except discord.HTTPException:
+                raise NotAllowedHere(
+                    f"I cannot post in {channel.mention}; let me view it, send messages and embed links there, "
+                    "then set it again."
+                ) from None
         note = f"Reports go to {channel.mention}." if channel else "Reports are off: the Report button says so."
         await self._change(interaction, lambda r: replace(r, report_channel=channel.id if channel else None), note)
 

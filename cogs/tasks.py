@@ -15,7 +15,7 @@ from discord.ext import commands
 from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.checks import ManageServerGroup
-from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, clip
+from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, EMBED_TOTAL_LIMIT, clip, verbatim
 from core.errors import LimitReached
 from core.images import check_file_size
 from core.task_archive import BadArchive, archive_filename, write_archive
@@ -46,13 +46,17 @@ def task_details_message(details: TaskDetails) -> dict:
     """A header embed, then one embed per example with its image as a thumbnail (at most 10 each)."""
     info = details.info
     header = discord.Embed(title=info.name, description=discord.utils.escape_markdown(info.description), colour=_COLOUR)
-    header.add_field(name="Prompt template", value=f"`{details.prompt_template}`", inline=False)
+    template = clip(verbatim(details.prompt_template), EMBED_FIELD_LIMIT - 2)
+    header.add_field(name="Prompt template", value=f"`{template}`", inline=False)
     origin = "built-in, read-only" if info.builtin else "this server's"
     header.set_footer(text=f"{origin} · {info.example_count} examples")
     embeds, files = [header], []
-    for example in details.examples[:9]:
+    shown = details.examples[:9]
+    # All embeds of a message share Discord's 6000 characters; the examples split what is left.
+    per_example = min(1000, (EMBED_TOTAL_LIMIT - len(header) - 200) // max(1, len(shown)))
+    for example in shown:
         filename = f"example-{example.position}.jpg"
-        embed = discord.Embed(description=clip(f"`{example.text}`", 1000), colour=_COLOUR)
+        embed = discord.Embed(description=f"`{clip(verbatim(example.text), per_example - 2)}`", colour=_COLOUR)
         embed.set_author(name=f"Example {example.position}")
         embed.set_thumbnail(url=f"attachment://{filename}")
         embeds.append(embed)

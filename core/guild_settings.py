@@ -41,6 +41,16 @@ class GuildSettings:
             }
         )
 
+    def forgetting(self, gone: int) -> GuildSettings:
+        """Without a role or channel the server deleted: a required role nobody can have any more
+        would lock out every member, and answers would go to channels that are not there."""
+        return dataclasses.replace(
+            self,
+            answer_channels=self.answer_channels - {gone},
+            required_role=None if self.required_role == gone else self.required_role,
+            report_channel=None if self.report_channel == gone else self.report_channel,
+        )
+
     def allows_channel(self, *channel_ids: int | None) -> bool:
         """A channel, or a thread whose parent, is one of the answer channels (or none are set)."""
         return not self.answer_channels or any(c in self.answer_channels for c in channel_ids if c is not None)

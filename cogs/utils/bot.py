@@ -25,7 +25,7 @@ from core.builtin_tasks import load_builtin_tasks
 from core.config import ConfigError, Settings
 from core.metrics import Metrics, gather_caches, serve_metrics
 from core.model_choice import ModelCatalog
-from core.moderation import AnswerFilter, WordListFilter
+from core.moderation import AnswerFilter, ReportLog, WordListFilter
 from core.quotas import RequestQuotas
 from core.service import ModelService, QueuedRequest, start_model_service
 from core.storage import Storage
@@ -88,6 +88,7 @@ class FlamingoBot(commands.AutoShardedBot):
         # Requests waiting for the model, by interaction id, with who asked: for their cancel buttons.
         self.waiting: dict[int, tuple[QueuedRequest, int]] = {}
         self.answer_filter: AnswerFilter = WordListFilter(settings.privacy.blocked_words)
+        self.reports = ReportLog()
         self._closing: asyncio.Task[None] | None = None
         self.started_up = False  # until then a shutdown has nothing to finish (see main.py's signals)
         self._purging: asyncio.Task[None] | None = None
@@ -176,6 +177,19 @@ class FlamingoBot(commands.AutoShardedBot):
 
     async def on_guild_available(self, guild: discord.Guild) -> None:
         await self.store.mark_present(guild.id)
+
+    async def on_guild_role_delete(self, role: discord.Role) -> None:
+        await self._forget_deleted(role.guild.id, role.id)
+
+    async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
+        await self._forget_deleted(channel.guild.id, channel.id)
+
+    async def _forget_deleted(self, guild_id: int, gone: int) -> None:
+        """A role or channel the server deleted leaves its settings (written only if they named it)."""
+        rules = await self.store.guild_settings(guild_id)
+        if rules.forgetting(gone) != rules:
+            await self.store.change_guild_settings(guild_id, lambda current: current.forgetting(gone))
+            log.info("server %s deleted %s, which its settings named; they no longer do", guild_id, gone)
 
     async def on_guild_remove(self, guild: discord.Guild) -> None:
         """Kept for the grace period in config, so a server that removed the bot by mistake loses nothing."""

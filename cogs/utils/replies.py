@@ -9,12 +9,20 @@ import discord
 log = logging.getLogger(__name__)
 
 PUBLIC_DEFER = "public_defer"
+MESSAGE_LIMIT = 2000
 EMBED_DESCRIPTION_LIMIT = 4096
+EMBED_TOTAL_LIMIT = 6000
 EMBED_FIELD_LIMIT = 1024
 
 
 def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def verbatim(text: str) -> str:
+    """User text for a code span or block: a backtick in it could end the span and let the rest
+    render as markdown (masked links, mentions' look-alikes), so it is swapped for a look-alike."""
+    return text.replace("`", "ˋ")
 
 
 async def defer_answer(interaction: discord.Interaction, *, ephemeral: bool = False) -> None:
@@ -25,7 +33,9 @@ async def defer_answer(interaction: discord.Interaction, *, ephemeral: bool = Fa
 
 
 async def send_private(interaction: discord.Interaction, content: str) -> None:
-    """An ephemeral message, whatever state the interaction is in."""
+    """An ephemeral message, whatever state the interaction is in (and within Discord's length,
+    since errors may quote what the user typed)."""
+    content = clip(content, MESSAGE_LIMIT)
     if not interaction.response.is_done():
         await interaction.response.send_message(content, ephemeral=True)
         return

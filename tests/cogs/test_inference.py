@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from core.generation import GenerationParams
 from tests.conftest import IMAGES
@@ -165,3 +166,17 @@ async def test_the_interaction_is_acknowledged_within_three_seconds_even_when_th
     monkeypatch.setattr(world.bot.service, "submit", slow)
     reply = (await world.reply("comprehend", image=photo(world), max_new_tokens=2))[0]
     assert not reply.ephemeral and reply.embeds
+
+
+async def test_a_report_slowed_by_the_channels_rate_limit_still_thanks_the_reporter(world):
+    """Posting may wait past Discord's 3 seconds to acknowledge a click; the click is acknowledged first."""
+    answer = (await world.reply("comprehend", image=photo(world), max_new_tokens=2))[0]
+    mods = await world.discord.add_channel(world.guild, "mods")
+    await world.bot.store.change_guild_settings(world.guild.id, lambda rules: replace(rules, report_channel=mods.id))
+    world.discord.limits.inject("POST", f"/channels/{mods.id}/messages", status=429, retry_after=3.2)
+    report = next(b["custom_id"] for row in answer.components for b in row["components"] if b["label"] == "Report")
+    payload = world.discord.component_payload(answer, report, world.member, world.guild)
+    world.bot._connection.parse_interaction_create(payload)
+    thanks = await world.discord.record(payload).answered()
+    assert [(m.content, m.ephemeral) for m in thanks] == [("Thank you; the moderators have been told.", True)]
+    assert len(world.discord.channel_messages[mods.id]) == 1

@@ -556,6 +556,26 @@ async def test_descriptions_are_shown_as_written_not_as_markdown(world):
     assert header["description"] == r"\*not bold\* and \_not italic\_"
 
 
+async def test_backticks_in_templates_and_examples_cannot_break_out_of_their_code_spans(world):
+    """Else the rest of the text renders as markdown: a bold notice with a masked link, to every reader."""
+    lure = "` **Official notice:** [verify your account](https://evil.example) `"
+    await create(world, template=f"<image>Pet:{lure}")
+    await add(world, "pets", photo(world), f"<image>Pet:{lure}", 1)
+    header, [example], _ = await shown(world, "pets")
+    swapped = lure.replace("`", "ˋ")
+    assert header["fields"][0]["value"] == f"`<image>Pet:{swapped}`"
+    assert example["description"] == f"`<image>Pet:{swapped}`"
+
+
+async def test_a_very_long_name_is_still_refused_within_discords_message_limit(world):
+    """Discord accepts option values of 6000 characters; a refusal quoting one must still be sendable."""
+    long_name = "x" * 3000
+    message = await private(world, "tasks show", task=long_name)
+    assert len(message) == 2000 and message.startswith("There is no task called “xxx")
+    message = await private(world, "manage-tasks create", world.moderator, name=long_name, template="<image>Pet:")
+    assert len(message) <= 2000
+
+
 async def test_a_long_task_list_is_shortened_to_fit_one_embed(world):
     for index in range(20):
         await create(world, name=f"task-{index:02}", template="<image>X:", description=f"{index:02}" + "d" * 198)

@@ -69,12 +69,22 @@ async def test_report_posts_the_answer_to_the_moderators_channel(scene):
         "This server has no report channel; a moderator can set one with /settings reports."
     )
     mods = await scene.discord.add_channel(scene.guild, "mods")
+    scene.discord.limits.inject("POST", f"/channels/{mods.id}/messages", status=403)
+    refused = (await scene.ask("settings reports", scene.moderator, channel=mods))[0]
+    assert refused.ephemeral and refused.content.startswith(f"I cannot post in <#{mods.id}>; let me view it")
     set_channel = (await scene.ask("settings reports", scene.moderator, channel=mods))[0]
     assert set_channel.content == f"Reports go to <#{mods.id}>."
+    [notice] = await scene.discord.wait_for_channel_messages(mods)
+    assert notice.content == "Answers that members report will be posted here."
 
     thanks = await (await click(scene, answer, "Report")).answered()
     assert [(m.content, m.ephemeral) for m in thanks] == [("Thank you; the moderators have been told.", True)]
-    [report] = await scene.discord.wait_for_channel_messages(mods)
+    again = await (await click(scene, answer, "Report")).answered()
+    assert [(m.content, m.ephemeral) for m in again] == [
+        ("You have already reported this answer; the moderators have it.", True)
+    ]
+    _, report = await scene.discord.wait_for_channel_messages(mods, count=2)
+    assert len(scene.discord.channel_messages[mods.id]) == 2
     embed = report.embeds[0]
     assert embed["title"] == "Answer reported"
     assert embed["description"] == answer.embeds[0]["description"]

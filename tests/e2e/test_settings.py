@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.e2e.conftest import E2E
@@ -65,6 +67,29 @@ async def test_a_required_role_and_private_answers(scene):
     await scene.ask("settings role", scene.moderator)
     await scene.ask("settings answers", scene.moderator, visibility="public")
     assert not (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=2))[0].ephemeral
+
+
+@pytest.mark.settings
+async def test_roles_and_channels_the_server_deletes_leave_its_settings(scene):
+    """A required role nobody can have any more would lock every member out."""
+    artists = await scene.discord.add_role(scene.guild, "artists")
+    bots = await scene.discord.add_channel(scene.guild, "bots")
+    mods = await scene.discord.add_channel(scene.guild, "mods")
+    await scene.ask("settings role", scene.moderator, role=artists)
+    await scene.ask("settings channels", scene.moderator, action="add", channel=bots)
+    await scene.ask("settings reports", scene.moderator, channel=mods)
+    await scene.discord.remove_role(scene.guild, artists)
+    await scene.discord.remove_channel(scene.guild, mods)
+    await scene.discord.remove_channel(scene.guild, bots)
+
+    forgotten = {"Required role": "none", "Answers in": "every channel", "Reports go to": "not set"}
+    for _ in range(50):  # the bot handles the deletions as they arrive, beside the commands
+        shown = _fields((await scene.ask("settings show", scene.moderator))[0])
+        if all(shown[name] == value for name, value in forgotten.items()):
+            break
+        await asyncio.sleep(0.1)
+    assert {name: shown[name] for name in forgotten} == forgotten
+    assert (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=2))[0].embeds
 
 
 @pytest.mark.settings

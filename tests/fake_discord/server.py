@@ -191,6 +191,19 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         await self._guild_event(guild, "GUILD_ROLE_CREATE", {"guild_id": str(guild.id), "role": role.payload()})
         return role
 
+    async def remove_role(self, guild: Guild, role: Role) -> None:
+        """A role deleted: GUILD_ROLE_DELETE, and no member has it any more."""
+        guild.roles.remove(role)
+        for member in guild.members.values():
+            if role.id in member.roles:
+                member.roles.remove(role.id)
+        await self._guild_event(guild, "GUILD_ROLE_DELETE", {"guild_id": str(guild.id), "role_id": str(role.id)})
+
+    async def remove_channel(self, guild: Guild, channel: Channel) -> None:
+        """A channel deleted: CHANNEL_DELETE with its last state."""
+        guild.channels.remove(channel)
+        await self._guild_event(guild, "CHANNEL_DELETE", channel.payload())
+
     def bot_user(self) -> dict[str, Any]:
         return user_payload(self.bot_user_id, "flamingo", bot=True) | {"verified": True, "flags": 0}
 
