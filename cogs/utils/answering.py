@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import discord
 
-from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, clip
+from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, PLACE_SHOWN, clip
 from core.engine import Answer
 from core.errors import NotAllowedHere
 from core.guild_settings import GuildSettings
@@ -110,6 +110,7 @@ async def wait_in_line(
                 await interaction.edit_original_response(
                     content=queue_notice(position, eta(position)), view=cancel_view
                 )
+                interaction.extras[PLACE_SHOWN] = True
                 shown, last_edit = position, now
     finally:
         answer.cancel()

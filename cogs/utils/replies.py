@@ -9,6 +9,7 @@ import discord
 log = logging.getLogger(__name__)
 
 PUBLIC_DEFER = "public_defer"
+PLACE_SHOWN = "place_shown"  # the deferred response shows a place in line and a Cancel button
 MESSAGE_LIMIT = 2000
 EMBED_DESCRIPTION_LIMIT = 4096
 EMBED_TOTAL_LIMIT = 6000
@@ -39,9 +40,13 @@ async def send_private(interaction: discord.Interaction, content: str) -> None:
     if not interaction.response.is_done():
         await interaction.response.send_message(content, ephemeral=True)
         return
+    place_shown = interaction.extras.pop(PLACE_SHOWN, False)
     if interaction.extras.pop(PUBLIC_DEFER, False):
         try:
             await interaction.delete_original_response()
         except discord.HTTPException:
             log.debug("could not delete the deferred response", exc_info=True)
+    elif place_shown:  # private: the place in line becomes the message, its Cancel button gone
+        await interaction.edit_original_response(content=content, embeds=[], attachments=[], view=None)
+        return
     await interaction.followup.send(content, ephemeral=True)

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from core.generation import GenerationParams
 from tests.conftest import IMAGES
+from tests.gated_engine import GatedEngine
 
 
 def photo(world, name: str = "chelsea"):
@@ -180,3 +181,25 @@ async def test_a_report_slowed_by_the_channels_rate_limit_still_thanks_the_repor
     thanks = await world.discord.record(payload).answered()
     assert [(m.content, m.ephemeral) for m in thanks] == [("Thank you; the moderators have been told.", True)]
     assert len(world.discord.channel_messages[mods.id]) == 1
+
+
+async def test_a_private_request_refused_while_waiting_replaces_its_place_in_line(world):
+    """With private answers, its place in line and Cancel button would stay beside the refusal."""
+    await world.bot.store.change_guild_settings(world.guild.id, lambda rules: replace(rules, ephemeral_answers=True))
+    gated = GatedEngine(world.bot.service.engine)
+    world.bot.service.engine = gated
+    running = world.invoke("comprehend", image=photo(world), max_new_tokens=2)
+    await asyncio.to_thread(gated.started.wait, 30)
+    queued = world.invoke("comprehend", image=photo(world, "rocket"), max_new_tokens=2)
+    await queued.wait_for(lambda: bool(queued.original and queued.original.content.startswith("⏳")), timeout=30)
+    world.bot.request_shutdown()  # queued requests are told to try later
+    gated.gate.set()
+    await running.answered()
+    await queued.wait_for(lambda: not queued.original.content.startswith("⏳"), timeout=30)
+    for _ in range(100):  # closed before anything is asserted, so a failure cannot leave it closing
+        if world.bot.is_closed():
+            break
+        await asyncio.sleep(0.05)
+    assert [message.content for message in queued.visible] == ["The bot is shutting down; your request was not run."]
+    assert queued.original.ephemeral and queued.original.components == []
+    assert world.bot.is_closed()
