@@ -208,7 +208,9 @@ class Inference(commands.Cog):
         if not images:
             raise BadImage("That message has no attached image; I only read attached images, not links.")
         check_file_size(images[0].size, self.bot.settings.images)
-        await self._answer(interaction, _reader(images[:1]), None, None, GenerationParams(), "asked")
+        await self._answer(
+            interaction, _reader(images[:1]), None, None, GenerationParams(), "asked", origin=message.author.id
+        )
 
     async def _answer(
         self,
@@ -219,8 +221,12 @@ class Inference(commands.Cog):
         params: GenerationParams,
         heading: str,
         rerolled: StoredRequest | None = None,
+        origin: int | None = None,
     ) -> None:
-        """Answer and post; a re-roll keeps the model of the answer it re-rolls, while that is offered."""
+        """Answer and post; a re-roll keeps the model of the answer it re-rolls, while that is offered.
+
+        ``origin``: whose images these are, when not the asker's (see ``StoredRequest.origin_user_id``).
+        """
         bot, settings = self.bot, self.bot.settings
         guild_id = interaction.guild_id
         rules = await bot.store.guild_settings(guild_id) if guild_id is not None else GuildSettings()
@@ -257,7 +263,7 @@ class Inference(commands.Cog):
             images = [await asyncio.to_thread(encode_for_storage, picture) for picture in pictures]
             channel_id = interaction.channel_id or 0
             request_id = await bot.store.save_request(
-                guild_id, channel_id, interaction.user.id, chosen.name, text, params, images, other
+                guild_id, channel_id, interaction.user.id, chosen.name, text, params, images, other, origin
             )
         withheld = not is_nsfw(interaction) and bot.answer_filter.blocks(answer.text)
         shown = Shown(WITHHELD if withheld else answer.text, chosen.name, text, answer, images, other)
@@ -280,7 +286,8 @@ class Inference(commands.Cog):
         stored = await self._request(interaction, request_id)
         params = reroll_params(stored.params)
         images = _stored(stored.images)
-        await self._answer(interaction, images, stored.prompt, stored.task, params, "re-rolled", stored)
+        origin = stored.origin_user_id or stored.user_id
+        await self._answer(interaction, images, stored.prompt, stored.task, params, "re-rolled", stored, origin)
 
     async def on_prompt(self, interaction: discord.Interaction, request_id: int) -> None:
         stored = await self._request(interaction, request_id)
@@ -300,8 +307,8 @@ class Inference(commands.Cog):
         stored = await self.bot.store.get_request(request_id, interaction.guild_id)
         # Once the request is gone (forgotten, or past its retention), Discord still knows who asked.
         metadata = interaction.message.interaction_metadata if interaction.message else None
-        owner = stored.user_id if stored is not None else metadata.user.id if metadata else None
-        if interaction.user.id != owner and not interaction.permissions.manage_messages:
+        owners = stored.owners if stored is not None else {metadata.user.id} if metadata else set()
+        if interaction.user.id not in owners and not interaction.permissions.manage_messages:
             raise NotAllowedHere("Only the person who asked, or a member with Manage Messages, can delete this answer.")
         await interaction.response.defer()
         await interaction.delete_original_response()

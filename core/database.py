@@ -79,6 +79,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     ("ALTER TABLE guild_settings ADD COLUMN model TEXT",),
     ("ALTER TABLE requests ADD COLUMN model TEXT",),
+    (
+        "ALTER TABLE requests ADD COLUMN origin_user_id INTEGER",
+        "CREATE INDEX requests_by_origin ON requests (origin_user_id)",
+    ),
 )
 
 

@@ -28,6 +28,13 @@ class StoredRequest:
     images: tuple[bytes, ...]
     created_at: datetime
     model: str | None = None  # a model the server chose; None: the bot's default
+    # Whose images and prompt these are when not the asker's: a re-roll of their answer, or
+    # "Describe image" on their message. Theirs to delete too, and /forget-me deletes them.
+    origin_user_id: int | None = None
+
+    @property
+    def owners(self) -> set[int]:
+        return {self.user_id} | ({self.origin_user_id} if self.origin_user_id is not None else set())
 
 
 class RequestStore(Database):
@@ -41,13 +48,16 @@ class RequestStore(Database):
         params: GenerationParams,
         images: Sequence[bytes],
         model: str | None = None,
+        origin_user_id: int | None = None,
     ) -> int:
         params_json = json.dumps(dataclasses.asdict(params))
+        origin = None if origin_user_id == user_id else origin_user_id
         async with self._transaction() as db:
             cursor = await db.execute(
-                """INSERT INTO requests (guild_id, channel_id, user_id, task, prompt, params, created_at, model)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                (guild_id or 0, channel_id, user_id, task, prompt, params_json, now_text(), model),
+                """INSERT INTO requests
+                (guild_id, channel_id, user_id, task, prompt, params, created_at, model, origin_user_id)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (guild_id or 0, channel_id, user_id, task, prompt, params_json, now_text(), model, origin),
             )
             request_id = cursor.lastrowid
             assert request_id is not None
@@ -77,6 +87,7 @@ class RequestStore(Database):
             images=tuple(image[0] for image in images),
             created_at=datetime.fromisoformat(row["created_at"]),
             model=row["model"],
+            origin_user_id=row["origin_user_id"],
         )
 
     async def delete_request(self, request_id: int, guild_id: int | None) -> None:
@@ -91,6 +102,9 @@ class RequestStore(Database):
             return cursor.rowcount
 
     async def delete_user_requests(self, user_id: int) -> int:
+        """Theirs, and others' that hold their images and prompt (re-rolls, descriptions of their messages)."""
         async with self._transaction() as db:
-            cursor = await db.execute("DELETE FROM requests WHERE user_id = ?", (user_id,))
+            cursor = await db.execute(
+                "DELETE FROM requests WHERE user_id = ? OR origin_user_id = ?", (user_id, user_id)
+            )
             return cursor.rowcount

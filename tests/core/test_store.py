@@ -63,13 +63,13 @@ def raw(path: Path, sql: str) -> list[tuple]:
 async def test_open_creates_the_directory_and_migrates_an_empty_file_to_the_latest_version(db_path: Path) -> None:
     store = await TaskStore.open(db_path)
     await store.close()
-    assert store.schema_version == len(MIGRATIONS) == 5
-    assert raw(db_path, "PRAGMA user_version") == [(5,)]
+    assert store.schema_version == len(MIGRATIONS) == 6
+    assert raw(db_path, "PRAGMA user_version") == [(6,)]
     assert raw(db_path, "PRAGMA journal_mode") == [("wal",)]
     tables = {row[0] for row in raw(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert tables == {"tasks", "examples", "guild_settings", "requests", "request_images", "departed_guilds"}
     reopened = await TaskStore.open(db_path)
-    assert reopened.schema_version == 5
+    assert reopened.schema_version == 6
     await reopened.close()
 
 

@@ -7,6 +7,8 @@ import asyncio
 import pytest
 
 from tests.e2e.conftest import E2E
+from tests.e2e.test_answers import click
+from tests.fake_discord.payloads import user_payload
 from tests.fake_discord.server import Message
 
 pytestmark = E2E
@@ -44,6 +46,19 @@ def _message_with(scene, attachments) -> dict:
     message = scene.discord.message_json(Message(987654321, content="look at this"))
     message["attachments"] = [attachment.payload() for attachment in attachments]
     return message
+
+
+@pytest.mark.context_menu
+async def test_describing_someones_picture_leaves_it_theirs_to_delete_and_forget(scene):
+    poster = scene.discord.add_member(scene.guild, "poster")
+    message = _message_with(scene, [scene.photo("coffee")])
+    message["author"] = user_payload(poster.id, poster.name)
+    payload = scene.discord.context_menu_payload("Describe image", scene.reader, scene.guild, message)
+    described = (await (await scene.discord.send_interaction(payload)).answered())[0]
+    forgot = (await scene.ask("forget-me", poster))[0]
+    assert forgot.content.startswith("Deleted 1 stored request ")
+    gone = (await (await click(scene, described, "Prompt")).answered())[0]
+    assert gone.content.startswith("This answer's request is no longer stored")
 
 
 @pytest.mark.context_menu

@@ -62,6 +62,22 @@ async def test_an_answer_stays_its_askers_to_delete_after_they_are_forgotten(sce
 
 
 @pytest.mark.privacy
+async def test_a_re_roll_of_someones_answer_stays_theirs_to_delete_and_forget(scene):
+    """Someone else's re-roll holds the asker's picture and prompt: theirs to delete, and /forget-me takes it."""
+    bob = scene.discord.add_member(scene.guild, "bob")
+    mine = (await scene.ask("comprehend", image=scene.photo(), prompt="<image>My note:", max_new_tokens=2))[0]
+    bobs = (await (await click(scene, mine, "Re-roll", bob)).answered())[0]
+    again = (await (await click(scene, bobs, "Re-roll", bob)).answered())[0]  # a re-roll of the re-roll
+    deleted = await click(scene, bobs, "Delete")
+    await deleted.wait_for(lambda: bobs.deleted, timeout=30)
+
+    forgot = (await scene.ask("forget-me"))[0]
+    assert forgot.content.startswith("Deleted 2 stored requests")  # hers, and the re-roll of the re-roll
+    gone = (await (await click(scene, again, "Prompt", bob)).answered())[0]
+    assert gone.content.startswith("This answer's request is no longer stored")
+
+
+@pytest.mark.privacy
 async def test_report_posts_the_answer_to_the_moderators_channel(scene):
     answer = (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=3))[0]
     nowhere = await (await click(scene, answer, "Report")).answered()
