@@ -138,34 +138,25 @@ def build_language_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast
             **ids,
         )
         return GPTNeoXForCausalLM(config)
+    # MPT's names for the sizes, shared by the native class and MPT-1B's hub code.
+    mpt_sizes = {
+        "vocab_size": vocab,
+        "d_model": spec.hidden,
+        "n_heads": spec.heads,
+        "n_layers": spec.layers,
+        "max_seq_len": spec.max_positions,
+        **ids,
+    }
+    ratio = max(1, spec.intermediate // spec.hidden)
     if spec.family == "mpt":
         # MPT-7B ships with use_cache false; keep that so tests see the shipped behaviour.
-        config = MptConfig(
-            vocab_size=vocab,
-            d_model=spec.hidden,
-            n_heads=spec.heads,
-            n_layers=spec.layers,
-            expansion_ratio=max(1, spec.intermediate // spec.hidden),
-            max_seq_len=spec.max_positions,
-            use_cache=False,
-            **ids,
-        )
-        return MptForCausalLM(config)
+        return MptForCausalLM(MptConfig(**mpt_sizes, expansion_ratio=ratio, use_cache=False))
     if spec.family == REMOTE_CODE_FAMILY:
         from tests.tiny_mosaic_gpt.mosaic_gpt import MosaicGPT, MosaicGPTConfig
 
         MosaicGPTConfig.register_for_auto_class()  # save_pretrained writes the code beside the weights
         MosaicGPT.register_for_auto_class("AutoModelForCausalLM")
-        config = MosaicGPTConfig(
-            d_model=spec.hidden,
-            n_heads=spec.heads,
-            n_layers=spec.layers,
-            mlp_ratio=max(1, spec.intermediate // spec.hidden),
-            max_seq_len=spec.max_positions,
-            vocab_size=vocab,
-            **ids,
-        )
-        return MosaicGPT(config)
+        return MosaicGPT(MosaicGPTConfig(**mpt_sizes, mlp_ratio=ratio))
     raise ValueError(f"unknown family {spec.family!r}; choose one of {', '.join(FAMILIES)}")
 
 
