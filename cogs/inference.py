@@ -318,10 +318,10 @@ class Inference(commands.Cog):
         rules = await self.bot.store.guild_settings(interaction.guild_id) if interaction.guild_id else GuildSettings()
         if rules.report_channel is None:
             raise NotAllowedHere("This server has no report channel; a moderator can set one with /settings reports.")
-        if not self.bot.reports.first(request_id, interaction.user.id):
-            raise NotAllowedHere("You have already reported this answer; the moderators have it.")
         # Acknowledged first: posting may wait on the report channel's rate limit past Discord's 3 seconds.
         await interaction.response.defer(ephemeral=True, thinking=True)
+        if not self.bot.reports.first(request_id, interaction.user.id):
+            raise NotAllowedHere("You have already reported this answer; the moderators have it.")
         answer = interaction.message.embeds[0] if interaction.message and interaction.message.embeds else None
         embed = discord.Embed(title="Answer reported", colour=discord.Colour.red())
         embed.description = clip(answer.description or "", 2000) if answer else "(no answer text)"
@@ -330,11 +330,13 @@ class Inference(commands.Cog):
         embed.set_footer(text=f"request {request_id}")
         try:
             await self.bot.get_partial_messageable(rules.report_channel).send(embed=embed)
-        except discord.HTTPException:
+        except BaseException as error:  # not posted, whatever stopped it: the member may report again
             self.bot.reports.forget(request_id, interaction.user.id)
-            raise NotAllowedHere(
-                "I could not post in this server's report channel; ask a moderator to check /settings reports."
-            ) from None
+            if isinstance(error, discord.HTTPException):
+                raise NotAllowedHere(
+                    "I could not post in this server's report channel; ask a moderator to check /settings reports."
+                ) from None
+            raise
         await interaction.followup.send("Thank you; the moderators have been told.", ephemeral=True)
 
     async def on_cancel(self, interaction: discord.Interaction, interaction_id: int) -> None:

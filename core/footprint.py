@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from core.errors import ModelLoadError
-from core.loading import PrecisionPlan, load_tokenizer
+from core.loading import PrecisionPlan, decoder_layers_attr, load_tokenizer, with_embedding_accessors
 from core.registry import ModelSpec
 
 _GPT_NEOX_VOCAB = 50277 + 3  # gpt-neox-20b's tokenizer plus <|endofchunk|>, <image>, <PAD>
@@ -117,7 +117,10 @@ def _language_model(spec: ModelSpec) -> PreTrainedModel:
         lm = AutoModelForCausalLM.from_config(config())
     else:  # a local directory: its own config and tokenizer, with the tokens Flamingo adds
         config = AutoConfig.from_pretrained(spec.lang_encoder_path, trust_remote_code=spec.trust_remote_code)
-        lm = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+        if hasattr(config, "init_device"):  # MosaicGPT places its layers there, whatever device is current
+            config.init_device = "meta"
+        built = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+        lm = with_embedding_accessors(built)
         vocab = len(load_tokenizer(spec))
     lm.resize_token_embeddings(vocab, mean_resizing=False)
     return lm
@@ -133,8 +136,8 @@ def parameter_counts(spec: ModelSpec) -> ParameterCounts:
             lm = _language_model(spec)
             vision = open_clip.create_model(spec.clip_vision_encoder_path, device="meta", load_weights=False).visual
             width = open_clip.get_model_config(spec.clip_vision_encoder_path)["vision_cfg"]["width"]
-            hidden = lm.config.hidden_size
-            layers = lm.config.num_hidden_layers
+            hidden = lm.get_input_embeddings().weight.shape[1]
+            layers = len(lm.get_submodule(decoder_layers_attr(lm)))
             perceiver = PerceiverResampler(dim=width)
             cross = nn.ModuleList(
                 GatedCrossAttentionBlock(dim=hidden, dim_visual=width)

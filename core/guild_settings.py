@@ -42,12 +42,13 @@ class GuildSettings:
         )
 
     def forgetting(self, gone: int) -> GuildSettings:
-        """Without a role or channel the server deleted: a required role nobody can have any more
-        would lock out every member, and answers would go to channels that are not there."""
+        """Without a channel the server deleted. A restriction never lifts by itself: the last
+        answer channel stays (an empty list means every channel), and so does a deleted required
+        role, until a moderator changes them; the refusals say why."""
+        channels = self.answer_channels - {gone}
         return dataclasses.replace(
             self,
-            answer_channels=self.answer_channels - {gone},
-            required_role=None if self.required_role == gone else self.required_role,
+            answer_channels=channels or self.answer_channels,
             report_channel=None if self.report_channel == gone else self.report_channel,
         )
 

@@ -62,13 +62,24 @@ def answer_message(user: discord.abc.User, shown: Shown, heading: str) -> dict:
 def check_rules(interaction: discord.Interaction, rules: GuildSettings) -> None:
     """The server's answer channels and required role; members who manage the server are never locked out."""
     channel = interaction.channel
+    # Only a guild the bot has cached knows its channels and roles (interaction.guild may be a stub).
+    guild = interaction.client.get_guild(interaction.guild_id) if interaction.guild_id else None
     if not rules.allows_channel(interaction.channel_id, getattr(channel, "parent_id", None)):
+        if guild is not None and all(guild.get_channel(c) is None for c in rules.answer_channels):
+            raise NotAllowedHere(
+                "The channels this server lets me answer in were deleted; a moderator can set others with "
+                "/settings channels."
+            )
         listed = ", ".join(f"<#{channel_id}>" for channel_id in sorted(rules.answer_channels))
         raise NotAllowedHere(f"I only answer in {listed} on this server.")
     if rules.required_role is None or interaction.permissions.manage_guild:
         return
     roles = getattr(interaction.user, "roles", [])
     if all(role.id != rules.required_role for role in roles):
+        if guild is not None and guild.get_role(rules.required_role) is None:
+            raise NotAllowedHere(
+                "The role this server requires was deleted; a moderator can choose another with /settings role."
+            )
         raise NotAllowedHere(f"You need the <@&{rules.required_role}> role to use the bot on this server.")
 
 

@@ -178,14 +178,11 @@ class FlamingoBot(commands.AutoShardedBot):
     async def on_guild_available(self, guild: discord.Guild) -> None:
         await self.store.mark_present(guild.id)
 
-    async def on_guild_role_delete(self, role: discord.Role) -> None:
-        await self._forget_deleted(role.guild.id, role.id)
-
     async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
         await self._forget_deleted(channel.guild.id, channel.id)
 
     async def _forget_deleted(self, guild_id: int, gone: int) -> None:
-        """A role or channel the server deleted leaves its settings (written only if they named it)."""
+        """A channel the server deleted leaves its settings (written only if they named it)."""
         rules = await self.store.guild_settings(guild_id)
         if rules.forgetting(gone) != rules:
             await self.store.change_guild_settings(guild_id, lambda current: current.forgetting(gone))

@@ -19,7 +19,7 @@ def _parameter_bytes(loaded) -> int:
     return sum(p.nelement() * p.element_size() for p in {id(p): p for p in loaded.model.parameters()}.values())
 
 
-@pytest.mark.parametrize("family", ["llama", "gptneox", "mpt"])
+@pytest.mark.parametrize("family", ["llama", "gptneox", "mpt", "mosaicgpt"])
 def test_counted_size_is_what_loading_takes(engines, model_dirs, family):
     counts = parameter_counts(resolve_model(str(model_dirs[family])))
     assert counts.weight_bytes(plan_precision("fp32", CPU)) == _parameter_bytes(engines[family].loaded)

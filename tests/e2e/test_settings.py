@@ -70,26 +70,38 @@ async def test_a_required_role_and_private_answers(scene):
 
 
 @pytest.mark.settings
-async def test_roles_and_channels_the_server_deletes_leave_its_settings(scene):
-    """A required role nobody can have any more would lock every member out."""
+async def test_deleted_roles_and_channels_keep_restricting_and_the_refusals_say_why(scene):
+    """Deleting #bots must not open every channel, nor deleting the required role let everyone in;
+    a deleted report channel is simply no longer set."""
     artists = await scene.discord.add_role(scene.guild, "artists")
     bots = await scene.discord.add_channel(scene.guild, "bots")
+    chat = await scene.discord.add_channel(scene.guild, "chat")
     mods = await scene.discord.add_channel(scene.guild, "mods")
     await scene.ask("settings role", scene.moderator, role=artists)
-    await scene.ask("settings channels", scene.moderator, action="add", channel=bots)
+    for channel in (bots, chat):
+        await scene.ask("settings channels", scene.moderator, action="add", channel=channel)
     await scene.ask("settings reports", scene.moderator, channel=mods)
+    for channel in (mods, chat, bots):
+        await scene.discord.remove_channel(scene.guild, channel)
     await scene.discord.remove_role(scene.guild, artists)
-    await scene.discord.remove_channel(scene.guild, mods)
-    await scene.discord.remove_channel(scene.guild, bots)
 
-    forgotten = {"Required role": "none", "Answers in": "every channel", "Reports go to": "not set"}
+    settled = {"Answers in": f"<#{bots.id}>", "Reports go to": "not set"}
     for _ in range(50):  # the bot handles the deletions as they arrive, beside the commands
         shown = _fields((await scene.ask("settings show", scene.moderator))[0])
-        if all(shown[name] == value for name, value in forgotten.items()):
+        if all(shown[name] == value for name, value in settled.items()):
             break
         await asyncio.sleep(0.1)
-    assert {name: shown[name] for name in forgotten} == forgotten
-    assert (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=2))[0].embeds
+    assert {name: shown[name] for name in settled} == settled
+    assert shown["Required role"] == f"<@&{artists.id}>"
+    refused = (await scene.ask("comprehend", image=scene.photo()))[0]
+    assert refused.content == (
+        "The channels this server lets me answer in were deleted; a moderator can set others with /settings channels."
+    )
+    await scene.ask("settings channels", scene.moderator, action="clear")
+    refused = (await scene.ask("comprehend", image=scene.photo()))[0]
+    assert refused.content == (
+        "The role this server requires was deleted; a moderator can choose another with /settings role."
+    )
 
 
 @pytest.mark.settings
