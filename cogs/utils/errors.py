@@ -33,7 +33,7 @@ def explain(error: Exception) -> str | None:
         return "This command only works in a server."
     if isinstance(cause, NotOwner):
         return "Only the bot's owner can use this command."
-    if isinstance(cause, app_commands.CommandNotFound):
+    if isinstance(cause, app_commands.CommandNotFound | app_commands.CommandSignatureMismatch):
         return "This command is being updated; try again in a moment."
     if isinstance(cause, app_commands.TransformerError):
         return f"“{cause.value}” is not a valid value for that option."

@@ -203,3 +203,12 @@ async def test_a_private_request_refused_while_waiting_replaces_its_place_in_lin
     assert [message.content for message in queued.visible] == ["The bot is shutting down; your request was not run."]
     assert queued.original.ephemeral and queued.original.components == []
     assert world.bot.is_closed()
+
+
+async def test_a_command_out_of_step_with_discord_says_it_is_being_updated(world):
+    """A client still showing an older version of the command (before a sync) gets a plain answer."""
+    payload = world.discord.interaction_payload("comprehend", world.member, world.guild, image=photo(world))
+    payload["data"]["options"] = []  # from before the image was required, say
+    world.bot._connection.parse_interaction_create(payload)
+    [message] = await world.discord.record(payload).answered()
+    assert message.ephemeral and message.content == "This command is being updated; try again in a moment."
