@@ -119,7 +119,12 @@ def _upright(image: Image.Image) -> Image.Image:
 
 
 def load_image(data: bytes, settings: ImageSettings) -> Image.Image:
-    """Decode an upload: first frame, EXIF orientation applied, transparency on white, RGB, bounded size."""
+    """Decode an upload: first frame, EXIF orientation applied, transparency on white, RGB, bounded size.
+
+    A strip whose long side would stay above ``STORED_LONG_SIDE`` keeps only its centre
+    (``crop_extreme_aspect``), which holds all the encoder reads: a 1024×39062 picture would
+    otherwise be held whole, 120 MB, while its request waits in line.
+    """
     image = _open(data, settings)
     try:
         if image.format in ("JPEG", "MPO"):
@@ -132,6 +137,8 @@ def load_image(data: bytes, settings: ImageSettings) -> Image.Image:
         raise BadImage(_too_many_pixels(settings, "far more than that")) from None
     except _DECODE_ERRORS:
         raise BadImage("The image file is damaged or incomplete; try saving it again.") from None
+    if max(image.size) * min(1.0, settings.max_side_kept / min(image.size)) > STORED_LONG_SIDE:
+        image = crop_extreme_aspect(image)
     return _shrink(image, settings.max_side_kept)
 
 
