@@ -231,11 +231,12 @@ class Inference(commands.Cog):
         guild_id = interaction.guild_id
         rules = await bot.store.guild_settings(guild_id) if guild_id is not None else GuildSettings()
         check_rules(interaction, rules)
-        with bot.quotas.admit(guild_id, interaction.user.id, rules.quotas(settings.quotas)):
+        with bot.quotas.admit(guild_id, interaction.user.id, rules.quotas(settings.quotas)) as admission:
             await defer_answer(interaction, ephemeral=rules.ephemeral_answers)
             chosen = await bot.library.resolve(guild_id, task)
             text = prompt if prompt is not None else chosen.prompt_template
             pictures = [await asyncio.to_thread(load_image, data, settings.images) for data in await read_images()]
+            admission.spent()
             if settings.logging.log_prompts:
                 log.info("request by %s in %s: %r", interaction.user.id, guild_id, text)
             started = time.monotonic()

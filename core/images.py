@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import warnings
 
 import numpy as np
@@ -23,6 +24,9 @@ _ACCEPTED_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 _WHITE = (255, 255, 255)
 # A centred crop wider than this keeps everything the vision encoder's centre crop sees.
 MAX_ASPECT_RATIO = 2.0
+# Decodes at once, across the process: each may briefly take about 12 bytes per pixel (460 MB at
+# the 40-megapixel limit), and many requests, imports and example uploads can arrive together.
+_DECODING = threading.BoundedSemaphore(4)
 # What Pillow raises on malformed files besides its own errors: any of them means a bad upload.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, KeyError, IndexError, struct.error)
 
@@ -126,6 +130,11 @@ def load_image(data: bytes, settings: ImageSettings) -> Image.Image:
     otherwise be held whole, 120 MB, while its request waits in line.
     """
     image = _open(data, settings)
+    with _DECODING:
+        return _decoded(image, settings)
+
+
+def _decoded(image: Image.Image, settings: ImageSettings) -> Image.Image:
     try:
         if image.format in ("JPEG", "MPO"):
             # Let libjpeg decode at a reduced scale when the image is far larger than we keep.

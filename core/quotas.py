@@ -32,6 +32,18 @@ def _wait(seconds: float) -> str:
 
 
 @dataclass
+class Admission:
+    """A request let in. Once the bot has spent real work on it (fetched and decoded its images),
+    ``spent()`` says so: a refusal after that still costs the cooldown, or the request could be
+    sent again at once, over and over, only to make the bot decode."""
+
+    work_spent: bool = False
+
+    def spent(self) -> None:
+        self.work_spent = True
+
+
+@dataclass
 class _Place:
     """A server's requests, or one person's in direct messages, where there is no server to share."""
 
@@ -52,12 +64,13 @@ class RequestQuotas:
         self._pruned = clock()
 
     @contextmanager
-    def admit(self, guild_id: int | None, user_id: int, limits: QuotaSettings | None = None) -> Iterator[None]:
+    def admit(self, guild_id: int | None, user_id: int, limits: QuotaSettings | None = None) -> Iterator[Admission]:
         """Hold a place for one request while it runs, or raise ``TooManyRequests`` saying when to retry.
 
         ``limits``: the server's own, where it set stricter ones than the config's. A request refused
         on the way (a ``FlamingoError``: a bad image or prompt, a busy or failed model) gives back
-        what it took, so that fixing a typo does not cost a cooldown or a share of the server's quota.
+        its share of the server's quota, and its cooldown too unless work was spent on it
+        (``Admission.spent``), so that fixing a typo costs nothing.
         """
         now = self.clock()
         self._prune(now)
@@ -81,12 +94,13 @@ class RequestQuotas:
         self._last_request[user_id] = now
         recent.append(now)
         place.in_flight += 1
+        admission = Admission()
         try:
-            yield
+            yield admission
         except FlamingoError:
             if now in recent:  # (unless it has aged out of the period meanwhile)
                 recent.remove(now)
-            if self._last_request.get(user_id) == now:
+            if self._last_request.get(user_id) == now and not admission.work_spent:
                 if last is None:
                     del self._last_request[user_id]
                 else:

@@ -174,12 +174,7 @@ class TaskStore(Database):
     ) -> None:
         """``examples``: image, text and who added it (kept through copies, for /forget-me)."""
         async with self._transaction() as db:
-            if (existing := await self._find(guild_id, name)) is not None:
-                raise TaskExists(f"This server already has a task called “{existing['name']}”.")
-            if await self._count_tasks(guild_id) >= max_tasks:
-                raise LimitReached(
-                    f"This server already has {max_tasks} tasks, the most it may have; delete one first."
-                )
+            await self._check_room(guild_id, name, max_tasks)
             now = now_text()
             cursor = await db.execute(
                 """INSERT INTO tasks (guild_id, name, name_key, description, prompt_template, created_by,
@@ -192,6 +187,18 @@ class TaskStore(Database):
                 _INSERT_EXAMPLE,
                 [_example_row(task_id, i, *example) for i, example in enumerate(examples, 1)],
             )
+
+    async def check_room(self, guild_id: int, name: str, *, max_tasks: int) -> None:
+        """Whether a task of this name could be created now: asked before costly work (decoding an
+        import's images); ``create_task`` checks again as it writes."""
+        async with self._lock:
+            await self._check_room(guild_id, name, max_tasks)
+
+    async def _check_room(self, guild_id: int, name: str, max_tasks: int) -> None:
+        if (existing := await self._find(guild_id, name)) is not None:
+            raise TaskExists(f"This server already has a task called “{existing['name']}”.")
+        if await self._count_tasks(guild_id) >= max_tasks:
+            raise LimitReached(f"This server already has {max_tasks} tasks, the most it may have; delete one first.")
 
     async def update_task(
         self,

@@ -172,6 +172,7 @@ class TaskLibrary:
         except FlamingoError as error:
             raise BadArchive(f"The task file cannot be imported: {error}") from None
         self._check_fits(new_name, texts, template)
+        await self.store.check_room(guild_id, new_name, max_tasks=self.limits.max_tasks_per_guild)
         images = await asyncio.to_thread(self._stored_images, archive.examples)
         examples = [(image, text, author_id) for image, text in zip(images, texts, strict=True)]
         return await self._save_new(guild_id, new_name, description, template, author_id, examples)

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
+import time
 import tracemalloc
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+import core.images
 from core.config import PROJECT_ROOT, ImageSettings
 from core.errors import BadImage
 from core.images import MAX_ASPECT_RATIO, STORED_LONG_SIDE, crop_extreme_aspect, encode_for_storage, load_image
@@ -688,3 +692,26 @@ def test_malformed_exif_is_ignored_not_refused() -> None:
     image = load_image(data, DEFAULT)
     assert image.size == (32, 16)
     assert image.getpixel((0, 0)) == RED
+
+
+def test_at_most_four_images_decode_at_once_across_the_process(monkeypatch) -> None:
+    """Each decode may briefly take ~12 bytes per pixel; requests, imports and uploads arrive together."""
+    running, most = 0, 0
+    lock = threading.Lock()
+    upright = core.images._upright
+
+    def slow_upright(image: Image.Image) -> Image.Image:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return upright(image)
+
+    monkeypatch.setattr(core.images, "_upright", slow_upright)
+    data = encode(halves(), "PNG")
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        images = list(pool.map(lambda _: load_image(data, DEFAULT), range(10)))
+    assert most == 4 and all(image.size == (32, 16) for image in images)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.config import QuotaSettings
-from core.errors import BadImage
+from core.errors import BadImage, BadPrompt
 from core.guild_settings import MAX_COOLDOWN_SECONDS
 from core.quotas import PRUNE_SECONDS, RequestQuotas, TooManyRequests
 
@@ -70,6 +70,20 @@ def test_a_refused_request_gives_back_its_cooldown_and_its_share_of_the_quota():
     with pytest.raises(TooManyRequests, match="asking too fast"), quotas.admit(5, 7):
         pass
     with pytest.raises(TooManyRequests, match="used its 1 requests"), quotas.admit(5, 8):
+        pass
+
+
+def test_a_request_refused_after_its_images_were_decoded_keeps_its_cooldown_not_its_share():
+    """Else a prompt sure to be refused (too many tokens) could be sent again at once, forever,
+    each time making the bot fetch and decode four large images."""
+    clock = Clock()
+    quotas = RequestQuotas(QuotaSettings(user_cooldown_seconds=10, guild_per_period=1), clock)
+    with pytest.raises(BadPrompt), quotas.admit(5, 7) as admission:
+        admission.spent()
+        raise BadPrompt("The prompt with the task's 8 examples is 3000 tokens")
+    with pytest.raises(TooManyRequests, match="asking too fast"), quotas.admit(5, 7):
+        pass
+    with quotas.admit(5, 8):  # the server's one request is still there
         pass
 
 

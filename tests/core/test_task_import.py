@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+import core.tasks
 from core.errors import TaskExists
 from core.store import TaskStore
 from core.task_archive import ArchivedExample, BadArchive, read_archive, write_archive
@@ -36,6 +37,16 @@ async def test_an_exported_task_imports_into_another_server_unchanged(library):
     assert [e.text for e in away.examples] == [e.text for e in home.examples]
     assert [e.image[:2] for e in away.examples] == [b"\xff\xd8", b"\xff\xd8"]
     assert await library.import_task(AWAY, data, author_id=5, name="pets-2") == "pets-2"
+
+
+async def test_an_import_under_a_taken_name_is_refused_before_its_images_are_decoded(library, monkeypatch):
+    """Nothing is stored by a refused import, so it could be repeated at will: it must cost little."""
+    upload = write_archive(await library.export(HOME, "pets"), NOW)
+    decoded = []
+    monkeypatch.setattr(core.tasks, "load_image", lambda *args: decoded.append(args))
+    with pytest.raises(TaskExists):
+        await library.import_task(HOME, upload, author_id=2)
+    assert decoded == []
 
 
 async def test_builtin_tasks_export_too(library):
