@@ -10,12 +10,13 @@ answers are the same token for token; requests reach them as bytes with content 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from PIL import Image
 
@@ -29,6 +30,7 @@ from core.errors import (
     ModelLoadError,
     RequestCancelled,
     RequestExpired,
+    ServiceBusy,
     ServiceClosed,
 )
 from core.generation import GenerationParams
@@ -36,7 +38,7 @@ from core.loading import load_text_side
 from core.model_choice import ModelCatalog
 from core.prompts import Task
 from core.ray_replica import FlamingoReplica, deployment_options
-from core.wire import WireRequest, to_wire
+from core.wire import WireEncoder, WireRequest
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +70,19 @@ class RemoteTicket:
     position: int | None = None
 
     def __init__(
-        self, service: RayInferenceService, request: WireRequest, deadline: float | None, model: str | None
+        self, service: RayInferenceService, encode: Callable[[], WireRequest], deadline: float | None, model: str | None
     ) -> None:
         self._service = service
-        self._request = request
+        self._encode = encode
         self._model = model
-        self._response = service.send(request, model)
+        self._response: object | None = None
+        self._cancelled = False
         self._deadline = deadline
 
     def cancel(self) -> None:
-        self._response.cancel()  # type: ignore[attr-defined]
+        self._cancelled = True
+        if self._response is not None:
+            self._response.cancel()  # type: ignore[attr-defined]
 
     async def answer(self) -> Answer:
         """The answer; past the deadline the request is withdrawn, as the local line does with late ones.
@@ -88,13 +93,18 @@ class RemoteTicket:
         self._service.in_flight += 1
         timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
         try:
+            # Off the event loop: a request's images and its task's examples are PNG-encoded here.
+            request = await asyncio.to_thread(self._encode)
+            if self._cancelled:
+                raise RequestCancelled("The request was cancelled before it ran.")
+            self._response = self._service.send(request, self._model)
             try:
                 return await self._service.unless_lost(self._response, timeout)
             except Exception as error:
                 if not _replica_lost(error):
                     raise
                 log.warning("a replica was lost during a request; retrying it once elsewhere")
-                self._response = self._service.send(self._request, self._model)
+                self._response = self._service.send(request, self._model)
                 return await self._service.unless_lost(self._response, timeout)
         except TimeoutError:
             self.cancel()
@@ -183,6 +193,7 @@ class RayInferenceService:
         self.rules = rules[None]
         self._rules = rules
         self._handle = handle
+        self._wire = WireEncoder()
         self.in_flight = 0
         self._closed = False
         self.reachable = True
@@ -238,7 +249,14 @@ class RayInferenceService:
         if model not in self._rules:
             raise BadParameter("This bot does not offer that model; a server admin can choose another in /settings.")
         self._rules[model].check_text(prompt, len(images))
-        return RemoteTicket(self, to_wire(list(images), prompt, task, params), deadline, model)
+        ray = self.settings.ray
+        room = self.settings.service.max_queue + ray.max_ongoing_requests * (ray.max_replicas or ray.replicas)
+        if self.in_flight >= room:  # Serve's own queue is unbounded: the bot keeps the line's length
+            raise ServiceBusy(
+                f"The model is busy ({self.in_flight} requests are already in line); try again in a minute."
+            )
+        encode = functools.partial(self._wire.request, list(images), prompt, task, params)
+        return RemoteTicket(self, encode, deadline, model)
 
     def send(self, request: WireRequest, model: str | None = None) -> object:
         """To a replica; Serve's multiplexing prefers one that holds ``model`` (None: the default)."""

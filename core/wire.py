@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 from dataclasses import dataclass
 
 from PIL import Image
@@ -54,8 +55,30 @@ class WireRequest:
     params: GenerationParams
 
 
-def to_wire(images: list[Image.Image], prompt: str, task: Task, params: GenerationParams) -> WireRequest:
-    return WireRequest(tuple(WireImage.of(image) for image in images), prompt, WireTask.of(task), params)
+class WireEncoder:
+    """The bot's side: a keyed task's examples are encoded once (its key changes with every edit),
+    not for every request: eight large examples take about a second to encode."""
+
+    def __init__(self, task_bytes: int = 256 * 2**20) -> None:
+        self._tasks: LruCache[str, WireTask] = LruCache(
+            task_bytes, lambda task: sum(len(image.png) for image, _ in task.examples)
+        )
+        self._lock = threading.Lock()  # requests are encoded on worker threads
+
+    def request(self, images: list[Image.Image], prompt: str, task: Task, params: GenerationParams) -> WireRequest:
+        return WireRequest(tuple(WireImage.of(image) for image in images), prompt, self._task(task), params)
+
+    def _task(self, task: Task) -> WireTask:
+        if task.key is None:
+            return WireTask.of(task)
+        with self._lock:
+            known = self._tasks.get(task.key)
+        if known is not None:
+            return known
+        encoded = WireTask.of(task)
+        with self._lock:
+            self._tasks.put(task.key, encoded)
+        return encoded
 
 
 class WireDecoder:

@@ -9,7 +9,7 @@ import pytest
 from core.generation import GenerationParams
 from core.prompts import Task
 from core.ray_routing import TaskAffinityRouter, affinity_key, rendezvous_score
-from core.wire import to_wire
+from core.wire import WireEncoder
 
 pytestmark = pytest.mark.ray
 
@@ -30,7 +30,7 @@ def _router(lengths: dict[str, int | None], max_imbalance: int = 4) -> TaskAffin
 
 
 def _pending(key: str | None, model: str = "") -> SimpleNamespace:
-    request = to_wire([], "Output:", Task("t", "", "<image>Output:", key=key), GenerationParams())
+    request = WireEncoder().request([], "Output:", Task("t", "", "<image>Output:", key=key), GenerationParams())
     return SimpleNamespace(args=[request], metadata=SimpleNamespace(multiplexed_model_id=model))
 
 

@@ -9,12 +9,14 @@ import pytest
 
 from core.generation import GenerationParams
 from core.prompts import Example, Task
-from core.wire import WireDecoder, to_wire
+from core.wire import WireDecoder, WireEncoder
 
 
 def test_images_arrive_pixel_for_pixel_and_tasks_are_kept_by_key(photos):
     task = Task("pets", "d", "<image>Pet:", (Example(photos["chelsea"], "<image>Pet:a cat"),), key="guild/1/pets/x/2")
-    wire = to_wire([photos["rocket"]], "<image>Pet:", task, GenerationParams(max_new_tokens=3))
+    encoder = WireEncoder()
+    wire = encoder.request([photos["rocket"]], "<image>Pet:", task, GenerationParams(max_new_tokens=3))
+    assert encoder.request([photos["coffee"]], "<image>Pet:", task, GenerationParams()).task is wire.task  # once
     decoder = WireDecoder()
     images, prompt, arrived, params = decoder.request(wire)
     assert np.array_equal(np.asarray(images[0]), np.asarray(photos["rocket"]))
@@ -29,7 +31,8 @@ def test_images_arrive_pixel_for_pixel_and_tasks_are_kept_by_key(photos):
 
 
 def test_a_damaged_image_is_refused(photos):
-    wire = to_wire([photos["rocket"]], "<image>Output:", Task("t", "", "<image>Output:"), GenerationParams())
+    task = Task("t", "", "<image>Output:")
+    wire = WireEncoder().request([photos["rocket"]], "<image>Output:", task, GenerationParams())
     damaged = dataclasses.replace(wire.images[0], png=wire.images[0].png[:-10] + b"0123456789")
     with pytest.raises(ValueError, match="does not match its hash"):
         WireDecoder().image(damaged)
