@@ -13,6 +13,7 @@ from core.errors import BadParameter
 from core.generation import GenerationParams
 from core.guild_settings import GuildSettings, check_quota_change
 from core.moderation import WordListFilter
+from core.request_store import DELETE_BATCH
 from core.storage import Storage
 
 GUILD, OTHER = 1, 2
@@ -153,6 +154,18 @@ async def test_forgetting_a_user_removes_their_requests_and_examples_and_renumbe
     assert after.revision > before.revision
     assert await storage.get_request(mine, GUILD) is not None
     assert await storage.count_user_examples(42) == 0
+
+
+async def test_many_requests_are_deleted_a_batch_per_transaction(storage, monkeypatch):
+    """One transaction for all of them held every server's reads and writes for seconds."""
+    for _ in range(2 * DELETE_BATCH + 3):
+        await storage.save_request(GUILD, 3, 42, "cats", "<image>Cat:", GenerationParams(), [b"x" * 1000])
+    transactions = []
+    transaction = storage._transaction
+    monkeypatch.setattr(storage, "_transaction", lambda: transactions.append(1) or transaction())
+    assert await storage.delete_user_requests(42) == 2 * DELETE_BATCH + 3
+    assert len(transactions) == 3
+    assert await storage.delete_user_requests(42) == 0
 
 
 @pytest.mark.parametrize("moves", [[], [(4, 1)], [(1, 4)], [(3, 1), (4, 2)]], ids=str)
