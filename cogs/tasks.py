@@ -86,7 +86,7 @@ class Tasks(commands.Cog):
     @app_commands.autocomplete(task=task_names)
     async def show(self, interaction: discord.Interaction, task: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        details = await self.library.details(interaction.guild_id, task)
+        details = await self.library.preview(interaction.guild_id, task)
         await interaction.followup.send(**task_details_message(details), ephemeral=True)
 
     @browse.command(name="export", description="A task as one file, to import into another server")

@@ -175,6 +175,23 @@ STORED_LONG_SIDE = 4096
 _STORED_QUALITY = 90
 
 
+# The longest side of an example's image as /tasks show sends it (it is shown as a thumbnail).
+PREVIEW_SIDE = 640
+
+
+def preview(stored: bytes) -> bytes:
+    """A stored image (ours, JPEG) within ``PREVIEW_SIDE``: /tasks show sends every example's to
+    whoever asks, and eight tall examples were 13 MB a time."""
+    image = Image.open(io.BytesIO(stored))
+    if max(image.size) <= PREVIEW_SIDE:
+        return stored
+    image.draft("RGB", (PREVIEW_SIDE, PREVIEW_SIDE))
+    image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=_STORED_QUALITY)
+    return buffer.getvalue()
+
+
 def encode_for_storage(image: Image.Image) -> bytes:
     """A task example or a request's image as saved: JPEG, short side at most twice the encoder's
     224 pixels, long side at most ``STORED_LONG_SIDE``."""

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 from core.builtin_tasks import DEFAULT_TASK
 from core.config import Settings
 from core.errors import BadImage, BadName, FlamingoError, LimitReached, ReadOnlyTask, TaskChanged, UnknownTask
-from core.images import encode_for_storage, load_image
+from core.images import encode_for_storage, load_image, preview
 from core.prompts import Example, Task, assemble_prompt
 from core.store import StoredTask, TaskStore
 from core.task_archive import ArchivedExample, ArchiveLimits, BadArchive, TaskArchive, read_archive
@@ -129,6 +129,13 @@ class TaskLibrary:
         info = TaskInfo(stored.name, stored.description, len(stored.examples), builtin=False)
         views = [ExampleView(e.position, e.text, e.image) for e in stored.examples]
         return TaskDetails(info, stored.prompt_template, views)
+
+    async def preview(self, guild_id: int | None, name: str) -> TaskDetails:
+        """As ``details``, with images no larger than a preview needs: for showing, not exporting."""
+        details = await self.details(guild_id, name)
+        images = await asyncio.to_thread(lambda: [preview(example.image) for example in details.examples])
+        examples = [replace(example, image=image) for example, image in zip(details.examples, images, strict=True)]
+        return replace(details, examples=examples)
 
     # Changing
 

@@ -576,6 +576,20 @@ async def test_a_very_long_name_is_still_refused_within_discords_message_limit(w
     assert len(message) <= 2000
 
 
+async def test_show_sends_previews_of_large_examples_not_the_stored_images(world):
+    """Anyone may ask, as often as they like: eight tall examples were 13 MB a time."""
+    buffer = io.BytesIO()
+    Image.effect_noise((900, 3000), 60).convert("RGB").save(buffer, format="PNG")
+    tall = world.discord.upload("tall.png", buffer.getvalue(), "image/png")
+    await create(world)
+    await add(world, "pets", tall, "<image>Pet:A tall one.", 1)
+    stored = (await world.bot.store.get_task(world.guild.id, "pets")).examples[0].image
+    _, _, files = await shown(world, "pets")
+    assert picture_size(stored) == (448, 1493)
+    assert picture_size(files["example-1.jpg"]) == (192, 640)
+    assert len(files["example-1.jpg"]) < len(stored) / 4
+
+
 async def test_a_long_task_list_is_shortened_to_fit_one_embed(world):
     for index in range(20):
         await create(world, name=f"task-{index:02}", template="<image>X:", description=f"{index:02}" + "d" * 198)
