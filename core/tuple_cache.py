@@ -33,6 +33,8 @@ class TupleCacheView:
         return self.layers
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < self.layers:
+            raise IndexError(index)  # so that iterating over it ends, as over a list
         past = self._past(index)
         if past is None:
             self.known[index] = 0
