@@ -36,7 +36,7 @@ from cogs.utils.replies import EMBED_FIELD_LIMIT, clip, defer_answer, verbatim
 from core.errors import BadImage, BadPrompt, FlamingoError, NotAllowedHere, RequestCancelled, UnknownTask
 from core.generation import GenerationParams, generation_kwargs
 from core.guild_settings import GuildSettings
-from core.images import check_file_size, encode_for_storage, load_image
+from core.images import check_file_size, check_image, encode_for_storage, load_image
 from core.model_choice import short_name
 from core.prompts import assemble_prompt
 from core.request_store import StoredRequest
@@ -235,8 +235,11 @@ class Inference(commands.Cog):
             await defer_answer(interaction, ephemeral=rules.ephemeral_answers)
             chosen = await bot.library.resolve(guild_id, task)
             text = prompt if prompt is not None else chosen.prompt_template
-            pictures = [await asyncio.to_thread(load_image, data, settings.images) for data in await read_images()]
-            admission.spent()
+            uploads = await read_images()
+            for data in uploads:  # refusals from the header alone cost no cooldown
+                check_image(data, settings.images)
+            admission.spent()  # decoding is work a refusal must not let be repeated at once
+            pictures = [await asyncio.to_thread(load_image, data, settings.images) for data in uploads]
             if settings.logging.log_prompts:
                 log.info("request by %s in %s: %r", interaction.user.id, guild_id, text)
             started = time.monotonic()

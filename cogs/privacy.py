@@ -55,17 +55,18 @@ class Privacy(commands.Cog):
 
     @app_commands.command(name="forget-me", description="Delete everything this bot stores about you")
     async def forget_me(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)  # deleting many requests takes a while
         user_id = interaction.user.id
         requests = await self.bot.store.delete_user_requests(user_id)
         await self.bot.store.forget_task_authorship(user_id)
         examples = await self.bot.store.count_user_examples(user_id)
         done = f"Deleted {_plural(requests, 'stored request')} (the inputs behind your answers' buttons)."
         if not examples:
-            await interaction.response.send_message(f"{done} Nothing else is stored about you.", ephemeral=True)
+            await interaction.followup.send(f"{done} Nothing else is stored about you.", ephemeral=True)
             return
         view = discord.ui.View(timeout=None)
         view.add_item(ForgetExamplesButton(user_id))
-        await interaction.response.send_message(
+        await interaction.followup.send(
             f"{done} You also added {_plural(examples, 'example')} to servers' tasks; "
             "deleting them changes those tasks for everyone. Delete them?",
             view=view,

@@ -122,6 +122,11 @@ def _upright(image: Image.Image) -> Image.Image:
         return image
 
 
+def check_image(data: bytes, settings: ImageSettings) -> None:
+    """What can be told from the header alone (format, size, pixel count), before any decoding."""
+    _open(data, settings)
+
+
 def load_image(data: bytes, settings: ImageSettings) -> Image.Image:
     """Decode an upload: first frame, EXIF orientation applied, transparency on white, RGB, bounded size.
 

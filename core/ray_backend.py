@@ -91,12 +91,14 @@ class RemoteTicket:
         which the router sends to a live replica. A lost cluster ends the wait at once.
         """
         self._service.in_flight += 1
-        timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
         try:
             # Off the event loop: a request's images and its task's examples are PNG-encoded here.
             request = await asyncio.to_thread(self._encode)
             if self._cancelled:
                 raise RequestCancelled("The request was cancelled before it ran.")
+            if not self._service.reachable:  # lost while encoding: it would wait for its deadline
+                raise ClusterUnavailable(_CLUSTER_LOST)
+            timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
             self._response = self._service.send(request, self._model)
             try:
                 return await self._service.unless_lost(self._response, timeout)
@@ -111,6 +113,8 @@ class RemoteTicket:
             raise RequestExpired("Your request waited too long for the model; please ask again.") from None
         except (asyncio.CancelledError, ClusterUnavailable):
             self.cancel()
+            raise
+        except FlamingoError:
             raise
         except Exception as error:
             raise _user_error(error) from None
@@ -270,6 +274,8 @@ class RayInferenceService:
         entry = (loop, lost)
         with self._losses_lock:
             self._losses.add(entry)
+        if not self.reachable:  # lost before it was registered: no watcher will say so again
+            lost.set_result(None)
         answer = asyncio.ensure_future(response)  # type: ignore[arg-type]
         try:
             done, _ = await asyncio.wait({answer, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

@@ -61,7 +61,7 @@ class WireEncoder:
 
     def __init__(self, task_bytes: int = 256 * 2**20) -> None:
         self._tasks: LruCache[str, WireTask] = LruCache(
-            task_bytes, lambda task: sum(len(image.png) for image, _ in task.examples)
+            task_bytes, lambda task: 1 + sum(len(image.png) for image, _ in task.examples)
         )
         self._lock = threading.Lock()  # requests are encoded on worker threads
 

@@ -205,6 +205,27 @@ async def test_a_private_request_refused_while_waiting_replaces_its_place_in_lin
     assert world.bot.is_closed()
 
 
+async def test_a_refusal_after_decoding_began_keeps_the_cooldown_one_from_the_header_does_not(world, monkeypatch):
+    """A valid picture beside a truncated one was refused as damaged after decoding, and could be
+    sent again at once, over and over; a file that is plainly not an image costs nothing."""
+    monkeypatch.setattr(world.bot.settings.quotas, "user_cooldown_seconds", 30)
+    not_an_image = world.discord.upload("notes.png", b"these are notes, not a picture", "image/png")
+    for _ in range(2):
+        message = await private_reply(world, image=not_an_image)
+        assert message.startswith("This file is not an image I can read")
+    whole = (IMAGES / "rocket.jpg").read_bytes()
+    truncated = world.discord.upload("half.jpg", whole[: len(whole) // 2], "image/jpeg")
+    two = {"image": photo(world), "image2": truncated, "prompt": "<image>and<image>Output:"}
+    assert (await private_reply(world, **two)).startswith("The image file is damaged or incomplete")
+    assert (await private_reply(world, **two)).startswith("You are asking too fast")
+
+
+async def private_reply(world, **options) -> str:
+    [message] = await world.reply("comprehend", **options)
+    assert message.ephemeral
+    return message.content
+
+
 async def test_a_command_out_of_step_with_discord_says_it_is_being_updated(world):
     """A client still showing an older version of the command (before a sync) gets a plain answer."""
     payload = world.discord.interaction_payload("comprehend", world.member, world.guild, image=photo(world))

@@ -10,7 +10,7 @@ import pytest
 import core.wire
 from core.config import RaySettings, ServiceSettings
 from core.engine import Answer
-from core.errors import ServiceBusy
+from core.errors import ClusterUnavailable, RequestCancelled, ServiceBusy
 from core.generation import GenerationParams
 from core.prompts import Example, Task
 from core.ray_backend import RayInferenceService
@@ -80,3 +80,29 @@ async def test_the_line_kept_for_the_cluster_is_bounded(service, photos):
     for answering in waiting:
         answering.cancel()
     await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_a_cluster_lost_or_a_cancel_while_encoding_ends_the_request_at_once(service, photos, monkeypatch):
+    """Sent anyway, it waited for its deadline; a cancel was reported as the server failing."""
+    task = Task("t", "", "<image>Output:")
+    encode = service._wire.request
+
+    def lost_meanwhile(*args):
+        service.reachable = False
+        return encode(*args)
+
+    monkeypatch.setattr(service._wire, "request", lost_meanwhile)
+    with pytest.raises(ClusterUnavailable):
+        await service.submit([photos["rocket"]], "<image>Output:", task, GenerationParams(), deadline=None).answer()
+    service.reachable = True
+    tickets = []
+
+    def cancelled_meanwhile(*args):
+        tickets[0].cancel()
+        return encode(*args)
+
+    monkeypatch.setattr(service._wire, "request", cancelled_meanwhile)
+    tickets.append(service.submit([photos["rocket"]], "<image>Output:", task, GenerationParams()))
+    with pytest.raises(RequestCancelled):
+        await tickets[0].answer()
+    assert service._handle.sent == [] and service.in_flight == 0
