@@ -39,7 +39,7 @@ from core.guild_settings import GuildSettings
 from core.images import check_file_size, check_image, encode_for_storage, load_image
 from core.model_choice import short_name
 from core.prompts import assemble_prompt
-from core.request_store import StoredRequest
+from core.request_store import RequestBudget, StoredRequest
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,16 @@ class Inference(commands.Cog):
             images = [await asyncio.to_thread(encode_for_storage, picture) for picture in pictures]
             channel_id = interaction.channel_id or 0
             request_id = await bot.store.save_request(
-                guild_id, channel_id, interaction.user.id, chosen.name, text, params, images, other, origin
+                guild_id,
+                channel_id,
+                interaction.user.id,
+                chosen.name,
+                text,
+                params,
+                images,
+                other,
+                origin,
+                budget=RequestBudget.of(settings.storage),
             )
         withheld = not is_nsfw(interaction) and bot.answer_filter.blocks(answer.text)
         shown = Shown(WITHHELD if withheld else answer.text, chosen.name, text, answer, images, other)
@@ -281,7 +290,8 @@ class Inference(commands.Cog):
         if stored is None:
             hours = self.bot.settings.privacy.request_retention_hours
             raise RequestCancelled(
-                f"This answer's request is no longer stored (requests are kept {hours:g} hours, or were deleted)."
+                f"This answer's request is no longer stored: it was deleted, or expired after {hours:g} hours "
+                "(sooner when the stored images of this server's requests reach their limit)."
             )
         return stored
 

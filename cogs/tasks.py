@@ -18,8 +18,9 @@ from cogs.utils.checks import ManageServerGroup
 from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, EMBED_TOTAL_LIMIT, clip, verbatim
 from core.errors import LimitReached
 from core.images import check_file_size
+from core.store import byte_size
 from core.task_archive import BadArchive, archive_filename, write_archive
-from core.tasks import TaskDetails, TaskInfo, TaskLibrary
+from core.tasks import LibraryUsage, TaskDetails, TaskInfo, TaskLibrary
 
 _COLOUR = discord.Colour.blurple()
 
@@ -30,7 +31,7 @@ def _line(task: TaskInfo) -> str:
     return f"**{task.name}** ({kind}, {count}): {discord.utils.escape_markdown(task.description)}"
 
 
-def task_list_embed(tasks: list[TaskInfo], default: str) -> discord.Embed:
+def task_list_embed(tasks: list[TaskInfo], default: str, usage: LibraryUsage | None) -> discord.Embed:
     lines: list[str] = []
     for index, task in enumerate(tasks):
         line = _line(task) + (" · *default*" if task.name == default else "")
@@ -39,7 +40,13 @@ def task_list_embed(tasks: list[TaskInfo], default: str) -> discord.Embed:
             lines.append(f"… and {rest} more")
             break
         lines.append(line)
-    return discord.Embed(title="Tasks", description="\n".join(lines), colour=_COLOUR)
+    embed = discord.Embed(title="Tasks", description="\n".join(lines), colour=_COLOUR)
+    if usage is not None:
+        embed.set_footer(
+            text=f"This server's tasks: {usage.tasks} of {usage.max_tasks} · their images: "
+            f"{byte_size(usage.image_bytes)} of {byte_size(usage.max_image_bytes)}"
+        )
+    return embed
 
 
 def task_details_message(details: TaskDetails) -> dict:
@@ -79,7 +86,8 @@ class Tasks(commands.Cog):
     async def list_tasks(self, interaction: discord.Interaction) -> None:
         tasks = await self.library.list_tasks(interaction.guild_id)
         default = await self.library.default_task_name(interaction.guild_id)
-        await interaction.response.send_message(embed=task_list_embed(tasks, default), ephemeral=True)
+        usage = await self.library.usage(interaction.guild_id) if interaction.guild_id is not None else None
+        await interaction.response.send_message(embed=task_list_embed(tasks, default, usage), ephemeral=True)
 
     @browse.command(name="show", description="A task's prompt and examples")
     @app_commands.describe(task="The task's name")
@@ -98,8 +106,8 @@ class Tasks(commands.Cog):
         data = await asyncio.to_thread(write_archive, archive, discord.utils.utcnow())
         if len(data) > interaction.filesize_limit:
             raise LimitReached(
-                f"Task “{archive.name}” makes a {len(data) / 2**20:.1f} MiB file; Discord lets me attach at most "
-                f"{interaction.filesize_limit / 2**20:.1f} MiB here. Remove an example or two and try again."
+                f"Task “{archive.name}” makes a {byte_size(len(data))} file; Discord lets me attach at most "
+                f"{byte_size(interaction.filesize_limit)} here. Remove an example or two and try again."
             )
         count = len(archive.examples)
         await interaction.followup.send(

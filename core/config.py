@@ -189,10 +189,30 @@ class LimitSettings(Section):
     max_description_chars: int = Field(200, gt=0)
     max_template_chars: int = Field(400, gt=0)
     max_import_bytes: int = Field(25 * 1024 * 1024, gt=0, description="A task file /manage-tasks import reads.")
+    max_task_images_mb: float = Field(64, gt=0, description="All of one server's task images together.")
+
+    @property
+    def max_task_image_bytes(self) -> int:
+        return round(self.max_task_images_mb * 2**20)
 
 
 class StorageSettings(Section):
     database: Path = Field(Path("data/flamingo.db"), description="Relative paths are relative to the project.")
+    request_images_mb: float = Field(
+        4096, gt=0, description="Answered requests' images, all together; beyond it the oldest are deleted early."
+    )
+    request_images_per_server_mb: float = Field(
+        256, gt=0, description="One server's (in direct messages, one user's); beyond it that server's oldest go."
+    )
+
+    @model_validator(mode="after")
+    def _share_within_total(self) -> StorageSettings:
+        if self.request_images_per_server_mb > self.request_images_mb:
+            raise ValueError(
+                f"request_images_per_server_mb {self.request_images_per_server_mb:g} is above "
+                f"request_images_mb {self.request_images_mb:g}"
+            )
+        return self
 
     @property
     def database_path(self) -> Path:

@@ -83,6 +83,35 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE requests ADD COLUMN origin_user_id INTEGER",
         "CREATE INDEX requests_by_origin ON requests (origin_user_id)",
     ),
+    (
+        # Request ids never come back: a button on an old answer names its request by id, and SQLite
+        # reuses the largest id once its row is deleted (every id, once retention has emptied the table).
+        "CREATE TABLE request_ids (last INTEGER NOT NULL)",
+        "INSERT INTO request_ids SELECT coalesce(max(id), 0) FROM requests",
+        # Stored images' bytes per place (a server, or a user's direct messages), kept by triggers on
+        # every insert and delete, so the storage budget never sums the whole table.
+        "ALTER TABLE requests ADD COLUMN image_bytes INTEGER NOT NULL DEFAULT 0",
+        """UPDATE requests SET image_bytes =
+            (SELECT coalesce(sum(length(image)), 0) FROM request_images WHERE request_id = requests.id)""",
+        """CREATE TABLE request_bytes (
+            guild_id INTEGER NOT NULL,
+            user_id INTEGER NOT NULL,
+            bytes INTEGER NOT NULL,
+            PRIMARY KEY (guild_id, user_id)
+        )""",
+        """INSERT INTO request_bytes SELECT guild_id, CASE WHEN guild_id = 0 THEN user_id ELSE 0 END, sum(image_bytes)
+            FROM requests GROUP BY 1, 2""",
+        """CREATE TRIGGER request_bytes_added AFTER INSERT ON requests BEGIN
+            INSERT INTO request_bytes VALUES
+                (new.guild_id, CASE WHEN new.guild_id = 0 THEN new.user_id ELSE 0 END, new.image_bytes)
+            ON CONFLICT DO UPDATE SET bytes = bytes + excluded.bytes;
+        END""",
+        """CREATE TRIGGER request_bytes_removed AFTER DELETE ON requests BEGIN
+            UPDATE request_bytes SET bytes = bytes - old.image_bytes
+            WHERE guild_id = old.guild_id AND user_id = CASE WHEN old.guild_id = 0 THEN old.user_id ELSE 0 END;
+        END""",
+        "CREATE INDEX requests_by_guild ON requests (guild_id, id)",
+    ),
 )
 
 

@@ -12,11 +12,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from core.config import StorageSettings
 from core.database import Database, now_text
 from core.generation import GenerationParams
 
 # Requests deleted per transaction (each with up to four stored images).
 DELETE_BATCH = 25
+
+
+@dataclass(frozen=True)
+class RequestBudget:
+    """Bytes of stored request images, beyond which the oldest requests go before their retention ends.
+
+    ``per_place`` bounds one server's (or one user's direct messages'), so a busy or abusive server
+    loses its own oldest buttons first; ``total`` bounds them all, whatever the number of servers.
+    """
+
+    total: int
+    per_place: int
+
+    @classmethod
+    def of(cls, storage: StorageSettings) -> RequestBudget:
+        return cls(round(storage.request_images_mb * 2**20), round(storage.request_images_per_server_mb * 2**20))
+
+
+def _place(guild_id: int, user_id: int) -> tuple[str, tuple[int, ...]]:
+    """Where a request counts: its server, or in direct messages (guild 0) the user."""
+    if guild_id:
+        return "guild_id = ?", (guild_id,)
+    return "guild_id = 0 AND user_id = ?", (user_id,)
 
 
 @dataclass(frozen=True)
@@ -52,23 +76,61 @@ class RequestStore(Database):
         images: Sequence[bytes],
         model: str | None = None,
         origin_user_id: int | None = None,
+        *,
+        budget: RequestBudget,
     ) -> int:
+        """Store a request, then make room within ``budget``: at most a batch of the oldest go here,
+        so a lowered budget never holds the database for long; ``purge`` deletes the rest."""
         params_json = json.dumps(dataclasses.asdict(params))
         origin = None if origin_user_id == user_id else origin_user_id
+        guild_id = guild_id or 0
         async with self._transaction() as db:
-            cursor = await db.execute(
-                """INSERT INTO requests
-                (guild_id, channel_id, user_id, task, prompt, params, created_at, model, origin_user_id)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (guild_id or 0, channel_id, user_id, task, prompt, params_json, now_text(), model, origin),
+            request_id = await self._int("SELECT last + 1 FROM request_ids")
+            await db.execute("UPDATE request_ids SET last = ?", (request_id,))
+            await db.execute(
+                """INSERT INTO requests (id, guild_id, channel_id, user_id, task, prompt, params, created_at, model,
+                origin_user_id, image_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    request_id,
+                    guild_id,
+                    channel_id,
+                    user_id,
+                    task,
+                    prompt,
+                    params_json,
+                    now_text(),
+                    model,
+                    origin,
+                    sum(map(len, images)),
+                ),
             )
-            request_id = cursor.lastrowid
-            assert request_id is not None
             await db.executemany(
                 "INSERT INTO request_images (request_id, position, image) VALUES (?, ?, ?)",
                 [(request_id, position, image) for position, image in enumerate(images, 1)],
             )
+            where, parameters = _place(guild_id, user_id)
+            evicted = await self._evict(where, parameters, budget.per_place, keep=request_id, limit=DELETE_BATCH)
+            await self._evict("1", (), budget.total, keep=request_id, limit=DELETE_BATCH - evicted)
         return request_id
+
+    async def _evict(self, where: str, parameters: tuple[int, ...], allowed: int, *, keep: int = 0, limit: int) -> int:
+        """Delete the oldest requests matching ``where`` (never ``keep``) until their images fit in
+        ``allowed`` bytes, at most ``limit`` of them; inside the caller's transaction."""
+        stored = await self._int(f"SELECT coalesce(sum(bytes), 0) FROM request_bytes WHERE {where}", parameters)
+        if stored <= allowed or limit <= 0:
+            return 0
+        rows = await self._db.execute_fetchall(
+            f"SELECT id, image_bytes FROM requests WHERE {where} AND id != ? ORDER BY id LIMIT ?",
+            (*parameters, keep, limit),
+        )
+        doomed = []
+        for request_id, size in rows:
+            if stored <= allowed:
+                break
+            doomed.append(request_id)
+            stored -= size
+        await self._db.executemany("DELETE FROM requests WHERE id = ?", [(request_id,) for request_id in doomed])
+        return len(doomed)
 
     async def get_request(self, request_id: int, guild_id: int | None) -> StoredRequest | None:
         """The request, only if it was made in the same server: ids are guessable, servers are not."""
@@ -105,6 +167,26 @@ class RequestStore(Database):
     async def delete_user_requests(self, user_id: int) -> int:
         """Theirs, and others' that hold their images and prompt (re-rolls, descriptions of their messages)."""
         return await self._delete_in_batches("user_id = ? OR origin_user_id = ?", (user_id, user_id))
+
+    async def trim_requests(self, budget: RequestBudget) -> int:
+        """The oldest requests beyond ``budget``, a batch per transaction (after the budget was lowered,
+        gigabytes may be over it): first each place's beyond its share, then everyone's beyond the total."""
+        async with self._lock:
+            over = await self._db.execute_fetchall(
+                "SELECT guild_id, user_id FROM request_bytes WHERE bytes > ?", (budget.per_place,)
+            )
+        places = [_place(guild_id, user_id) for guild_id, user_id in over]
+        deleted = 0
+        for where, parameters, allowed in [*((w, p, budget.per_place) for w, p in places), ("1", (), budget.total)]:
+            while True:
+                async with self._transaction():
+                    evicted = await self._evict(where, parameters, allowed, limit=DELETE_BATCH)
+                deleted += evicted
+                if evicted < DELETE_BATCH:
+                    break
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM request_bytes WHERE bytes = 0")
+        return deleted
 
     async def _delete_in_batches(self, where: str, parameters: tuple[object, ...]) -> int:
         """A batch of requests per transaction: every server's reads and writes wait while one runs,

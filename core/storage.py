@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from core.config import PrivacySettings
 from core.database import now_text
 from core.guild_settings import GuildSettingsStore
-from core.request_store import RequestStore
+from core.request_store import RequestBudget, RequestStore
 from core.store import TaskStore
 
 _DEPARTED = "INSERT INTO departed_guilds (guild_id, left_at) VALUES (?, ?) ON CONFLICT (guild_id) DO NOTHING"
@@ -20,8 +20,9 @@ _DEPARTED = "INSERT INTO departed_guilds (guild_id, left_at) VALUES (?, ?) ON CO
 
 @dataclass(frozen=True)
 class Purged:
-    requests: int
+    requests: int  # past their retention
     guilds: int
+    over_budget: int  # requests deleted early, their images beyond the storage budget
 
 
 class Storage(TaskStore, GuildSettingsStore, RequestStore):
@@ -49,8 +50,9 @@ class Storage(TaskStore, GuildSettingsStore, RequestStore):
                 else:
                     await db.execute(_DEPARTED, (guild_id, now_text()))
 
-    async def purge(self, privacy: PrivacySettings, now: datetime | None = None) -> Purged:
-        """Delete requests past their retention and every row of servers the bot left long enough ago."""
+    async def purge(self, privacy: PrivacySettings, budget: RequestBudget, now: datetime | None = None) -> Purged:
+        """Delete requests past their retention or beyond the budget, and every row of servers the bot
+        left long enough ago."""
         now = now or datetime.now(UTC)
         requests = await self.delete_requests_before(now - timedelta(hours=privacy.request_retention_hours))
         cutoff = (now - timedelta(days=privacy.departed_guild_retention_days)).isoformat()
@@ -58,6 +60,6 @@ class Storage(TaskStore, GuildSettingsStore, RequestStore):
             rows = await db.execute_fetchall("SELECT guild_id FROM departed_guilds WHERE left_at < ?", (cutoff,))
             guilds = [row[0] for row in rows]
             for guild_id in guilds:
-                for table in ("tasks", "guild_settings", "requests", "departed_guilds"):
+                for table in ("tasks", "guild_settings", "requests", "request_bytes", "departed_guilds"):
                     await db.execute(f"DELETE FROM {table} WHERE guild_id = ?", (guild_id,))
-        return Purged(requests, len(guilds))
+        return Purged(requests, len(guilds), await self.trim_requests(budget))

@@ -53,6 +53,13 @@ def _example_row(
     return task_id, position, text, image, hashlib.sha256(image).hexdigest(), added_by
 
 
+def byte_size(size: int) -> str:
+    """For people: MiB with one decimal, smaller sizes in whole KiB or bytes (0.1 MiB would hide differences)."""
+    if size >= 2**20:
+        return f"{size / 2**20:.1f} MiB"
+    return f"{size / 2**10:.0f} KiB" if size >= 2**10 else f"{size} B"
+
+
 def _key(name: str) -> str:
     """How names compare: surrounding spaces ignored, case folded (SQLite's NOCASE folds ASCII only)."""
     return name.strip().casefold()
@@ -170,11 +177,13 @@ class TaskStore(Database):
         created_by: int,
         *,
         max_tasks: int,
+        max_image_bytes: int,
         examples: Sequence[tuple[bytes, str, int]] = (),
     ) -> None:
         """``examples``: image, text and who added it (kept through copies, for /forget-me)."""
         async with self._transaction() as db:
             await self._check_room(guild_id, name, max_tasks)
+            await self._check_image_room(guild_id, sum(len(image) for image, _, _ in examples), max_image_bytes)
             now = now_text()
             cursor = await db.execute(
                 """INSERT INTO tasks (guild_id, name, name_key, description, prompt_template, created_by,
@@ -199,6 +208,28 @@ class TaskStore(Database):
             raise TaskExists(f"This server already has a task called “{existing['name']}”.")
         if await self._count_tasks(guild_id) >= max_tasks:
             raise LimitReached(f"This server already has {max_tasks} tasks, the most it may have; delete one first.")
+
+    async def _image_bytes(self, guild_id: int) -> int:
+        return await self._int(
+            """SELECT coalesce(sum(length(e.image)), 0) FROM examples e JOIN tasks t ON t.id = e.task_id
+            WHERE t.guild_id = ?""",
+            (guild_id,),
+        )
+
+    async def image_bytes(self, guild_id: int) -> int:
+        """What the guild's task images take: each is stored whole, in every task that holds it."""
+        async with self._lock:
+            return await self._image_bytes(guild_id)
+
+    async def _check_image_room(self, guild_id: int, adding: int, max_image_bytes: int) -> None:
+        """Tasks and examples are bounded in number, but a strip-shaped photo stores up to 30 times the
+        bytes of a square one; the bytes themselves are bounded too."""
+        used = await self._image_bytes(guild_id)
+        if adding and used + adding > max_image_bytes:
+            raise LimitReached(
+                f"This server's task images take {byte_size(used)} of the {byte_size(max_image_bytes)} it may "
+                f"store, and these need {byte_size(adding)} more; remove some examples or tasks first."
+            )
 
     async def update_task(
         self,
@@ -246,6 +277,7 @@ class TaskStore(Database):
         text: str,
         *,
         max_examples: int,
+        max_image_bytes: int,
         added_by: int,
         revision: int | None = None,
     ) -> int:
@@ -256,6 +288,7 @@ class TaskStore(Database):
                 raise LimitReached(
                     f"Task “{task['name']}” already has {max_examples} examples, the most a task may have."
                 )
+            await self._check_image_room(guild_id, len(image), max_image_bytes)
             self._unchanged(task, revision)
             await db.execute(_INSERT_EXAMPLE, _example_row(task["id"], count + 1, image, text, added_by))
             await self._touch(task["id"])

@@ -63,6 +63,16 @@ class TaskDetails:
     examples: list[ExampleView]
 
 
+@dataclass(frozen=True)
+class LibraryUsage:
+    """How much of its room a server's library takes, so managers see a limit coming."""
+
+    tasks: int
+    max_tasks: int
+    image_bytes: int
+    max_image_bytes: int
+
+
 def check_name(name: str) -> str:
     name = name.strip()
     if not NAME_PATTERN.fullmatch(name):
@@ -89,6 +99,11 @@ class TaskLibrary:
             if t.name not in own
         ]
         return builtins + [TaskInfo(s.name, s.description, s.example_count, builtin=False) for s in stored]
+
+    async def usage(self, guild_id: int) -> LibraryUsage:
+        tasks, image_bytes = await self.store.count_tasks(guild_id), await self.store.image_bytes(guild_id)
+        limits = self.limits
+        return LibraryUsage(tasks, limits.max_tasks_per_guild, image_bytes, limits.max_task_image_bytes)
 
     async def names_like(self, guild_id: int | None, typed: str, limit: int = 25) -> list[str]:
         """Task names containing what was typed (those starting with it first): for autocomplete."""
@@ -144,7 +159,13 @@ class TaskLibrary:
         description = self._check_length(description.strip(), self.limits.max_description_chars, "description")
         template = self._check_template(template)
         await self.store.create_task(
-            guild_id, name, description, template, author_id, max_tasks=self.limits.max_tasks_per_guild
+            guild_id,
+            name,
+            description,
+            template,
+            author_id,
+            max_tasks=self.limits.max_tasks_per_guild,
+            max_image_bytes=self.limits.max_task_image_bytes,
         )
         return name
 
@@ -201,6 +222,7 @@ class TaskLibrary:
             template,
             author_id,
             max_tasks=self.limits.max_tasks_per_guild,
+            max_image_bytes=self.limits.max_task_image_bytes,
             examples=examples,
         )
         return name
@@ -271,6 +293,7 @@ class TaskLibrary:
                 image,
                 text,
                 max_examples=self.limits.max_examples_per_task,
+                max_image_bytes=self.limits.max_task_image_bytes,
                 added_by=author_id,
                 revision=stored.revision,  # the checks above hold for this revision
             )

@@ -59,8 +59,10 @@ def test_backup_copies_the_database_while_it_is_open(tmp_path):
 
     async def populate() -> TaskStore:
         store = await TaskStore.open(database)
-        await store.create_task(1, "cats", "", "<image>Output:", 7, max_tasks=5)
-        await store.add_example(1, "cats", b"jpeg", "<image>Output:A cat.", max_examples=8, added_by=42)
+        await store.create_task(1, "cats", "", "<image>Output:", 7, max_tasks=5, max_image_bytes=2**30)
+        await store.add_example(
+            1, "cats", b"jpeg", "<image>Output:A cat.", max_examples=8, max_image_bytes=2**30, added_by=42
+        )
         return store
 
     store = asyncio.run(populate())

@@ -27,6 +27,7 @@ from core.metrics import Metrics, gather_caches, serve_metrics
 from core.model_choice import ModelCatalog
 from core.moderation import AnswerFilter, ReportLog, WordListFilter
 from core.quotas import RequestQuotas
+from core.request_store import RequestBudget
 from core.service import ModelService, QueuedRequest, start_model_service
 from core.storage import Storage
 from core.tasks import TaskLibrary
@@ -161,9 +162,14 @@ class FlamingoBot(commands.AutoShardedBot):
         privacy = self.settings.privacy
         while True:
             try:
-                purged = await self.store.purge(privacy)
-                if purged.requests or purged.guilds:
-                    log.info("deleted %d expired requests and %d departed servers", purged.requests, purged.guilds)
+                purged = await self.store.purge(privacy, RequestBudget.of(self.settings.storage))
+                if purged.requests or purged.guilds or purged.over_budget:
+                    log.info(
+                        "deleted %d expired requests, %d beyond the storage budget and %d departed servers",
+                        purged.requests,
+                        purged.over_budget,
+                        purged.guilds,
+                    )
             except Exception:
                 log.exception("purging expired data failed; will try again")
             await asyncio.sleep(privacy.purge_interval_minutes * 60)

@@ -240,3 +240,32 @@ async def test_a_server_holds_at_most_fifty_tasks(world):
     assert await private(world, "manage-tasks copy", world.moderator, task="caption", new_name="one-more") == full
     await private(world, "manage-tasks delete", world.moderator, task="t0")
     await create(world, name="one-more", template="<image>X:")
+
+
+async def test_a_servers_task_images_are_bounded_in_bytes_and_list_shows_the_room(world):
+    """Counts alone let a server store 400 strip-shaped photos of 1.5 MiB each."""
+    library, store, guild_id = world.bot.library, world.bot.store, world.guild.id
+    library.limits = library.limits.model_copy(update={"max_task_images_mb": 0.1})  # 102 KiB
+    await pets_with(world, "chelsea", "coffee")  # 32 and 67 KiB once stored
+    used = await store.image_bytes(guild_id)
+    messages = await world.reply("tasks list")
+    assert messages[0].embeds[0]["footer"]["text"] == (
+        f"This server's tasks: 1 of 50 · their images: {used / 1024:.0f} KiB of 102 KiB"
+    )
+    refusal = f"This server's task images take {used / 1024:.0f} KiB of the 102 KiB it may store, and these need"
+    message = await private(
+        world,
+        "manage-tasks add-example",
+        world.moderator,
+        task="pets",
+        image=photo(world, "rocket"),
+        text="<image>P:x.",
+    )
+    assert message.startswith(refusal) and message.endswith(" KiB more; remove some examples or tasks first.")
+    message = await private(world, "manage-tasks copy", world.moderator, task="caption", new_name="mine")
+    assert message.startswith(refusal)
+    assert len(await listed(world)) == 3 and await store.image_bytes(guild_id) == used
+    assert await private(world, "manage-tasks remove-example", world.moderator, task="pets", position=2) == (
+        "Removed example 2 from **pets**."
+    )
+    await add(world, "pets", photo(world, "rocket"), "<image>Pet:a rocket.", 2)

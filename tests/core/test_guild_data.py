@@ -13,10 +13,11 @@ from core.errors import BadParameter
 from core.generation import GenerationParams
 from core.guild_settings import GuildSettings, check_quota_change
 from core.moderation import WordListFilter
-from core.request_store import DELETE_BATCH
+from core.request_store import DELETE_BATCH, RequestBudget
 from core.storage import Storage
 
 GUILD, OTHER = 1, 2
+ROOMY = RequestBudget(total=2**40, per_place=2**40)
 
 
 @pytest.fixture
@@ -80,7 +81,9 @@ def test_answer_channels_allow_their_threads():
 
 async def test_requests_round_trip_only_within_their_guild(storage):
     params = GenerationParams(max_new_tokens=5, do_sample=True, temperature=0.7)
-    request_id = await storage.save_request(GUILD, 3, 42, "caption", "<image>Output:", params, [b"one", b"two"])
+    request_id = await storage.save_request(
+        GUILD, 3, 42, "caption", "<image>Output:", params, [b"one", b"two"], budget=ROOMY
+    )
     stored = await storage.get_request(request_id, GUILD)
     assert stored is not None
     assert (stored.user_id, stored.task, stored.prompt, stored.params, stored.images) == (
@@ -92,7 +95,9 @@ async def test_requests_round_trip_only_within_their_guild(storage):
     )
     assert stored.model is None  # the default model answered
     assert await storage.get_request(request_id, OTHER) is None
-    direct = await storage.save_request(None, 4, 42, "vqa", "<image>Q:", GenerationParams(), [b"x"], "models/small")
+    direct = await storage.save_request(
+        None, 4, 42, "vqa", "<image>Q:", GenerationParams(), [b"x"], "models/small", budget=ROOMY
+    )
     assert (await storage.get_request(direct, None)).guild_id == 0  # type: ignore[union-attr]
     assert (await storage.get_request(direct, None)).model == "models/small"  # type: ignore[union-attr]
     await storage.delete_request(request_id, OTHER)  # only where it was made
@@ -104,19 +109,21 @@ async def test_requests_round_trip_only_within_their_guild(storage):
 async def test_purge_deletes_old_requests_and_servers_left_long_ago(storage):
     privacy = PrivacySettings(request_retention_hours=24, departed_guild_retention_days=30)
     for guild in (GUILD, OTHER):
-        await storage.create_task(guild, "cats", "", "<image>Cat:", 42, max_tasks=5, examples=[(b"jpeg", "t", 42)])
+        await storage.create_task(
+            guild, "cats", "", "<image>Cat:", 42, max_tasks=5, max_image_bytes=2**30, examples=[(b"jpeg", "t", 42)]
+        )
         await storage.set_default_task(guild, "cats")
-        await storage.save_request(guild, 3, 42, "cats", "<image>Cat:", GenerationParams(), [b"x"])
+        await storage.save_request(guild, 3, 42, "cats", "<image>Cat:", GenerationParams(), [b"x"], budget=ROOMY)
     await storage.mark_departed(GUILD)
     await storage.mark_departed(OTHER)
     await storage.mark_present(OTHER)  # came back: nothing of it may go
 
-    soon = await storage.purge(privacy, datetime.now(UTC) + timedelta(hours=1))
+    soon = await storage.purge(privacy, ROOMY, datetime.now(UTC) + timedelta(hours=1))
     assert (soon.requests, soon.guilds) == (0, 0)
-    later = await storage.purge(privacy, datetime.now(UTC) + timedelta(days=2))
+    later = await storage.purge(privacy, ROOMY, datetime.now(UTC) + timedelta(days=2))
     assert (later.requests, later.guilds) == (2, 0)
     assert await storage.get_task(GUILD, "cats") is not None
-    gone = await storage.purge(privacy, datetime.now(UTC) + timedelta(days=31))
+    gone = await storage.purge(privacy, ROOMY, datetime.now(UTC) + timedelta(days=31))
     assert gone.guilds == 1
     assert await storage.get_task(GUILD, "cats") is None
     assert await storage.guild_settings(GUILD) == GuildSettings()
@@ -128,21 +135,23 @@ async def test_servers_joined_or_left_while_the_bot_was_away_are_reconciled_on_c
     """Discord sends no join or leave for changes made while the bot was disconnected."""
     privacy = PrivacySettings(departed_guild_retention_days=30)
     for guild in (GUILD, OTHER):
-        await storage.create_task(guild, "cats", "", "<image>Cat:", 7, max_tasks=5)
-    await storage.save_request(None, 3, 42, "caption", "<image>Output:", GenerationParams(), [b"x"])
+        await storage.create_task(guild, "cats", "", "<image>Cat:", 7, max_tasks=5, max_image_bytes=2**30)
+    await storage.save_request(None, 3, 42, "caption", "<image>Output:", GenerationParams(), [b"x"], budget=ROOMY)
     await storage.mark_departed(GUILD)  # left, then invited back while the bot was away
     await storage.reconcile_presence({GUILD})  # and OTHER removed it meanwhile
-    assert (await storage.purge(privacy, datetime.now(UTC) + timedelta(days=31))).guilds == 1
+    assert (await storage.purge(privacy, ROOMY, datetime.now(UTC) + timedelta(days=31))).guilds == 1
     assert await storage.get_task(GUILD, "cats") is not None
     assert await storage.get_task(OTHER, "cats") is None
 
 
 async def test_forgetting_a_user_removes_their_requests_and_examples_and_renumbers(storage):
-    await storage.create_task(GUILD, "cats", "", "<image>Cat:", 7, max_tasks=5, examples=[(b"a", "by seven", 7)])
+    await storage.create_task(
+        GUILD, "cats", "", "<image>Cat:", 7, max_tasks=5, max_image_bytes=2**30, examples=[(b"a", "by seven", 7)]
+    )
     for image, text, author in [(b"b", "by me", 42), (b"c", "by seven again", 7), (b"d", "by me again", 42)]:
-        await storage.add_example(GUILD, "cats", image, text, max_examples=8, added_by=author)
-    await storage.save_request(GUILD, 3, 42, "cats", "<image>Cat:", GenerationParams(), [b"x"])
-    mine = await storage.save_request(GUILD, 3, 7, "cats", "<image>Cat:", GenerationParams(), [b"y"])
+        await storage.add_example(GUILD, "cats", image, text, max_examples=8, max_image_bytes=2**30, added_by=author)
+    await storage.save_request(GUILD, 3, 42, "cats", "<image>Cat:", GenerationParams(), [b"x"], budget=ROOMY)
+    mine = await storage.save_request(GUILD, 3, 7, "cats", "<image>Cat:", GenerationParams(), [b"y"], budget=ROOMY)
     before = await storage.get_task(GUILD, "cats")
     assert await storage.count_user_examples(42) == 2
 
@@ -159,7 +168,7 @@ async def test_forgetting_a_user_removes_their_requests_and_examples_and_renumbe
 async def test_many_requests_are_deleted_a_batch_per_transaction(storage, monkeypatch):
     """One transaction for all of them held every server's reads and writes for seconds."""
     for _ in range(2 * DELETE_BATCH + 3):
-        await storage.save_request(GUILD, 3, 42, "cats", "<image>Cat:", GenerationParams(), [b"x" * 1000])
+        await storage.save_request(GUILD, 3, 42, "cats", "<image>Cat:", GenerationParams(), [b"x" * 1000], budget=ROOMY)
     transactions = []
     transaction = storage._transaction
     monkeypatch.setattr(storage, "_transaction", lambda: transactions.append(1) or transaction())
@@ -171,9 +180,11 @@ async def test_many_requests_are_deleted_a_batch_per_transaction(storage, monkey
 @pytest.mark.parametrize("moves", [[], [(4, 1)], [(1, 4)], [(3, 1), (4, 2)]], ids=str)
 async def test_forgetting_a_user_keeps_the_order_of_examples_that_were_moved(storage, moves):
     """Positions need not follow the rows' order once examples have moved."""
-    await storage.create_task(GUILD, "cats", "", "<image>Cat:", 7, max_tasks=5)
+    await storage.create_task(GUILD, "cats", "", "<image>Cat:", 7, max_tasks=5, max_image_bytes=2**30)
     for n, author in enumerate([7, 42, 7, 7, 42, 7], 1):
-        await storage.add_example(GUILD, "cats", b"%d" % n, f"example {n}", max_examples=8, added_by=author)
+        await storage.add_example(
+            GUILD, "cats", b"%d" % n, f"example {n}", max_examples=8, max_image_bytes=2**30, added_by=author
+        )
     for position, new_position in moves:
         await storage.move_example(GUILD, "cats", position, new_position)
     before = [e.text for e in (await storage.get_task(GUILD, "cats")).examples]

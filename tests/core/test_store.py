@@ -36,7 +36,9 @@ async def store(db_path: Path) -> AsyncIterator[TaskStore]:
 
 async def make_cats(store: TaskStore, guild_id: int = GUILD, count: int = 3, name: str = "Cats") -> None:
     examples = [(f"jpeg-{i}".encode(), f"text {i}", 42) for i in range(1, count + 1)]
-    await store.create_task(guild_id, name, "Cat captions", "A photo of", 42, max_tasks=MAX, examples=examples)
+    await store.create_task(
+        guild_id, name, "Cat captions", "A photo of", 42, max_tasks=MAX, max_image_bytes=2**30, examples=examples
+    )
 
 
 async def texts(store: TaskStore, guild_id: int = GUILD, name: str = "cats") -> list[str]:
@@ -63,13 +65,22 @@ def raw(path: Path, sql: str) -> list[tuple]:
 async def test_open_creates_the_directory_and_migrates_an_empty_file_to_the_latest_version(db_path: Path) -> None:
     store = await TaskStore.open(db_path)
     await store.close()
-    assert store.schema_version == len(MIGRATIONS) == 6
-    assert raw(db_path, "PRAGMA user_version") == [(6,)]
+    assert store.schema_version == len(MIGRATIONS) == 7
+    assert raw(db_path, "PRAGMA user_version") == [(7,)]
     assert raw(db_path, "PRAGMA journal_mode") == [("wal",)]
     tables = {row[0] for row in raw(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"tasks", "examples", "guild_settings", "requests", "request_images", "departed_guilds"}
+    assert tables == {
+        "tasks",
+        "examples",
+        "guild_settings",
+        "requests",
+        "request_images",
+        "departed_guilds",
+        "request_ids",
+        "request_bytes",
+    }
     reopened = await TaskStore.open(db_path)
-    assert reopened.schema_version == 6
+    assert reopened.schema_version == 7
     await reopened.close()
 
 
@@ -145,28 +156,53 @@ async def test_create_task_stores_every_field_and_get_task_matches_any_case(stor
 async def test_create_task_refuses_a_name_that_differs_only_in_case(store: TaskStore, name: str) -> None:
     await make_cats(store)
     with pytest.raises(TaskExists, match="already has a task called “Cats”"):
-        await store.create_task(GUILD, name, "d", "p", 1, max_tasks=MAX)
+        await store.create_task(GUILD, name, "d", "p", 1, max_tasks=MAX, max_image_bytes=2**30)
 
 
 async def test_names_compare_by_unicode_casefold_not_only_ascii(store: TaskStore) -> None:
-    await store.create_task(GUILD, "Été", "d", "p", 1, max_tasks=MAX)
+    await store.create_task(GUILD, "Été", "d", "p", 1, max_tasks=MAX, max_image_bytes=2**30)
     with pytest.raises(TaskExists):
-        await store.create_task(GUILD, "ÉTÉ", "d", "p", 1, max_tasks=MAX)
+        await store.create_task(GUILD, "ÉTÉ", "d", "p", 1, max_tasks=MAX, max_image_bytes=2**30)
     assert (await store.get_task(GUILD, "été")) is not None
 
 
 async def test_create_task_beyond_the_guild_cap_raises_limit_reached(store: TaskStore) -> None:
-    await store.create_task(GUILD, "a", "d", "p", 1, max_tasks=2)
-    await store.create_task(GUILD, "b", "d", "p", 1, max_tasks=2)
+    await store.create_task(GUILD, "a", "d", "p", 1, max_tasks=2, max_image_bytes=2**30)
+    await store.create_task(GUILD, "b", "d", "p", 1, max_tasks=2, max_image_bytes=2**30)
     with pytest.raises(LimitReached, match="already has 2 tasks, the most it may have"):
-        await store.create_task(GUILD, "c", "d", "p", 1, max_tasks=2)
-    await store.create_task(OTHER_GUILD, "c", "d", "p", 1, max_tasks=2)
+        await store.create_task(GUILD, "c", "d", "p", 1, max_tasks=2, max_image_bytes=2**30)
+    await store.create_task(OTHER_GUILD, "c", "d", "p", 1, max_tasks=2, max_image_bytes=2**30)
     assert await store.count_tasks(GUILD) == 2
+
+
+async def test_a_guilds_task_images_are_bounded_in_bytes(store: TaskStore) -> None:
+    big, small = b"x" * 600, b"y" * 300
+    await store.create_task(
+        GUILD, "cats", "d", "p", 1, max_tasks=MAX, max_image_bytes=1000, examples=[(big, "t", 1), (small, "t", 1)]
+    )
+    assert await store.image_bytes(GUILD) == 900
+    with pytest.raises(LimitReached, match="take 900 B of the 1000 B it may store, and these need 300 B more"):
+        await store.add_example(GUILD, "cats", small, "t", max_examples=MAX, max_image_bytes=1000, added_by=1)
+    with pytest.raises(LimitReached, match="these need 900 B more"):
+        await store.create_task(
+            GUILD, "copy", "d", "p", 1, max_tasks=MAX, max_image_bytes=1000, examples=[(big, "t", 1), (small, "t", 1)]
+        )
+    assert [s.name for s in await store.list_tasks(GUILD)] == ["cats"]
+    assert await store.image_bytes(GUILD) == 900
+    await store.create_task(GUILD, "empty", "d", "p", 1, max_tasks=MAX, max_image_bytes=1000)  # no images, no bytes
+    await store.create_task(
+        OTHER_GUILD, "cats", "d", "p", 1, max_tasks=MAX, max_image_bytes=1000, examples=[(big, "t", 1)]
+    )
+    await store.remove_example(GUILD, "cats", 1)
+    assert await store.add_example(GUILD, "cats", small, "t", max_examples=MAX, max_image_bytes=1000, added_by=1) == 2
+    assert await store.image_bytes(GUILD) == 600
 
 
 async def test_a_failed_change_leaves_nothing_behind(store: TaskStore) -> None:
     with pytest.raises(TypeError):  # hashing the bad image fails after the task row was inserted
-        await store.create_task(GUILD, "cats", "d", "p", 1, max_tasks=MAX, examples=[("not bytes", "t", 1)])  # type: ignore[list-item]
+        await store.create_task(
+            GUILD, "cats", "d", "p", 1, max_tasks=MAX, max_image_bytes=2**30, examples=[("not bytes", "t", 1)]
+        )  # type: ignore[list-item]
     assert await store.count_tasks(GUILD) == 0
 
 
@@ -237,7 +273,7 @@ UNKNOWN_TASK_CALLS: dict[str, Callable[[TaskStore], Awaitable[object]]] = {
     "update": lambda s: s.update_task(GUILD, "dogs", description="d"),
     "rename": lambda s: s.rename_task(GUILD, "dogs", "wolves"),
     "delete": lambda s: s.delete_task(GUILD, "dogs"),
-    "add": lambda s: s.add_example(GUILD, "dogs", b"jpeg", "t", max_examples=MAX, added_by=42),
+    "add": lambda s: s.add_example(GUILD, "dogs", b"jpeg", "t", max_examples=MAX, max_image_bytes=2**30, added_by=42),
     "edit": lambda s: s.edit_example(GUILD, "dogs", 1, "t"),
     "remove": lambda s: s.remove_example(GUILD, "dogs", 1),
     "move": lambda s: s.move_example(GUILD, "dogs", 1, 2),
@@ -258,9 +294,12 @@ async def test_changes_to_an_unknown_task_raise_unknown_task(
 
 async def test_add_example_appends_and_stops_at_the_cap(store: TaskStore) -> None:
     await make_cats(store, count=1)
-    assert await store.add_example(GUILD, "CATS", b"jpeg-2", "text 2", max_examples=2, added_by=42) == 2
+    assert (
+        await store.add_example(GUILD, "CATS", b"jpeg-2", "text 2", max_examples=2, max_image_bytes=2**30, added_by=42)
+        == 2
+    )
     with pytest.raises(LimitReached, match="“Cats” already has 2 examples, the most a task may have"):
-        await store.add_example(GUILD, "cats", b"jpeg-3", "text 3", max_examples=2, added_by=42)
+        await store.add_example(GUILD, "cats", b"jpeg-3", "text 3", max_examples=2, max_image_bytes=2**30, added_by=42)
     task = await store.get_task(GUILD, "cats")
     assert task is not None
     assert task.examples[1].image_sha256 == hashlib.sha256(b"jpeg-2").hexdigest()
@@ -316,7 +355,9 @@ async def test_every_change_bumps_the_revision(store: TaskStore) -> None:
     changes: list[Callable[[], Awaitable[object]]] = [
         lambda: store.update_task(GUILD, "cats", description="d"),
         lambda: store.rename_task(GUILD, "cats", "CATS"),
-        lambda: store.add_example(GUILD, "cats", b"jpeg-4", "text 4", max_examples=MAX, added_by=42),
+        lambda: store.add_example(
+            GUILD, "cats", b"jpeg-4", "text 4", max_examples=MAX, max_image_bytes=2**30, added_by=42
+        ),
         lambda: store.edit_example(GUILD, "cats", 1, "t"),
         lambda: store.move_example(GUILD, "cats", 1, 2),
         lambda: store.remove_example(GUILD, "cats", 1),
@@ -330,7 +371,9 @@ async def test_concurrent_add_example_calls_get_contiguous_positions(store: Task
     await make_cats(store, count=0)
     positions = await asyncio.gather(
         *(
-            store.add_example(GUILD, "cats", f"jpeg-{i}".encode(), f"text {i}", max_examples=100, added_by=42)
+            store.add_example(
+                GUILD, "cats", f"jpeg-{i}".encode(), f"text {i}", max_examples=100, max_image_bytes=2**30, added_by=42
+            )
             for i in range(40)
         )
     )
@@ -354,11 +397,13 @@ async def snapshot(store: TaskStore, guild_id: int) -> tuple[StoredTask | None, 
 
 
 GUILD_CHANGES: dict[str, Callable[[TaskStore], Awaitable[object]]] = {
-    "create": lambda s: s.create_task(GUILD, "Dogs", "d", "p", 1, max_tasks=MAX),
+    "create": lambda s: s.create_task(GUILD, "Dogs", "d", "p", 1, max_tasks=MAX, max_image_bytes=2**30),
     "update": lambda s: s.update_task(GUILD, "cats", description="changed", prompt_template="changed"),
     "rename": lambda s: s.rename_task(GUILD, "cats", "Kittens"),
     "delete": lambda s: s.delete_task(GUILD, "cats"),
-    "add": lambda s: s.add_example(GUILD, "cats", b"jpeg-9", "text 9", max_examples=MAX, added_by=42),
+    "add": lambda s: s.add_example(
+        GUILD, "cats", b"jpeg-9", "text 9", max_examples=MAX, max_image_bytes=2**30, added_by=42
+    ),
     "edit": lambda s: s.edit_example(GUILD, "cats", 1, "edited"),
     "remove": lambda s: s.remove_example(GUILD, "cats", 1),
     "move": lambda s: s.move_example(GUILD, "cats", 1, 3),
@@ -396,7 +441,7 @@ async def main(path, operation):
 
     store._db.commit = crash_instead_of_commit
     if operation == "add":
-        await store.add_example(1, "cats", b"jpeg-new", "new", max_examples=10, added_by=42)
+        await store.add_example(1, "cats", b"jpeg-new", "new", max_examples=10, max_image_bytes=2**30, added_by=42)
     else:
         await store.move_example(1, "cats", 1, 3)
 
@@ -448,7 +493,7 @@ async def test_backup_holds_only_committed_changes_while_the_bot_writes(
         await commit()
 
     monkeypatch.setattr(store._db, "commit", backup_then_commit)
-    await store.add_example(GUILD, "cats", b"jpeg-2", "text 2", max_examples=MAX, added_by=42)
+    await store.add_example(GUILD, "cats", b"jpeg-2", "text 2", max_examples=MAX, max_image_bytes=2**30, added_by=42)
     backup_database(db_path, tmp_path / "backups" / "after.db")
 
     for backup, expected in (
@@ -473,11 +518,15 @@ async def test_a_cancelled_change_leaves_the_store_usable(store: TaskStore) -> N
     await make_cats(store, count=0)
     for yields in range(12):  # cancel at a different await inside the change each time
         change = asyncio.create_task(
-            store.add_example(GUILD, "cats", b"jpeg", "cancelled", max_examples=MAX * 10, added_by=42)
+            store.add_example(
+                GUILD, "cats", b"jpeg", "cancelled", max_examples=MAX * 10, max_image_bytes=2**30, added_by=42
+            )
         )
         for _ in range(yields):
             await asyncio.sleep(0)
         change.cancel()
         await asyncio.gather(change, return_exceptions=True)
-        await store.add_example(GUILD, "cats", b"jpeg", "kept", max_examples=MAX * 10, added_by=42)
+        await store.add_example(
+            GUILD, "cats", b"jpeg", "kept", max_examples=MAX * 10, max_image_bytes=2**30, added_by=42
+        )
     assert (await texts(store)).count("kept") == 12
