@@ -43,6 +43,20 @@ async def test_a_task_exports_as_one_zip_with_its_examples(scene):
     assert refused[0].ephemeral and refused[0].content.startswith("There is no task called “nothing” here")
 
 
+@pytest.mark.export
+async def test_a_task_too_large_to_attach_here_is_refused_saying_by_how_much(scene):
+    await _pets(scene)
+    scene.discord.attachment_size_limit = 64 * 1024  # the two photos make about 100 KiB
+    [refused] = await scene.ask("tasks export", task="pets")
+    assert refused.ephemeral and not refused.files
+    assert refused.content.startswith("Task “pets” makes a ")
+    assert refused.content.endswith(
+        " KiB file; Discord lets me attach at most 64 KiB here. Remove an example or two and try again."
+    )
+    scene.discord.attachment_size_limit = 10 * 1024 * 1024
+    assert (await _export(scene, "pets"))[0] == "pets.flamingo-task.zip"
+
+
 @pytest.mark.import_task
 async def test_an_exported_task_imports_into_another_server_and_answers_there(scene):
     await _pets(scene)

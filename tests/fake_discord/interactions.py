@@ -30,6 +30,7 @@ class InteractionBuilder:
     global_commands: list[dict[str, Any]]
     guild_commands: dict[int, list[dict[str, Any]]]
     interactions: dict[str, InteractionRecord]
+    attachment_size_limit: int
     clock: Callable[[], float]
     message_json: Callable[[Message], dict[str, Any]]
 
@@ -97,7 +98,7 @@ class InteractionBuilder:
             "locale": "en-US",
             "app_permissions": str((1 << 31) - 1),
             "entitlements": [],
-            "attachment_size_limit": 10 * 1024 * 1024,
+            "attachment_size_limit": self.attachment_size_limit,
         }
         channel = self._channel(guild, in_channel)
         if guild is not None and channel is not None:

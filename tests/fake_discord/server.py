@@ -60,6 +60,7 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         self.guilds: dict[int, Guild] = {}  # guilds the bot is in
         self.departed: dict[int, Guild] = {}  # guilds the bot left or was removed from
         self.recommended_shards = 1  # what GET /gateway/bot recommends
+        self.attachment_size_limit = 10 * 1024 * 1024  # what interactions say the bot may attach (boosts raise it)
         self.gateway_bot_asked = 0  # how many times: a bot asks it as it starts to set up
         self.announced: set[int] = set()  # guilds a gateway session has had a GUILD_CREATE for
         self.channel_messages: dict[int, list[Message]] = {}
