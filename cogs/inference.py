@@ -36,7 +36,7 @@ from cogs.utils.replies import EMBED_FIELD_LIMIT, clip, defer_answer, verbatim
 from core.errors import BadImage, BadPrompt, FlamingoError, NotAllowedHere, RequestCancelled, UnknownTask
 from core.generation import GenerationParams, generation_kwargs
 from core.guild_settings import GuildSettings
-from core.images import check_file_size, check_image, encode_for_storage, load_image
+from core.images import check_file_size, check_signature, encode_for_storage, load_image
 from core.model_choice import short_name
 from core.prompts import assemble_prompt
 from core.request_store import RequestBudget, StoredRequest
@@ -236,9 +236,9 @@ class Inference(commands.Cog):
             chosen = await bot.library.resolve(guild_id, task)
             text = prompt if prompt is not None else chosen.prompt_template
             uploads = await read_images()
-            for data in uploads:  # refusals from the header alone cost no cooldown
-                check_image(data, settings.images)
-            admission.spent()  # decoding is work a refusal must not let be repeated at once
+            for data in uploads:  # a file that is plainly not an image costs no cooldown
+                check_signature(data, settings.images)
+            admission.spent()  # reading headers and pixels is work a refusal must not let be repeated at once
             pictures = [await asyncio.to_thread(load_image, data, settings.images) for data in uploads]
             if settings.logging.log_prompts:
                 log.info("request by %s in %s: %r", interaction.user.id, guild_id, text)
@@ -291,7 +291,7 @@ class Inference(commands.Cog):
             hours = self.bot.settings.privacy.request_retention_hours
             raise RequestCancelled(
                 f"This answer's request is no longer stored: it was deleted, or expired after {hours:g} hours "
-                "(sooner when the stored images of this server's requests reach their limit)."
+                "(or sooner, once stored requests filled the room they are given)."
             )
         return stored
 

@@ -85,14 +85,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     (
         # Request ids never come back: a button on an old answer names its request by id, and SQLite
-        # reuses the largest id once its row is deleted (every id, once retention has emptied the table).
-        "CREATE TABLE request_ids (last INTEGER NOT NULL)",
-        "INSERT INTO request_ids SELECT coalesce(max(id), 0) FROM requests",
-        # Stored images' bytes per place (a server, or a user's direct messages), kept by triggers on
-        # every insert and delete, so the storage budget never sums the whole table.
+        # reuses the largest id once its row is deleted (every id, once retention has emptied the
+        # table). Ids given before this step were reused too, so new ones start past any of them: at
+        # the time in milliseconds, far more than requests ever made.
+        # ``image_bytes``: stored images' bytes in all; ``request_bytes`` holds them per place (a
+        # server, or a user's direct messages). Triggers keep both on every insert and delete, so the
+        # storage budget never sums a table.
+        "CREATE TABLE request_counters (last_id INTEGER NOT NULL, image_bytes INTEGER NOT NULL)",
         "ALTER TABLE requests ADD COLUMN image_bytes INTEGER NOT NULL DEFAULT 0",
         """UPDATE requests SET image_bytes =
             (SELECT coalesce(sum(length(image)), 0) FROM request_images WHERE request_id = requests.id)""",
+        """INSERT INTO request_counters
+            SELECT max(coalesce(max(id), 0), unixepoch() * 1000), coalesce(sum(image_bytes), 0) FROM requests""",
         """CREATE TABLE request_bytes (
             guild_id INTEGER NOT NULL,
             user_id INTEGER NOT NULL,
@@ -101,16 +105,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         """INSERT INTO request_bytes SELECT guild_id, CASE WHEN guild_id = 0 THEN user_id ELSE 0 END, sum(image_bytes)
             FROM requests GROUP BY 1, 2""",
-        """CREATE TRIGGER request_bytes_added AFTER INSERT ON requests BEGIN
+        """CREATE TRIGGER request_added AFTER INSERT ON requests BEGIN
             INSERT INTO request_bytes VALUES
                 (new.guild_id, CASE WHEN new.guild_id = 0 THEN new.user_id ELSE 0 END, new.image_bytes)
             ON CONFLICT DO UPDATE SET bytes = bytes + excluded.bytes;
+            UPDATE request_counters SET last_id = max(last_id, new.id), image_bytes = image_bytes + new.image_bytes;
         END""",
-        """CREATE TRIGGER request_bytes_removed AFTER DELETE ON requests BEGIN
+        """CREATE TRIGGER request_removed AFTER DELETE ON requests BEGIN
             UPDATE request_bytes SET bytes = bytes - old.image_bytes
             WHERE guild_id = old.guild_id AND user_id = CASE WHEN old.guild_id = 0 THEN old.user_id ELSE 0 END;
+            UPDATE request_counters SET image_bytes = image_bytes - old.image_bytes;
         END""",
+        # The oldest of a place first: a server's requests, and a user's in direct messages.
         "CREATE INDEX requests_by_guild ON requests (guild_id, id)",
+        "CREATE INDEX requests_in_direct_messages ON requests (user_id, id) WHERE guild_id = 0",
     ),
 )
 

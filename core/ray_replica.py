@@ -108,7 +108,7 @@ class FlamingoReplica:
     async def answer(self, request: WireRequest) -> Answer:
         from ray import serve
 
-        images, prompt, task, params = self.wire.request(request)
+        images, prompt, task, params = await asyncio.to_thread(self.wire.request, request)
         self.ongoing += 1
         try:
             service = await self._service_for(serve.get_multiplexed_model_id())

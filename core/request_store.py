@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 from core.config import StorageSettings
 from core.database import Database, now_text
@@ -36,11 +37,23 @@ class RequestBudget:
         return cls(round(storage.request_images_mb * 2**20), round(storage.request_images_per_server_mb * 2**20))
 
 
-def _place(guild_id: int, user_id: int) -> tuple[str, tuple[int, ...]]:
-    """Where a request counts: its server, or in direct messages (guild 0) the user."""
-    if guild_id:
-        return "guild_id = ?", (guild_id,)
-    return "guild_id = 0 AND user_id = ?", (user_id,)
+@dataclass(frozen=True)
+class _Place:
+    """Where a request counts against its share: its server, or in direct messages the user."""
+
+    guild_id: int
+    user_id: int  # 0 for a server
+
+    @classmethod
+    def of(cls, guild_id: int, user_id: int) -> _Place:
+        return cls(guild_id, 0 if guild_id else user_id)
+
+    @property
+    def requests(self) -> tuple[str, tuple[int, ...]]:
+        """The SQL condition for its requests, as the indexes serve it."""
+        if self.guild_id:
+            return "guild_id = ?", (self.guild_id,)
+        return "guild_id = 0 AND user_id = ?", (self.user_id,)
 
 
 @dataclass(frozen=True)
@@ -85,8 +98,7 @@ class RequestStore(Database):
         origin = None if origin_user_id == user_id else origin_user_id
         guild_id = guild_id or 0
         async with self._transaction() as db:
-            request_id = await self._int("SELECT last + 1 FROM request_ids")
-            await db.execute("UPDATE request_ids SET last = ?", (request_id,))
+            request_id = await self._int("SELECT last_id + 1 FROM request_counters")
             await db.execute(
                 """INSERT INTO requests (id, guild_id, channel_id, user_id, task, prompt, params, created_at, model,
                 origin_user_id, image_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
@@ -108,27 +120,38 @@ class RequestStore(Database):
                 "INSERT INTO request_images (request_id, position, image) VALUES (?, ?, ?)",
                 [(request_id, position, image) for position, image in enumerate(images, 1)],
             )
-            where, parameters = _place(guild_id, user_id)
-            evicted = await self._evict(where, parameters, budget.per_place, keep=request_id, limit=DELETE_BATCH)
-            await self._evict("1", (), budget.total, keep=request_id, limit=DELETE_BATCH - evicted)
+            evicted = await self._trim_place(_Place.of(guild_id, user_id), budget.per_place, DELETE_BATCH)
+            await self._trim_total(budget.total, DELETE_BATCH - evicted)
         return request_id
 
-    async def _evict(self, where: str, parameters: tuple[int, ...], allowed: int, *, keep: int = 0, limit: int) -> int:
-        """Delete the oldest requests matching ``where`` (never ``keep``) until their images fit in
-        ``allowed`` bytes, at most ``limit`` of them; inside the caller's transaction."""
-        stored = await self._int(f"SELECT coalesce(sum(bytes), 0) FROM request_bytes WHERE {where}", parameters)
-        if stored <= allowed or limit <= 0:
+    async def _trim_place(self, place: _Place, allowed: int, limit: int) -> int:
+        stored = await self._int(
+            "SELECT coalesce(sum(bytes), 0) FROM request_bytes WHERE guild_id = ? AND user_id = ?",
+            (place.guild_id, place.user_id),
+        )
+        return await self._evict(stored - allowed, *place.requests, limit)
+
+    async def _trim_total(self, allowed: int, limit: int) -> int:
+        stored = await self._int("SELECT image_bytes FROM request_counters")
+        return await self._evict(stored - allowed, "1", (), limit)
+
+    async def _evict(self, excess: int, where: str, parameters: tuple[int, ...], limit: int) -> int:
+        """Delete the oldest requests matching ``where`` until ``excess`` bytes are freed, at most
+        ``limit`` of them, inside the caller's transaction. The newest is always kept, whatever its
+        size: it is the one just answered, whose buttons were just shown."""
+        if excess <= 0 or limit <= 0:
             return 0
         rows = await self._db.execute_fetchall(
-            f"SELECT id, image_bytes FROM requests WHERE {where} AND id != ? ORDER BY id LIMIT ?",
-            (*parameters, keep, limit),
+            f"""SELECT id, image_bytes FROM requests WHERE {where}
+            AND id < (SELECT max(id) FROM requests WHERE {where}) ORDER BY id LIMIT ?""",
+            (*parameters, *parameters, limit),
         )
         doomed = []
         for request_id, size in rows:
-            if stored <= allowed:
+            if excess <= 0:
                 break
             doomed.append(request_id)
-            stored -= size
+            excess -= size
         await self._db.executemany("DELETE FROM requests WHERE id = ?", [(request_id,) for request_id in doomed])
         return len(doomed)
 
@@ -175,12 +198,15 @@ class RequestStore(Database):
             over = await self._db.execute_fetchall(
                 "SELECT guild_id, user_id FROM request_bytes WHERE bytes > ?", (budget.per_place,)
             )
-        places = [_place(guild_id, user_id) for guild_id, user_id in over]
+        trims: list[Callable[[], Awaitable[int]]] = [
+            partial(self._trim_place, _Place(*place), budget.per_place, DELETE_BATCH) for place in over
+        ]
+        trims.append(partial(self._trim_total, budget.total, DELETE_BATCH))
         deleted = 0
-        for where, parameters, allowed in [*((w, p, budget.per_place) for w, p in places), ("1", (), budget.total)]:
+        for trim in trims:
             while True:
                 async with self._transaction():
-                    evicted = await self._evict(where, parameters, allowed, limit=DELETE_BATCH)
+                    evicted = await trim()
                 deleted += evicted
                 if evicted < DELETE_BATCH:
                     break

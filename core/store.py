@@ -226,9 +226,11 @@ class TaskStore(Database):
         bytes of a square one; the bytes themselves are bounded too."""
         used = await self._image_bytes(guild_id)
         if adding and used + adding > max_image_bytes:
+            left = max(0, max_image_bytes - used)
             raise LimitReached(
-                f"This server's task images take {byte_size(used)} of the {byte_size(max_image_bytes)} it may "
-                f"store, and these need {byte_size(adding)} more; remove some examples or tasks first."
+                f"This server's task images may take {byte_size(max_image_bytes)} in all; {byte_size(left)} "
+                f"{'is' if left >= 2**10 else 'are'} left, and these need {byte_size(adding)}. "
+                "Remove some examples or tasks first."
             )
 
     async def update_task(

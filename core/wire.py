@@ -87,24 +87,33 @@ class WireDecoder:
     def __init__(self, image_bytes: int = 256 * 2**20, max_tasks: int = 64) -> None:
         self._images: LruCache[str, Image.Image] = LruCache(image_bytes, lambda i: i.width * i.height * 3)
         self._tasks: LruCache[str, Task] = LruCache(max_tasks, lambda _: 1)
+        # Requests are decoded on worker threads (a request with a large task took a third of a
+        # second, which the replica's event loop could not spare); decoding itself runs unlocked.
+        self._lock = threading.Lock()
 
     def image(self, wire: WireImage) -> Image.Image:
-        image = self._images.get(wire.sha256)
+        with self._lock:
+            image = self._images.get(wire.sha256)
         if image is None:
             if hashlib.sha256(wire.png).hexdigest() != wire.sha256:
                 raise ValueError("an image arrived damaged: its content does not match its hash")
             image = Image.open(io.BytesIO(wire.png))
             image.load()
-            self._images.put(wire.sha256, image)
+            with self._lock:
+                self._images.put(wire.sha256, image)
         return image
 
     def task(self, wire: WireTask) -> Task:
-        if wire.key is not None and (known := self._tasks.get(wire.key)) is not None:
-            return known
+        if wire.key is not None:
+            with self._lock:
+                known = self._tasks.get(wire.key)
+            if known is not None:
+                return known
         examples = tuple(Example(self.image(image), text) for image, text in wire.examples)
         task = Task(wire.name, wire.description, wire.prompt_template, examples, key=wire.key)
         if wire.key is not None:
-            self._tasks.put(wire.key, task)
+            with self._lock:
+                self._tasks.put(wire.key, task)
         return task
 
     def request(self, wire: WireRequest) -> tuple[list[Image.Image], str, Task, GenerationParams]:

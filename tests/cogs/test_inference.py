@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import replace
 
+import core.images
 from core.generation import GenerationParams
 from tests.conftest import IMAGES
 from tests.gated_engine import GatedEngine
@@ -205,23 +207,44 @@ async def test_a_private_request_refused_while_waiting_replaces_its_place_in_lin
     assert world.bot.is_closed()
 
 
-async def test_a_refusal_after_decoding_began_keeps_the_cooldown_one_from_the_header_does_not(world, monkeypatch):
-    """A valid picture beside a truncated one was refused as damaged after decoding, and could be
-    sent again at once, over and over; a file that is plainly not an image costs nothing."""
+async def test_a_refusal_once_files_are_read_keeps_the_cooldown_one_from_the_signature_does_not(world, monkeypatch):
+    """A valid picture beside a truncated one was refused as damaged after decoding, and a crafted
+    header took seconds to read: both could be sent again at once, over and over. A file that is
+    plainly not an image costs nothing."""
     monkeypatch.setattr(world.bot.settings.quotas, "user_cooldown_seconds", 30)
     not_an_image = world.discord.upload("notes.png", b"these are notes, not a picture", "image/png")
     for _ in range(2):
         message = await private_reply(world, image=not_an_image)
         assert message.startswith("This file is not an image I can read")
+    not_a_png = world.discord.upload("fake.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")
+    assert (await private_reply(world, image=not_a_png)).startswith("This file is not an image I can read")
+    assert (await private_reply(world, image=photo(world))).startswith("You are asking too fast")
     whole = (IMAGES / "rocket.jpg").read_bytes()
     truncated = world.discord.upload("half.jpg", whole[: len(whole) // 2], "image/jpeg")
     two = {"image": photo(world), "image2": truncated, "prompt": "<image>and<image>Output:"}
-    assert (await private_reply(world, **two)).startswith("The image file is damaged or incomplete")
-    assert (await private_reply(world, **two)).startswith("You are asking too fast")
+    assert (await private_reply(world, world.moderator, **two)).startswith("The image file is damaged or incomplete")
+    assert (await private_reply(world, world.moderator, **two)).startswith("You are asking too fast")
 
 
-async def private_reply(world, **options) -> str:
-    [message] = await world.reply("comprehend", **options)
+async def test_headers_are_read_off_the_event_loop_and_within_the_decoding_bound(world, monkeypatch):
+    """Pillow read a crafted 25 MiB JPEG header for 8 s; on the event loop that stalled every server."""
+    opened = []
+    read_header = core.images._open
+
+    def watched(data, settings):
+        opened.append((threading.current_thread() is threading.main_thread(), core.images._DECODING._value))
+        return read_header(data, settings)
+
+    monkeypatch.setattr(core.images, "_open", watched)
+    messages = await world.reply(
+        "comprehend", image=photo(world), image2=photo(world, "coffee"), prompt="<image><image>"
+    )
+    assert not messages[0].ephemeral
+    assert opened == [(False, 3), (False, 3)]  # on a worker thread, holding one of the four decoding places
+
+
+async def private_reply(world, member=None, **options) -> str:
+    [message] = await world.reply("comprehend", member, **options)
     assert message.ephemeral
     return message.content
 

@@ -252,7 +252,8 @@ async def test_a_servers_task_images_are_bounded_in_bytes_and_list_shows_the_roo
     assert messages[0].embeds[0]["footer"]["text"] == (
         f"This server's tasks: 1 of 50 · their images: {used / 1024:.0f} KiB of 102 KiB"
     )
-    refusal = f"This server's task images take {used / 1024:.0f} KiB of the 102 KiB it may store, and these need"
+    left = round(0.1 * 2**20) - used
+    refusal = f"This server's task images may take 102 KiB in all; {left / 1024:.0f} KiB is left, and these need"
     message = await private(
         world,
         "manage-tasks add-example",
@@ -261,7 +262,7 @@ async def test_a_servers_task_images_are_bounded_in_bytes_and_list_shows_the_roo
         image=photo(world, "rocket"),
         text="<image>P:x.",
     )
-    assert message.startswith(refusal) and message.endswith(" KiB more; remove some examples or tasks first.")
+    assert message.startswith(refusal) and message.endswith(" KiB. Remove some examples or tasks first.")
     message = await private(world, "manage-tasks copy", world.moderator, task="caption", new_name="mine")
     assert message.startswith(refusal)
     assert len(await listed(world)) == 3 and await store.image_bytes(guild_id) == used

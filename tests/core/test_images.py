@@ -22,7 +22,14 @@ from PIL import Image, ImageOps
 import core.images
 from core.config import PROJECT_ROOT, ImageSettings
 from core.errors import BadImage
-from core.images import MAX_ASPECT_RATIO, STORED_LONG_SIDE, crop_extreme_aspect, encode_for_storage, load_image
+from core.images import (
+    MAX_ASPECT_RATIO,
+    STORED_LONG_SIDE,
+    check_signature,
+    crop_extreme_aspect,
+    encode_for_storage,
+    load_image,
+)
 
 DEFAULT = ImageSettings()
 SMALL_KEPT = ImageSettings(max_side_kept=256)
@@ -546,6 +553,41 @@ def test_refused_input_has_its_message(make: Callable[[], bytes], settings: Imag
 
     with pytest.raises(BadImage, match=message):
         load_image(data, settings)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"])
+def test_every_accepted_format_passes_the_signature_check(fmt: str) -> None:
+    check_signature(encode(SAMPLE, fmt), DEFAULT)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"Hello, this is just some text.\n",
+        PDF,
+        SVG,
+        b"\0\0\0\x18ftypheic\0\0\0\0mif1heic",  # an iPhone's HEIC photo begins so
+        encode(SAMPLE, "ICO"),
+        encode(SAMPLE, "PPM"),
+        encode(SAMPLE, "QOI"),
+        np.random.default_rng(1234).bytes(4096),
+    ],
+    ids=["text", "pdf", "svg", "heic", "ico", "ppm", "qoi", "random"],
+)
+def test_files_plainly_not_images_are_refused_by_their_signature(data: bytes) -> None:
+    with pytest.raises(BadImage, match=NOT_READABLE):
+        check_signature(data, DEFAULT)
+
+
+def test_the_signature_check_reads_no_header() -> None:
+    """A JPEG start with megabytes of fill after it: Pillow reads such headers a byte at a time, so
+    this check must not (and the request counts as work once past it)."""
+    data = b"\xff\xd8" + b"\xff" * (4 * 2**20)
+    started = time.perf_counter()
+    check_signature(data, DEFAULT)
+    assert time.perf_counter() - started < 0.05
+    with pytest.raises(BadImage, match=r"^The file is empty\.$"):
+        check_signature(b"", DEFAULT)
 
 
 def test_decompression_bomb_small_on_disk_is_refused_before_decoding() -> None:

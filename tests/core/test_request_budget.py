@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
@@ -50,6 +51,8 @@ def accounted(path: Path) -> dict[tuple[int, int], int]:
             FROM requests r JOIN request_images i ON i.request_id = r.id GROUP BY 1, 2"""
         ).fetchall()
     assert counted == {(g, u): b for g, u, b in actual}
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT image_bytes FROM request_counters").fetchone() == (sum(counted.values()),)
     return counted
 
 
@@ -94,11 +97,14 @@ async def test_beyond_the_total_the_oldest_of_any_place_go(storage: Storage) -> 
     assert await kept(storage, [third], None) == [third]
 
 
-async def test_a_request_larger_than_the_share_is_kept_and_pushes_out_the_rest(storage: Storage) -> None:
-    budget = RequestBudget(total=10_000, per_place=1000)
+async def test_the_newest_request_is_kept_even_beyond_the_share_and_the_total(storage: Storage) -> None:
+    """Its buttons were just shown; the next purge must not take them away either."""
+    budget = RequestBudget(total=3000, per_place=1000)
     older = await save(storage, GUILD, 500, budget)
     large = await save(storage, GUILD, 4000, budget)
     assert await kept(storage, [older, large], GUILD) == [large]
+    assert (await storage.purge(KEEP_ALL, budget)).over_budget == 0
+    assert await kept(storage, [large], GUILD) == [large]
 
 
 async def test_a_lowered_budget_deletes_a_batch_per_request_and_purge_the_rest(
@@ -158,10 +164,12 @@ async def test_migrating_counts_the_images_already_stored_and_continues_their_id
             )
         db.execute("PRAGMA user_version = 6")
         db.commit()
+    migrated_at = int(time.time()) * 1000
     storage = await Storage.open(path)
     try:
         assert accounted(path) == {(GUILD, 0): 501, (0, 43): 50}
-        assert await save(storage, GUILD, 10) == 10
+        # Ids given before may have been reused already: new ones start past any of them.
+        assert await save(storage, GUILD, 10) > migrated_at
     finally:
         await storage.close()
 

@@ -76,7 +76,7 @@ async def test_open_creates_the_directory_and_migrates_an_empty_file_to_the_late
         "requests",
         "request_images",
         "departed_guilds",
-        "request_ids",
+        "request_counters",
         "request_bytes",
     }
     reopened = await TaskStore.open(db_path)
@@ -181,9 +181,9 @@ async def test_a_guilds_task_images_are_bounded_in_bytes(store: TaskStore) -> No
         GUILD, "cats", "d", "p", 1, max_tasks=MAX, max_image_bytes=1000, examples=[(big, "t", 1), (small, "t", 1)]
     )
     assert await store.image_bytes(GUILD) == 900
-    with pytest.raises(LimitReached, match="take 900 B of the 1000 B it may store, and these need 300 B more"):
+    with pytest.raises(LimitReached, match="may take 1000 B in all; 100 B are left, and these need 300 B"):
         await store.add_example(GUILD, "cats", small, "t", max_examples=MAX, max_image_bytes=1000, added_by=1)
-    with pytest.raises(LimitReached, match="these need 900 B more"):
+    with pytest.raises(LimitReached, match="100 B are left, and these need 900 B"):
         await store.create_task(
             GUILD, "copy", "d", "p", 1, max_tasks=MAX, max_image_bytes=1000, examples=[(big, "t", 1), (small, "t", 1)]
         )

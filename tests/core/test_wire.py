@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -36,3 +39,32 @@ def test_a_damaged_image_is_refused(photos):
     damaged = dataclasses.replace(wire.images[0], png=wire.images[0].png[:-10] + b"0123456789")
     with pytest.raises(ValueError, match="does not match its hash"):
         WireDecoder().image(damaged)
+
+
+def test_a_replica_decodes_requests_on_threads_without_its_caches_entered_at_once(photos, monkeypatch):
+    """The replica decodes off its event loop, so several threads share the decoder's caches."""
+    inside, overlaps = [0], []
+    lock = threading.Lock()
+
+    def exclusive(method):
+        def wrapped(*args):
+            with lock:
+                inside[0] += 1
+                overlaps.append(inside[0] > 1)
+            time.sleep(0.002)
+            with lock:
+                inside[0] -= 1
+            return method(*args)
+
+        return wrapped
+
+    decoder = WireDecoder()
+    for cache in (decoder._images, decoder._tasks):
+        monkeypatch.setattr(cache, "get", exclusive(cache.get))
+        monkeypatch.setattr(cache, "put", exclusive(cache.put))
+    task = Task("pets", "d", "<image>Pet:", (Example(photos["chelsea"], "<image>Pet:a cat"),), key="guild/1/pets/x/2")
+    wire = WireEncoder().request([photos["rocket"]], "<image>Pet:", task, GenerationParams())
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        decoded = list(pool.map(lambda _: decoder.request(wire), range(16)))
+    assert overlaps and not any(overlaps)
+    assert all(np.array_equal(np.asarray(d[0][0]), np.asarray(photos["rocket"])) for d in decoded)
