@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from core.database import Database, now_text
-from core.errors import ExampleNotFound, LimitReached, TaskChanged, TaskExists, UnknownTask
+from core.errors import ExampleNotFound, LimitReached, TaskChanged, TaskExists, UnknownTask, quoted
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class TaskStore(Database):
     async def _require(self, guild_id: int, name: str) -> sqlite3.Row:
         task = await self._find(guild_id, name)
         if task is None:
-            raise UnknownTask(f"This server has no task called “{name}”.")
+            raise UnknownTask(f"This server has no task called {quoted(name)}.")
         return task
 
     @staticmethod

@@ -15,7 +15,16 @@ from typing import Protocol, TypeVar
 
 from core.builtin_tasks import DEFAULT_TASK
 from core.config import Settings
-from core.errors import BadImage, BadName, FlamingoError, LimitReached, ReadOnlyTask, TaskChanged, UnknownTask
+from core.errors import (
+    BadImage,
+    BadName,
+    FlamingoError,
+    LimitReached,
+    ReadOnlyTask,
+    TaskChanged,
+    UnknownTask,
+    quoted,
+)
 from core.images import encode_for_storage, load_image, preview
 from core.prompts import Example, Task, assemble_prompt
 from core.store import StoredTask, TaskStore
@@ -76,7 +85,7 @@ class LibraryUsage:
 def check_name(name: str) -> str:
     name = name.strip()
     if not NAME_PATTERN.fullmatch(name):
-        raise BadName(f"“{name}” is not a valid task name; use {_NAME_RULE}.")
+        raise BadName(f"{quoted(name)} is not a valid task name; use {_NAME_RULE}.")
     return name
 
 
@@ -341,7 +350,7 @@ class TaskLibrary:
     def _unknown(self, name: str) -> UnknownTask:
         builtins = ", ".join(sorted(self.builtins))
         return UnknownTask(
-            f"There is no task called “{name}” here; the built-in tasks are {builtins}, "
+            f"There is no task called {quoted(name)} here; the built-in tasks are {builtins}, "
             "and /tasks list shows this server's."
         )
 
@@ -361,13 +370,13 @@ class TaskLibrary:
 
     async def _stored_for_change(self, guild_id: int, name: str) -> StoredTask:
         if await self._builtin(guild_id, name) is not None:
-            raise ReadOnlyTask(f"“{name}” is a built-in task and cannot be changed; copy it to make your own.")
+            raise ReadOnlyTask(f"{quoted(name)} is a built-in task and cannot be changed; copy it to make your own.")
         return await self._stored(guild_id, name)
 
     def _new_name(self, name: str) -> str:
         name = check_name(name)
         if name in self.builtins:
-            raise BadName(f"“{name}” is the name of a built-in task; choose another.")
+            raise BadName(f"{quoted(name)} is the name of a built-in task; choose another.")
         return name
 
     @staticmethod

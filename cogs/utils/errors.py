@@ -14,7 +14,7 @@ from discord import app_commands
 
 from cogs.utils.checks import NotOwner
 from cogs.utils.replies import send_private
-from core.errors import FlamingoError
+from core.errors import FlamingoError, quoted
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def explain(error: Exception) -> str | None:
     if isinstance(cause, app_commands.CommandNotFound | app_commands.CommandSignatureMismatch):
         return "This command is being updated; try again in a moment."
     if isinstance(cause, app_commands.TransformerError):
-        return f"“{cause.value}” is not a valid value for that option."
+        return f"{quoted(str(cause.value))} is not a valid value for that option."
     if isinstance(cause, app_commands.CheckFailure):
         return "You are not allowed to use this command here."
     return None

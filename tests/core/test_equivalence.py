@@ -337,3 +337,4 @@ def test_batched_requests_match_the_reference_except_at_near_ties(
             assert len(ours) == len(expected)
     assert stepping == "eager" or engine.decoder.static_steps.used > 0
     print(f"{family} {stepping}: {near_ties} of {len(cases)} batched requests diverged at a near tie")
+    assert near_ties <= 1  # rare, or batching itself has drifted (none diverge on these cases today)

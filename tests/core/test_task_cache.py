@@ -28,7 +28,9 @@ async def test_after_an_edit_the_answer_comes_from_the_new_examples(library, lla
 
     before = await library.resolve(7, "pets")
     first = answer(before)
-    assert answer(await library.resolve(7, "pets")) == first  # served from the prefix cache
+    hits = llama_engine.decoder.prefixes.stats()["hits"]
+    assert answer(await library.resolve(7, "pets")) == first
+    assert llama_engine.decoder.prefixes.stats()["hits"] == hits + 1  # served from the prefix cache
 
     await library.edit_example(7, "pets", 1, "<image>Pet:a tabby cat sitting")
     after = await library.resolve(7, "pets")

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tests.e2e.conftest import E2E
-from tests.fake_discord.payloads import Member
+from tests.fake_discord.payloads import EVERYONE_PERMISSIONS, MANAGE_MESSAGES, Member
 from tests.fake_discord.server import InteractionRecord, Message
 
 pytestmark = E2E
@@ -65,6 +65,13 @@ async def test_only_the_asker_or_a_message_manager_can_delete_an_answer(scene):
     await record.wait_for(lambda: answer.deleted, timeout=30)
     gone = await (await click(scene, answer, "Re-roll")).answered()
     assert gone[0].ephemeral and gone[0].content.startswith("This answer's request is no longer stored")
+
+    another = (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=3))[0]
+    janitor = scene.discord.add_member(scene.guild, "janitor", permissions=EVERYONE_PERMISSIONS | MANAGE_MESSAGES)
+    record = await click(scene, another, "Delete", janitor)
+    await record.wait_for(lambda: another.deleted, timeout=30)
+    gone = await (await click(scene, another, "Prompt")).answered()
+    assert gone[0].content.startswith("This answer's request is no longer stored")
 
 
 @pytest.mark.cancel

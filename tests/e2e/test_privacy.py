@@ -107,6 +107,16 @@ async def test_report_posts_the_answer_to_the_moderators_channel(scene):
     assert {f["name"]: f["value"] for f in embed["fields"]}["Reported by"] == f"<@{scene.reader.id}>"
     assert report.silent  # the report mentions the reporter without pinging anyone
 
+    second = (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=3))[0]
+    scene.discord.limits.inject("POST", f"/channels/{mods.id}/messages", status=403)
+    failed = await (await click(scene, second, "Report")).answered()
+    assert [(m.content, m.ephemeral) for m in failed] == [
+        ("I could not post in this server's report channel; ask a moderator to check /settings reports.", True)
+    ]
+    retried = await (await click(scene, second, "Report")).answered()  # not posted, so not yet reported
+    assert [(m.content, m.ephemeral) for m in retried] == [("Thank you; the moderators have been told.", True)]
+    await scene.discord.wait_for_channel_messages(mods, count=3)
+
 
 @pytest.mark.privacy
 async def test_the_word_filter_and_a_departed_servers_data(scene, stand_in, model_dirs, tmp_path):

@@ -30,6 +30,12 @@ async def test_answer_channels_limit_where_the_bot_answers(scene):
 
     missing = await scene.ask("settings channels", scene.moderator, action="remove")
     assert missing[0].content == "Choose the channel to remove."
+    chat = await scene.discord.add_channel(scene.guild, "chat")
+    await scene.ask("settings channels", scene.moderator, action="add", channel=chat)
+    removed = (await scene.ask("settings channels", scene.moderator, action="remove", channel=bots))[0]
+    assert removed.content == f"Removed <#{bots.id}>." and _fields(removed)["Answers in"] == f"<#{chat.id}>"
+    refused = await scene.ask("comprehend", image=scene.photo(), in_channel=bots)
+    assert [(m.content, m.ephemeral) for m in refused] == [(f"I only answer in <#{chat.id}> on this server.", True)]
     cleared = (await scene.ask("settings channels", scene.moderator, action="clear"))[0]
     assert cleared.content == "I answer in every channel now."
     assert _fields(cleared)["Answers in"] == "every channel"

@@ -47,13 +47,15 @@ async def test_a_task_exports_as_one_zip_with_its_examples(scene):
 async def test_a_task_too_large_to_attach_here_is_refused_saying_by_how_much(scene):
     await _pets(scene)
     scene.discord.attachment_size_limit = 64 * 1024  # the two photos make about 100 KiB
-    [refused] = await scene.ask("tasks export", task="pets")
+    try:
+        [refused] = await scene.ask("tasks export", task="pets")
+    finally:
+        scene.discord.attachment_size_limit = 10 * 1024 * 1024  # the stand-in serves the next tests too
     assert refused.ephemeral and not refused.files
     assert refused.content.startswith("Task “pets” makes a ")
     assert refused.content.endswith(
         " KiB file; Discord lets me attach at most 64 KiB here. Remove an example or two and try again."
     )
-    scene.discord.attachment_size_limit = 10 * 1024 * 1024
     assert (await _export(scene, "pets"))[0] == "pets.flamingo-task.zip"
 
 

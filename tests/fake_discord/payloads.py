@@ -13,6 +13,7 @@ _sequence = itertools.count(1)
 # https://discord.com/developers/docs/topics/permissions
 ADMINISTRATOR = 1 << 3
 MANAGE_GUILD = 1 << 5
+MANAGE_MESSAGES = 1 << 13
 ALL_PERMISSIONS = (1 << 51) - 1
 # View channel, send messages, embed links, attach files, read history, use application commands.
 EVERYONE_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 31)
