@@ -78,6 +78,15 @@ async def test_an_announced_oversized_file_is_refused_before_download(world):
     assert ("GET", f"/cdn/attachments/{big.id}/huge.png") not in world.discord.requests
 
 
+async def test_more_images_than_the_operator_allows_are_refused_before_download(world, monkeypatch):
+    monkeypatch.setattr(world.bot.settings.images, "max_per_request", 2)
+    uploads = [photo(world, name) for name in ("chelsea", "coffee", "rocket")]
+    images = dict(zip(("image", "image2", "image3"), uploads, strict=True))
+    message = await _private_only(world.invoke("comprehend", prompt="<image><image><image>", **images))
+    assert message == "At most 2 images can be read at once."
+    assert not [path for method, path in world.discord.requests if path.startswith("/cdn/")]
+
+
 async def test_unknown_task_is_refused_privately(world):
     message = await _private_only(world.invoke("comprehend", image=photo(world), task="poetry"))
     assert message.startswith("There is no task called “poetry” here; the built-in tasks are caption, vqa")

@@ -144,6 +144,10 @@ async def test_templates_and_attachments_have_size_limits(world):
     message = await private(world, "manage-tasks add-example", world.moderator, task="pets", image=big, text="<image>")
     assert message == "The file is 26.0 MB; the limit is 25.0 MB."
     assert ("GET", f"/cdn/attachments/{big.id}/huge.png") not in world.discord.requests
+    archive = world.discord.upload("big.flamingo-task.zip", b"\0" * (25 * 1024 * 1024 + 1), "application/zip")
+    message = await private(world, "manage-tasks import", world.moderator, file=archive)
+    assert message == "The task file is 26,214,401 bytes; the limit is 26,214,400 bytes."
+    assert ("GET", f"/cdn/attachments/{archive.id}/big.flamingo-task.zip") not in world.discord.requests
     empty = world.discord.upload("empty.png", b"", "image/png")
     message = await private(
         world, "manage-tasks add-example", world.moderator, task="pets", image=empty, text="<image>"

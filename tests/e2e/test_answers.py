@@ -90,9 +90,15 @@ async def test_a_waiting_request_shows_its_place_and_can_be_cancelled_by_its_ask
     assert refused[0].ephemeral and refused[0].content == (
         "Only the person who asked, or a member with Manage Messages, can cancel this request."
     )
+    # A second click made as the first took effect: Discord sends the message as the user saw it.
+    second_click = scene.discord.component_payload(notice, buttons(notice)["Cancel"], scene.reader, scene.guild)
     cancel = await click(scene, notice, "Cancel")
     await cancel.wait_for(lambda: notice.content == "Cancelled.", timeout=30)
     assert notice.components == []
+    again = await (await scene.discord.send_interaction(second_click)).answered()
+    assert [(m.content, m.ephemeral) for m in again] == [
+        ("That request is no longer waiting: it has been answered or withdrawn.", True)
+    ]
     for record in running:  # a place-in-line notice first, perhaps, then the answer in its place
         await record.wait_for(lambda record=record: bool(record.original and record.original.embeds), timeout=120)
         assert record.original.content == ""

@@ -117,6 +117,11 @@ async def test_report_posts_the_answer_to_the_moderators_channel(scene):
     assert [(m.content, m.ephemeral) for m in retried] == [("Thank you; the moderators have been told.", True)]
     await scene.discord.wait_for_channel_messages(mods, count=3)
 
+    off = (await scene.ask("settings reports", scene.moderator))[0]
+    assert off.ephemeral and off.content == "Reports are off: the Report button says so."
+    nowhere = await (await click(scene, second, "Report", scene.moderator)).answered()
+    assert nowhere[0].content == "This server has no report channel; a moderator can set one with /settings reports."
+
 
 @pytest.mark.privacy
 async def test_the_word_filter_and_a_departed_servers_data(scene, stand_in, model_dirs, tmp_path):

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from tests.e2e.conftest import E2E
+from tests.e2e.test_answers import click
 
 pytestmark = E2E
 
@@ -57,7 +58,12 @@ async def test_a_required_role_and_private_answers(scene):
     ]
     artist = scene.discord.add_member(scene.guild, "artist")
     artist.roles.append(artists.id)
-    assert (await scene.ask("comprehend", artist, image=scene.photo(), max_new_tokens=2))[0].embeds
+    answer = (await scene.ask("comprehend", artist, image=scene.photo(), max_new_tokens=2))[0]
+    assert answer.embeds
+    rerolled = await (await click(scene, answer, "Re-roll")).answered()  # the reader has not the role
+    assert [(m.content, m.ephemeral) for m in rerolled] == [
+        (f"You need the <@&{artists.id}> role to use the bot on this server.", True)
+    ]
     assert (await scene.ask("comprehend", scene.moderator, image=scene.photo(), max_new_tokens=2))[0].embeds
 
     private = (await scene.ask("settings answers", scene.moderator, visibility="private"))[0]
