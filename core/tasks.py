@@ -167,16 +167,7 @@ class TaskLibrary:
         name = self._new_name(name)
         description = self._check_length(description.strip(), self.limits.max_description_chars, "description")
         template = self._check_template(template)
-        await self.store.create_task(
-            guild_id,
-            name,
-            description,
-            template,
-            author_id,
-            max_tasks=self.limits.max_tasks_per_guild,
-            max_image_bytes=self.limits.max_task_image_bytes,
-        )
-        return name
+        return await self._save_new(guild_id, name, description, template, author_id, [])
 
     async def copy(self, guild_id: int, source: str, new_name: str, author_id: int) -> str:
         new_name = self._new_name(new_name)
