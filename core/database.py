@@ -96,7 +96,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """UPDATE requests SET image_bytes =
             (SELECT coalesce(sum(length(image)), 0) FROM request_images WHERE request_id = requests.id)""",
         """INSERT INTO request_counters
-            SELECT max(coalesce(max(id), 0), unixepoch() * 1000), coalesce(sum(image_bytes), 0) FROM requests""",
+            SELECT max(coalesce(max(id), 0), CAST(strftime('%s', 'now') AS INTEGER) * 1000),
+                coalesce(sum(image_bytes), 0)
+            FROM requests""",
         """CREATE TABLE request_bytes (
             guild_id INTEGER NOT NULL,
             user_id INTEGER NOT NULL,
@@ -108,7 +110,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TRIGGER request_added AFTER INSERT ON requests BEGIN
             INSERT INTO request_bytes VALUES
                 (new.guild_id, CASE WHEN new.guild_id = 0 THEN new.user_id ELSE 0 END, new.image_bytes)
-            ON CONFLICT DO UPDATE SET bytes = bytes + excluded.bytes;
+            ON CONFLICT (guild_id, user_id) DO UPDATE SET bytes = bytes + excluded.bytes;
             UPDATE request_counters SET last_id = max(last_id, new.id), image_bytes = image_bytes + new.image_bytes;
         END""",
         """CREATE TRIGGER request_removed AFTER DELETE ON requests BEGIN
