@@ -15,6 +15,7 @@ from discord.ext import commands
 import core
 from cogs.utils.bot import EXTENSIONS, FlamingoBot
 from cogs.utils.checks import OwnerGroup
+from cogs.utils.options import limit_options
 
 if TYPE_CHECKING:
     from core.static_decode import StaticSteps
@@ -97,6 +98,9 @@ class Admin(commands.Cog):
 
     def __init__(self, bot: FlamingoBot) -> None:
         self.bot = bot
+        sync = self.admin.get_command("sync")
+        assert isinstance(sync, app_commands.Command)
+        limit_options(sync, guild_id=(17, 20))  # the digits of a Discord id
 
     @admin.command(description="Reload one cog, or all of them, without reloading the model")
     @app_commands.describe(cog="e.g. cogs.inference; empty reloads all")

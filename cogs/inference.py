@@ -32,7 +32,9 @@ from cogs.utils.answering import (
 from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.errors import reply_with_error
+from cogs.utils.options import drop_options, limit_options
 from cogs.utils.replies import EMBED_FIELD_LIMIT, clip, defer_answer, verbatim
+from core.config import Range
 from core.errors import BadImage, BadPrompt, FlamingoError, NotAllowedHere, RequestCancelled, UnknownTask
 from core.generation import GenerationParams, generation_kwargs
 from core.guild_settings import GuildSettings
@@ -125,6 +127,10 @@ class Inference(commands.Cog):
     def __init__(self, bot: FlamingoBot) -> None:
         self.bot = bot
         self._describe_menu = app_commands.ContextMenu(name="Describe image", callback=self.describe_image)
+        settings = bot.settings
+        ranges = {name: (value.low, value.high) for name, value in settings.generation if isinstance(value, Range)}
+        limit_options(self.comprehend, prompt=(1, settings.prompts.max_chars), **ranges)
+        drop_options(self.comprehend, *("image2", "image3", "image4")[settings.images.max_per_request - 1 :])
 
     @app_commands.command(description="Ask OpenFlamingo about an image.")
     @app_commands.describe(

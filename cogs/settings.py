@@ -16,10 +16,11 @@ from discord.ext import commands
 from cogs.utils.autocomplete import MAX_CHOICES
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.checks import ManageServerGroup
+from cogs.utils.options import limit_options
 from core.builtin_tasks import DEFAULT_TASK
 from core.config import QuotaSettings
 from core.errors import NotAllowedHere
-from core.guild_settings import GuildSettings, check_quota_change
+from core.guild_settings import MAX_COOLDOWN_SECONDS, GuildSettings, check_quota_change
 from core.model_choice import ModelCatalog, short_name
 
 _COLOUR = discord.Colour.blurple()
@@ -59,6 +60,15 @@ class ServerSettings(commands.Cog):
 
     def __init__(self, bot: FlamingoBot) -> None:
         self.bot = bot
+        defaults = bot.settings.quotas
+        quotas = self.group.get_command("quotas")
+        assert isinstance(quotas, app_commands.Command)
+        limit_options(
+            quotas,
+            cooldown_seconds=(defaults.user_cooldown_seconds, MAX_COOLDOWN_SECONDS),
+            in_flight=(1, defaults.guild_in_flight),
+            per_period=(1, defaults.guild_per_period),
+        )
 
     async def _change(
         self, interaction: discord.Interaction, change: Callable[[GuildSettings], GuildSettings], note: str
@@ -84,7 +94,8 @@ class ServerSettings(commands.Cog):
         self,
         interaction: discord.Interaction,
         action: Literal["add", "remove", "clear"],
-        channel: discord.TextChannel | None = None,
+        # Every channel members can write in: threads and forum posts follow their channel.
+        channel: discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.ForumChannel | None = None,
     ) -> None:
         if action != "clear" and channel is None:
             await interaction.response.send_message(f"Choose the channel to {action}.", ephemeral=True)
@@ -101,6 +112,7 @@ class ServerSettings(commands.Cog):
         await self._change(interaction, change, f"{'Added' if action == 'add' else 'Removed'} {channel.mention}.")
 
     @group.command(name="role", description="A role members need to use the bot (empty: everyone)")
+    @app_commands.describe(role="The role; leave empty to let everyone use the bot")
     async def role(self, interaction: discord.Interaction, role: discord.Role | None = None) -> None:
         if role is not None and role.is_default():
             role = None  # @everyone is no restriction
@@ -108,6 +120,7 @@ class ServerSettings(commands.Cog):
         await self._change(interaction, lambda r: replace(r, required_role=role.id if role else None), note)
 
     @group.command(name="answers", description="Whether answers are public or seen only by the asker")
+    @app_commands.describe(visibility="public: everyone in the channel sees them; private: only the asker")
     async def answers(self, interaction: discord.Interaction, visibility: Literal["public", "private"]) -> None:
         private = visibility == "private"
         note = "Answers are now seen only by the asker." if private else "Answers are now public."
@@ -172,6 +185,7 @@ class ServerSettings(commands.Cog):
         ]
 
     @group.command(name="reports", description="The channel where reported answers are posted (empty: none)")
+    @app_commands.describe(channel="A channel only moderators read; leave empty to turn reports off")
     async def reports(self, interaction: discord.Interaction, channel: discord.TextChannel | None = None) -> None:
         if channel is not None:
             # Tried now, so a channel the bot cannot post in is found by the moderator setting it,

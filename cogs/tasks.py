@@ -15,6 +15,7 @@ from discord.ext import commands
 from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.checks import ManageServerGroup
+from cogs.utils.options import limit_options
 from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, EMBED_TOTAL_LIMIT, clip, verbatim
 from core.errors import LimitReached
 from core.images import check_file_size
@@ -77,6 +78,27 @@ class Tasks(commands.Cog):
 
     def __init__(self, bot: FlamingoBot) -> None:
         self.bot = bot
+        limits = bot.settings.limits
+        name, positions = (1, 32), (1, limits.max_examples_per_task)
+        text, template, description = (
+            (1, limits.max_example_chars),
+            (1, limits.max_template_chars),
+            (0, limits.max_description_chars),
+        )
+        for command_name, options in {
+            "import": {"name": name},
+            "create": {"name": name, "template": template, "description": description},
+            "add-example": {"text": text},
+            "edit-example": {"position": positions, "text": text},
+            "remove-example": {"position": positions},
+            "move-example": {"position": positions, "to": positions},
+            "edit": {"description": description, "template": template},
+            "rename": {"new_name": name},
+            "copy": {"new_name": name},
+        }.items():
+            command = self.manage.get_command(command_name)
+            assert isinstance(command, app_commands.Command)
+            limit_options(command, **options)
 
     @property
     def library(self) -> TaskLibrary:
@@ -152,25 +174,32 @@ class Tasks(commands.Cog):
         await interaction.followup.send(f"Added example {position} to **{task}**.", ephemeral=True)
 
     @manage.command(name="edit-example", description="Change the text of an example")
+    @app_commands.describe(task="The task", position="The example's number (1 is the first)", text="Its new text")
     @app_commands.autocomplete(task=task_names)
     async def edit_example(self, interaction: discord.Interaction, task: str, position: int, text: str) -> None:
         await self.library.edit_example(interaction.guild_id, task, position, text)
         await self._done(interaction, f"Changed example {position} of **{task}**.")
 
     @manage.command(name="remove-example", description="Remove an example; later ones move up")
+    @app_commands.describe(task="The task", position="The example's number (1 is the first)")
     @app_commands.autocomplete(task=task_names)
     async def remove_example(self, interaction: discord.Interaction, task: str, position: int) -> None:
         await self.library.remove_example(interaction.guild_id, task, position)
         await self._done(interaction, f"Removed example {position} from **{task}**.")
 
     @manage.command(name="move-example", description="Move an example to another position")
-    @app_commands.describe(position="Where it is now", to="Where it should be")
+    @app_commands.describe(task="The task", position="Where it is now", to="Where it should be")
     @app_commands.autocomplete(task=task_names)
     async def move_example(self, interaction: discord.Interaction, task: str, position: int, to: int) -> None:
         await self.library.move_example(interaction.guild_id, task, position, to)
         await self._done(interaction, f"Moved example {position} of **{task}** to position {to}.")
 
     @manage.command(description="Change a task's description or prompt template")
+    @app_commands.describe(
+        task="The task",
+        description="What the task is for",
+        template="The prompt used when a request gives none; must contain <image>",
+    )
     @app_commands.autocomplete(task=task_names)
     async def edit(
         self, interaction: discord.Interaction, task: str, description: str | None = None, template: str | None = None
@@ -179,18 +208,21 @@ class Tasks(commands.Cog):
         await self._done(interaction, f"Updated **{task}**.")
 
     @manage.command(description="Rename a task")
+    @app_commands.describe(task="The task", new_name="Lowercase letters, digits, - and _")
     @app_commands.autocomplete(task=task_names)
     async def rename(self, interaction: discord.Interaction, task: str, new_name: str) -> None:
         renamed = await self.library.rename(interaction.guild_id, task, new_name)
         await self._done(interaction, f"Renamed **{task}** to **{renamed}**.")
 
     @manage.command(description="Delete a task and its examples")
+    @app_commands.describe(task="The task")
     @app_commands.autocomplete(task=task_names)
     async def delete(self, interaction: discord.Interaction, task: str) -> None:
         deleted = await self.library.delete(interaction.guild_id, task)
         await self._done(interaction, f"Deleted **{deleted}**.")
 
     @manage.command(description="Copy a task (built-in or this server's) under a new name, to edit it")
+    @app_commands.describe(task="The task to copy", new_name="Lowercase letters, digits, - and _")
     @app_commands.autocomplete(task=task_names)
     async def copy(self, interaction: discord.Interaction, task: str, new_name: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,7 +62,7 @@ def check_quota_change(
     defaults: QuotaSettings, cooldown_seconds: int | None, in_flight: int | None, per_period: int | None
 ) -> None:
     """Refuse values outside what the operator allows, saying the range."""
-    low_cooldown = int(defaults.user_cooldown_seconds)
+    low_cooldown = math.ceil(defaults.user_cooldown_seconds)  # a whole number of seconds, never below the operator's
     if cooldown_seconds is not None and not low_cooldown <= cooldown_seconds <= MAX_COOLDOWN_SECONDS:
         raise BadParameter(f"cooldown_seconds must be between {low_cooldown} and {MAX_COOLDOWN_SECONDS}.")
     if in_flight is not None and not 1 <= in_flight <= defaults.guild_in_flight:

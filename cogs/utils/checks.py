@@ -36,7 +36,13 @@ class NotOwner(app_commands.CheckFailure):
 
 
 class OwnerGroup(app_commands.Group):
-    """Commands for the bot's owner (from config, else the application's owner or team)."""
+    """Commands for the bot's owner (from config, else the application's owner or team).
+
+    Shown only to the admin guild's administrators, whom its admins may change in the server's
+    integration settings; only the owner may run them whoever sees them."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(guild_only=True, default_permissions=discord.Permissions(administrator=True), **kwargs)
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         if not await interaction.client.is_owner(interaction.user):  # type: ignore[attr-defined]

@@ -1,0 +1,30 @@
+"""Option limits declared to Discord from the operator's config, so that clients refuse out-of-range
+values as the user types, instead of the bot after the command is sent.
+
+The bot still checks every value itself: a client may show an older version of a command, and a
+request can be forged. Limits come from config, which decorators cannot read, so they are set on
+each cog's own copy of its commands when the cog is made.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from discord import AppCommandOptionType, app_commands
+
+
+def limit_options(command: app_commands.Command, **limits: tuple[float, float]) -> None:
+    """Numbers get a least and a greatest value, text a least and a greatest length (discord.py
+    sends ``min_value`` and ``max_value`` of a string option as its lengths)."""
+    for name, (low, high) in limits.items():
+        parameter = command._params[name]
+        if parameter.type in (AppCommandOptionType.integer, AppCommandOptionType.string):
+            low, high = math.ceil(low), math.floor(high)
+        command._params[name] = replace(parameter, min_value=low, max_value=high)
+
+
+def drop_options(command: app_commands.Command, *names: str) -> None:
+    """Options the operator turned off (such as a fourth image) are not offered; their defaults apply."""
+    for name in names:
+        del command._params[name]

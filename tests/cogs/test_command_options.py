@@ -1,0 +1,87 @@
+"""What Discord's clients are told of each option, so they refuse out-of-range values as the user types."""
+
+from __future__ import annotations
+
+from cogs.inference import Inference
+
+
+def registered(world, name: str) -> dict:
+    return next(command for command in world.discord.global_commands if command["name"] == name)
+
+
+def options(command: dict, *path: str) -> dict[str, dict]:
+    """The options of a command, or of one of its subcommands, by name."""
+    for name in path:
+        command = next(option for option in command["options"] if option["name"] == name)
+    return {option["name"]: option for option in command["options"]}
+
+
+def bounds(option: dict) -> tuple:
+    if option["type"] == 3:
+        return option.get("min_length"), option.get("max_length")
+    return option.get("min_value"), option.get("max_value")
+
+
+async def test_comprehend_declares_the_operators_ranges(world):
+    settings = world.bot.settings
+    declared = options(registered(world, "comprehend"))
+    for name, allowed in settings.generation:
+        if name in declared:
+            assert bounds(declared[name]) == (allowed.low, allowed.high), name
+    assert bounds(declared["max_new_tokens"]) == (1, 256) and bounds(declared["temperature"]) == (0.05, 2.0)
+    assert isinstance(declared["top_k"]["max_value"], int)  # an integer option takes whole numbers
+    assert bounds(declared["prompt"]) == (1, settings.prompts.max_chars)
+    assert bounds(declared["task"]) == (None, None) and "image4" in declared
+
+
+async def test_images_the_operator_turned_off_are_not_offered(world, monkeypatch):
+    monkeypatch.setattr(world.bot.settings.images, "max_per_request", 2)
+    command = Inference(world.bot).comprehend.to_dict(world.bot.tree)
+    names = [option["name"] for option in command["options"]]
+    assert "image2" in names and "image3" not in names and "image4" not in names
+    assert "image4" in options(registered(world, "comprehend"))  # the running cog's copy is its own
+
+
+async def test_task_options_declare_the_task_limits(world):
+    limits = world.bot.settings.limits
+    manage = registered(world, "manage-tasks")
+    examples = (1, limits.max_examples_per_task)
+    assert bounds(options(manage, "move-example")["position"]) == examples
+    assert bounds(options(manage, "move-example")["to"]) == examples
+    assert bounds(options(manage, "edit-example")["text"]) == (1, limits.max_example_chars)
+    created = options(manage, "create")
+    assert [bounds(created[name]) for name in ("name", "template", "description")] == [
+        (1, 32),
+        (1, limits.max_template_chars),
+        (0, limits.max_description_chars),
+    ]
+    assert bounds(options(manage, "rename")["new_name"]) == bounds(options(manage, "import")["name"]) == (1, 32)
+
+
+async def test_server_quotas_and_channels_declare_what_a_server_may_choose(world):
+    settings = registered(world, "settings")
+    quotas = options(settings, "quotas")
+    defaults = world.bot.settings.quotas
+    assert bounds(quotas["cooldown_seconds"]) == (defaults.user_cooldown_seconds, 3600)
+    assert bounds(quotas["in_flight"]) == (1, defaults.guild_in_flight)
+    assert bounds(quotas["per_period"]) == (1, defaults.guild_per_period)
+    # Text, announcement, voice and stage chats, forums and media channels: their posts follow them.
+    assert set(options(settings, "channels")["channel"]["channel_types"]) == {0, 2, 5, 13, 15, 16}
+    assert set(options(settings, "reports")["channel"]["channel_types"]) == {0, 5}
+
+
+async def test_every_option_says_what_it_is_for(world):
+    commands = [*world.discord.global_commands, *world.discord.guild_commands[world.admin_guild.id]]
+    undescribed = []
+    for command in commands:
+        for option in command.get("options", []):
+            for leaf in option.get("options", [option]) if option["type"] in (1, 2) else [option]:
+                if leaf.get("description") in (None, "", "…"):
+                    undescribed.append(f"{command['name']} {option['name']} {leaf['name']}")
+    assert undescribed == []
+
+
+async def test_admin_commands_are_shown_to_the_admin_guilds_administrators_only(world):
+    [admin] = world.discord.guild_commands[world.admin_guild.id]
+    assert int(admin["default_member_permissions"]) == 1 << 3  # Administrator
+    assert bounds(options(admin, "sync")["guild_id"]) == (17, 20)
