@@ -16,6 +16,7 @@ import core
 from cogs.utils.bot import EXTENSIONS, FlamingoBot
 from cogs.utils.checks import OwnerGroup
 from cogs.utils.options import limit_options
+from cogs.utils.replies import clip
 
 if TYPE_CHECKING:
     from core.static_decode import StaticSteps
@@ -108,8 +109,11 @@ class Admin(commands.Cog):
     async def reload(self, interaction: discord.Interaction, cog: str | None = None) -> None:
         names = [cog] if cog else list(EXTENSIONS)
         await interaction.response.defer(ephemeral=True, thinking=True)
-        await self.bot.reload_cogs(names)
-        await interaction.followup.send(f"Reloaded {', '.join(names)}.", ephemeral=True)
+        failed = await self.bot.reload_cogs(names)
+        reloaded = [name for name in names if name not in failed]
+        lines = [f"Reloaded {', '.join(reloaded)}."] if reloaded else []
+        lines += [f"{name} failed, and its previous version still runs: {why}" for name, why in failed.items()]
+        await interaction.followup.send(clip("\n".join(lines), 2000), ephemeral=True)
 
     @admin.command(description="Sync commands with Discord: all of them, or only one guild's own (such as /admin)")
     @app_commands.describe(guild_id="A server's id, to sync only the commands made for that server")

@@ -1,19 +1,16 @@
 """``/comprehend`` and the message menu's Describe image: images and a prompt in, the model's answer out.
 
 Every answer carries buttons (re-roll, prompt, delete, report) and every waiting request a cancel
-button. They are dynamic items whose ``custom_id`` names a stored request or a waiting
-interaction, so they keep working after a restart and past discord.py's view timeout.
+button (``cogs/utils/buttons.py``); their clicks are handled here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Self
 
 import discord
 from discord import app_commands
@@ -31,7 +28,7 @@ from cogs.utils.answering import (
 )
 from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot
-from cogs.utils.errors import reply_with_error
+from cogs.utils.buttons import ActionButton, answer_view, button_view
 from cogs.utils.options import drop_options, limit_options
 from cogs.utils.replies import EMBED_FIELD_LIMIT, clip, defer_answer, verbatim
 from core.config import Range
@@ -46,55 +43,6 @@ from core.request_store import RequestBudget, StoredRequest
 log = logging.getLogger(__name__)
 
 ImageReader = Callable[[], Awaitable[list[bytes]]]
-_ACTIONS = {
-    "reroll": ("Re-roll", "🎲", discord.ButtonStyle.secondary),
-    "prompt": ("Prompt", "📝", discord.ButtonStyle.secondary),
-    "delete": ("Delete", "🗑️", discord.ButtonStyle.secondary),
-    "report": ("Report", "🚩", discord.ButtonStyle.secondary),
-    "cancel": ("Cancel", "✖️", discord.ButtonStyle.danger),
-}
-
-
-class ActionButton(
-    discord.ui.DynamicItem[discord.ui.Button], template=r"flamingo:(?P<action>[a-z]+):(?P<id>[0-9]{1,20})"
-):
-    """One button of an answer (or of a waiting request); the cog does the work, so reloads apply to it."""
-
-    def __init__(self, action: str, target_id: int) -> None:
-        label, emoji, style = _ACTIONS[action]
-        button = discord.ui.Button(label=label, emoji=emoji, style=style, custom_id=f"flamingo:{action}:{target_id}")
-        super().__init__(button)
-        self.action, self.target_id = action, target_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]
-    ) -> Self:
-        if match["action"] not in _ACTIONS:
-            raise ValueError(f"unknown button action {match['action']!r}")
-        return cls(match["action"], int(match["id"]))
-
-    async def callback(self, interaction: discord.Interaction) -> None:  # type: ignore[override]
-        # discord.py only logs what a dynamic item raises; the user is told here instead.
-        await interaction.client.after_reload()  # type: ignore[attr-defined]
-        cog = interaction.client.get_cog("Inference")  # type: ignore[attr-defined]
-        try:
-            if cog is None:
-                raise NotAllowedHere("The bot is being updated; try again in a moment.")
-            await getattr(cog, f"on_{self.action}")(interaction, self.target_id)
-        except Exception as error:
-            await reply_with_error(interaction, error)
-
-
-def _view(*buttons: ActionButton) -> discord.ui.View:
-    view = discord.ui.View(timeout=None)
-    for button in buttons:
-        view.add_item(button)
-    return view
-
-
-def answer_view(request_id: int) -> discord.ui.View:
-    return _view(*(ActionButton(action, request_id) for action in ("reroll", "prompt", "delete", "report")))
 
 
 def _reader(attachments: list[discord.Attachment]) -> ImageReader:
@@ -172,7 +120,6 @@ class Inference(commands.Cog):
         length_penalty: float | None = None,
         no_repeat_ngram_size: int | None = None,
     ) -> None:
-        self.bot.track(asyncio.current_task())  # type: ignore[arg-type]
         settings = self.bot.settings
         params = GenerationParams(
             max_new_tokens=max_new_tokens,
@@ -209,7 +156,6 @@ class Inference(commands.Cog):
         Only attachments are read: fetching links from a message would let anyone make the bot
         request any address.
         """
-        self.bot.track(asyncio.current_task())  # type: ignore[arg-type]
         images = [a for a in message.attachments if (a.content_type or "").startswith("image/")]
         if not images:
             raise BadImage("That message has no attached image; I only read attached images, not links.")
@@ -254,7 +200,7 @@ class Inference(commands.Cog):
             ticket = bot.service.submit(pictures, text, chosen, params, answer_deadline(interaction), other)
             bot.waiting[interaction.id] = (ticket, interaction.user.id)
             try:
-                cancel = _view(ActionButton("cancel", interaction.id))
+                cancel = button_view(ActionButton("cancel", interaction.id))
                 answer = await wait_in_line(
                     interaction, ticket, cancel, settings.service.queue_update_seconds, bot.service.estimated_wait
                 )
@@ -302,7 +248,6 @@ class Inference(commands.Cog):
         return stored
 
     async def on_reroll(self, interaction: discord.Interaction, request_id: int) -> None:
-        self.bot.track(asyncio.current_task())  # type: ignore[arg-type]
         stored = await self._request(interaction, request_id)
         params = reroll_params(stored.params)
         images = _stored(stored.images)
@@ -374,9 +319,7 @@ class Inference(commands.Cog):
     async def cog_load(self) -> None:
         # Context menus cannot be cog methods: added here and removed on unload, so reloads work.
         self.bot.tree.add_command(self._describe_menu)
-        # Replaces the previous code's class (same template): the buttons are never without a
-        # handler, which during a reload waits for the new cog.
-        self.bot.add_dynamic_items(ActionButton)
+        self.bot.add_dynamic_items(ActionButton)  # the same class on every load (cogs/utils/buttons.py)
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self._describe_menu.name, type=self._describe_menu.type)

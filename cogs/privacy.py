@@ -6,47 +6,17 @@ only after a confirmation button (kept working across restarts as a dynamic item
 
 from __future__ import annotations
 
-import re
-from typing import Self
-
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from cogs.utils.bot import FlamingoBot
-from cogs.utils.errors import reply_with_error
+from cogs.utils.buttons import ForgetExamplesButton
 from core.errors import NotAllowedHere
 
 
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
-
-
-class ForgetExamplesButton(
-    discord.ui.DynamicItem[discord.ui.Button], template=r"flamingo-forget:(?P<user>[0-9]{1,20})"
-):
-    def __init__(self, user_id: int) -> None:
-        button = discord.ui.Button(
-            label="Delete my examples", style=discord.ButtonStyle.danger, custom_id=f"flamingo-forget:{user_id}"
-        )
-        super().__init__(button)
-        self.user_id = user_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]
-    ) -> Self:
-        return cls(int(match["user"]))
-
-    async def callback(self, interaction: discord.Interaction) -> None:  # type: ignore[override]
-        try:
-            if interaction.user.id != self.user_id:
-                raise NotAllowedHere("Only the person who asked to be forgotten can confirm it.")
-            bot: FlamingoBot = interaction.client  # type: ignore[assignment]
-            deleted = await bot.store.delete_user_examples(self.user_id)
-            await interaction.response.edit_message(content=f"Deleted {_plural(deleted, 'example')}.", view=None)
-        except Exception as error:
-            await reply_with_error(interaction, error)
 
 
 class Privacy(commands.Cog):
@@ -73,9 +43,14 @@ class Privacy(commands.Cog):
             ephemeral=True,
         )
 
+    async def on_forget_examples(self, interaction: discord.Interaction, user_id: int) -> None:
+        if interaction.user.id != user_id:
+            raise NotAllowedHere("Only the person who asked to be forgotten can confirm it.")
+        deleted = await self.bot.store.delete_user_examples(user_id)
+        await interaction.response.edit_message(content=f"Deleted {_plural(deleted, 'example')}.", view=None)
+
     async def cog_load(self) -> None:
-        # Replaces the previous code's class (same template), so the button never goes unanswered.
-        self.bot.add_dynamic_items(ForgetExamplesButton)
+        self.bot.add_dynamic_items(ForgetExamplesButton)  # the same class on every load
 
 
 async def setup(bot: FlamingoBot) -> None:

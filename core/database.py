@@ -10,6 +10,7 @@ keep their own queries; every query names the guild or the user it serves.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, closing
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Self
 
 import aiosqlite
+
+log = logging.getLogger(__name__)
 
 _BUSY_TIMEOUT_MS = 5000
 
@@ -154,7 +157,9 @@ class Database:
         return store
 
     async def close(self) -> None:
-        await self._db.close()
+        """After the change in progress, if any: closing under it would lose it half-done."""
+        async with self._lock:
+            await self._db.close()
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -169,7 +174,10 @@ class Database:
                 yield self._db
                 await self._db.commit()
             except BaseException:
-                await self._db.rollback()
+                try:
+                    await self._db.rollback()
+                except Exception:  # the connection itself failed: what stopped the change says more
+                    log.warning("rolling back failed", exc_info=True)
                 raise
 
     async def _migrate(self) -> None:

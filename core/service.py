@@ -37,6 +37,9 @@ from core.prompts import Task
 
 log = logging.getLogger(__name__)
 
+# A stopped batch ends at its next token: a few seconds at most, even for the 9B model on a CPU.
+_STOPPING_SECONDS = 30.0
+
 
 class Engine(Protocol):
     rules: PromptRules
@@ -107,6 +110,7 @@ class _Job:
     future: asyncio.Future[Answer]
     deadline: float | None = None  # time.monotonic() past which the answer could no longer be delivered
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stopped_by: FlamingoError | None = None  # why it was stopped while it ran, when not by its asker
 
 
 def _notify(job: _Job, answer: Answer | None, error: BaseException | None) -> None:
@@ -174,6 +178,7 @@ class InferenceService:
         self._ready = threading.Condition()
         self._closed = False
         self._request_seconds = 0.0  # how long the latest answer took to run, for telling users their wait
+        self._running: set[_Job] = set()  # taken by the worker, not yet answered
         self._worker = threading.Thread(target=self._work, name="flamingo-model", daemon=True)
         self._worker.start()
 
@@ -301,20 +306,24 @@ class InferenceService:
     def _run(self, jobs: list[_Job]) -> None:
         pending = dict(enumerate(jobs))  # until answered: a long run does not hold past requests
         numbers = itertools.count(len(jobs))
+        self._track_running(jobs)
 
         def joining(running: int) -> list[tuple[PreparedRequest, Callable[[], bool]]]:
             joiners = self._joiners(running)
+            self._track_running(joiners)
             pending.update((next(numbers), job) for job in joiners)  # numbered in order, as the engine does
             return [(job.request, job.cancelled.is_set) for job in joiners]
 
         def deliver(index: int, outcome: Answer | FlamingoError) -> None:
             job = pending.pop(index)
+            with self._ready:
+                self._running.discard(job)
             if isinstance(outcome, FlamingoError):
                 _notify(job, None, outcome)
                 return
             self._request_seconds = outcome.seconds
             if job.cancelled.is_set():  # stopped early: a partial answer is no answer
-                _notify(job, None, RequestCancelled("The request was cancelled while it ran."))
+                _notify(job, None, job.stopped_by or RequestCancelled("The request was cancelled while it ran."))
             else:
                 _notify(job, outcome, None)
 
@@ -328,11 +337,19 @@ class InferenceService:
         except Exception:
             log.exception("generation failed")
             error = GenerationFailed("Something went wrong while the model was answering; it has been logged.")
+        with self._ready:
+            self._running.difference_update(pending.values())
         for job in pending.values():
             _notify(job, None, error or GenerationFailed("The model gave no answer; it has been logged."))
 
-    def close(self) -> None:
-        """Refuse new work, withdraw waiting requests, and stop the worker after the current batch."""
+    def _track_running(self, jobs: list[_Job]) -> None:
+        with self._ready:
+            self._running.update(jobs)
+
+    def close(self, grace_seconds: float = 60.0) -> None:
+        """Refuse new work, withdraw waiting requests, and stop the worker after the current batch;
+        a batch still running after ``grace_seconds`` (long answers on a CPU take minutes) is
+        stopped at its next token, and its askers are told, before the bot disconnects."""
         with self._ready:
             self._closed = True
             withdrawn, self._waiting = self._waiting, []
@@ -340,7 +357,15 @@ class InferenceService:
         for job in withdrawn:
             job.cancelled.set()
             _notify(job, None, ServiceClosed("The bot is shutting down; your request was not run."))
-        self._worker.join(timeout=60)
+        self._worker.join(timeout=grace_seconds)
+        if not self._worker.is_alive():
+            return
+        with self._ready:
+            running = list(self._running)
+        for job in running:
+            job.stopped_by = ServiceClosed("The bot is shutting down; your request was stopped before it finished.")
+            job.cancelled.set()
+        self._worker.join(timeout=_STOPPING_SECONDS)
 
 
 def start_model_service(settings: Settings) -> ModelService:

@@ -42,8 +42,10 @@ _SHUTDOWN_GRACE_SECONDS = 10.0
 
 class FlamingoTree(app_commands.CommandTree):
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        """Hold interactions while cogs reload, so none finds its command missing."""
+        """Hold interactions while cogs reload, so none finds its command missing; and let each
+        finish before a shutdown closes the connection and the database under it."""
         bot: FlamingoBot = self.client  # type: ignore[assignment]
+        bot.track(asyncio.current_task())  # type: ignore[arg-type]
         await bot.after_reload()
         return True
 
@@ -208,13 +210,22 @@ class FlamingoBot(commands.AutoShardedBot):
             synced += len(await self.tree.sync(guild=discord.Object(admin_guild)))
         return synced
 
-    async def reload_cogs(self, names: list[str]) -> None:
+    async def reload_cogs(self, names: list[str]) -> dict[str, str]:
+        """Each cog that failed to reload, with why; discord.py keeps its previous version running,
+        and the others are reloaded all the same."""
+        failed = {}
         self.commands_ready.clear()
         try:
             for name in names:
-                await self.reload_extension(name)
+                try:
+                    await self.reload_extension(name)
+                except commands.ExtensionError as error:
+                    log.exception("reloading %s failed; its previous version stays", name)
+                    cause = error.__cause__ or error
+                    failed[name] = f"{type(cause).__name__}: {cause}"
         finally:
             self.commands_ready.set()
+        return failed
 
     @property
     def closing(self) -> bool:
@@ -239,7 +250,8 @@ class FlamingoBot(commands.AutoShardedBot):
             await asyncio.wait(pending, timeout=_SHUTDOWN_GRACE_SECONDS)
         await super().close()
         if self._purging is not None:
-            self._purging.cancel()
+            self._purging.cancel()  # and waited for: it may be inside a transaction
+            await asyncio.gather(self._purging, return_exceptions=True)
         if self._metrics_server is not None:
             await self._metrics_server.cleanup()
         if getattr(self, "store", None) is not None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 
 import discord
 import pytest
 
 import cogs.utils.bot
 from cogs.utils.bot import FlamingoBot
+from cogs.utils.buttons import ActionButton, ForgetExamplesButton
 from core.config import ConfigError, DiscordSettings, StorageSettings
 from core.static_decode import StaticSteps
 from tests.cogs.test_inference import photo
@@ -118,6 +120,38 @@ async def test_reload_keeps_the_model_service_and_the_database(world):
     assert created[0].content.startswith("Created task **after**")
 
 
+async def test_a_cog_that_fails_to_reload_keeps_running_says_why_and_the_others_reload(world, monkeypatch, tmp_path):
+    broken = tmp_path / "help.py"
+    broken.write_text("async def setup(bot):\n    return (\n")
+    find_spec = importlib.util.find_spec
+
+    def broken_help(name, *args):
+        if name == "cogs.help":
+            return importlib.util.spec_from_file_location("cogs.help", broken)
+        return find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", broken_help)
+    old_cogs = dict(world.bot.cogs)
+    owner = world.admin_guild.members[world.discord.owner.id]
+    reply = (await world.reply("admin reload", member=owner, guild=world.admin_guild))[0]
+    assert reply.content.startswith(
+        "Reloaded cogs.inference, cogs.tasks, cogs.settings, cogs.privacy, cogs.admin.\n"
+        "cogs.help failed, and its previous version still runs: SyntaxError: "
+    )
+    assert "Help" in world.bot.cogs and world.bot.cogs["Tasks"] is not old_cogs["Tasks"]
+    assert (await world.reply("help"))[0].embeds
+
+
+async def test_every_answer_button_is_one_class_whatever_was_reloaded(world):
+    """An answer posted by a request that outlived a reload registered the old class again."""
+    registered = lambda: set(world.bot._connection._view_store._dynamic_items.values())  # noqa: E731
+    assert registered() == {ActionButton, ForgetExamplesButton}
+    owner = world.admin_guild.members[world.discord.owner.id]
+    await world.reply("admin reload", member=owner, guild=world.admin_guild, cog="cogs.inference")
+    answer = (await world.reply("comprehend", image=photo(world), max_new_tokens=2))[0]
+    assert answer.components and registered() == {ActionButton, ForgetExamplesButton}
+
+
 async def test_an_interaction_arriving_during_a_reload_is_held_and_answered(world, monkeypatch):
     reloading = asyncio.Event()
 
@@ -190,4 +224,27 @@ async def test_shutdown_finishes_the_running_request_and_refuses_queued_ones(wor
         if world.bot.is_closed():
             break
         await asyncio.sleep(0.05)
+    assert world.bot.is_closed()
+
+
+async def test_shutdown_lets_any_command_under_way_finish_before_the_database_closes(world, monkeypatch):
+    """Only answers were waited for: a task being copied lost its connection and its database."""
+    copying, release = asyncio.Event(), asyncio.Event()
+    copy = world.bot.library.copy
+
+    async def slow_copy(*args):
+        copying.set()
+        await release.wait()
+        return await copy(*args)
+
+    monkeypatch.setattr(world.bot.library, "copy", slow_copy)
+    record = world.invoke("manage-tasks copy", world.moderator, task="caption", new_name="mine")
+    await asyncio.wait_for(copying.wait(), 30)
+    world.bot.request_shutdown()
+    await asyncio.sleep(0.2)
+    assert not world.bot.is_closed()
+    release.set()
+    [done] = await record.answered()
+    assert done.content == "Copied **caption** to **mine**."
+    await world.bot.finish_closing()
     assert world.bot.is_closed()

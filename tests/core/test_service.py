@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -76,6 +77,30 @@ async def test_cancelled_request_never_reaches_the_model(llama_engine, make_serv
     after = await service.answer([photos["coffee"]], "<image>After:", task, GenerationParams(max_new_tokens=2))
     assert after.prompt.endswith("<image>After:")
     assert [prompt.rsplit(">", 1)[-1] for prompt in gated.ran] == ["Output:", "After:"]
+
+
+async def test_a_batch_running_past_the_grace_is_stopped_and_its_askers_told(llama_engine, make_service, photos, task):
+    """Shutdown cut off a long answer on a CPU: the bot disconnected and closed the database under it."""
+    gated = GatedEngine(llama_engine)
+    service = make_service(gated)
+    running = asyncio.create_task(
+        service.answer([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=200))
+    )
+    await asyncio.to_thread(gated.started.wait, 10)
+
+    def release_once_stopped() -> None:  # the run goes on only after the grace has passed
+        deadline = time.monotonic() + 30
+        while not any(job.cancelled.is_set() for job in service._running) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gated.gate.set()
+
+    watcher = threading.Thread(target=release_once_stopped)
+    watcher.start()
+    await asyncio.to_thread(service.close, 0.2)
+    watcher.join()
+    with pytest.raises(ServiceClosed, match="was stopped before it finished"):
+        await running
+    assert not service._worker.is_alive()
 
 
 def test_stop_request_ends_generation_between_tokens(llama_engine, photos, task):

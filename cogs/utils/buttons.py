@@ -1,0 +1,98 @@
+"""The bot's buttons (under answers and waiting requests, and /forget-me's), in a module cog reloads leave alone.
+
+They are dynamic items whose ``custom_id`` names a stored request or a waiting interaction, so
+they keep working after a restart and past discord.py's view timeout. discord.py registers the
+class of every dynamic item in a view it keeps: were this class in the reloaded cog, an answer
+posted by a request that outlived a reload would register the old class again, and a changed
+pattern would run one click twice. The work is the cog's, looked up at each click.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Self
+
+import discord
+
+from cogs.utils.errors import reply_with_error
+from core.errors import NotAllowedHere
+
+_ACTIONS = {
+    "reroll": ("Re-roll", "🎲", discord.ButtonStyle.secondary),
+    "prompt": ("Prompt", "📝", discord.ButtonStyle.secondary),
+    "delete": ("Delete", "🗑️", discord.ButtonStyle.secondary),
+    "report": ("Report", "🚩", discord.ButtonStyle.secondary),
+    "cancel": ("Cancel", "✖️", discord.ButtonStyle.danger),
+}
+
+
+class ActionButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"flamingo:(?P<action>[a-z]+):(?P<id>[0-9]{1,20})"
+):
+    """One button of an answer (or of a waiting request); the cog does the work, so reloads apply to it."""
+
+    def __init__(self, action: str, target_id: int) -> None:
+        label, emoji, style = _ACTIONS[action]
+        button = discord.ui.Button(label=label, emoji=emoji, style=style, custom_id=f"flamingo:{action}:{target_id}")
+        super().__init__(button)
+        self.action, self.target_id = action, target_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]
+    ) -> Self:
+        if match["action"] not in _ACTIONS:
+            raise ValueError(f"unknown button action {match['action']!r}")
+        return cls(match["action"], int(match["id"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:  # type: ignore[override]
+        await _handle(interaction, "Inference", f"on_{self.action}", self.target_id)
+
+
+class ForgetExamplesButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"flamingo-forget:(?P<user>[0-9]{1,20})"
+):
+    """/forget-me's confirmation that the examples someone added to servers' tasks may go."""
+
+    def __init__(self, user_id: int) -> None:
+        button = discord.ui.Button(
+            label="Delete my examples", style=discord.ButtonStyle.danger, custom_id=f"flamingo-forget:{user_id}"
+        )
+        super().__init__(button)
+        self.user_id = user_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]
+    ) -> Self:
+        return cls(int(match["user"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:  # type: ignore[override]
+        await _handle(interaction, "Privacy", "on_forget_examples", self.user_id)
+
+
+async def _handle(interaction: discord.Interaction, cog_name: str, method: str, target_id: int) -> None:
+    """A click, handled by the cog as it is now (held while cogs reload, finished before a shutdown).
+    discord.py only logs what a dynamic item raises; the user is told here instead."""
+    client = interaction.client
+    client.track(asyncio.current_task())  # type: ignore[attr-defined]
+    await client.after_reload()  # type: ignore[attr-defined]
+    try:
+        cog = client.get_cog(cog_name)  # type: ignore[attr-defined]
+        if cog is None:
+            raise NotAllowedHere("The bot is being updated; try again in a moment.")
+        await getattr(cog, method)(interaction, target_id)
+    except Exception as error:
+        await reply_with_error(interaction, error)
+
+
+def button_view(*buttons: ActionButton) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for button in buttons:
+        view.add_item(button)
+    return view
+
+
+def answer_view(request_id: int) -> discord.ui.View:
+    return button_view(*(ActionButton(action, request_id) for action in ("reroll", "prompt", "delete", "report")))
