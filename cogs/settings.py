@@ -15,7 +15,7 @@ from discord.ext import commands
 
 from cogs.utils.autocomplete import MAX_CHOICES
 from cogs.utils.bot import FlamingoBot
-from cogs.utils.checks import ManageServerGroup
+from cogs.utils.checks import ManageServerGroup, ManageServerSubgroup
 from cogs.utils.options import limit_options
 from core.builtin_tasks import DEFAULT_TASK
 from core.config import QuotaSettings
@@ -55,6 +55,10 @@ def settings_embed(rules: GuildSettings, defaults: QuotaSettings, models: ModelC
     return embed
 
 
+# Every channel members can write in; threads and forum posts follow their channel.
+AnswerChannel = discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.ForumChannel
+
+
 class ServerSettings(commands.Cog):
     group = ManageServerGroup(name="settings", description="How the bot behaves on this server")
 
@@ -88,28 +92,26 @@ class ServerSettings(commands.Cog):
         embed = settings_embed(rules, self.bot.settings.quotas, self.bot.models)
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
-    @group.command(name="channels", description="Channels where the bot answers (none set: every channel)")
-    @app_commands.describe(action="Add or remove a channel, or clear the list", channel="The channel")
-    async def channels(
-        self,
-        interaction: discord.Interaction,
-        action: Literal["add", "remove", "clear"],
-        # Every channel members can write in: threads and forum posts follow their channel.
-        channel: discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.ForumChannel | None = None,
-    ) -> None:
-        if action != "clear" and channel is None:
-            await interaction.response.send_message(f"Choose the channel to {action}.", ephemeral=True)
-            return
-        if action == "clear":
-            everywhere = lambda r: replace(r, answer_channels=frozenset())  # noqa: E731
-            await self._change(interaction, everywhere, "I answer in every channel now.")
-            return
-        assert channel is not None
-        if action == "add":
-            change = lambda r: replace(r, answer_channels=r.answer_channels | {channel.id})  # noqa: E731
-        else:
-            change = lambda r: replace(r, answer_channels=r.answer_channels - {channel.id})  # noqa: E731
-        await self._change(interaction, change, f"{'Added' if action == 'add' else 'Removed'} {channel.mention}.")
+    channels = ManageServerSubgroup(
+        name="channels", description="Channels where the bot answers (none set: every channel)", parent=group
+    )
+
+    @channels.command(name="add", description="Answer in this channel too (and in its threads and posts)")
+    @app_commands.describe(channel="A text, announcement, voice, stage, forum or media channel")
+    async def add_channel(self, interaction: discord.Interaction, channel: AnswerChannel) -> None:
+        change = lambda r: replace(r, answer_channels=r.answer_channels | {channel.id})  # noqa: E731
+        await self._change(interaction, change, f"Added {channel.mention}.")
+
+    @channels.command(name="remove", description="Stop answering in this channel")
+    @app_commands.describe(channel="One of the channels the bot answers in")
+    async def remove_channel(self, interaction: discord.Interaction, channel: AnswerChannel) -> None:
+        change = lambda r: replace(r, answer_channels=r.answer_channels - {channel.id})  # noqa: E731
+        await self._change(interaction, change, f"Removed {channel.mention}.")
+
+    @channels.command(name="clear", description="Answer in every channel again")
+    async def clear_channels(self, interaction: discord.Interaction) -> None:
+        everywhere = lambda r: replace(r, answer_channels=frozenset())  # noqa: E731
+        await self._change(interaction, everywhere, "I answer in every channel now.")
 
     @group.command(name="role", description="A role members need to use the bot (empty: everyone)")
     @app_commands.describe(role="The role; leave empty to let everyone use the bot")

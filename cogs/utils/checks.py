@@ -24,11 +24,23 @@ class ManageServerGroup(app_commands.Group):
         )
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        if interaction.guild_id is None:
-            raise app_commands.NoPrivateMessage()
-        if not interaction.permissions.manage_guild:
-            raise app_commands.MissingPermissions(["manage_guild"])
-        return True
+        return _manages_the_server(interaction)
+
+
+class ManageServerSubgroup(app_commands.Group):
+    """A group inside a ``ManageServerGroup``: discord.py asks only a command's own parent."""
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return _manages_the_server(interaction)
+
+
+def _manages_the_server(interaction: discord.Interaction) -> bool:
+    """Checked by the bot too: a server's admins may show the commands to anyone in its settings."""
+    if interaction.guild_id is None:
+        raise app_commands.NoPrivateMessage()
+    if not interaction.permissions.manage_guild:
+        raise app_commands.MissingPermissions(["manage_guild"])
+    return True
 
 
 class NotOwner(app_commands.CheckFailure):

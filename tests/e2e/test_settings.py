@@ -20,7 +20,7 @@ def _fields(message) -> dict[str, str]:
 async def test_answer_channels_limit_where_the_bot_answers(scene):
     general = scene.guild.channels[0]
     bots = await scene.discord.add_channel(scene.guild, "bots")
-    added = (await scene.ask("settings channels", scene.moderator, action="add", channel=bots))[0]
+    added = (await scene.ask("settings channels add", scene.moderator, channel=bots))[0]
     assert added.ephemeral and added.content == f"Added <#{bots.id}>."
     assert _fields(added)["Answers in"] == f"<#{bots.id}>"
 
@@ -29,21 +29,21 @@ async def test_answer_channels_limit_where_the_bot_answers(scene):
     answered = (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=2, in_channel=bots))[0]
     assert answered.embeds and not answered.ephemeral
 
-    missing = await scene.ask("settings channels", scene.moderator, action="remove")
-    assert missing[0].content == "Choose the channel to remove."
     chat = await scene.discord.add_channel(scene.guild, "chat")
-    await scene.ask("settings channels", scene.moderator, action="add", channel=chat)
-    removed = (await scene.ask("settings channels", scene.moderator, action="remove", channel=bots))[0]
+    await scene.ask("settings channels add", scene.moderator, channel=chat)
+    removed = (await scene.ask("settings channels remove", scene.moderator, channel=bots))[0]
     assert removed.content == f"Removed <#{bots.id}>." and _fields(removed)["Answers in"] == f"<#{chat.id}>"
     refused = await scene.ask("comprehend", image=scene.photo(), in_channel=bots)
     assert [(m.content, m.ephemeral) for m in refused] == [(f"I only answer in <#{chat.id}> on this server.", True)]
-    cleared = (await scene.ask("settings channels", scene.moderator, action="clear"))[0]
+    cleared = (await scene.ask("settings channels clear", scene.moderator))[0]
     assert cleared.content == "I answer in every channel now."
     assert _fields(cleared)["Answers in"] == "every channel"
     assert (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=2, in_channel=general))[0].embeds
 
-    denied = await scene.ask("settings show")
-    assert denied[0].content == "You need the Manage Server permission in this server to do that."
+    for command, options in [("settings show", {}), ("settings channels add", {"channel": bots})]:
+        denied = await scene.ask(command, **options)
+        assert denied[0].content == "You need the Manage Server permission in this server to do that."
+    assert _fields((await scene.ask("settings show", scene.moderator))[0])["Answers in"] == "every channel"
 
 
 @pytest.mark.settings
@@ -91,7 +91,7 @@ async def test_deleted_roles_and_channels_keep_restricting_and_the_refusals_say_
     mods = await scene.discord.add_channel(scene.guild, "mods")
     await scene.ask("settings role", scene.moderator, role=artists)
     for channel in (bots, chat):
-        await scene.ask("settings channels", scene.moderator, action="add", channel=channel)
+        await scene.ask("settings channels add", scene.moderator, channel=channel)
     await scene.ask("settings reports", scene.moderator, channel=mods)
     for channel in (mods, chat, bots):
         await scene.discord.remove_channel(scene.guild, channel)
@@ -109,7 +109,7 @@ async def test_deleted_roles_and_channels_keep_restricting_and_the_refusals_say_
     assert refused.content == (
         "The channels this server lets me answer in were deleted; a moderator can set others with /settings channels."
     )
-    await scene.ask("settings channels", scene.moderator, action="clear")
+    await scene.ask("settings channels clear", scene.moderator)
     refused = (await scene.ask("comprehend", image=scene.photo()))[0]
     assert refused.content == (
         "The role this server requires was deleted; a moderator can choose another with /settings role."

@@ -12,6 +12,7 @@ from tests.fake_discord.payloads import (
     OPTION_TYPES,
     ROLE_OPTION,
     SUB_COMMAND,
+    SUB_COMMAND_GROUP,
     Attachment,
     Channel,
     Guild,
@@ -66,10 +67,12 @@ class InteractionBuilder:
         return given
 
     def _command_data(self, command_line: str, guild: Guild | None, options: list[dict[str, Any]]) -> dict[str, Any]:
-        root, *sub = command_line.split()
+        root, *path = command_line.split()
         command = self.command(root, guild)
-        if sub:
-            options = [{"name": sub[0], "type": SUB_COMMAND, "options": options}]
+        if path:  # ``/group sub`` or ``/group subgroup sub``, as Discord nests them
+            options = [{"name": path[-1], "type": SUB_COMMAND, "options": options}]
+            if len(path) == 2:
+                options = [{"name": path[0], "type": SUB_COMMAND_GROUP, "options": options}]
         data: dict[str, Any] = {"id": command["id"], "name": root, "type": command.get("type", 1), "options": options}
         if "guild_id" in command:  # a guild command says where it is registered
             data["guild_id"] = command["guild_id"]

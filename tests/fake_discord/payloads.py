@@ -156,6 +156,7 @@ ATTACHMENT_OPTION = 11
 CHANNEL_OPTION = 7
 ROLE_OPTION = 8
 SUB_COMMAND = 1
+SUB_COMMAND_GROUP = 2
 
 
 def guild_payload(guild: Guild, bot_member: dict[str, Any]) -> dict[str, Any]:
