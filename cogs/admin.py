@@ -135,7 +135,7 @@ class Admin(commands.Cog):
     async def status(self, interaction: discord.Interaction) -> None:
         await interaction.response.send_message(embed=status_embed(self.bot), ephemeral=True)
 
-    @admin.command(description="Finish the current request, refuse queued ones, and disconnect")
+    @admin.command(description="Finish the answers under way (a minute at most), refuse queued ones, disconnect")
     async def shutdown(self, interaction: discord.Interaction) -> None:
         waiting = self.bot.service.waiting
         await interaction.response.send_message(

@@ -65,7 +65,7 @@ def help_embed(
     embed.add_field(
         name="Your data",
         value=(
-            f"Each answer's inputs are kept {privacy.request_retention_hours:g} hours, for its buttons. "
+            f"Each answer's inputs are kept up to {privacy.request_retention_hours:g} hours, for its buttons. "
             "`/forget-me` deletes everything stored about you."
         ),
         inline=False,

@@ -270,7 +270,7 @@ class Inference(commands.Cog):
 
     async def on_delete(self, interaction: discord.Interaction, request_id: int) -> None:
         stored = await self.bot.store.get_request(request_id, interaction.guild_id)
-        # Once the request is gone (forgotten, or past its retention), Discord still knows who asked.
+        # Once the request is gone (forgotten, expired, or beyond the storage budget), Discord still knows who asked.
         metadata = interaction.message.interaction_metadata if interaction.message else None
         owners = stored.owners if stored is not None else {metadata.user.id} if metadata else set()
         if interaction.user.id not in owners and not interaction.permissions.manage_messages:

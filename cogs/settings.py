@@ -105,6 +105,13 @@ class ServerSettings(commands.Cog):
     @channels.command(name="remove", description="Stop answering in this channel")
     @app_commands.describe(channel="One of the channels the bot answers in")
     async def remove_channel(self, interaction: discord.Interaction, channel: AnswerChannel) -> None:
+        rules = await self.bot.store.guild_settings(interaction.guild_id)  # type: ignore[arg-type]
+        if channel.id not in rules.answer_channels:
+            where = "only in the listed channels" if rules.answer_channels else "in every channel"
+            await interaction.response.send_message(
+                f"{channel.mention} is not on the list (I answer {where}); nothing changed.", ephemeral=True
+            )
+            return
         change = lambda r: replace(r, answer_channels=r.answer_channels - {channel.id})  # noqa: E731
         await self._change(interaction, change, f"Removed {channel.mention}.")
 

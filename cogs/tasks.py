@@ -19,9 +19,9 @@ from cogs.utils.options import limit_options
 from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, EMBED_TOTAL_LIMIT, clip, verbatim
 from core.errors import LimitReached
 from core.images import check_file_size
-from core.store import byte_size
 from core.task_archive import BadArchive, archive_filename, write_archive
-from core.tasks import LibraryUsage, TaskDetails, TaskInfo, TaskLibrary
+from core.tasks import MAX_NAME_CHARS, LibraryUsage, TaskDetails, TaskInfo, TaskLibrary
+from core.wording import byte_size
 
 _COLOUR = discord.Colour.blurple()
 
@@ -79,7 +79,7 @@ class Tasks(commands.Cog):
     def __init__(self, bot: FlamingoBot) -> None:
         self.bot = bot
         limits = bot.settings.limits
-        name, positions = (1, 32), (1, limits.max_examples_per_task)
+        name, positions = (1, MAX_NAME_CHARS), (1, limits.max_examples_per_task)
         text, template, description = (
             (1, limits.max_example_chars),
             (1, limits.max_template_chars),

@@ -7,12 +7,6 @@ every other exception as a bug to log.
 from __future__ import annotations
 
 
-def quoted(text: str, limit: int = 100) -> str:
-    """Someone's input inside a refusal, cut so that the reason after it still shows: Discord lets
-    an option hold 6000 characters, and a message only 2000."""
-    return f"“{text if len(text) <= limit else text[: limit - 1] + '…'}”"
-
-
 class FlamingoError(Exception):
     """Base class: the message is written for the end user."""
 

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.config import ImageSettings
 from core.errors import BadImage
+from core.wording import sizes
 
 # Multi-picture JPEGs (MPO, from phone cameras) open through the JPEG plugin.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -33,18 +34,12 @@ _DECODING = threading.BoundedSemaphore(4)
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, KeyError, IndexError, struct.error)
 
 
-def _sizes(size: int, limit: int) -> tuple[str, str]:
-    """Both in MB, or in bytes where one decimal would make them look equal."""
-    shown = tuple(f"{n / (1024 * 1024):.1f} MB" for n in (size, limit))
-    return shown if shown[0] != shown[1] else (f"{size:,} bytes", f"{limit:,} bytes")
-
-
 def check_file_size(size: int, settings: ImageSettings) -> None:
     """Also used before downloading an attachment whose size is announced."""
     if size == 0:
         raise BadImage("The file is empty.")
     if size > settings.max_bytes:
-        shown, limit = _sizes(size, settings.max_bytes)
+        shown, limit = sizes(size, settings.max_bytes)
         raise BadImage(f"The file is {shown}; the limit is {limit}.")
 
 

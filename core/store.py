@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from core.database import Database, now_text
-from core.errors import ExampleNotFound, LimitReached, TaskChanged, TaskExists, UnknownTask, quoted
+from core.errors import ExampleNotFound, LimitReached, TaskChanged, TaskExists, UnknownTask
+from core.wording import byte_size, quoted
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,6 @@ def _example_row(
     task_id: int, position: int, image: bytes, text: str, added_by: int
 ) -> tuple[int, int, str, bytes, str, int]:
     return task_id, position, text, image, hashlib.sha256(image).hexdigest(), added_by
-
-
-def byte_size(size: int) -> str:
-    """For people: MiB with one decimal, smaller sizes in whole KiB or bytes (0.1 MiB would hide differences)."""
-    if size >= 2**20:
-        return f"{size / 2**20:.1f} MiB"
-    return f"{size / 2**10:.0f} KiB" if size >= 2**10 else f"{size} B"
 
 
 def _key(name: str) -> str:
@@ -183,7 +177,8 @@ class TaskStore(Database):
         """``examples``: image, text and who added it (kept through copies, for /forget-me)."""
         async with self._transaction() as db:
             await self._check_room(guild_id, name, max_tasks)
-            await self._check_image_room(guild_id, sum(len(image) for image, _, _ in examples), max_image_bytes)
+            if examples:
+                await self._check_image_room(guild_id, sum(len(image) for image, _, _ in examples), max_image_bytes)
             now = now_text()
             cursor = await db.execute(
                 """INSERT INTO tasks (guild_id, name, name_key, description, prompt_template, created_by,
@@ -221,12 +216,23 @@ class TaskStore(Database):
         async with self._lock:
             return await self._image_bytes(guild_id)
 
+    async def check_image_room(self, guild_id: int, *, max_image_bytes: int) -> None:
+        """Whether any image could be added now: asked before decoding an upload or an import's images;
+        the change checks again, with their sizes, as it writes."""
+        async with self._lock:
+            await self._check_image_room(guild_id, 0, max_image_bytes)
+
     async def _check_image_room(self, guild_id: int, adding: int, max_image_bytes: int) -> None:
         """Tasks and examples are bounded in number, but a strip-shaped photo stores up to 30 times the
-        bytes of a square one; the bytes themselves are bounded too."""
+        bytes of a square one; the bytes themselves are bounded too. ``adding`` 0: whether any could be."""
         used = await self._image_bytes(guild_id)
-        if adding and used + adding > max_image_bytes:
-            left = max(0, max_image_bytes - used)
+        if used >= max_image_bytes:
+            raise LimitReached(
+                f"This server's task images already take all of the {byte_size(max_image_bytes)} they may; "
+                "remove some examples or tasks first."
+            )
+        if used + adding > max_image_bytes:
+            left = max_image_bytes - used
             raise LimitReached(
                 f"This server's task images may take {byte_size(max_image_bytes)} in all; {byte_size(left)} "
                 f"{'is' if left >= 2**10 else 'are'} left, and these need {byte_size(adding)}. "

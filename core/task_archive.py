@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from core.errors import FlamingoError
+from core.wording import quoted
 
 ARCHIVE_FORMAT = "flamingo-bot-task"
 FORMAT_VERSION = 1
@@ -131,8 +132,7 @@ def write_archive(archive: TaskArchive, exported_at: datetime) -> bytes:
 
 def _quoted(name: str) -> str:
     """An entry name safe to show: control and non-ASCII characters escaped, long names cut."""
-    shown = ascii(name[:60])[1:-1] + ("…" if len(name) > 60 else "")
-    return f"“{shown}”"
+    return quoted(ascii(name)[1:-1], 61)
 
 
 def _allowed_name(name: str, max_examples: int) -> bool:

@@ -23,20 +23,23 @@ from core.errors import (
     ReadOnlyTask,
     TaskChanged,
     UnknownTask,
-    quoted,
 )
 from core.images import encode_for_storage, load_image, preview
 from core.prompts import Example, Task, assemble_prompt
 from core.store import StoredTask, TaskStore
 from core.task_archive import ArchivedExample, ArchiveLimits, BadArchive, TaskArchive, read_archive
+from core.wording import quoted
 
 T = TypeVar("T")
 # Changes at the same moment to one task are applied one after another, each checked anew; past
 # this many, the last refusal is shown.
 _WRITE_ATTEMPTS = 8
 
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-_NAME_RULE = "1 to 32 characters: lowercase letters, digits, '-' and '_', starting with a letter or digit"
+MAX_NAME_CHARS = 32
+NAME_PATTERN = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,{MAX_NAME_CHARS - 1}}}")
+_NAME_RULE = (
+    f"1 to {MAX_NAME_CHARS} characters: lowercase letters, digits, '-' and '_', starting with a letter or digit"
+)
 
 
 class TextRules(Protocol):
@@ -201,6 +204,8 @@ class TaskLibrary:
             raise BadArchive(f"The task file cannot be imported: {error}") from None
         self._check_fits(new_name, texts, template)
         await self.store.check_room(guild_id, new_name, max_tasks=self.limits.max_tasks_per_guild)
+        if archive.examples:
+            await self.store.check_image_room(guild_id, max_image_bytes=self.limits.max_task_image_bytes)
         images = await asyncio.to_thread(self._stored_images, archive.examples)
         examples = [(image, text, author_id) for image, text in zip(images, texts, strict=True)]
         return await self._save_new(guild_id, new_name, description, template, author_id, examples)
@@ -230,7 +235,7 @@ class TaskLibrary:
     @property
     def archive_limits(self) -> ArchiveLimits:
         limits = self.limits
-        longest = max(limits.max_example_chars, limits.max_template_chars, limits.max_description_chars, 32)
+        longest = max(limits.max_example_chars, limits.max_template_chars, limits.max_description_chars, MAX_NAME_CHARS)
         return ArchiveLimits(
             max_bytes=limits.max_import_bytes,
             max_uncompressed_bytes=2 * limits.max_import_bytes,
@@ -286,6 +291,7 @@ class TaskLibrary:
                 )
             self._check_fits(stored.name, [e.text for e in stored.examples] + [text], stored.prompt_template)
             if image is None:
+                await self.store.check_image_room(guild_id, max_image_bytes=self.limits.max_task_image_bytes)
                 image = await asyncio.to_thread(self._image_for_storage, upload)
             return await self.store.add_example(
                 guild_id,

@@ -67,8 +67,8 @@ def check_rules(interaction: discord.Interaction, rules: GuildSettings) -> None:
     if not rules.allows_channel(interaction.channel_id, getattr(channel, "parent_id", None)):
         if guild is not None and all(guild.get_channel(c) is None for c in rules.answer_channels):
             raise NotAllowedHere(
-                "The channels this server lets me answer in were deleted; a moderator can set others with "
-                "/settings channels."
+                "The channels this server lets me answer in were deleted; a moderator can add others with "
+                "/settings channels add, or let me answer everywhere with /settings channels clear."
             )
         listed = ", ".join(f"<#{channel_id}>" for channel_id in sorted(rules.answer_channels))
         raise NotAllowedHere(f"I only answer in {listed} on this server.")

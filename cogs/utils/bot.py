@@ -242,7 +242,8 @@ class FlamingoBot(commands.AutoShardedBot):
         task.add_done_callback(self.in_flight.discard)
 
     async def close(self) -> None:
-        """Finish the request being answered, refuse the queued ones, let them reply, then disconnect."""
+        """Finish the requests being answered (stopping them after the service's grace), refuse the
+        queued ones, let every command and click under way reply, then disconnect and close the database."""
         if getattr(self, "service", None) is not None:
             await asyncio.to_thread(self.service.close)
         pending = [task for task in self.in_flight if task is not asyncio.current_task()]

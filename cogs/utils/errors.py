@@ -14,7 +14,8 @@ from discord import app_commands
 
 from cogs.utils.checks import NotOwner
 from cogs.utils.replies import send_private
-from core.errors import FlamingoError, quoted
+from core.errors import FlamingoError
+from core.wording import quoted
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,8 @@ from dataclasses import replace
 
 from discord import AppCommandOptionType, app_commands
 
+from core.wording import DISCORD_TEXT_LIMIT
+
 
 def limit_options(command: app_commands.Command, **limits: tuple[float, float]) -> None:
     """Numbers get a least and a greatest value, text a least and a greatest length (discord.py
@@ -21,6 +23,10 @@ def limit_options(command: app_commands.Command, **limits: tuple[float, float]) 
         parameter = command._params[name]
         if parameter.type in (AppCommandOptionType.integer, AppCommandOptionType.string):
             low, high = math.ceil(low), math.floor(high)
+        if parameter.type is AppCommandOptionType.string:  # Discord refuses to sync longer limits
+            low, high = min(low, DISCORD_TEXT_LIMIT), min(high, DISCORD_TEXT_LIMIT)
+        if low > high:  # a setting no value can meet: the bot's own refusal explains it
+            continue
         command._params[name] = replace(parameter, min_value=low, max_value=high)
 
 

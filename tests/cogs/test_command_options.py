@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import discord
+from discord import app_commands
+
 from cogs.inference import Inference
+from cogs.utils.options import limit_options
 
 
 def registered(world, name: str) -> dict:
@@ -91,3 +95,15 @@ async def test_admin_commands_are_shown_to_the_admin_guilds_administrators_only(
     [admin] = world.discord.guild_commands[world.admin_guild.id]
     assert int(admin["default_member_permissions"]) == 1 << 3  # Administrator
     assert bounds(options(admin, "sync")["guild_id"]) == (17, 20)
+
+
+async def test_limits_discord_would_refuse_to_sync_are_capped_or_left_to_the_bot(world):
+    """A prompt limit of 8000 characters worked before it was declared; Discord takes at most 6000."""
+
+    @app_commands.command(description="d")
+    async def command(interaction: discord.Interaction, text: str, seconds: int) -> None: ...
+
+    limit_options(command, text=(1, 8000), seconds=(7200, 3600))
+    declared = options(command.to_dict(world.bot.tree))
+    assert bounds(declared["text"]) == (1, 6000)
+    assert bounds(declared["seconds"]) == (None, None)  # no value could meet it: the bot says why

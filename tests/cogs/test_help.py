@@ -13,7 +13,7 @@ def test_policy_links_appear_when_configured():
     embed = help_embed("caption", 2, GuildSettings(), PRIVACY, "https://example.org/privacy", None)
     fields = {field.name: field.value for field in embed.fields}
     assert fields["About"] == "[Privacy policy](https://example.org/privacy)"
-    assert fields["Your data"].startswith("Each answer's inputs are kept 48 hours")
+    assert fields["Your data"].startswith("Each answer's inputs are kept up to 48 hours")
     assert len(embed) < 6000
 
 

@@ -74,7 +74,7 @@ async def test_a_file_that_is_not_an_image_replaces_the_public_thinking_with_a_p
 async def test_an_announced_oversized_file_is_refused_before_download(world):
     big = world.discord.upload("huge.png", b"\0" * (26 * 1024 * 1024), "image/png")
     message = await _private_only(world.invoke("comprehend", image=big))
-    assert message == "The file is 26.0 MB; the limit is 25.0 MB."
+    assert message == "The file is 26.0 MiB; the limit is 25.0 MiB."
     assert ("GET", f"/cdn/attachments/{big.id}/huge.png") not in world.discord.requests
 
 

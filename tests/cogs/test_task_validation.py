@@ -142,7 +142,7 @@ async def test_templates_and_attachments_have_size_limits(world):
     await create(world)
     big = world.discord.upload("huge.png", b"\0" * (26 * 1024 * 1024), "image/png")
     message = await private(world, "manage-tasks add-example", world.moderator, task="pets", image=big, text="<image>")
-    assert message == "The file is 26.0 MB; the limit is 25.0 MB."
+    assert message == "The file is 26.0 MiB; the limit is 25.0 MiB."
     assert ("GET", f"/cdn/attachments/{big.id}/huge.png") not in world.discord.requests
     archive = world.discord.upload("big.flamingo-task.zip", b"\0" * (25 * 1024 * 1024 + 1), "application/zip")
     message = await private(world, "manage-tasks import", world.moderator, file=archive)
@@ -246,7 +246,7 @@ async def test_a_server_holds_at_most_fifty_tasks(world):
     await create(world, name="one-more", template="<image>X:")
 
 
-async def test_a_servers_task_images_are_bounded_in_bytes_and_list_shows_the_room(world):
+async def test_a_servers_task_images_are_bounded_in_bytes_and_list_shows_the_room(world, monkeypatch):
     """Counts alone let a server store 400 strip-shaped photos of 1.5 MiB each."""
     library, store, guild_id = world.bot.library, world.bot.store, world.guild.id
     library.limits = library.limits.model_copy(update={"max_task_images_mb": 0.1})  # 102 KiB
@@ -274,3 +274,20 @@ async def test_a_servers_task_images_are_bounded_in_bytes_and_list_shows_the_roo
         "Removed example 2 from **pets**."
     )
     await add(world, "pets", photo(world, "rocket"), "<image>Pet:a rocket.", 2)
+
+    # Full: refused before the upload is decoded, which a server could otherwise repeat for nothing.
+    library.limits = library.limits.model_copy(update={"max_task_images_mb": 0.01})
+    decoded = []
+    monkeypatch.setattr(library, "_image_for_storage", lambda upload: decoded.append(upload))
+    message = await private(
+        world,
+        "manage-tasks add-example",
+        world.moderator,
+        task="pets",
+        image=photo(world, "coffee"),
+        text="<image>P:x.",
+    )
+    assert message == (
+        "This server's task images already take all of the 10 KiB they may; remove some examples or tasks first."
+    )
+    assert decoded == []

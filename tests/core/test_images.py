@@ -491,7 +491,7 @@ SAMPLE = Image.new("RGB", (64, 48), (200, 30, 40))
         pytest.param(
             lambda: b"\0" * (3 * 1024 * 1024),
             ImageSettings(max_bytes=2 * 1024 * 1024),
-            r"^The file is 3\.0 MB; the limit is 2\.0 MB\.$",
+            r"^The file is 3\.0 MiB; the limit is 2\.0 MiB\.$",
             id="over-max-bytes-in-megabytes",
         ),
         pytest.param(lambda: b"Hello, this is just some text.\n" * 10, DEFAULT, NOT_READABLE, id="plain-text"),

@@ -196,6 +196,12 @@ async def test_a_guilds_task_images_are_bounded_in_bytes(store: TaskStore) -> No
     await store.remove_example(GUILD, "cats", 1)
     assert await store.add_example(GUILD, "cats", small, "t", max_examples=MAX, max_image_bytes=1000, added_by=1) == 2
     assert await store.image_bytes(GUILD) == 600
+    await store.check_image_room(GUILD, max_image_bytes=601)  # room for one byte more
+    full = "already take all of the 600 B they may; remove some examples or tasks first"
+    with pytest.raises(LimitReached, match=full):
+        await store.check_image_room(GUILD, max_image_bytes=600)
+    with pytest.raises(LimitReached, match=full):
+        await store.add_example(GUILD, "cats", b"z", "t", max_examples=MAX, max_image_bytes=600, added_by=1)
 
 
 async def test_a_failed_change_leaves_nothing_behind(store: TaskStore) -> None:

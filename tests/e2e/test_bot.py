@@ -58,7 +58,7 @@ async def test_bad_input_gets_private_specific_messages_and_the_bot_keeps_servin
         ),
         (
             {"image": scene.discord.upload("huge.png", b"\0" * (26 * 1024 * 1024), "image/png")},
-            "The file is 26.0 MB; the limit is 25.0 MB.",
+            "The file is 26.0 MiB; the limit is 25.0 MiB.",
         ),
         (
             {"image": scene.photo(), "prompt": "What is it?"},

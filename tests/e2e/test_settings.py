@@ -35,6 +35,8 @@ async def test_answer_channels_limit_where_the_bot_answers(scene):
     assert removed.content == f"Removed <#{bots.id}>." and _fields(removed)["Answers in"] == f"<#{chat.id}>"
     refused = await scene.ask("comprehend", image=scene.photo(), in_channel=bots)
     assert [(m.content, m.ephemeral) for m in refused] == [(f"I only answer in <#{chat.id}> on this server.", True)]
+    again = (await scene.ask("settings channels remove", scene.moderator, channel=bots))[0]
+    assert again.content == f"<#{bots.id}> is not on the list (I answer only in the listed channels); nothing changed."
     cleared = (await scene.ask("settings channels clear", scene.moderator))[0]
     assert cleared.content == "I answer in every channel now."
     assert _fields(cleared)["Answers in"] == "every channel"
@@ -107,7 +109,8 @@ async def test_deleted_roles_and_channels_keep_restricting_and_the_refusals_say_
     assert shown["Required role"] == f"<@&{artists.id}>"
     refused = (await scene.ask("comprehend", image=scene.photo()))[0]
     assert refused.content == (
-        "The channels this server lets me answer in were deleted; a moderator can set others with /settings channels."
+        "The channels this server lets me answer in were deleted; a moderator can add others with "
+        "/settings channels add, or let me answer everywhere with /settings channels clear."
     )
     await scene.ask("settings channels clear", scene.moderator)
     refused = (await scene.ask("comprehend", image=scene.photo()))[0]

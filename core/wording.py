@@ -1,0 +1,27 @@
+"""How values are written in the sentences people read: sizes, and someone's input quoted back."""
+
+from __future__ import annotations
+
+DISCORD_TEXT_LIMIT = 6000  # the longest text a Discord option (or an embed in all) may hold
+
+
+def byte_size(size: int) -> str:
+    """MiB with one decimal, smaller sizes in whole KiB or bytes (0.1 MiB would hide differences)."""
+    if size >= 2**20:
+        return f"{size / 2**20:.1f} MiB"
+    return f"{size / 2**10:.0f} KiB" if size >= 2**10 else f"{size} B"
+
+
+def sizes(size: int, limit: int) -> tuple[str, str]:
+    """A size against its limit, in the same unit: exact bytes below a MiB, or where the rounded
+    forms would look equal."""
+    shown = byte_size(size), byte_size(limit)
+    if min(size, limit) >= 2**20 and shown[0] != shown[1]:
+        return shown
+    return f"{size:,} bytes", f"{limit:,} bytes"
+
+
+def quoted(text: str, limit: int = 100) -> str:
+    """Someone's input inside a refusal, cut so that the reason after it still shows: Discord lets
+    an option hold 6000 characters, and a message only 2000."""
+    return f"“{text if len(text) <= limit else text[: limit - 1] + '…'}”"
