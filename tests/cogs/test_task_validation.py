@@ -258,14 +258,18 @@ async def test_a_servers_task_images_are_bounded_in_bytes_and_list_shows_the_roo
     )
     left = round(0.1 * 2**20) - used
     refusal = f"This server's task images may take 102 KiB in all; {left / 1024:.0f} KiB is left, and these need"
-    message = await private(
-        world,
-        "manage-tasks add-example",
-        world.moderator,
-        task="pets",
-        image=photo(world, "rocket"),
-        text="<image>P:x.",
-    )
+
+    async def add_refused(name: str) -> str:
+        return await private(
+            world,
+            "manage-tasks add-example",
+            world.moderator,
+            task="pets",
+            image=photo(world, name),
+            text="<image>P:x.",
+        )
+
+    message = await add_refused("rocket")
     assert message.startswith(refusal) and message.endswith(" KiB. Remove some examples or tasks first.")
     message = await private(world, "manage-tasks copy", world.moderator, task="caption", new_name="mine")
     assert message.startswith(refusal)
@@ -279,14 +283,7 @@ async def test_a_servers_task_images_are_bounded_in_bytes_and_list_shows_the_roo
     library.limits = library.limits.model_copy(update={"max_task_images_mb": 0.01})
     decoded = []
     monkeypatch.setattr(library, "_image_for_storage", lambda upload: decoded.append(upload))
-    message = await private(
-        world,
-        "manage-tasks add-example",
-        world.moderator,
-        task="pets",
-        image=photo(world, "coffee"),
-        text="<image>P:x.",
-    )
+    message = await add_refused("coffee")
     assert message == (
         "This server's task images already take all of the 10 KiB they may; remove some examples or tasks first."
     )

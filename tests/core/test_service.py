@@ -60,13 +60,18 @@ async def test_full_queue_is_refused_as_busy(llama_engine, make_service, photos,
     assert len(answers) == 3
 
 
-async def test_cancelled_request_never_reaches_the_model(llama_engine, make_service, photos, task):
+async def held_at_the_gate(llama_engine, make_service, photos, task, max_new_tokens: int):
+    """A service whose worker has taken one request and waits at the gate before running it."""
     gated = GatedEngine(llama_engine)
     service = make_service(gated)
-    first = asyncio.create_task(
-        service.answer([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=2))
-    )
+    params = GenerationParams(max_new_tokens=max_new_tokens)
+    running = asyncio.create_task(service.answer([photos["rocket"]], "<image>Output:", task, params))
     await asyncio.to_thread(gated.started.wait, 10)
+    return gated, service, running
+
+
+async def test_cancelled_request_never_reaches_the_model(llama_engine, make_service, photos, task):
+    gated, service, first = await held_at_the_gate(llama_engine, make_service, photos, task, 2)
     withdrawn = asyncio.create_task(service.answer([photos["chelsea"]], "<image>Withdrawn:", task, GenerationParams()))
     await asyncio.sleep(0)
     withdrawn.cancel()
@@ -81,12 +86,7 @@ async def test_cancelled_request_never_reaches_the_model(llama_engine, make_serv
 
 async def test_a_batch_running_past_the_grace_is_stopped_and_its_askers_told(llama_engine, make_service, photos, task):
     """Shutdown cut off a long answer on a CPU: the bot disconnected and closed the database under it."""
-    gated = GatedEngine(llama_engine)
-    service = make_service(gated)
-    running = asyncio.create_task(
-        service.answer([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=200))
-    )
-    await asyncio.to_thread(gated.started.wait, 10)
+    gated, service, running = await held_at_the_gate(llama_engine, make_service, photos, task, 200)
 
     def release_once_stopped() -> None:  # the run goes on only after the grace has passed
         deadline = time.monotonic() + 30
