@@ -183,7 +183,9 @@ class ServerSettings(commands.Cog):
         """Every model this bot knows, those that cannot run here too: choosing one says why."""
         models = self.bot.models
         typed = current.casefold()
-        names = [m for m in models.choices if typed in short_name(m).casefold()][:MAX_CHOICES]
+        # A choice's value holds at most 100 characters: a longer folder name can still be typed.
+        names = [m for m in models.choices if typed in short_name(m).casefold() and len(short_name(m)) <= 100]
+        names = names[:MAX_CHOICES]
         offered = models.offered()
         return [
             app_commands.Choice(

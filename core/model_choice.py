@@ -19,6 +19,7 @@ from core.errors import BadParameter, ModelLoadError
 from core.footprint import parameter_counts
 from core.loading import PrecisionPlan, plan_precision
 from core.registry import REGISTRY, resolve_model
+from core.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class ModelCatalog:
             if typed in (model, short_name(model)):
                 return model
         offered = ", ".join(short_name(model) for model in self.offered())
-        raise BadParameter(f"There is no model called {typed!r} here; choose one of: {offered}.")
+        raise BadParameter(f"There is no model called {quoted(typed)} here; choose one of: {offered}.")
 
     def check_choice(self, model: str) -> None:
         """Refuse, saying why, a model this bot cannot run for a server."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import discord
 from discord import app_commands
 
 from cogs.inference import Inference
 from cogs.utils.options import limit_options
+from core.model_choice import short_name
 
 
 def registered(world, name: str) -> dict:
@@ -107,3 +110,14 @@ async def test_limits_discord_would_refuse_to_sync_are_capped_or_left_to_the_bot
     declared = options(command.to_dict(world.bot.tree))
     assert bounds(declared["text"]) == (1, 6000)
     assert bounds(declared["seconds"]) == (None, None)  # no value could meet it: the bot says why
+
+
+async def test_model_choices_fit_discords_100_characters(world):
+    """A choice's value holds at most 100 characters; one longer made Discord refuse the whole list."""
+    long_folder = "/srv/models/" + "x" * 101
+    catalog = world.bot.models
+    world.bot.models = dataclasses.replace(catalog, choices=(*catalog.choices, long_folder))
+    cog = world.bot.get_cog("ServerSettings")
+    choices = await cog._model_names(None, "")
+    assert choices and all(len(choice.value) <= 100 and len(choice.name) <= 100 for choice in choices)
+    assert [choice.value for choice in choices] == [short_name(name) for name in catalog.choices][: len(choices)]

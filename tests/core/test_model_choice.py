@@ -72,7 +72,7 @@ def test_a_model_too_big_for_the_budget_is_refused_saying_so():
     ):
         catalog.check_choice("models/huge")
     assert catalog.lookup("small") == catalog.lookup("models/small") == "models/small"
-    with pytest.raises(BadParameter, match=r"There is no model called 'tiny' here; choose one of: default, small\."):
+    with pytest.raises(BadParameter, match=r"There is no model called “tiny” here; choose one of: default, small\."):
         catalog.lookup("tiny")
     assert catalog.in_force("models/huge") == catalog.in_force(None) == "models/default"
     assert catalog.in_force("models/small") == "models/small"

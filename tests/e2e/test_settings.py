@@ -134,7 +134,7 @@ async def test_in_process_the_model_cannot_be_switched_and_the_reason_is_given(s
         "Servers can choose other models only when the bot runs its models on a Ray cluster."
     )
     unknown = (await scene.ask("settings model", scene.moderator, model="gpt-4"))[0]
-    assert unknown.content.startswith("There is no model called 'gpt-4' here; choose one of: llama.")
+    assert unknown.content.startswith("There is no model called “gpt-4” here; choose one of: llama.")
     kept = (await scene.ask("settings model", scene.moderator))[0]
     assert kept.content == "This server's answers now come from llama (the default, always loaded)."
     assert _fields(kept)["Model"] == "llama (the default, always loaded)"
