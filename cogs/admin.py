@@ -17,6 +17,7 @@ from cogs.utils.bot import EXTENSIONS, FlamingoBot
 from cogs.utils.checks import OwnerGroup
 from cogs.utils.options import limit_options
 from cogs.utils.replies import clip
+from core.wording import plural
 
 if TYPE_CHECKING:
     from core.static_decode import StaticSteps
@@ -138,8 +139,10 @@ class Admin(commands.Cog):
     @admin.command(description="Finish the answers under way (a minute at most), refuse queued ones, disconnect")
     async def shutdown(self, interaction: discord.Interaction) -> None:
         waiting = self.bot.service.waiting
+        queued = f"{plural(waiting, 'waiting request')} {'is' if waiting == 1 else 'are'} told to try later"
         await interaction.response.send_message(
-            f"Shutting down; {waiting} waiting requests will be told to try later.", ephemeral=True
+            f"Shutting down: answers under way are finished first (a minute at most), and {queued}.",
+            ephemeral=True,
         )
         log.info("shutdown requested by %s", interaction.user.id)
         self.bot.request_shutdown()

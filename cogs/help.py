@@ -9,6 +9,7 @@ from discord.ext import commands
 from cogs.utils.bot import FlamingoBot
 from core.config import PrivacySettings
 from core.guild_settings import GuildSettings
+from core.wording import duration
 
 _COLOUR = discord.Colour.blurple()
 
@@ -27,7 +28,7 @@ def _server_line(default_task: str, task_count: int, rules: GuildSettings) -> st
 def help_embed(
     default_task: str,
     task_count: int,
-    rules: GuildSettings,
+    rules: GuildSettings | None,
     privacy: PrivacySettings,
     privacy_url: str | None,
     terms_url: str | None,
@@ -43,7 +44,7 @@ def help_embed(
     embed.add_field(
         name="Ask",
         value=(
-            "`/comprehend image:<your picture>` describes it with this server's default task.\n"
+            f"`/comprehend image:<your picture>` describes it with the task **{default_task}**.\n"
             "Write your own prompt with `<image>` where the picture is read, for example "
             "`<image>Question: What is the cat doing? Short answer:` with `task:vqa`.\n"
             "Several pictures: attach `image2`…`image4` and put one `<image>` for each, in order.\n"
@@ -61,11 +62,13 @@ def help_embed(
         ),
         inline=False,
     )
-    embed.add_field(name="This server", value=_server_line(default_task, task_count, rules), inline=False)
+    if rules is not None:  # in a server; direct messages have only the built-in tasks
+        embed.add_field(name="This server", value=_server_line(default_task, task_count, rules), inline=False)
     embed.add_field(
         name="Your data",
         value=(
-            f"Each answer's inputs are kept up to {privacy.request_retention_hours:g} hours, for its buttons. "
+            f"Each answer's picture and prompt are kept up to {duration(privacy.request_retention_hours)}, "
+            "for its buttons. "
             "`/forget-me` deletes everything stored about you."
         ),
         inline=False,
@@ -86,7 +89,7 @@ class Help(commands.Cog):
         default = await library.default_task_name(interaction.guild_id)
         tasks = await library.list_tasks(interaction.guild_id)
         guild_id = interaction.guild_id
-        rules = await self.bot.store.guild_settings(guild_id) if guild_id is not None else GuildSettings()
+        rules = await self.bot.store.guild_settings(guild_id) if guild_id is not None else None
         settings = self.bot.settings
         links = settings.discord.privacy_url, settings.discord.terms_url
         embed = help_embed(default, len(tasks), rules, settings.privacy, *links)

@@ -39,6 +39,7 @@ from core.images import check_file_size, check_signature, encode_for_storage, lo
 from core.model_choice import short_name
 from core.prompts import assemble_prompt
 from core.request_store import RequestBudget, StoredRequest
+from core.wording import duration
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +241,11 @@ class Inference(commands.Cog):
     async def _request(self, interaction: discord.Interaction, request_id: int) -> StoredRequest:
         stored = await self.bot.store.get_request(request_id, interaction.guild_id)
         if stored is None:
-            hours = self.bot.settings.privacy.request_retention_hours
+            kept = duration(self.bot.settings.privacy.request_retention_hours)
             raise RequestCancelled(
-                f"This answer's request is no longer stored: it was deleted, or expired after {hours:g} hours "
-                "(or sooner, once stored requests filled the room they are given)."
+                f"This answer's request is no longer stored: pictures and prompts are kept up to {kept} (less "
+                "when a server's stored requests reach their space limit), and may be deleted sooner. "
+                "Ask again with /comprehend."
             )
         return stored
 
@@ -314,7 +316,7 @@ class Inference(commands.Cog):
                 "Only the person who asked, or a member with Manage Messages, can cancel this request."
             )
         ticket.cancel()
-        await interaction.response.edit_message(content="Cancelled.", view=None)
+        await interaction.response.edit_message(content=f"Cancelled by {interaction.user.mention}.", view=None)
 
     async def cog_load(self) -> None:
         # Context menus cannot be cog methods: added here and removed on unload, so reloads work.

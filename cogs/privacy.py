@@ -13,10 +13,7 @@ from discord.ext import commands
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.buttons import ForgetExamplesButton
 from core.errors import NotAllowedHere
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" + ("" if count == 1 else "s")
+from core.wording import plural
 
 
 class Privacy(commands.Cog):
@@ -30,15 +27,23 @@ class Privacy(commands.Cog):
         requests = await self.bot.store.delete_user_requests(user_id)
         await self.bot.store.forget_task_authorship(user_id)
         examples = await self.bot.store.count_user_examples(user_id)
-        done = f"Deleted {_plural(requests, 'stored request')} (the inputs behind your answers' buttons)."
+        if requests:
+            which = "your recent request" if requests == 1 else f"your {requests} recent requests"
+            done = (
+                f"Deleted the pictures and prompts of {which}. Answers already posted stay in their channels: "
+                "remove them with 🗑️ Delete."
+            )
+        else:
+            done = "No pictures or prompts of yours were stored."
         if not examples:
             await interaction.followup.send(f"{done} Nothing else is stored about you.", ephemeral=True)
             return
+        them = "it" if examples == 1 else "them"
         view = discord.ui.View(timeout=None)
         view.add_item(ForgetExamplesButton(user_id))
         await interaction.followup.send(
-            f"{done} You also added {_plural(examples, 'example')} to servers' tasks; "
-            "deleting them changes those tasks for everyone. Delete them?",
+            f"{done} You also added {plural(examples, 'example')} to servers' tasks; "
+            f"deleting {them} changes those tasks for everyone. Delete {them}?",
             view=view,
             ephemeral=True,
         )
@@ -47,7 +52,7 @@ class Privacy(commands.Cog):
         if interaction.user.id != user_id:
             raise NotAllowedHere("Only the person who asked to be forgotten can confirm it.")
         deleted = await self.bot.store.delete_user_examples(user_id)
-        await interaction.response.edit_message(content=f"Deleted {_plural(deleted, 'example')}.", view=None)
+        await interaction.response.edit_message(content=f"Deleted {plural(deleted, 'example')}.", view=None)
 
     async def cog_load(self) -> None:
         self.bot.add_dynamic_items(ForgetExamplesButton)  # the same class on every load

@@ -218,7 +218,12 @@ class Tasks(commands.Cog):
     @app_commands.describe(task="The task")
     @app_commands.autocomplete(task=task_names)
     async def delete(self, interaction: discord.Interaction, task: str) -> None:
+        default = await self.library.default_task_name(interaction.guild_id)
         deleted = await self.library.delete(interaction.guild_id, task)
+        if deleted == default:
+            now = await self.library.default_task_name(interaction.guild_id)
+            await self._done(interaction, f"Deleted **{deleted}**; the default task is now **{now}**.")
+            return
         await self._done(interaction, f"Deleted **{deleted}**.")
 
     @manage.command(description="Copy a task (built-in or this server's) under a new name, to edit it")

@@ -25,3 +25,14 @@ def quoted(text: str, limit: int = 100) -> str:
     """Someone's input inside a refusal, cut so that the reason after it still shows: Discord lets
     an option hold 6000 characters, and a message only 2000."""
     return f"“{text if len(text) <= limit else text[: limit - 1] + '…'}”"
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def duration(hours: float) -> str:
+    """Whole days where the hours make them, as people count retention."""
+    if hours >= 24 and hours % 24 == 0:
+        return plural(int(hours // 24), "day")
+    return f"{hours:g} hour" + ("" if hours == 1 else "s")

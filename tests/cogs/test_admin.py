@@ -213,7 +213,10 @@ async def test_shutdown_finishes_the_running_request_and_refuses_queued_ones(wor
         await asyncio.sleep(0.01)
     owner = world.admin_guild.members[world.discord.owner.id]
     notice = (await world.reply("admin shutdown", member=owner, guild=world.admin_guild))[0]
-    assert notice.content == "Shutting down; 1 waiting requests will be told to try later."
+    assert notice.content == (
+        "Shutting down: answers under way are finished first (a minute at most), and 1 waiting request is told to "
+        "try later."
+    )
     gate.set()
     finished = (await running.answered())[0]
     assert finished.embeds and not finished.ephemeral

@@ -13,8 +13,14 @@ def test_policy_links_appear_when_configured():
     embed = help_embed("caption", 2, GuildSettings(), PRIVACY, "https://example.org/privacy", None)
     fields = {field.name: field.value for field in embed.fields}
     assert fields["About"] == "[Privacy policy](https://example.org/privacy)"
-    assert fields["Your data"].startswith("Each answer's inputs are kept up to 48 hours")
+    assert fields["Your data"].startswith("Each answer's picture and prompt are kept up to 2 days, for its buttons.")
     assert len(embed) < 6000
+
+
+def test_direct_messages_get_no_server_section():
+    fields = {field.name: field.value for field in help_embed("caption", 2, None, PRIVACY, None, None).fields}
+    assert "This server" not in fields
+    assert fields["Ask"].startswith("`/comprehend image:<your picture>` describes it with the task **caption**.")
 
 
 def test_no_about_section_without_links():

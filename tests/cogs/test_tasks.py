@@ -276,7 +276,8 @@ async def test_the_default_task_is_used_by_comprehend_and_follows_renames(world)
     await private(world, "manage-tasks rename", world.moderator, task="pets", new_name="animals")
     assert (await footer_task(world)).startswith("task: animals · ")
 
-    await private(world, "manage-tasks delete", world.moderator, task="animals")
+    message = await private(world, "manage-tasks delete", world.moderator, task="animals")
+    assert message == "Deleted **animals**; the default task is now **caption**."
     assert (await footer_task(world)).startswith("task: caption · ")
 
     await private(world, "manage-tasks set-default", world.moderator, task="vqa")

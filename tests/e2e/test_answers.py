@@ -82,7 +82,7 @@ async def test_a_waiting_request_shows_its_place_and_can_be_cancelled_by_its_ask
     waiting = await scene.send("comprehend", image=scene.photo("coffee"), max_new_tokens=3)
     await waiting.wait_for(lambda: bool(waiting.original and waiting.original.content), timeout=60)
     notice = waiting.original
-    assert re.fullmatch(r"⏳ You are number [12] in line\. You can cancel while you wait\.", notice.content)
+    assert re.fullmatch(r"⏳ Waiting for the model: number [12] in line\. Whoever asked can cancel\.", notice.content)
     assert list(buttons(notice)) == ["Cancel"]
 
     stranger = scene.discord.add_member(scene.guild, "stranger")
@@ -93,7 +93,7 @@ async def test_a_waiting_request_shows_its_place_and_can_be_cancelled_by_its_ask
     # A second click made as the first took effect: Discord sends the message as the user saw it.
     second_click = scene.discord.component_payload(notice, buttons(notice)["Cancel"], scene.reader, scene.guild)
     cancel = await click(scene, notice, "Cancel")
-    await cancel.wait_for(lambda: notice.content == "Cancelled.", timeout=30)
+    await cancel.wait_for(lambda: notice.content == f"Cancelled by <@{scene.reader.id}>.", timeout=30)
     assert notice.components == []
     again = await (await scene.discord.send_interaction(second_click)).answered()
     assert [(m.content, m.ephemeral) for m in again] == [
@@ -103,4 +103,4 @@ async def test_a_waiting_request_shows_its_place_and_can_be_cancelled_by_its_ask
         await record.wait_for(lambda record=record: bool(record.original and record.original.embeds), timeout=120)
         assert record.original.content == ""
     await asyncio.sleep(1)
-    assert notice.content == "Cancelled." and not notice.embeds
+    assert notice.content == f"Cancelled by <@{scene.reader.id}>." and not notice.embeds

@@ -56,7 +56,7 @@ async def test_describing_someones_picture_leaves_it_theirs_to_delete_and_forget
     payload = scene.discord.context_menu_payload("Describe image", scene.reader, scene.guild, message)
     described = (await (await scene.discord.send_interaction(payload)).answered())[0]
     forgot = (await scene.ask("forget-me", poster))[0]
-    assert forgot.content.startswith("Deleted 1 stored request ")
+    assert forgot.content.startswith("Deleted the pictures and prompts of your recent request.")
     gone = (await (await click(scene, described, "Prompt")).answered())[0]
     assert gone.content.startswith("This answer's request is no longer stored")
 

@@ -30,7 +30,8 @@ async def test_forget_me_deletes_requests_at_once_and_examples_after_confirmatio
     asked = (await scene.ask("forget-me", scene.moderator))[0]
     assert asked.ephemeral
     assert asked.content == (
-        "Deleted 1 stored request (the inputs behind your answers' buttons). You also added 2 examples to "
+        "Deleted the pictures and prompts of your recent request. Answers already posted stay in their channels: "
+        "remove them with 🗑️ Delete. You also added 2 examples to "
         "servers' tasks; deleting them changes those tasks for everyone. Delete them?"
     )
     gone = await (await click(scene, answer, "Re-roll", scene.moderator)).answered()
@@ -45,9 +46,7 @@ async def test_forget_me_deletes_requests_at_once_and_examples_after_confirmatio
     listing = (await scene.ask("tasks list"))[0].embeds[0]["description"]
     assert "**pets** (this server, 0 examples)" in listing
     again = (await scene.ask("forget-me", scene.moderator))[0]
-    assert again.content == (
-        "Deleted 0 stored requests (the inputs behind your answers' buttons). Nothing else is stored about you."
-    )
+    assert again.content == ("No pictures or prompts of yours were stored. Nothing else is stored about you.")
 
 
 @pytest.mark.privacy
@@ -72,7 +71,9 @@ async def test_a_re_roll_of_someones_answer_stays_theirs_to_delete_and_forget(sc
     await deleted.wait_for(lambda: bobs.deleted, timeout=30)
 
     forgot = (await scene.ask("forget-me"))[0]
-    assert forgot.content.startswith("Deleted 2 stored requests")  # hers, and the re-roll of the re-roll
+    assert forgot.content.startswith(
+        "Deleted the pictures and prompts of your 2 recent requests."
+    )  # hers, and the re-roll of the re-roll
     gone = (await (await click(scene, again, "Prompt", bob)).answered())[0]
     assert gone.content.startswith("This answer's request is no longer stored")
 
