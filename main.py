@@ -133,8 +133,10 @@ def describe(args: argparse.Namespace) -> int:
     return 0
 
 
-# At DEBUG these log every interaction's payload (prompts, user ids, interaction tokens) and every
-# SQL statement's parameters (stored prompts): private, so kept at INFO unless prompts may be logged.
+# At DEBUG these log every interaction's payload (prompts, user ids, interaction tokens, signed
+# attachment URLs), every SQL statement's parameters (stored prompts and whole images) and photos'
+# EXIF tags (GPS positions, names): kept at INFO always. Tokens are secrets whatever
+# ``logging.log_prompts`` says; it governs only the bot's own line per request.
 PRIVATE_DEBUG_LOGGERS = (
     "discord.gateway",
     "discord.http",
@@ -142,6 +144,7 @@ PRIVATE_DEBUG_LOGGERS = (
     "discord.client",
     "discord.state",
     "aiosqlite",
+    "PIL",
 )
 
 
@@ -150,8 +153,9 @@ def setup_bot_logging(settings: LoggingSettings) -> None:
 
     level = getattr(logging, settings.level)
     discord.utils.setup_logging(level=level)
+    discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # the bot never joins voice
     for name in PRIVATE_DEBUG_LOGGERS:
-        logging.getLogger(name).setLevel(logging.NOTSET if settings.log_prompts else max(level, logging.INFO))
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
 
 
 async def _serve(settings: Settings, token: str) -> None:

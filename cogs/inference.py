@@ -32,7 +32,15 @@ from cogs.utils.buttons import ActionButton, answer_view, button_view
 from cogs.utils.options import drop_options, limit_options
 from cogs.utils.replies import EMBED_FIELD_LIMIT, clip, defer_answer, verbatim
 from core.config import Range
-from core.errors import BadImage, BadPrompt, FlamingoError, NotAllowedHere, RequestCancelled, UnknownTask
+from core.errors import (
+    BadImage,
+    BadPrompt,
+    FlamingoError,
+    GenerationFailed,
+    NotAllowedHere,
+    RequestCancelled,
+    UnknownTask,
+)
 from core.generation import GenerationParams, generation_kwargs
 from core.guild_settings import GuildSettings
 from core.images import check_file_size, check_signature, encode_for_storage, load_image
@@ -198,9 +206,9 @@ class Inference(commands.Cog):
             started = time.monotonic()
             model = bot.models.in_force(rules.model if rerolled is None else rerolled.model)
             other = None if model == bot.models.default else model
-            ticket = bot.service.submit(pictures, text, chosen, params, answer_deadline(interaction), other)
-            bot.waiting[interaction.id] = (ticket, interaction.user.id)
             try:
+                ticket = bot.service.submit(pictures, text, chosen, params, answer_deadline(interaction), other)
+                bot.waiting[interaction.id] = (ticket, interaction.user.id)
                 cancel = button_view(ActionButton("cancel", interaction.id))
                 answer = await wait_in_line(
                     interaction, ticket, cancel, settings.service.queue_update_seconds, bot.service.estimated_wait
@@ -208,7 +216,10 @@ class Inference(commands.Cog):
             except RequestCancelled:
                 bot.metrics.ended("cancelled")
                 return  # the cancel button has said so already
-            except FlamingoError:
+            except GenerationFailed:  # the model's failure, told to the asker: not a refusal
+                bot.metrics.ended("failed")
+                raise
+            except FlamingoError:  # busy, expired, out of time, a model not offered
                 bot.metrics.ended("refused")
                 raise
             except Exception:
@@ -216,7 +227,8 @@ class Inference(commands.Cog):
                 raise
             finally:
                 bot.waiting.pop(interaction.id, None)
-            bot.metrics.answered(time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            bot.metrics.answered(elapsed)
             images = [await asyncio.to_thread(encode_for_storage, picture) for picture in pictures]
             channel_id = interaction.channel_id or 0
             request_id = await bot.store.save_request(
@@ -230,6 +242,19 @@ class Inference(commands.Cog):
                 other,
                 origin,
                 budget=RequestBudget.of(settings.storage),
+            )
+            # What happened, never what was asked: prompts are logged above only when allowed.
+            log.info(
+                "request %d answered in guild %s: task %s, model %s, %d image(s), %d tokens in %.1f s "
+                "after %.1f s in line",
+                request_id,
+                guild_id,
+                chosen.name,
+                short_name(model),
+                len(pictures),
+                len(answer.token_ids),
+                answer.seconds,
+                max(0.0, elapsed - answer.seconds),
             )
         withheld = not is_nsfw(interaction) and bot.answer_filter.blocks(answer.text)
         shown = Shown(WITHHELD if withheld else answer.text, chosen.name, text, answer, images, other)

@@ -22,7 +22,7 @@ from core.beam_search import BeamSettings, beam_search
 from core.config import Settings
 from core.decode_state import DecodeJob
 from core.decoding import FlamingoDecoder
-from core.errors import BadPrompt, FlamingoError, GenerationFailed
+from core.errors import BadPrompt, FlamingoError, GenerationFailed, unexpected_failure
 from core.generation import GenerationParams, generation_kwargs
 from core.images import crop_extreme_aspect
 from core.loading import LoadedModel
@@ -73,8 +73,7 @@ def _as_user_error(error: Exception) -> FlamingoError:
         return GenerationFailed(
             "The model ran out of memory on this request; try fewer examples, fewer beams or fewer new tokens."
         )
-    log.error("a request failed", exc_info=error)
-    return GenerationFailed("Something went wrong while the model was answering; it has been logged.")
+    return unexpected_failure(error, log)
 
 
 def clear_conditioning(model: Flamingo) -> None:

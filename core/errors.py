@@ -6,6 +6,9 @@ every other exception as a bug to log.
 
 from __future__ import annotations
 
+import logging
+import secrets
+
 
 class FlamingoError(Exception):
     """Base class: the message is written for the end user."""
@@ -85,3 +88,13 @@ class RequestCancelled(FlamingoError):
 
 class NotAllowedHere(FlamingoError):
     """A server's settings keep the bot from answering this member or in this channel."""
+
+
+def unexpected_failure(error: BaseException, logger: logging.Logger) -> GenerationFailed:
+    """A bug while the model answered: logged with an id the asker is given, so that the bot's owner
+    can find it from a user's report."""
+    error_id = secrets.token_hex(4)
+    logger.error("generation failed (error %s)", error_id, exc_info=error)
+    return GenerationFailed(
+        f"Something went wrong while the model was answering (error id `{error_id}`); the bot's owner can look it up."
+    )

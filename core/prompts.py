@@ -58,6 +58,8 @@ def check_user_text(text: str, *, images: int, reserved: Iterable[str], max_char
     )
     if bad_controls:
         raise BadPrompt(f"The {what} contains control characters ({', '.join(bad_controls)}); remove them.")
+    if any("\ud800" <= c <= "\udfff" for c in text):  # half of a UTF-16 pair: no tokenizer can read it
+        raise BadPrompt(f"The {what} contains a broken character (half of an emoji or symbol); retype it.")
     for token in sorted(set(reserved) - {IMAGE_TOKEN}, key=len, reverse=True):
         if token and token in text:
             raise BadPrompt(f"The {what} contains the reserved token `{token}`; remove it.")

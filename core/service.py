@@ -30,6 +30,7 @@ from core.errors import (
     RequestExpired,
     ServiceBusy,
     ServiceClosed,
+    unexpected_failure,
 )
 from core.generation import GenerationParams
 from core.loading import load_model
@@ -334,9 +335,8 @@ class InferenceService:
             self.engine.run_many(requests, stops, deliver, joining)
         except FlamingoError as known:
             error = known
-        except Exception:
-            log.exception("generation failed")
-            error = GenerationFailed("Something went wrong while the model was answering; it has been logged.")
+        except Exception as unexpected:
+            error = unexpected_failure(unexpected, log)
         with self._ready:
             self._running.difference_update(pending.values())
         for job in pending.values():

@@ -134,7 +134,7 @@ def test_discord_out_of_reach_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_debug_logging_keeps_interaction_payloads_and_sql_parameters_out_unless_prompts_may_be_logged():
+def test_debug_logging_keeps_interaction_payloads_sql_parameters_and_exif_out_even_with_prompts():
     from core.config import LoggingSettings
     from main import PRIVATE_DEBUG_LOGGERS, setup_bot_logging
 
@@ -144,11 +144,11 @@ def test_debug_logging_keeps_interaction_payloads_and_sql_parameters_out_unless_
         setup_bot_logging(LoggingSettings(level="DEBUG"))
         assert root.level == logging.DEBUG
         assert all(logging.getLogger(name).getEffectiveLevel() == logging.INFO for name in PRIVATE_DEBUG_LOGGERS)
-        # These log URLs that carry interaction tokens, and payloads.
-        for name in ("discord.webhook.async_", "discord.http", "discord.gateway"):
+        # These log URLs that carry interaction tokens, payloads, and photos' EXIF tags.
+        for name in ("discord.webhook.async_", "discord.http", "discord.gateway", "PIL.TiffImagePlugin"):
             assert logging.getLogger(name).getEffectiveLevel() == logging.INFO, name
-        setup_bot_logging(LoggingSettings(level="DEBUG", log_prompts=True))
-        assert all(logging.getLogger(name).getEffectiveLevel() == logging.DEBUG for name in PRIVATE_DEBUG_LOGGERS)
+        setup_bot_logging(LoggingSettings(level="DEBUG", log_prompts=True))  # prompts are not tokens
+        assert all(logging.getLogger(name).getEffectiveLevel() == logging.INFO for name in PRIVATE_DEBUG_LOGGERS)
     finally:
         root.setLevel(saved[0])
         root.handlers[:] = saved[1]

@@ -179,6 +179,7 @@ class FlamingoBot(commands.AutoShardedBot):
     async def on_ready(self) -> None:
         """Every shard is connected: what changed while the bot was away is taken into account."""
         await self.store.reconcile_presence({guild.id for guild in self.guilds})
+        log.info("ready: in %d servers, over %d shard(s)", len(self.guilds), self.shard_count or 1)
 
     async def on_guild_join(self, guild: discord.Guild) -> None:
         await self.store.mark_present(guild.id)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from dataclasses import replace
 
 import core.images
+from core.errors import GenerationFailed, ServiceBusy
 from core.generation import GenerationParams
 from tests.conftest import IMAGES
 from tests.gated_engine import GatedEngine
@@ -265,3 +267,29 @@ async def test_a_command_out_of_step_with_discord_says_it_is_being_updated(world
     world.bot._connection.parse_interaction_create(payload)
     [message] = await world.discord.record(payload).answered()
     assert message.ephemeral and message.content == "This command is being updated; try again in a moment."
+
+
+def outcomes(world) -> dict[str, float]:
+    return {
+        sample.labels["outcome"]: sample.value
+        for sample in world.bot.metrics.requests.collect()[0].samples
+        if sample.name.endswith("_total")
+    }
+
+
+async def test_each_request_is_logged_without_its_content_and_counted_by_outcome(world, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="cogs.inference")
+    messages = await world.reply("comprehend", image=photo(world), prompt="<image>A secret about my cat:")
+    assert not messages[0].ephemeral
+    [line] = [record.getMessage() for record in caplog.records if "answered in guild" in record.getMessage()]
+    assert line.startswith("request ") and f"guild {world.guild.id}: task caption, model llama, 1 image(s)" in line
+    assert "secret" not in caplog.text
+
+    for error in (ServiceBusy("The model is busy; try again in a minute."), GenerationFailed("The model failed.")):
+
+        def submit(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(world.bot.service, "submit", submit)
+        await world.reply("comprehend", image=photo(world))
+    assert outcomes(world) == {"answered": 1.0, "refused": 1.0, "failed": 1.0}

@@ -35,6 +35,7 @@ PROMPT_CASES = [
     ("<image>" + "x" * 2001, 1, r"prompt is 2008 characters long; the limit is 2000"),
     ("<image>Output:\x00", 1, r"control characters \(U\+0000\)"),
     ("<image>Out\x1bput:", 1, r"control characters \(U\+001B\)"),
+    ("<image>A \ud83d cat", 1, r"a broken character \(half of an emoji or symbol\)"),  # the tokenizer raised
 ]
 
 
