@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import discord
@@ -52,6 +53,17 @@ from core.wording import duration
 log = logging.getLogger(__name__)
 
 ImageReader = Callable[[], Awaitable[list[bytes]]]
+
+
+@contextmanager
+def _about_image(index: int, count: int, filename: str | None = None) -> Iterator[None]:
+    """With several images, a refusal says which one it is about."""
+    try:
+        yield
+    except BadImage as error:
+        if count == 1:
+            raise
+        raise BadImage(f"Image {index}{f' ({filename})' if filename else ''}: {error}") from None
 
 
 def _reader(attachments: list[discord.Attachment]) -> ImageReader:
@@ -147,8 +159,9 @@ class Inference(commands.Cog):
         images = [a for a in (image, image2, image3, image4) if a is not None]
         if len(images) > settings.images.max_per_request:
             raise BadImage(f"At most {settings.images.max_per_request} images can be read at once.")
-        for attachment in images:
-            check_file_size(attachment.size, settings.images)
+        for index, attachment in enumerate(images, 1):
+            with _about_image(index, len(images), attachment.filename):
+                check_file_size(attachment.size, settings.images)
         if prompt is None and len(images) > 1:
             raise BadPrompt(
                 f"With {len(images)} images, write a prompt with one `<image>` for each, in order, "
@@ -197,10 +210,14 @@ class Inference(commands.Cog):
             chosen = await bot.library.resolve(guild_id, task)
             text = prompt if prompt is not None else chosen.prompt_template
             uploads = await read_images()
-            for data in uploads:  # a file that is plainly not an image costs no cooldown
-                check_signature(data, settings.images)
+            for index, data in enumerate(uploads, 1):  # a file that is plainly not an image costs no cooldown
+                with _about_image(index, len(uploads)):
+                    check_signature(data, settings.images)
             admission.spent()  # reading headers and pixels is work a refusal must not let be repeated at once
-            pictures = [await asyncio.to_thread(load_image, data, settings.images) for data in uploads]
+            pictures = []
+            for index, data in enumerate(uploads, 1):
+                with _about_image(index, len(uploads)):
+                    pictures.append(await asyncio.to_thread(load_image, data, settings.images))
             if settings.logging.log_prompts:
                 log.info("request by %s in %s: %r", interaction.user.id, guild_id, text)
             started = time.monotonic()

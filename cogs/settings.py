@@ -19,7 +19,7 @@ from cogs.utils.checks import ManageServerGroup, ManageServerSubgroup
 from cogs.utils.options import limit_options
 from core.builtin_tasks import DEFAULT_TASK
 from core.config import QuotaSettings
-from core.errors import NotAllowedHere
+from core.errors import BadParameter, NotAllowedHere
 from core.guild_settings import MAX_COOLDOWN_SECONDS, GuildSettings, check_quota_change
 from core.model_choice import ModelCatalog, short_name
 
@@ -99,6 +99,12 @@ class ServerSettings(commands.Cog):
     @channels.command(name="add", description="Answer in this channel too (and in its threads and posts)")
     @app_commands.describe(channel="A text, announcement, voice, stage, forum or media channel")
     async def add_channel(self, interaction: discord.Interaction, channel: AnswerChannel) -> None:
+        rules = await self.bot.store.guild_settings(interaction.guild_id)  # type: ignore[arg-type]
+        if channel.id in rules.answer_channels:
+            await interaction.response.send_message(
+                f"{channel.mention} is already on the list; nothing changed.", ephemeral=True
+            )
+            return
         change = lambda r: replace(r, answer_channels=r.answer_channels | {channel.id})  # noqa: E731
         await self._change(interaction, change, f"Added {channel.mention}.")
 
@@ -156,6 +162,8 @@ class ServerSettings(commands.Cog):
             )
             await self._change(interaction, change, "Quotas are back to the bot's defaults.")
             return
+        if (cooldown_seconds, in_flight, per_period) == (None, None, None):
+            raise BadParameter("Give cooldown_seconds, in_flight or per_period to change, or reset to go back.")
         check_quota_change(self.bot.settings.quotas, cooldown_seconds, in_flight, per_period)
 
         def change(rules: GuildSettings) -> GuildSettings:

@@ -200,7 +200,7 @@ class TaskStore(Database):
 
     async def _check_room(self, guild_id: int, name: str, max_tasks: int) -> None:
         if (existing := await self._find(guild_id, name)) is not None:
-            raise TaskExists(f"This server already has a task called “{existing['name']}”.")
+            raise TaskExists(f"This server already has a task called “{existing['name']}”; choose another name.")
         if await self._count_tasks(guild_id) >= max_tasks:
             raise LimitReached(f"This server already has {max_tasks} tasks, the most it may have; delete one first.")
 
@@ -263,7 +263,7 @@ class TaskStore(Database):
             task = await self._require(guild_id, name)
             clash = await self._find(guild_id, new_name)
             if clash is not None and clash["id"] != task["id"]:
-                raise TaskExists(f"This server already has a task called “{clash['name']}”.")
+                raise TaskExists(f"This server already has a task called “{clash['name']}”; choose another name.")
             await db.execute(
                 "UPDATE tasks SET name = ?, name_key = ? WHERE id = ?",
                 (new_name, _key(new_name), task["id"]),

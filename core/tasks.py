@@ -18,14 +18,17 @@ from core.config import Settings
 from core.errors import (
     BadImage,
     BadName,
+    BadParameter,
+    BadPrompt,
     FlamingoError,
     LimitReached,
     ReadOnlyTask,
     TaskChanged,
+    TaskExists,
     UnknownTask,
 )
 from core.images import encode_for_storage, load_image, preview
-from core.prompts import Example, Task, assemble_prompt
+from core.prompts import IMAGE_TOKEN, Example, Task, assemble_prompt
 from core.store import StoredTask, TaskStore
 from core.task_archive import ArchivedExample, ArchiveLimits, BadArchive, TaskArchive, read_archive
 from core.wording import quoted
@@ -203,7 +206,10 @@ class TaskLibrary:
         except FlamingoError as error:
             raise BadArchive(f"The task file cannot be imported: {error}") from None
         self._check_fits(new_name, texts, template)
-        await self.store.check_room(guild_id, new_name, max_tasks=self.limits.max_tasks_per_guild)
+        try:
+            await self.store.check_room(guild_id, new_name, max_tasks=self.limits.max_tasks_per_guild)
+        except TaskExists as taken:
+            raise TaskExists(f"{str(taken).removesuffix('.')} with the `name` option.") from None
         if archive.examples:
             await self.store.check_image_room(guild_id, max_image_bytes=self.limits.max_task_image_bytes)
         images = await asyncio.to_thread(self._stored_images, archive.examples)
@@ -254,6 +260,8 @@ class TaskLibrary:
         return stored
 
     async def update(self, guild_id: int, name: str, description: str | None, template: str | None) -> None:
+        if description is None and template is None:
+            raise BadParameter("Give a new description or template; nothing changed.")
         if description is not None:
             description = self._check_length(description.strip(), self.limits.max_description_chars, "description")
         if template is not None:
@@ -332,6 +340,8 @@ class TaskLibrary:
 
     async def move_example(self, guild_id: int, name: str, position: int, new_position: int) -> None:
         stored = await self._stored_for_change(guild_id, name)
+        if position == new_position and 1 <= position <= len(stored.examples):
+            raise BadParameter(f"Example {position} is already at position {position}; nothing changed.")
         await self.store.move_example(guild_id, stored.name, position, new_position, revision=stored.revision)
 
     async def set_default(self, guild_id: int, name: str | None) -> str | None:
@@ -384,6 +394,11 @@ class TaskLibrary:
 
     def _check_template(self, template: str) -> str:
         template = self._check_length(template.strip(), self.limits.max_template_chars, "prompt template")
+        if (markers := template.count(IMAGE_TOKEN)) != 1:  # no image is given with a template: say what it needs
+            raise BadPrompt(
+                f"The prompt template needs exactly one `{IMAGE_TOKEN}`, where the picture is read (it has "
+                f"{markers}), e.g. `{IMAGE_TOKEN}Pet:`."
+            )
         return self.rules.check_text(template, 1, what="prompt template")
 
     def _check_example_text(self, text: str) -> str:

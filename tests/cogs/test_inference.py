@@ -233,7 +233,9 @@ async def test_a_refusal_once_files_are_read_keeps_the_cooldown_one_from_the_sig
     whole = (IMAGES / "rocket.jpg").read_bytes()
     truncated = world.discord.upload("half.jpg", whole[: len(whole) // 2], "image/jpeg")
     two = {"image": photo(world), "image2": truncated, "prompt": "<image>and<image>Output:"}
-    assert (await private_reply(world, world.moderator, **two)).startswith("The image file is damaged or incomplete")
+    assert (await private_reply(world, world.moderator, **two)).startswith(
+        "Image 2: The image file is damaged or incomplete"  # which of the two
+    )
     assert (await private_reply(world, world.moderator, **two)).startswith("You are asking too fast")
 
 

@@ -209,6 +209,8 @@ async def test_examples_are_edited_moved_and_removed_in_order(world):
     message = await private(world, "manage-tasks move-example", world.moderator, task="pets", position=1, to=3)
     assert message == "Moved example 1 of **pets** to position 3."
     assert await example_texts(world, "pets") == [first, edited, third]
+    message = await private(world, "manage-tasks move-example", world.moderator, task="pets", position=2, to=2)
+    assert message == "Example 2 is already at position 2; nothing changed."
 
     message = await private(world, "manage-tasks remove-example", world.moderator, task="pets", position=1)
     assert message == "Removed example 1 from **pets**."
@@ -478,7 +480,7 @@ async def test_changes_made_at_the_same_moment_still_respect_the_caps(world):
     answers = sorted([(await record.answered())[0].content for record in records])
     assert answers == [
         "Created task **twins**. Add examples with `/manage-tasks add-example`.",
-        "This server already has a task called “twins”.",
+        "This server already has a task called “twins”; choose another name.",
     ]
 
 

@@ -69,7 +69,11 @@ async def test_a_bad_image_refuses_the_whole_import(library):
 
 async def test_texts_follow_the_task_rules(library):
     archive = await library.export(HOME, "pets")
-    await _refused(library, replace(archive, prompt_template="Pet:"), "cannot be imported: The prompt template has 0")
+    await _refused(
+        library,
+        replace(archive, prompt_template="Pet:"),
+        "cannot be imported: The prompt template needs exactly one `<image>`",
+    )
     await _refused(library, replace(archive, name="Bad Name!"), "cannot be imported: “Bad Name!” is not a valid")
     await _refused(library, replace(archive, name="caption"), "the name of a built-in task")
     injected = replace(archive, examples=(ArchivedExample(archive.examples[0].image, "<image>Pet:<|endofchunk|>"),))

@@ -36,6 +36,8 @@ async def test_a_server_can_tighten_its_quotas_and_refusals_say_when_to_retry(sc
 
     looser = await scene.ask("settings quotas", scene.moderator, in_flight=1000)
     assert looser[0].ephemeral and looser[0].content == "in_flight must be between 1 and 64."
+    nothing = await scene.ask("settings quotas", scene.moderator)
+    assert nothing[0].content == "Give cooldown_seconds, in_flight or per_period to change, or reset to go back."
     reset = await scene.ask("settings quotas", scene.moderator, reset=True)
     assert reset[0].content == "Quotas are back to the bot's defaults."
     assert (await scene.ask("comprehend", others[2], **ask))[0].embeds

@@ -31,6 +31,8 @@ async def test_answer_channels_limit_where_the_bot_answers(scene):
 
     chat = await scene.discord.add_channel(scene.guild, "chat")
     await scene.ask("settings channels add", scene.moderator, channel=chat)
+    twice = (await scene.ask("settings channels add", scene.moderator, channel=chat))[0]
+    assert twice.ephemeral and twice.content == f"<#{chat.id}> is already on the list; nothing changed."
     removed = (await scene.ask("settings channels remove", scene.moderator, channel=bots))[0]
     assert removed.content == f"Removed <#{bots.id}>." and _fields(removed)["Answers in"] == f"<#{chat.id}>"
     refused = await scene.ask("comprehend", image=scene.photo(), in_channel=bots)

@@ -74,7 +74,9 @@ async def test_an_exported_task_imports_into_another_server_and_answers_there(sc
     renamed = await scene.ask("manage-tasks import", moderator, other, file=upload, name="pets-again")
     assert renamed[0].content == "Imported task **pets-again**."
     again = await scene.ask("manage-tasks import", moderator, other, file=upload)
-    assert again[0].content == "This server already has a task called “pets”."
+    assert again[0].content == (
+        "This server already has a task called “pets”; choose another name with the `name` option."
+    )
 
 
 def _zip(entries: dict[str, bytes]) -> bytes:
@@ -125,6 +127,8 @@ async def test_copies_of_builtin_and_saved_tasks_can_be_changed_and_used(scene):
     answer = (await scene.ask("comprehend", image=scene.photo(), task="second", max_new_tokens=3))[0]
     assert answer.embeds[0]["footer"]["text"].startswith("task: second · ")
     clash = await scene.ask("manage-tasks copy", scene.moderator, task="caption", new_name="second")
-    assert clash[0].ephemeral and clash[0].content == "This server already has a task called “second”."
+    assert clash[0].ephemeral and clash[0].content == (
+        "This server already has a task called “second”; choose another name."
+    )
     builtin = await scene.ask("manage-tasks copy", scene.moderator, task="vqa", new_name="caption")
     assert builtin[0].content == "“caption” is the name of a built-in task; choose another."
