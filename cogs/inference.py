@@ -7,6 +7,7 @@ button (``cogs/utils/buttons.py``); their clicks are handled here.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -331,14 +332,9 @@ class Inference(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         if not self.bot.reports.first(request_id, interaction.user.id):
             raise NotAllowedHere("You have already reported this answer; the moderators have it.")
-        answer = interaction.message.embeds[0] if interaction.message and interaction.message.embeds else None
-        embed = discord.Embed(title="Answer reported", colour=discord.Colour.red())
-        embed.description = clip(answer.description or "", 2000) if answer else "(no answer text)"
-        embed.add_field(name="Reported by", value=interaction.user.mention)
-        embed.add_field(name="Where", value=interaction.message.jump_url if interaction.message else "?")
-        embed.set_footer(text=f"request {request_id}")
+        embed, files = await self._report(interaction, request_id, rules)
         try:
-            await self.bot.get_partial_messageable(rules.report_channel).send(embed=embed)
+            await self.bot.get_partial_messageable(rules.report_channel).send(embed=embed, files=files)
         except BaseException as error:  # not posted, whatever stopped it: the member may report again
             self.bot.reports.forget(request_id, interaction.user.id)
             if isinstance(error, discord.HTTPException):
@@ -347,6 +343,31 @@ class Inference(commands.Cog):
                 ) from None
             raise
         await interaction.followup.send("Thank you; the moderators have been told.", ephemeral=True)
+
+    async def _report(
+        self, interaction: discord.Interaction, request_id: int, rules: GuildSettings
+    ) -> tuple[discord.Embed, list[discord.File]]:
+        """What moderators need to judge an answer without opening it (a private one they cannot):
+        the answer, who asked what, with which task, and the picture."""
+        message = interaction.message
+        answer = message.embeds[0] if message and message.embeds else None
+        embed = discord.Embed(title="Answer reported", colour=discord.Colour.red())
+        embed.description = clip(answer.description or "", 2000) if answer else "(no answer text)"
+        embed.add_field(name="Reported by", value=interaction.user.mention)
+        files = []
+        stored = await self.bot.store.get_request(request_id, interaction.guild_id)
+        if stored is not None:
+            embed.add_field(name="Asked by", value=f"<@{stored.user_id}>")
+            embed.add_field(name="Task", value=stored.task)
+            embed.add_field(
+                name="Prompt", value=f"`{clip(verbatim(stored.prompt), EMBED_FIELD_LIMIT - 2)}`", inline=False
+            )
+            files = [discord.File(io.BytesIO(stored.images[0]), filename="reported.jpg")]
+            embed.set_thumbnail(url="attachment://reported.jpg")
+        if message is not None:
+            seen = " (seen only by the asker)" if rules.ephemeral_answers else ""
+            embed.add_field(name="Where", value=f"[Jump to the answer]({message.jump_url}){seen}", inline=False)
+        return embed, files
 
     async def on_cancel(self, interaction: discord.Interaction, interaction_id: int) -> None:
         waiting = self.bot.waiting.get(interaction_id)

@@ -105,7 +105,13 @@ async def test_report_posts_the_answer_to_the_moderators_channel(scene):
     embed = report.embeds[0]
     assert embed["title"] == "Answer reported"
     assert embed["description"] == answer.embeds[0]["description"]
-    assert {f["name"]: f["value"] for f in embed["fields"]}["Reported by"] == f"<@{scene.reader.id}>"
+    fields = {f["name"]: f["value"] for f in embed["fields"]}
+    assert fields["Reported by"] == f"<@{scene.reader.id}>" and fields["Asked by"] == f"<@{scene.reader.id}>"
+    assert (fields["Task"], fields["Prompt"]) == ("caption", "`<image>Output:`")
+    jump = f"https://discord.com/channels/{scene.guild.id}/{answer.channel_id}/{answer.id}"
+    assert fields["Where"] == f"[Jump to the answer]({jump})"
+    assert embed["thumbnail"]["url"] == "attachment://reported.jpg"
+    assert report.files["reported.jpg"] == answer.files["image.jpg"]  # the picture the answer is about
     assert report.silent  # the report mentions the reporter without pinging anyone
 
     second = (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=3))[0]
