@@ -85,7 +85,7 @@ def status_embed(bot: FlamingoBot) -> discord.Embed:
     fields = {
         **_model_fields(bot),
         "Uptime": _duration(time.monotonic() - bot.started_at),
-        "Guilds": str(len(bot.guilds)),
+        "Servers": str(len(bot.guilds)),
         "Shards": " · ".join(f"{shard}: {latency * 1000:.0f} ms" for shard, latency in bot.latencies)
         or "not connected",
         "Version": core.__version__,

@@ -46,8 +46,13 @@ def settings_embed(rules: GuildSettings, defaults: QuotaSettings, models: ModelC
     embed.add_field(
         name="Quotas" + (" (this server's)" if own else " (the bot's defaults)"),
         value=(
-            f"{quotas.user_cooldown_seconds:g} s between a member's requests · "
-            f"{quotas.guild_in_flight} at once · {quotas.guild_per_period} per {_period(quotas.period_seconds)}"
+            (
+                f"{quotas.user_cooldown_seconds:g} s between a member's requests"
+                if quotas.user_cooldown_seconds
+                else "no wait between a member's requests"
+            )
+            + f" · up to {quotas.guild_in_flight} answered or waiting at once"
+            f" · {quotas.guild_per_period} per {_period(quotas.period_seconds)}"
         ),
         inline=False,
     )
@@ -217,7 +222,11 @@ class ServerSettings(commands.Cog):
                     f"I cannot post in {channel.mention}; let me view it, send messages and embed links there, "
                     "then set it again."
                 ) from None
-        note = f"Reports go to {channel.mention}." if channel else "Reports are off: the Report button says so."
+        note = (
+            f"Reports go to {channel.mention}."
+            if channel
+            else "Reports are off; members who press Report are told this server takes none."
+        )
         await self._change(interaction, lambda r: replace(r, report_channel=channel.id if channel else None), note)
 
 

@@ -121,3 +121,11 @@ async def test_model_choices_fit_discords_100_characters(world):
     choices = await cog._model_names(None, "")
     assert choices and all(len(choice.value) <= 100 and len(choice.name) <= 100 for choice in choices)
     assert [choice.value for choice in choices] == [short_name(name) for name in catalog.choices][: len(choices)]
+
+
+async def test_settings_show_reads_a_zero_cooldown_as_no_wait(world):
+    [shown] = await world.reply("settings show", world.moderator)
+    fields = {field["name"]: field["value"] for field in shown.embeds[0]["fields"]}
+    assert fields["Quotas (the bot's defaults)"] == (
+        "no wait between a member's requests · up to 64 answered or waiting at once · 10000 per hour"
+    )

@@ -92,7 +92,7 @@ async def test_permissions_are_enforced(scene, stand_in):
     assert [(m.content, m.ephemeral) for m in denied] == [("Only the bot's owner can use this command.", True)]
     owner = admin_guild.members[stand_in.owner.id]
     status = (await scene.ask("admin status", owner, admin_guild))[0]
-    assert {f["name"] for f in status.embeds[0]["fields"]} >= {"Model", "Queue", "Uptime", "Guilds"}
+    assert {f["name"] for f in status.embeds[0]["fields"]} >= {"Model", "Queue", "Uptime", "Servers"}
 
 
 async def test_hot_reload_while_requests_are_in_flight_loses_nothing(scene, stand_in, shared_bot):

@@ -125,7 +125,7 @@ async def test_report_posts_the_answer_to_the_moderators_channel(scene):
     await scene.discord.wait_for_channel_messages(mods, count=3)
 
     off = (await scene.ask("settings reports", scene.moderator))[0]
-    assert off.ephemeral and off.content == "Reports are off: the Report button says so."
+    assert off.ephemeral and off.content == "Reports are off; members who press Report are told this server takes none."
     nowhere = await (await click(scene, second, "Report", scene.moderator)).answered()
     assert nowhere[0].content == "This server has no report channel; a moderator can set one with /settings reports."
 

@@ -16,7 +16,9 @@ async def test_a_server_can_tighten_its_quotas_and_refusals_say_when_to_retry(sc
     changed = (await scene.ask("settings quotas", scene.moderator, cooldown_seconds=30, per_period=3))[0]
     assert changed.ephemeral and changed.content == "Quotas updated."
     fields = {field["name"]: field["value"] for field in changed.embeds[0]["fields"]}
-    assert fields["Quotas (this server's)"] == "30 s between a member's requests · 64 at once · 3 per hour"
+    assert fields["Quotas (this server's)"] == (
+        "30 s between a member's requests · up to 64 answered or waiting at once · 3 per hour"
+    )
 
     ask = {"image": scene.photo(), "max_new_tokens": 2}
     typo = await scene.ask("comprehend", task="captoin", **ask)  # refused: it costs neither cooldown nor quota
