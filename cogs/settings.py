@@ -30,18 +30,28 @@ def _period(seconds: float) -> str:
     return "hour" if seconds == 3600 else f"{seconds:g} s"
 
 
-def settings_embed(rules: GuildSettings, defaults: QuotaSettings, models: ModelCatalog) -> discord.Embed:
+def settings_embed(
+    rules: GuildSettings, defaults: QuotaSettings, models: ModelCatalog, guild: discord.Guild | None
+) -> discord.Embed:
+    """``guild``: the cached server, to point out a channel or role deleted since it was set (they
+    keep restricting until a moderator changes them); None when not known."""
     quotas = rules.quotas(defaults)
     own = any(v is not None for v in (rules.user_cooldown_seconds, rules.guild_in_flight, rules.guild_per_period))
-    channels = ", ".join(f"<#{c}>" for c in sorted(rules.answer_channels)) or "every channel"
+    gone = {c for c in rules.answer_channels if guild is not None and guild.get_channel(c) is None}
+    channels = ", ".join(f"<#{c}>" + (" (deleted)" if c in gone else "") for c in sorted(rules.answer_channels))
+    if gone and gone == rules.answer_channels:
+        channels += "\n⚠️ Nobody can use the bot until you add a channel or run `/settings channels clear`."
+    role = f"<@&{rules.required_role}>" if rules.required_role else "none"
+    if rules.required_role and guild is not None and guild.get_role(rules.required_role) is None:
+        role += " (deleted)\n⚠️ Only members with Manage Server can use the bot until you choose another."
     embed = discord.Embed(title="Settings for this server", colour=_COLOUR)
     default = rules.default_task or DEFAULT_TASK
     embed.add_field(name="Default task", value=f"**{default}** (`/manage-tasks set-default`)")
     model = models.in_force(rules.model)
     gone = " (the one chosen is no longer offered)" if rules.model not in (None, model) else ""
     embed.add_field(name="Model", value=models.describe(model) + gone)
-    embed.add_field(name="Answers in", value=channels, inline=False)
-    embed.add_field(name="Required role", value=f"<@&{rules.required_role}>" if rules.required_role else "none")
+    embed.add_field(name="Answers in", value=channels or "every channel", inline=False)
+    embed.add_field(name="Required role", value=role)
     embed.add_field(name="Answers are", value="private to the asker" if rules.ephemeral_answers else "public")
     embed.add_field(
         name="Quotas" + (" (this server's)" if own else " (the bot's defaults)"),
@@ -85,7 +95,7 @@ class ServerSettings(commands.Cog):
         guild_id = interaction.guild_id
         assert guild_id is not None  # the group is guild-only
         changed = await self.bot.store.change_guild_settings(guild_id, change)
-        embed = settings_embed(changed, self.bot.settings.quotas, self.bot.models)
+        embed = settings_embed(changed, self.bot.settings.quotas, self.bot.models, self.bot.get_guild(guild_id))
         if interaction.response.is_done():
             await interaction.followup.send(note, embed=embed, ephemeral=True)
         else:
@@ -94,7 +104,8 @@ class ServerSettings(commands.Cog):
     @group.command(name="show", description="This server's settings")
     async def show(self, interaction: discord.Interaction) -> None:
         rules = await self.bot.store.guild_settings(interaction.guild_id)  # type: ignore[arg-type]
-        embed = settings_embed(rules, self.bot.settings.quotas, self.bot.models)
+        guild = self.bot.get_guild(interaction.guild_id)  # type: ignore[arg-type]
+        embed = settings_embed(rules, self.bot.settings.quotas, self.bot.models, guild)
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     channels = ManageServerSubgroup(

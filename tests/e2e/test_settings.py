@@ -76,7 +76,6 @@ async def test_a_required_role_and_private_answers(scene):
     assert hidden.ephemeral and hidden.embeds
 
     shown = _fields((await scene.ask("settings show", scene.moderator))[0])
-    assert shown["Required role"] == f"<@&{artists.id}>"
     assert shown["Answers are"] == "private to the asker"
     assert shown["Default task"] == "**caption** (`/manage-tasks set-default`)"
 
@@ -101,14 +100,22 @@ async def test_deleted_roles_and_channels_keep_restricting_and_the_refusals_say_
         await scene.discord.remove_channel(scene.guild, channel)
     await scene.discord.remove_role(scene.guild, artists)
 
-    settled = {"Answers in": f"<#{bots.id}>", "Reports go to": "not set"}
+    settled = {
+        "Answers in": (
+            f"<#{bots.id}> (deleted)\n⚠️ Nobody can use the bot until you add a channel or run "
+            "`/settings channels clear`."
+        ),
+        "Reports go to": "not set",
+        "Required role": (
+            f"<@&{artists.id}> (deleted)\n⚠️ Only members with Manage Server can use the bot until you choose another."
+        ),
+    }
     for _ in range(50):  # the bot handles the deletions as they arrive, beside the commands
         shown = _fields((await scene.ask("settings show", scene.moderator))[0])
         if all(shown[name] == value for name, value in settled.items()):
             break
         await asyncio.sleep(0.1)
     assert {name: shown[name] for name in settled} == settled
-    assert shown["Required role"] == f"<@&{artists.id}>"
     refused = (await scene.ask("comprehend", image=scene.photo()))[0]
     assert refused.content == (
         "The channels this server lets me answer in were deleted; a moderator can add others with "
