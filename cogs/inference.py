@@ -33,7 +33,7 @@ from cogs.utils.bot import FlamingoBot
 from cogs.utils.buttons import ActionButton, answer_view, button_view
 from cogs.utils.options import drop_options, limit_options
 from cogs.utils.replies import EMBED_FIELD_LIMIT, clip, defer_answer, verbatim
-from core.config import Range
+from core.config import GenerationSettings, Range
 from core.errors import (
     BadImage,
     BadPrompt,
@@ -88,9 +88,18 @@ def reroll_params(params: GenerationParams) -> GenerationParams:
     return replace(params, do_sample=True, num_beams=1, length_penalty=None)
 
 
-def _params_text(params: GenerationParams) -> str:
-    given = {name: value for name, value in vars(params).items() if value is not None}
-    return ", ".join(f"{name}={value}" for name, value in given.items())
+def _params_text(params: GenerationParams, settings: GenerationSettings) -> str:
+    """How the answer was made, in words, with the values in force (the defaults too)."""
+    used = generation_kwargs(params, settings)
+    beams = used.get("num_beams", 1)
+    how = "sampled" if used["do_sample"] else "greedy"
+    if beams > 1:
+        how = f"beam search over {beams} beams" + (", sampled" if used["do_sample"] else "")
+    shown = [how, f"up to {used['max_new_tokens']} new tokens"]
+    shown += [
+        f"{name} {value}" for name, value in used.items() if name not in ("do_sample", "num_beams", "max_new_tokens")
+    ]
+    return " · ".join(shown)
 
 
 class Inference(commands.Cog):
@@ -310,7 +319,11 @@ class Inference(commands.Cog):
         embed.description = clip(f"```\n{verbatim(full)}\n```", 4000)
         embed.add_field(name="Task", value=stored.task)
         embed.add_field(name="Model", value=short_name(stored.model or self.bot.models.default))
-        embed.add_field(name="Parameters", value=clip(_params_text(stored.params), EMBED_FIELD_LIMIT), inline=False)
+        embed.add_field(
+            name="Parameters",
+            value=clip(_params_text(stored.params, self.bot.settings.generation), EMBED_FIELD_LIMIT),
+            inline=False,
+        )
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     async def on_delete(self, interaction: discord.Interaction, request_id: int) -> None:

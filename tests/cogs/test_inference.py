@@ -8,6 +8,8 @@ import threading
 from dataclasses import replace
 
 import core.images
+from cogs.inference import _params_text
+from core.config import GenerationSettings
 from core.errors import GenerationFailed, ServiceBusy
 from core.generation import GenerationParams
 from tests.conftest import IMAGES
@@ -295,3 +297,12 @@ async def test_each_request_is_logged_without_its_content_and_counted_by_outcome
         monkeypatch.setattr(world.bot.service, "submit", submit)
         await world.reply("comprehend", image=photo(world))
     assert outcomes(world) == {"answered": 1.0, "refused": 1.0, "failed": 1.0}
+
+
+def test_the_prompt_button_tells_how_the_answer_was_made_in_words():
+    settings = GenerationSettings()
+    assert _params_text(GenerationParams(), settings) == "greedy · up to 30 new tokens"  # the default, in force
+    sampled = GenerationParams(do_sample=True, temperature=0.7, top_k=40, max_new_tokens=12)
+    assert _params_text(sampled, settings) == "sampled · up to 12 new tokens · temperature 0.7 · top_k 40"
+    beams = GenerationParams(num_beams=3, length_penalty=1.5)
+    assert _params_text(beams, settings) == "beam search over 3 beams · up to 30 new tokens · length_penalty 1.5"

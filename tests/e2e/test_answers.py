@@ -48,7 +48,7 @@ async def test_every_answer_can_be_re_rolled_and_shows_its_full_prompt(scene):
     prompt = shown[0].embeds[0]
     assert prompt["description"] == "```\n<image>Pet:a cat<|endofchunk|><image>Pet:\n```"
     fields = {f["name"]: f["value"] for f in prompt["fields"]}
-    assert fields["Parameters"] == "max_new_tokens=6, do_sample=False, num_beams=1"
+    assert fields["Parameters"] == "greedy · up to 6 new tokens"
     assert fields["Model"] == "llama"
 
 
