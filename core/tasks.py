@@ -277,13 +277,13 @@ class TaskLibrary:
         await self._checked_write(guild_id, name, write)
 
     async def rename(self, guild_id: int, name: str, new_name: str) -> str:
-        stored = await self._stored_for_change(guild_id, name)
+        stored = await self._stored_for_change(guild_id, name, "cannot be renamed; copy it under the name you want")
         new_name = self._new_name(new_name)
         await self.store.rename_task(guild_id, stored.name, new_name)
         return new_name
 
     async def delete(self, guild_id: int, name: str) -> str:
-        stored = await self._stored_for_change(guild_id, name)
+        stored = await self._stored_for_change(guild_id, name, "cannot be deleted: every server has it")
         await self.store.delete_task(guild_id, stored.name)
         return stored.name
 
@@ -375,9 +375,11 @@ class TaskLibrary:
             return builtin
         return None
 
-    async def _stored_for_change(self, guild_id: int, name: str) -> StoredTask:
+    async def _stored_for_change(
+        self, guild_id: int, name: str, refusal: str = "cannot be changed; copy it to make your own"
+    ) -> StoredTask:
         if await self._builtin(guild_id, name) is not None:
-            raise ReadOnlyTask(f"{quoted(name)} is a built-in task and cannot be changed; copy it to make your own.")
+            raise ReadOnlyTask(f"{quoted(name)} is a built-in task and {refusal}.")
         return await self._stored(guild_id, name)
 
     def _new_name(self, name: str) -> str:

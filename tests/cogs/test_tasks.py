@@ -366,8 +366,6 @@ async def test_managing_tasks_needs_a_server(world):
 async def test_built_in_tasks_cannot_be_changed_only_copied(world):
     attempts = [
         ("manage-tasks add-example", {"image": photo(world), "text": "<image>Output:A cat."}),
-        ("manage-tasks delete", {}),
-        ("manage-tasks rename", {"new_name": "captions"}),
         ("manage-tasks edit", {"description": "Mine now"}),
         ("manage-tasks edit-example", {"position": 1, "text": "<image>Output:Changed."}),
         ("manage-tasks remove-example", {"position": 1}),
@@ -376,7 +374,10 @@ async def test_built_in_tasks_cannot_be_changed_only_copied(world):
     for command, options in attempts:
         message = await private(world, command, world.moderator, task="caption", **options)
         assert message == f"“caption” {READ_ONLY}", command
-    assert await private(world, "manage-tasks delete", world.moderator, task="VQA") == f"“VQA” {READ_ONLY}"
+    deleted = await private(world, "manage-tasks delete", world.moderator, task="VQA")
+    assert deleted == "“VQA” is a built-in task and cannot be deleted: every server has it."
+    renamed = await private(world, "manage-tasks rename", world.moderator, task="caption", new_name="captions")
+    assert renamed == "“caption” is a built-in task and cannot be renamed; copy it under the name you want."
 
     _, examples, _ = await shown(world, "caption")
     assert [e["description"] for e in examples] == [f"`{t}`" for t in CAPTION_TEXTS]
