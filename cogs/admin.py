@@ -141,7 +141,8 @@ class Admin(commands.Cog):
         waiting = self.bot.service.waiting
         queued = f"{plural(waiting, 'waiting request')} {'is' if waiting == 1 else 'are'} told to try later"
         await interaction.response.send_message(
-            f"Shutting down: answers under way are finished first (a minute at most), and {queued}.",
+            "Shutting down: answers under way are finished first (a minute at most)"
+            + (f", and {queued}." if waiting else "; nothing is waiting."),
             ephemeral=True,
         )
         log.info("shutdown requested by %s", interaction.user.id)

@@ -49,7 +49,7 @@ from core.images import check_file_size, check_signature, encode_for_storage, lo
 from core.model_choice import short_name
 from core.prompts import assemble_prompt
 from core.request_store import RequestBudget, StoredRequest
-from core.wording import duration
+from core.wording import duration, quoted
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _about_image(index: int, count: int, filename: str | None = None) -> Iterato
     except BadImage as error:
         if count == 1:
             raise
-        raise BadImage(f"Image {index}{f' ({filename})' if filename else ''}: {error}") from None
+        raise BadImage(f"Image {index}{f' ({quoted(filename, 60)})' if filename else ''}: {error}") from None
 
 
 def _reader(attachments: list[discord.Attachment]) -> ImageReader:
@@ -89,16 +89,14 @@ def reroll_params(params: GenerationParams) -> GenerationParams:
 
 
 def _params_text(params: GenerationParams, settings: GenerationSettings) -> str:
-    """How the answer was made, in words, with the values in force (the defaults too)."""
-    used = generation_kwargs(params, settings)
-    beams = used.get("num_beams", 1)
-    how = "sampled" if used["do_sample"] else "greedy"
-    if beams > 1:
-        how = f"beam search over {beams} beams" + (", sampled" if used["do_sample"] else "")
-    shown = [how, f"up to {used['max_new_tokens']} new tokens"]
-    shown += [
-        f"{name} {value}" for name, value in used.items() if name not in ("do_sample", "num_beams", "max_new_tokens")
-    ]
+    """How the answer was made, in words: as stored, never checked again (the operator's ranges may
+    have changed since), with the default length where none was given."""
+    given = {name: value for name, value in vars(params).items() if value is not None}
+    how = "sampled" if params.do_sample else "greedy"
+    if params.num_beams > 1:
+        how = f"beam search over {params.num_beams} beams" + (", sampled" if params.do_sample else "")
+    shown = [how, f"up to {given.pop('max_new_tokens', settings.max_new_tokens_default)} new tokens"]
+    shown += [f"{name} {value}" for name, value in given.items() if name not in ("do_sample", "num_beams")]
     return " · ".join(shown)
 
 
@@ -345,8 +343,8 @@ class Inference(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         if not self.bot.reports.first(request_id, interaction.user.id):
             raise NotAllowedHere("You have already reported this answer; the moderators have it.")
-        embed, files = await self._report(interaction, request_id, rules)
         try:
+            embed, files = await self._report(interaction, request_id)
             await self.bot.get_partial_messageable(rules.report_channel).send(embed=embed, files=files)
         except BaseException as error:  # not posted, whatever stopped it: the member may report again
             self.bot.reports.forget(request_id, interaction.user.id)
@@ -358,7 +356,7 @@ class Inference(commands.Cog):
         await interaction.followup.send("Thank you; the moderators have been told.", ephemeral=True)
 
     async def _report(
-        self, interaction: discord.Interaction, request_id: int, rules: GuildSettings
+        self, interaction: discord.Interaction, request_id: int
     ) -> tuple[discord.Embed, list[discord.File]]:
         """What moderators need to judge an answer without opening it (a private one they cannot):
         the answer, who asked what, with which task, and the picture."""
@@ -371,14 +369,17 @@ class Inference(commands.Cog):
         stored = await self.bot.store.get_request(request_id, interaction.guild_id)
         if stored is not None:
             embed.add_field(name="Asked by", value=f"<@{stored.user_id}>")
+            if stored.origin_user_id is not None:  # a re-roll of their answer, or a description of their picture
+                embed.add_field(name="Picture and prompt from", value=f"<@{stored.origin_user_id}>")
             embed.add_field(name="Task", value=stored.task)
             embed.add_field(
                 name="Prompt", value=f"`{clip(verbatim(stored.prompt), EMBED_FIELD_LIMIT - 2)}`", inline=False
             )
+        if stored is not None and stored.images:
             files = [discord.File(io.BytesIO(stored.images[0]), filename="reported.jpg")]
             embed.set_thumbnail(url="attachment://reported.jpg")
         if message is not None:
-            seen = " (seen only by the asker)" if rules.ephemeral_answers else ""
+            seen = " (seen only by the asker)" if message.flags.ephemeral else ""
             embed.add_field(name="Where", value=f"[Jump to the answer]({message.jump_url}){seen}", inline=False)
         return embed, files
 

@@ -31,7 +31,7 @@ class Privacy(commands.Cog):
             which = "your recent request" if requests == 1 else f"your {requests} recent requests"
             done = (
                 f"Deleted the pictures and prompts of {which}. Answers already posted stay in their channels: "
-                "remove them with 🗑️ Delete."
+                "delete yours with 🗑️ Delete, or ask a server's moderators."
             )
         else:
             done = "No pictures or prompts of yours were stored."

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from core.config import QuotaSettings
 from core.errors import FlamingoError
 from core.guild_settings import MAX_COOLDOWN_SECONDS
+from core.wording import plural
 
 
 class TooManyRequests(FlamingoError):
@@ -86,11 +87,15 @@ class RequestQuotas:
             recent.popleft()
         if place.in_flight >= settings.guild_in_flight:
             who = "You already have" if in_dms else "This server already has"
-            raise TooManyRequests(f"{who} {place.in_flight} requests being answered; try again in a minute.")
+            raise TooManyRequests(
+                f"{who} {plural(place.in_flight, 'request')} answered or waiting; try again in a minute."
+            )
         if len(recent) >= settings.guild_per_period:
             wait = settings.period_seconds - (now - recent[0])
             who = "You have used your" if in_dms else "This server has used its"
-            raise TooManyRequests(f"{who} {settings.guild_per_period} requests for now; more in {_wait(wait)}.")
+            raise TooManyRequests(
+                f"{who} {plural(settings.guild_per_period, 'request')} for now; more in {_wait(wait)}."
+            )
         self._last_request[user_id] = now
         recent.append(now)
         place.in_flight += 1

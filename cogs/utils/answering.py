@@ -96,7 +96,7 @@ def answer_deadline(interaction: discord.Interaction) -> float:
 
 def queue_notice(position: int, wait_seconds: float) -> str:
     about = f", about {max(1, round(wait_seconds / 60))} min" if wait_seconds >= 60 else ""
-    return f"⏳ Waiting for the model: number {position} in line{about}. Whoever asked can cancel."
+    return f"⏳ Waiting for the model: number {position} in line{about}. The asker (or a moderator) can cancel."
 
 
 async def wait_in_line(

@@ -306,3 +306,6 @@ def test_the_prompt_button_tells_how_the_answer_was_made_in_words():
     assert _params_text(sampled, settings) == "sampled · up to 12 new tokens · temperature 0.7 · top_k 40"
     beams = GenerationParams(num_beams=3, length_penalty=1.5)
     assert _params_text(beams, settings) == "beam search over 3 beams · up to 30 new tokens · length_penalty 1.5"
+    # Stored before the operator narrowed a range: described, not refused.
+    narrowed = GenerationSettings(max_new_tokens={"low": 1, "high": 8}, max_new_tokens_default=8)
+    assert _params_text(GenerationParams(max_new_tokens=200), narrowed) == "greedy · up to 200 new tokens"

@@ -39,7 +39,7 @@ def test_a_user_waits_between_requests():
 def test_a_guild_has_a_cap_on_requests_in_flight():
     quotas = RequestQuotas(QuotaSettings(user_cooldown_seconds=0, guild_in_flight=2), Clock())
     with quotas.admit(1, 1), quotas.admit(1, 2):
-        with pytest.raises(TooManyRequests, match="already has 2 requests being answered"), quotas.admit(1, 3):
+        with pytest.raises(TooManyRequests, match="already has 2 requests answered or waiting"), quotas.admit(1, 3):
             pass
         with quotas.admit(2, 3):  # other guilds are not affected
             pass
@@ -69,7 +69,7 @@ def test_a_refused_request_gives_back_its_cooldown_and_its_share_of_the_quota():
         pass
     with pytest.raises(TooManyRequests, match="asking too fast"), quotas.admit(5, 7):
         pass
-    with pytest.raises(TooManyRequests, match="used its 1 requests"), quotas.admit(5, 8):
+    with pytest.raises(TooManyRequests, match="used its 1 request for now"), quotas.admit(5, 8):
         pass
 
 
@@ -99,11 +99,11 @@ def test_an_answered_request_keeps_its_cooldown_whatever_fails_after():
 def test_direct_messages_count_per_person():
     quotas = RequestQuotas(QuotaSettings(user_cooldown_seconds=0, guild_per_period=1, guild_in_flight=1), Clock())
     with quotas.admit(None, 1):
-        with pytest.raises(TooManyRequests, match=r"^You already have 1 requests being"), quotas.admit(None, 1):
+        with pytest.raises(TooManyRequests, match=r"^You already have 1 request answered or waiting"), quotas.admit(None, 1):
             pass
         with quotas.admit(None, 2):  # someone else's direct messages are not shared with theirs
             pass
-    with pytest.raises(TooManyRequests, match=r"^You have used your 1 requests for now"), quotas.admit(None, 1):
+    with pytest.raises(TooManyRequests, match=r"^You have used your 1 request for now"), quotas.admit(None, 1):
         pass
 
 

@@ -82,7 +82,9 @@ async def test_a_waiting_request_shows_its_place_and_can_be_cancelled_by_its_ask
     waiting = await scene.send("comprehend", image=scene.photo("coffee"), max_new_tokens=3)
     await waiting.wait_for(lambda: bool(waiting.original and waiting.original.content), timeout=60)
     notice = waiting.original
-    assert re.fullmatch(r"⏳ Waiting for the model: number [12] in line\. Whoever asked can cancel\.", notice.content)
+    assert re.fullmatch(
+        r"⏳ Waiting for the model: number [12] in line\. The asker \(or a moderator\) can cancel\.", notice.content
+    )
     assert list(buttons(notice)) == ["Cancel"]
 
     stranger = scene.discord.add_member(scene.guild, "stranger")

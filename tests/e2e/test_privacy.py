@@ -31,7 +31,7 @@ async def test_forget_me_deletes_requests_at_once_and_examples_after_confirmatio
     assert asked.ephemeral
     assert asked.content == (
         "Deleted the pictures and prompts of your recent request. Answers already posted stay in their channels: "
-        "remove them with 🗑️ Delete. You also added 2 examples to "
+        "delete yours with 🗑️ Delete, or ask a server's moderators. You also added 2 examples to "
         "servers' tasks; deleting them changes those tasks for everyone. Delete them?"
     )
     gone = await (await click(scene, answer, "Re-roll", scene.moderator)).answered()
@@ -123,6 +123,18 @@ async def test_report_posts_the_answer_to_the_moderators_channel(scene):
     retried = await (await click(scene, second, "Report")).answered()  # not posted, so not yet reported
     assert [(m.content, m.ephemeral) for m in retried] == [("Thank you; the moderators have been told.", True)]
     await scene.discord.wait_for_channel_messages(mods, count=3)
+
+    await scene.ask("forget-me")  # the reader's requests go; a report on their answer still reaches the moderators
+    late = await (await click(scene, second, "Report", scene.moderator)).answered()
+    assert late[0].content == "Thank you; the moderators have been told."
+    *_, bare = await scene.discord.wait_for_channel_messages(mods, count=4)
+    assert not bare.files and "Asked by" not in {f["name"] for f in bare.embeds[0]["fields"]}
+    await scene.ask("settings answers", scene.moderator, visibility="private")
+    hidden = (await scene.ask("comprehend", image=scene.photo(), max_new_tokens=3))[0]
+    await (await click(scene, hidden, "Report")).answered()
+    *_, private_report = await scene.discord.wait_for_channel_messages(mods, count=5)
+    where = {f["name"]: f["value"] for f in private_report.embeds[0]["fields"]}["Where"]
+    assert where.endswith(") (seen only by the asker)")  # moderators cannot open it
 
     off = (await scene.ask("settings reports", scene.moderator))[0]
     assert off.ephemeral and off.content == "Reports are off; members who press Report are told this server takes none."

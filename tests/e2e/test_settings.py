@@ -77,6 +77,7 @@ async def test_a_required_role_and_private_answers(scene):
 
     shown = _fields((await scene.ask("settings show", scene.moderator))[0])
     assert shown["Answers are"] == "private to the asker"
+    assert shown["Required role"] == f"<@&{artists.id}>"  # it exists: no warning
     assert shown["Default task"] == "**caption** (`/manage-tasks set-default`)"
 
     await scene.ask("settings role", scene.moderator)
