@@ -99,7 +99,8 @@ def test_an_answered_request_keeps_its_cooldown_whatever_fails_after():
 def test_direct_messages_count_per_person():
     quotas = RequestQuotas(QuotaSettings(user_cooldown_seconds=0, guild_per_period=1, guild_in_flight=1), Clock())
     with quotas.admit(None, 1):
-        with pytest.raises(TooManyRequests, match=r"^You already have 1 request answered or waiting"), quotas.admit(None, 1):
+        busy = r"^You already have 1 request answered or waiting"
+        with pytest.raises(TooManyRequests, match=busy), quotas.admit(None, 1):
             pass
         with quotas.admit(None, 2):  # someone else's direct messages are not shared with theirs
             pass
