@@ -7,7 +7,6 @@ button (``cogs/utils/buttons.py``); their clicks are handled here.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -18,8 +17,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.utils.answer_views import prompt_embed, report_message
 from cogs.utils.answering import (
-    ANSWER_COLOUR,
     WITHHELD,
     Shown,
     answer_deadline,
@@ -32,8 +31,8 @@ from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.buttons import ActionButton, answer_view, button_view
 from cogs.utils.options import drop_options, limit_options
-from cogs.utils.replies import EMBED_FIELD_LIMIT, clip, defer_answer, verbatim
-from core.config import GenerationSettings, Range
+from cogs.utils.replies import defer_answer
+from core.config import Range
 from core.errors import (
     BadImage,
     BadPrompt,
@@ -86,18 +85,6 @@ def reroll_params(params: GenerationParams) -> GenerationParams:
     if params.do_sample:
         return params
     return replace(params, do_sample=True, num_beams=1, length_penalty=None)
-
-
-def _params_text(params: GenerationParams, settings: GenerationSettings) -> str:
-    """How the answer was made, in words: as stored, never checked again (the operator's ranges may
-    have changed since), with the default length where none was given."""
-    given = {name: value for name, value in vars(params).items() if value is not None}
-    how = "sampled" if params.do_sample else "greedy"
-    if params.num_beams > 1:
-        how = f"beam search over {params.num_beams} beams" + (", sampled" if params.do_sample else "")
-    shown = [how, f"up to {given.pop('max_new_tokens', settings.max_new_tokens_default)} new tokens"]
-    shown += [f"{name} {value}" for name, value in given.items() if name not in ("do_sample", "num_beams")]
-    return " · ".join(shown)
 
 
 class Inference(commands.Cog):
@@ -313,14 +300,8 @@ class Inference(commands.Cog):
             full = assemble_prompt([example.text for example in task.examples], stored.prompt)
         except UnknownTask:
             full = f"{stored.prompt}\n(task “{stored.task}” has since been deleted)"
-        embed = discord.Embed(title="Full prompt", colour=ANSWER_COLOUR)
-        embed.description = clip(f"```\n{verbatim(full)}\n```", 4000)
-        embed.add_field(name="Task", value=stored.task)
-        embed.add_field(name="Model", value=short_name(stored.model or self.bot.models.default))
-        embed.add_field(
-            name="Parameters",
-            value=clip(_params_text(stored.params, self.bot.settings.generation), EMBED_FIELD_LIMIT),
-            inline=False,
+        embed = prompt_embed(
+            stored, full, short_name(stored.model or self.bot.models.default), self.bot.settings.generation
         )
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
@@ -344,7 +325,8 @@ class Inference(commands.Cog):
         if not self.bot.reports.first(request_id, interaction.user.id):
             raise NotAllowedHere("You have already reported this answer; the moderators have it.")
         try:
-            embed, files = await self._report(interaction, request_id)
+            stored = await self.bot.store.get_request(request_id, interaction.guild_id)
+            embed, files = report_message(interaction, stored)
             await self.bot.get_partial_messageable(rules.report_channel).send(embed=embed, files=files)
         except BaseException as error:  # not posted, whatever stopped it: the member may report again
             self.bot.reports.forget(request_id, interaction.user.id)
@@ -354,34 +336,6 @@ class Inference(commands.Cog):
                 ) from None
             raise
         await interaction.followup.send("Thank you; the moderators have been told.", ephemeral=True)
-
-    async def _report(
-        self, interaction: discord.Interaction, request_id: int
-    ) -> tuple[discord.Embed, list[discord.File]]:
-        """What moderators need to judge an answer without opening it (a private one they cannot):
-        the answer, who asked what, with which task, and the picture."""
-        message = interaction.message
-        answer = message.embeds[0] if message and message.embeds else None
-        embed = discord.Embed(title="Answer reported", colour=discord.Colour.red())
-        embed.description = clip(answer.description or "", 2000) if answer else "(no answer text)"
-        embed.add_field(name="Reported by", value=interaction.user.mention)
-        files = []
-        stored = await self.bot.store.get_request(request_id, interaction.guild_id)
-        if stored is not None:
-            embed.add_field(name="Asked by", value=f"<@{stored.user_id}>")
-            if stored.origin_user_id is not None:  # a re-roll of their answer, or a description of their picture
-                embed.add_field(name="Picture and prompt from", value=f"<@{stored.origin_user_id}>")
-            embed.add_field(name="Task", value=stored.task)
-            embed.add_field(
-                name="Prompt", value=f"`{clip(verbatim(stored.prompt), EMBED_FIELD_LIMIT - 2)}`", inline=False
-            )
-        if stored is not None and stored.images:
-            files = [discord.File(io.BytesIO(stored.images[0]), filename="reported.jpg")]
-            embed.set_thumbnail(url="attachment://reported.jpg")
-        if message is not None:
-            seen = " (seen only by the asker)" if message.flags.ephemeral else ""
-            embed.add_field(name="Where", value=f"[Jump to the answer]({message.jump_url}){seen}", inline=False)
-        return embed, files
 
     async def on_cancel(self, interaction: discord.Interaction, interaction_id: int) -> None:
         waiting = self.bot.waiting.get(interaction_id)

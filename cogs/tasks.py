@@ -20,7 +20,8 @@ from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, EMBED
 from core.errors import LimitReached
 from core.images import check_file_size
 from core.task_archive import BadArchive, archive_filename, write_archive
-from core.tasks import MAX_NAME_CHARS, LibraryUsage, TaskDetails, TaskInfo, TaskLibrary
+from core.task_views import LibraryUsage, TaskDetails, TaskInfo
+from core.tasks import MAX_NAME_CHARS, TaskLibrary
 from core.wording import byte_size
 
 _COLOUR = discord.Colour.blurple()

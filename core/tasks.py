@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Protocol, TypeVar
 
 from core.builtin_tasks import DEFAULT_TASK
@@ -31,6 +31,7 @@ from core.images import encode_for_storage, load_image, preview
 from core.prompts import IMAGE_TOKEN, Example, Task, assemble_prompt
 from core.store import StoredTask, TaskStore
 from core.task_archive import ArchivedExample, ArchiveLimits, BadArchive, TaskArchive, read_archive
+from core.task_views import ExampleView, LibraryUsage, TaskDetails, TaskInfo
 from core.wording import quoted
 
 T = TypeVar("T")
@@ -54,38 +55,6 @@ class TextRules(Protocol):
 
     @property
     def context_length(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    name: str
-    description: str
-    example_count: int
-    builtin: bool
-
-
-@dataclass(frozen=True)
-class ExampleView:
-    position: int
-    text: str
-    image: bytes
-
-
-@dataclass(frozen=True)
-class TaskDetails:
-    info: TaskInfo
-    prompt_template: str
-    examples: list[ExampleView]
-
-
-@dataclass(frozen=True)
-class LibraryUsage:
-    """How much of its room a server's library takes, so managers see a limit coming."""
-
-    tasks: int
-    max_tasks: int
-    image_bytes: int
-    max_image_bytes: int
 
 
 def check_name(name: str) -> str:

@@ -8,7 +8,7 @@ import threading
 from dataclasses import replace
 
 import core.images
-from cogs.inference import _params_text
+from cogs.utils.answer_views import params_text
 from core.config import GenerationSettings
 from core.errors import GenerationFailed, ServiceBusy
 from core.generation import GenerationParams
@@ -301,11 +301,11 @@ async def test_each_request_is_logged_without_its_content_and_counted_by_outcome
 
 def test_the_prompt_button_tells_how_the_answer_was_made_in_words():
     settings = GenerationSettings()
-    assert _params_text(GenerationParams(), settings) == "greedy · up to 30 new tokens"  # the default, in force
+    assert params_text(GenerationParams(), settings) == "greedy · up to 30 new tokens"  # the default, in force
     sampled = GenerationParams(do_sample=True, temperature=0.7, top_k=40, max_new_tokens=12)
-    assert _params_text(sampled, settings) == "sampled · up to 12 new tokens · temperature 0.7 · top_k 40"
+    assert params_text(sampled, settings) == "sampled · up to 12 new tokens · temperature 0.7 · top_k 40"
     beams = GenerationParams(num_beams=3, length_penalty=1.5)
-    assert _params_text(beams, settings) == "beam search over 3 beams · up to 30 new tokens · length_penalty 1.5"
+    assert params_text(beams, settings) == "beam search over 3 beams · up to 30 new tokens · length_penalty 1.5"
     # Stored before the operator narrowed a range: described, not refused.
     narrowed = GenerationSettings(max_new_tokens={"low": 1, "high": 8}, max_new_tokens_default=8)
-    assert _params_text(GenerationParams(max_new_tokens=200), narrowed) == "greedy · up to 200 new tokens"
+    assert params_text(GenerationParams(max_new_tokens=200), narrowed) == "greedy · up to 200 new tokens"
