@@ -22,7 +22,7 @@ from core.images import check_file_size
 from core.task_archive import BadArchive, archive_filename, write_archive
 from core.task_views import LibraryUsage, TaskDetails, TaskInfo
 from core.tasks import MAX_NAME_CHARS, TaskLibrary
-from core.wording import byte_size
+from core.wording import byte_size, plural
 
 _COLOUR = discord.Colour.blurple()
 
@@ -58,7 +58,7 @@ def task_details_message(details: TaskDetails) -> dict:
     template = clip(verbatim(details.prompt_template), EMBED_FIELD_LIMIT - 2)
     header.add_field(name="Prompt template", value=f"`{template}`", inline=False)
     origin = "built-in, read-only" if info.builtin else "this server's"
-    header.set_footer(text=f"{origin} · {info.example_count} examples")
+    header.set_footer(text=f"{origin} · {plural(info.example_count, 'example')}")
     embeds, files = [header], []
     shown = details.examples[:9]
     # All embeds of a message share Discord's 6000 characters; the examples split what is left.

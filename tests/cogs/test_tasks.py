@@ -150,6 +150,7 @@ async def test_task_names_are_found_whatever_their_case(world):
     await pets_with(world, "chelsea")
     header, examples, _ = await shown(world, "PETS")
     assert header["title"] == "pets" and len(examples) == 1
+    assert header["footer"]["text"] == "this server's · 1 example"
     header, _, _ = await shown(world, "Caption")
     assert header["title"] == "caption"
 
