@@ -339,6 +339,8 @@ class InferenceService:
             error = unexpected_failure(unexpected, log)
         with self._ready:
             self._running.difference_update(pending.values())
+        if pending and error is None:
+            log.error("the engine ended its run without answering %d request(s)", len(pending))
         for job in pending.values():
             _notify(job, None, error or GenerationFailed("The model gave no answer; it has been logged."))
 

@@ -182,3 +182,16 @@ def test_an_answered_request_is_let_go_while_the_batch_runs_on(llama_engine, pho
     llama_engine.run_many([long], [lambda: False], lambda index, outcome: answered.append(index), joining)
     assert answered == [1, 0]  # the short one first, while the long one ran on
     assert after_answer[1:] == [(False, 1), (False, 1)]  # from the next step, only the long one's row
+
+
+async def test_a_run_that_ends_without_answering_tells_its_askers_and_logs_it(
+    llama_engine, make_service, photos, task, caplog
+):
+    """The message says it has been logged: so it must be."""
+    gated = GatedEngine(llama_engine)
+    gated.gate.set()
+    gated.run_many = lambda requests, stops, deliver, joining=None: None  # answers nobody
+    service = make_service(gated)
+    with pytest.raises(GenerationFailed, match=r"^The model gave no answer; it has been logged\.$"):
+        await service.answer([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=2))
+    assert "the engine ended its run without answering 1 request(s)" in caplog.text
