@@ -19,12 +19,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from core.builtin_tasks import DEFAULT_TASK, load_builtin_tasks
 from core.config import ConfigError, LoggingSettings, Settings, load_settings
 from core.errors import BadImage, FlamingoError, UnknownTask
 from core.generation import GenerationParams, generation_kwargs
 from core.images import load_image
 from core.prompts import END_OF_CHUNK, check_user_text
+from core.tasks.builtin import DEFAULT_TASK, load_builtin_tasks
 
 log = logging.getLogger("flamingo")
 
@@ -110,7 +110,7 @@ def describe(args: argparse.Namespace) -> int:
     images = [_read_image(path, settings) for path in args.images]
 
     # Imported here: torch and transformers take seconds to import, and refusals should be instant.
-    from core.service import start_service
+    from core.serving.local import start_service
 
     with contextlib.redirect_stdout(sys.stderr):
         service = start_service(settings)
@@ -200,7 +200,7 @@ def run_bot(args: argparse.Namespace) -> int:
 
 
 def backup(args: argparse.Namespace) -> int:
-    from core.database import backup_database
+    from core.storage.database import backup_database
 
     settings = load_settings(args.config)
     source = settings.storage.database_path

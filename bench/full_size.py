@@ -45,12 +45,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.live_memory import LiveTensorBytes
 from bench.random_model import SCALES, Shapes, build
-from bench.serve_bench import Photos, make_task
+from bench.workload import Photos, make_task
 from core.config import ModelSettings, ServiceSettings, Settings
-from core.engine import FlamingoEngine
 from core.generation import GenerationParams
-from core.loading import LoadedModel, tensors_held
-from core.service import InferenceService
+from core.model.engine import FlamingoEngine
+from core.model.loading import LoadedModel, tensors_held
+from core.serving.local import InferenceService
 
 NEW_TOKENS = 16
 DECODE_TOKENS = 128

@@ -1,7 +1,7 @@
 """Weight memory of each released model per precision, from exact parameter counts.
 
 The architectures are built on PyTorch's meta device (no weights, no download) with the published
-shapes (``core/footprint.py``, which replicas also use to decide what fits), so the counts are
+shapes (``core/model/footprint.py``, which replicas also use to decide what fits), so the counts are
 exact. This is weight memory on a GPU only: activations and the KV cache come on top.
 
 Usage: ``python bench/model_memory.py``
@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core.footprint import parameter_counts
-from core.loading import plan_precision
-from core.registry import REGISTRY
+from core.model.footprint import parameter_counts
+from core.model.loading import plan_precision
+from core.model.registry import REGISTRY
 
 PRECISIONS = ("fp32", "bf16", "int8", "nf4")
 

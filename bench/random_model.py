@@ -1,4 +1,4 @@
-"""OpenFlamingo's shapes with random weights, built and placed as ``core.loading`` places a real model.
+"""OpenFlamingo's shapes with random weights, built and placed as ``core.model.loading`` places a real model.
 
 Weights cannot be downloaded where the benchmarks run and do not change speed or memory, so the
 model is made in memory: the 9B's MPT-7B (``full``), the v1 9B's LLaMA-7B (``full-llama``), or
@@ -16,8 +16,8 @@ import open_clip
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MptConfig, PretrainedConfig
 
-from core.footprint import PUBLISHED_LANGUAGE_MODELS
-from core.loading import (
+from core.model.footprint import PUBLISHED_LANGUAGE_MODELS
+from core.model.loading import (
     LoadedModel,
     as_trained,
     assemble_flamingo,
@@ -26,14 +26,14 @@ from core.loading import (
     plan_precision,
     quantize_linears,
 )
+from core.model.registry import REGISTRY
 from core.prompts import END_OF_CHUNK, IMAGE_TOKEN
-from core.registry import REGISTRY
 from tests.make_tiny_model import TinyModelSpec, build_tokenizer, vision_config
 
 
 @dataclass(frozen=True)
 class Shapes:
-    """A registry model's shapes: its published language model (``core.footprint``), vision encoder
+    """A registry model's shapes: its published language model (``core.model.footprint``), vision encoder
     and cross-attention spacing, or smaller ones of the same family to try the code on a CPU."""
 
     model: str  # the registry name
@@ -94,7 +94,7 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build(shapes: Shapes, precision: str, device: torch.device) -> LoadedModel:
-    """The model in memory with random weights, placed as ``core.loading`` places a real one."""
+    """The model in memory with random weights, placed as ``core.model.loading`` places a real one."""
     started = time.perf_counter()
     torch.manual_seed(0)
     plan = plan_precision(precision, device)

@@ -28,10 +28,10 @@ os.environ.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CL
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ray import serve
 
-from bench.serve_bench import NEW_TOKENS, SIZES, Photos, make_task
+from bench.workload import NEW_TOKENS, SIZES, Photos, make_task
 from core.config import ModelSettings, RaySettings, Settings
 from core.generation import GenerationParams
-from core.ray_backend import RayInferenceService
+from core.serving.ray.backend import RayInferenceService
 from tests.make_tiny_model import TinyModelSpec, write_model
 
 RAY = Path(sys.executable).parent / "ray"

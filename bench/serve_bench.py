@@ -32,71 +32,26 @@ from pathlib import Path
 
 import torch
 import transformers
-from PIL import Image, ImageOps
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.workload import NEW_TOKENS, SIZES, Photos, make_task
 from core.config import ModelSettings, ServiceSettings, Settings
-from core.engine import FlamingoEngine
 from core.generation import GenerationParams
-from core.loading import load_model
-from core.prompts import END_OF_CHUNK, Example, Task
-from core.service import InferenceService
+from core.model.engine import FlamingoEngine
+from core.model.loading import load_model
+from core.prompts import END_OF_CHUNK, Task
+from core.serving.local import InferenceService
 from tests.make_tiny_model import TinyModelSpec, write_model
 from tests.reference import Reference
 
 SHOTS = (0, 4, 8, 16)
 CONCURRENCY = (1, 4, 16)
-NEW_TOKENS = 16
 BEAMS = 3
 BEAM_REQUESTS = 4  # beam requests sent at once
 LONG_TOKENS = 128  # a long answer that a short request arrives during
 ARRIVAL_SECONDS = 0.2  # after the long answer started
-# The fixed sizes that keep figures comparable from one run and one change to the next.
-SIZES = {
-    "hidden": 512,
-    "layers": 8,
-    "heads": 8,
-    "intermediate": 1376,
-    "vocab": 1000,
-    "cross_attn_every_n_layers": 2,
-    "vision_width": 384,
-    "vision_layers": 6,
-    "max_positions": 1024,
-}
-PHOTOS = Path(__file__).resolve().parent.parent / "data" / "images"
-WORDS = (
-    "a small red cat sits on the wooden table next to a cup of coffee while the sun sets behind "
-    "the city and two people walk along the river with a dog"
-).split()
-
-
 Requests = list[tuple[Task, Image.Image]]
-
-
-class Photos:
-    """Distinct images on demand (flips and crops of the project's photos), never repeated."""
-
-    def __init__(self) -> None:
-        self.sources = [Image.open(path).convert("RGB") for path in sorted(PHOTOS.glob("*.jpg"))]
-        self.count = 0
-
-    def fresh(self) -> Image.Image:
-        self.count += 1
-        image = self.sources[self.count % len(self.sources)]
-        if (self.count // len(self.sources)) % 2:
-            image = ImageOps.mirror(image)
-        inset = self.count % 37
-        return image.crop((inset, inset, image.width - inset, image.height - inset))
-
-
-def caption(rng: random.Random) -> str:
-    """About 14 tokens of text after the image marker."""
-    return "<image>Output:" + " ".join(rng.choice(WORDS) for _ in range(9)) + "."
-
-
-def make_task(name: str, shots: int, photos: Photos, rng: random.Random) -> Task:
-    examples = tuple(Example(photos.fresh(), caption(rng)) for _ in range(shots))
-    return Task(name, "", "<image>Output:", examples, key=f"bench/{name}")
 
 
 def _row(label: str, value: int, reference_s: float, service_s: float) -> dict:

@@ -20,7 +20,7 @@ from cogs.utils.replies import clip
 from core.wording import plural
 
 if TYPE_CHECKING:
-    from core.static_decode import StaticSteps
+    from core.model.decode.graphed_steps import StaticSteps
 
 log = logging.getLogger(__name__)
 

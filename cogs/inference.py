@@ -45,9 +45,9 @@ from core.errors import (
 from core.generation import GenerationParams, generation_kwargs
 from core.guild_settings import GuildSettings
 from core.images import check_file_size, check_signature, encode_for_storage, load_image
-from core.model_choice import short_name
 from core.prompts import assemble_prompt
-from core.request_store import RequestBudget, StoredRequest
+from core.serving.model_choice import short_name
+from core.storage.request_store import RequestBudget, StoredRequest
 from core.wording import duration, quoted
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,11 @@ from cogs.utils.autocomplete import MAX_CHOICES
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.checks import ManageServerGroup, ManageServerSubgroup
 from cogs.utils.options import limit_options
-from core.builtin_tasks import DEFAULT_TASK
 from core.config import QuotaSettings
 from core.errors import BadParameter, NotAllowedHere
 from core.guild_settings import MAX_COOLDOWN_SECONDS, GuildSettings, check_quota_change
-from core.model_choice import ModelCatalog, short_name
+from core.serving.model_choice import ModelCatalog, short_name
+from core.tasks.builtin import DEFAULT_TASK
 
 _COLOUR = discord.Colour.blurple()
 

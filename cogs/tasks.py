@@ -19,9 +19,9 @@ from cogs.utils.options import limit_options
 from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, EMBED_TOTAL_LIMIT, clip, verbatim
 from core.errors import LimitReached
 from core.images import check_file_size
-from core.task_archive import BadArchive, archive_filename, write_archive
-from core.task_views import LibraryUsage, TaskDetails, TaskInfo
-from core.tasks import MAX_NAME_CHARS, TaskLibrary
+from core.tasks.archive import BadArchive, archive_filename, write_archive
+from core.tasks.library import MAX_NAME_CHARS, TaskLibrary
+from core.tasks.views import LibraryUsage, TaskDetails, TaskInfo
 from core.wording import byte_size, plural
 
 _COLOUR = discord.Colour.blurple()

@@ -7,13 +7,10 @@ fair share of one GPU between all servers, and one server raising its own would 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from core.config import QuotaSettings
-from core.database import Database
 from core.errors import BadParameter
 
 MAX_ANSWER_CHANNELS = 25
@@ -69,45 +66,3 @@ def check_quota_change(
         raise BadParameter(f"in_flight must be between 1 and {defaults.guild_in_flight}.")
     if per_period is not None and not 1 <= per_period <= defaults.guild_per_period:
         raise BadParameter(f"per_period must be between 1 and {defaults.guild_per_period}.")
-
-
-_COLUMNS = tuple(f.name for f in dataclasses.fields(GuildSettings))
-
-
-def _from_row(row: object) -> GuildSettings:
-    values = dict(zip(_COLUMNS, row, strict=True))  # type: ignore[call-overload]
-    values["answer_channels"] = frozenset(json.loads(values["answer_channels"]))
-    values["ephemeral_answers"] = bool(values["ephemeral_answers"])
-    return GuildSettings(**values)
-
-
-def _to_row(settings: GuildSettings) -> tuple[object, ...]:
-    values = dataclasses.asdict(settings)
-    values["answer_channels"] = json.dumps(sorted(settings.answer_channels))
-    values["ephemeral_answers"] = int(settings.ephemeral_answers)
-    return tuple(values[column] for column in _COLUMNS)
-
-
-class GuildSettingsStore(Database):
-    async def guild_settings(self, guild_id: int) -> GuildSettings:
-        async with self._lock:
-            row = await self._one(f"SELECT {', '.join(_COLUMNS)} FROM guild_settings WHERE guild_id = ?", (guild_id,))
-        return GuildSettings() if row is None else _from_row(row)
-
-    async def change_guild_settings(
-        self, guild_id: int, change: Callable[[GuildSettings], GuildSettings]
-    ) -> GuildSettings:
-        """Read, change and write in one transaction, so two admins' changes never undo each other."""
-        async with self._transaction() as db:
-            row = await self._one(f"SELECT {', '.join(_COLUMNS)} FROM guild_settings WHERE guild_id = ?", (guild_id,))
-            changed = change(GuildSettings() if row is None else _from_row(row))
-            if len(changed.answer_channels) > MAX_ANSWER_CHANNELS:
-                raise BadParameter(f"At most {MAX_ANSWER_CHANNELS} answer channels can be set.")
-            updates = ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS)
-            await db.execute(
-                f"""INSERT INTO guild_settings (guild_id, {", ".join(_COLUMNS)})
-                VALUES (?, {", ".join("?" for _ in _COLUMNS)})
-                ON CONFLICT (guild_id) DO UPDATE SET {updates}""",
-                (guild_id, *_to_row(changed)),
-            )
-        return changed

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from core.builtin_tasks import load_builtin_tasks
 from core.config import PROJECT_ROOT, ImageSettings, ModelSettings, Settings
-from core.engine import FlamingoEngine
 from core.images import load_image
-from core.loading import load_model
+from core.model.engine import FlamingoEngine
+from core.model.loading import load_model
 from core.prompts import Task
-from core.service import InferenceService
+from core.serving.local import InferenceService
+from core.tasks.builtin import load_builtin_tasks
 from tests.make_tiny_model import FAMILIES, REMOTE_CODE_FAMILY, TinyModelSpec, write_model
 
 IMAGES = PROJECT_ROOT / "data" / "images"

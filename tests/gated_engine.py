@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from core.engine import FlamingoEngine, PreparedRequest
+from core.model.engine import FlamingoEngine, PreparedRequest
 
 
 class GatedEngine:

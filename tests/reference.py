@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from open_flamingo import create_model_and_transforms
 
-from core.engine import FlamingoEngine
 from core.generation import GenerationParams
-from core.loading import as_trained
+from core.model.engine import FlamingoEngine
+from core.model.loading import as_trained
 from core.prompts import END_OF_CHUNK, Example, Task
 from tests.make_tiny_model import MANIFEST_NAME
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from core.config import PROJECT_ROOT
-from core.store import TaskStore
+from core.storage.task_store import TaskStore
 
 
 def run_main(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,7 @@ from cogs.utils.answering import ANSWER_COLOUR
 from cogs.utils.replies import EMBED_FIELD_LIMIT, clip, verbatim
 from core.config import GenerationSettings
 from core.generation import GenerationParams
-from core.request_store import StoredRequest
+from core.storage.request_store import StoredRequest
 
 
 def params_text(params: GenerationParams, settings: GenerationSettings) -> str:

@@ -16,11 +16,11 @@ from datetime import timedelta
 import discord
 
 from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, PLACE_SHOWN, clip
-from core.engine import Answer
 from core.errors import NotAllowedHere
 from core.guild_settings import GuildSettings
-from core.model_choice import short_name
-from core.service import QueuedRequest
+from core.model.engine import Answer
+from core.serving import QueuedRequest
+from core.serving.model_choice import short_name
 
 ANSWER_COLOUR = discord.Colour.from_rgb(232, 93, 117)
 # Interaction tokens die after 15 minutes; a request must start early enough to be answered before that.

@@ -21,16 +21,16 @@ from discord.ext import commands
 from discord.gateway import DiscordWebSocket
 
 from cogs.utils.errors import reply_with_error
-from core.builtin_tasks import load_builtin_tasks
 from core.config import ConfigError, Settings
-from core.metrics import Metrics, gather_caches, serve_metrics
-from core.model_choice import ModelCatalog
 from core.moderation import AnswerFilter, ReportLog, WordListFilter
 from core.quotas import RequestQuotas
-from core.request_store import RequestBudget
-from core.service import ModelService, QueuedRequest, start_model_service
+from core.serving import ModelService, QueuedRequest, start_model_service
+from core.serving.metrics import Metrics, gather_caches, serve_metrics
+from core.serving.model_choice import ModelCatalog
 from core.storage import Storage
-from core.tasks import TaskLibrary
+from core.storage.request_store import RequestBudget
+from core.tasks.builtin import load_builtin_tasks
+from core.tasks.library import TaskLibrary
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import pytest
 
 from cogs.utils.bot import FlamingoBot
 from core.config import DiscordSettings, QuotaSettings, StorageSettings
-from core.service import InferenceService
+from core.serving.local import InferenceService
 from tests.conftest import tiny_settings
 from tests.fake_discord.payloads import MANAGE_GUILD, Guild, Member
 from tests.fake_discord.server import FakeDiscord, InteractionRecord, Message

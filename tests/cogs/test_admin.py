@@ -12,7 +12,7 @@ import cogs.utils.bot
 from cogs.utils.bot import FlamingoBot
 from cogs.utils.buttons import ActionButton, ForgetExamplesButton
 from core.config import ConfigError, DiscordSettings, StorageSettings
-from core.static_decode import StaticSteps
+from core.model.decode.graphed_steps import StaticSteps
 from tests.cogs.test_inference import photo
 from tests.conftest import tiny_settings
 from tests.fake_discord.server import FakeDiscord

@@ -9,7 +9,7 @@ from discord import app_commands
 
 from cogs.inference import Inference
 from cogs.utils.options import limit_options
-from core.model_choice import short_name
+from core.serving.model_choice import short_name
 
 
 def registered(world, name: str) -> dict:

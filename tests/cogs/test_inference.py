@@ -138,7 +138,7 @@ async def test_unexpected_errors_give_an_id_that_is_in_the_log(world, monkeypatc
 
 
 async def test_long_answers_are_clipped_in_the_embed_and_attached_whole(world, monkeypatch):
-    from core.engine import Answer
+    from core.model.engine import Answer
 
     long_text = "word " * 2000
 
@@ -153,7 +153,7 @@ async def test_long_answers_are_clipped_in_the_embed_and_attached_whole(world, m
 
 
 async def test_answers_never_mention_anyone(world, monkeypatch):
-    from core.engine import Answer
+    from core.model.engine import Answer
 
     async def pinging(*args, **kwargs):
         return Answer("@everyone look", (1,), "<image>Output:", 10, True, 0.1)

@@ -1,0 +1,1 @@
+"""The language model's layers, driven directly: upstream's Flamingo layer and the decoder stack."""

@@ -1,0 +1,330 @@
+"""The one model service of a process: many asyncio callers, one worker thread that owns the model.
+
+Upstream's Flamingo conditions its layers by mutating them, so two overlapping calls would read
+each other's images. Every model call therefore happens on a single thread, fed by a bounded
+list of waiting requests; callers wait on a future of their own, so answers cannot mix, and can see
+their place in line or withdraw while they wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from PIL import Image
+
+from core.config import Settings
+from core.errors import (
+    BadParameter,
+    FlamingoError,
+    GenerationFailed,
+    RequestCancelled,
+    RequestExpired,
+    ServiceBusy,
+    ServiceClosed,
+    unexpected_failure,
+)
+from core.generation import GenerationParams
+from core.model.engine import Answer, Deliver, FlamingoEngine, Joining, PreparedRequest, PromptRules
+from core.model.loading import load_model
+from core.prompts import Task
+
+log = logging.getLogger(__name__)
+
+# A stopped batch ends at its next token: a few seconds at most, even for the 9B model on a CPU.
+_STOPPING_SECONDS = 30.0
+
+
+class Engine(Protocol):
+    rules: PromptRules
+
+    def prepare(
+        self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams
+    ) -> PreparedRequest: ...
+
+    def run_many(
+        self,
+        requests: Sequence[PreparedRequest],
+        stops: Sequence[Callable[[], bool]],
+        deliver: Deliver,
+        joining: Joining | None = None,
+    ) -> None: ...
+
+
+@dataclass(eq=False)
+class _Job:
+    request: PreparedRequest
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Answer]
+    deadline: float | None = None  # time.monotonic() past which the answer could no longer be delivered
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    stopped_by: FlamingoError | None = None  # why it was stopped while it ran, when not by its asker
+
+
+def _notify(job: _Job, answer: Answer | None, error: BaseException | None) -> None:
+    """Hand the outcome to the caller's event loop, from the worker thread."""
+    try:
+        job.loop.call_soon_threadsafe(_settle, job, answer, error)
+    except RuntimeError:
+        log.debug("caller's event loop closed before its answer was ready")
+
+
+def _settle(job: _Job, answer: Answer | None, error: BaseException | None) -> None:
+    """Runs on the caller's loop; the caller may have stopped waiting already."""
+    if job.future.done():
+        return
+    if error is not None:
+        job.future.set_exception(error)
+    else:
+        job.future.set_result(answer)
+
+
+def _still_wanted(jobs: list[_Job]) -> list[_Job]:
+    """Those neither withdrawn nor past their deadline; the others are told so (a request withdrawn
+    while the worker took it was no longer waiting to be told by ``_withdraw``)."""
+    now = time.monotonic()
+    wanted = []
+    for job in jobs:
+        if job.cancelled.is_set():
+            _notify(job, None, RequestCancelled("The request was cancelled before it ran."))
+        elif job.deadline is not None and now > job.deadline:
+            _notify(job, None, RequestExpired("Your request waited too long in the queue; please ask again."))
+        else:
+            wanted.append(job)
+    return wanted
+
+
+class Ticket:
+    """A queued request: its place in line while it waits, a way to withdraw it, and its answer."""
+
+    def __init__(self, service: InferenceService, job: _Job) -> None:
+        self._service = service
+        self._job = job
+
+    @property
+    def position(self) -> int | None:
+        """1 for the next to run; None once it runs, is answered or was withdrawn."""
+        return self._service._position(self._job)
+
+    def cancel(self) -> None:
+        """Withdraw it: a waiting request never reaches the model, a running one stops at the next token."""
+        self._service._withdraw(self._job)
+
+    async def answer(self) -> Answer:
+        try:
+            return await self._job.future
+        finally:
+            self.cancel()
+
+
+class InferenceService:
+    def __init__(self, engine: Engine, max_queue: int, max_batch: int = 16) -> None:
+        self.engine = engine
+        self._max_batch = max_batch
+        self._max_queue = max_queue
+        self._waiting: list[_Job] = []
+        self._ready = threading.Condition()
+        self._closed = False
+        self._request_seconds = 0.0  # how long the latest answer took to run, for telling users their wait
+        self._running: set[_Job] = set()  # taken by the worker, not yet answered
+        self._worker = threading.Thread(target=self._work, name="flamingo-model", daemon=True)
+        self._worker.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def rules(self) -> PromptRules:
+        return self.engine.rules
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def reachable(self) -> bool:
+        return True  # in this process
+
+    def cache_status(self) -> list[dict[str, dict[str, int]]]:
+        """One entry per model copy (here, one): its caches' counters."""
+        decoder = self.engine.decoder  # type: ignore[attr-defined]
+        caches = {"prefix": decoder.prefixes.stats(), "image": decoder.images.stats()}
+        if decoder.static_steps is not None:
+            caches["graphs"] = decoder.static_steps.steps.stats()
+        return [caches]
+
+    def estimated_wait(self, position: int) -> float:
+        """Seconds until a request at ``position`` starts, from recent answers' times (0 before any ran)."""
+        return math.ceil(position / self._max_batch) * self._request_seconds
+
+    def submit(
+        self,
+        images: Sequence[Image.Image],
+        prompt: str,
+        task: Task,
+        params: GenerationParams,
+        deadline: float | None = None,
+        model: str | None = None,
+    ) -> Ticket:
+        """Validate and queue, or refuse at once; call from the event loop. ``model``: None, the loaded one."""
+        if self._closed:
+            raise ServiceClosed("The bot is shutting down; try again in a moment.")
+        if model is not None:
+            raise BadParameter("This bot runs one model in its own process; it cannot answer with another.")
+        request = self.engine.prepare(images, prompt, task, params)
+        loop = asyncio.get_running_loop()
+        job = _Job(request, loop, loop.create_future(), deadline)
+        with self._ready:
+            if self._closed:  # closed while the request was prepared
+                raise ServiceClosed("The bot is shutting down; try again in a moment.")
+            if len(self._waiting) >= self._max_queue:
+                raise ServiceBusy(
+                    f"The model is busy ({self._max_queue} requests are already waiting); try again in a minute."
+                )
+            if deadline is not None and time.monotonic() + self.estimated_wait(len(self._waiting) + 1) > deadline:
+                raise ServiceBusy("The queue is too long to answer you in time; try again in a few minutes.")
+            self._waiting.append(job)
+            self._ready.notify()
+        return Ticket(self, job)
+
+    async def answer(self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams) -> Answer:
+        """Queue and wait. Cancelling the awaiting task withdraws the request."""
+        return await self.submit(images, prompt, task, params).answer()
+
+    def _position(self, job: _Job) -> int | None:
+        with self._ready:
+            return self._waiting.index(job) + 1 if job in self._waiting else None
+
+    def _withdraw(self, job: _Job) -> None:
+        job.cancelled.set()
+        with self._ready:
+            waiting = job in self._waiting
+            if waiting:
+                self._waiting.remove(job)
+        if waiting:
+            _notify(job, None, RequestCancelled("The request was cancelled before it ran."))
+
+    def _next_batch(self) -> list[_Job] | None:
+        """The requests at the front of the line, up to a batch, decoded together; None once closed.
+
+        Only requests of the first one's kind: beam searches run before the batch's decoding, so a
+        short request queued before a long search must not wait for it.
+        """
+        with self._ready:
+            while not self._waiting and not self._closed:
+                self._ready.wait()
+            if self._closed:
+                return None
+            kind = self._waiting[0].request.batchable
+            taken = 1
+            while taken < min(len(self._waiting), self._max_batch) and self._waiting[taken].request.batchable == kind:
+                taken += 1
+            batch = self._waiting[:taken]
+            del self._waiting[:taken]
+        return _still_wanted(batch)
+
+    def _joiners(self, running: int) -> list[_Job]:
+        """Requests from the front of the line that can join a running batch, while it has room.
+
+        A request that cannot join (beam search, which runs in a search of its own) stops the
+        joining, so a steady stream of short requests cannot hold it back: the batch drains and
+        it runs next.
+        """
+        with self._ready:
+            if self._closed:
+                return []
+            taken = 0
+            while (
+                taken < len(self._waiting)
+                and running + taken < self._max_batch
+                and self._waiting[taken].request.batchable
+            ):
+                taken += 1
+            joiners = self._waiting[:taken]
+            del self._waiting[:taken]
+        return _still_wanted(joiners)
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if batch:
+                self._run(batch)
+            del batch  # not held while the worker waits for the next
+
+    def _run(self, jobs: list[_Job]) -> None:
+        pending = dict(enumerate(jobs))  # until answered: a long run does not hold past requests
+        numbers = itertools.count(len(jobs))
+        self._track_running(jobs)
+
+        def joining(running: int) -> list[tuple[PreparedRequest, Callable[[], bool]]]:
+            joiners = self._joiners(running)
+            self._track_running(joiners)
+            pending.update((next(numbers), job) for job in joiners)  # numbered in order, as the engine does
+            return [(job.request, job.cancelled.is_set) for job in joiners]
+
+        def deliver(index: int, outcome: Answer | FlamingoError) -> None:
+            job = pending.pop(index)
+            with self._ready:
+                self._running.discard(job)
+            if isinstance(outcome, FlamingoError):
+                _notify(job, None, outcome)
+                return
+            self._request_seconds = outcome.seconds
+            if job.cancelled.is_set():  # stopped early: a partial answer is no answer
+                _notify(job, None, job.stopped_by or RequestCancelled("The request was cancelled while it ran."))
+            else:
+                _notify(job, outcome, None)
+
+        error: BaseException | None = None
+        try:
+            requests, stops = [job.request for job in jobs], [job.cancelled.is_set for job in jobs]
+            del jobs
+            self.engine.run_many(requests, stops, deliver, joining)
+        except FlamingoError as known:
+            error = known
+        except Exception as unexpected:
+            error = unexpected_failure(unexpected, log)
+        with self._ready:
+            self._running.difference_update(pending.values())
+        if pending and error is None:
+            log.error("the engine ended its run without answering %d request(s)", len(pending))
+        for job in pending.values():
+            _notify(job, None, error or GenerationFailed("The model gave no answer; it has been logged."))
+
+    def _track_running(self, jobs: list[_Job]) -> None:
+        with self._ready:
+            self._running.update(jobs)
+
+    def close(self, grace_seconds: float = 60.0) -> None:
+        """Refuse new work, withdraw waiting requests, and stop the worker after the current batch;
+        a batch still running after ``grace_seconds`` (long answers on a CPU take minutes) is
+        stopped at its next token, and its askers are told, before the bot disconnects."""
+        with self._ready:
+            self._closed = True
+            withdrawn, self._waiting = self._waiting, []
+            self._ready.notify_all()
+        for job in withdrawn:
+            job.cancelled.set()
+            _notify(job, None, ServiceClosed("The bot is shutting down; your request was not run."))
+        self._worker.join(timeout=grace_seconds)
+        if not self._worker.is_alive():
+            return
+        with self._ready:
+            running = list(self._running)
+        for job in running:
+            job.stopped_by = ServiceClosed("The bot is shutting down; your request was stopped before it finished.")
+            job.cancelled.set()
+        self._worker.join(timeout=_STOPPING_SECONDS)
+
+
+def start_service(settings: Settings) -> InferenceService:
+    """Load the configured model in this process and start its worker (the CLI, a replica, a local bot)."""
+    loaded = load_model(settings.model)
+    return InferenceService(FlamingoEngine(loaded, settings), settings.service.max_queue, settings.service.max_batch)

@@ -1,0 +1,1 @@
+"""The ray backend: requests on the wire to Serve replicas that run the local service."""

@@ -1,0 +1,342 @@
+"""The model on Ray Serve replicas: the calls of the in-process service, answered by a cluster.
+
+The bot joins an existing Ray cluster as a driver, since Serve routes requests in the caller, and
+deploys the Flamingo application there (a redeploy with the same settings changes nothing). Its
+replicas (``core/serving/ray/replica.py``) run the same engine and service as a single process does, so
+answers are the same token for token; requests reach them as bytes with content hashes
+(``core/serving/ray/wire.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from PIL import Image
+
+from core.config import PROJECT_ROOT, RaySettings, Settings
+from core.errors import (
+    BadParameter,
+    ClusterUnavailable,
+    FlamingoError,
+    GenerationFailed,
+    ModelLoadError,
+    RequestCancelled,
+    RequestExpired,
+    ServiceBusy,
+    ServiceClosed,
+)
+from core.generation import GenerationParams
+from core.model.engine import Answer, PromptRules
+from core.model.loading import load_text_side
+from core.prompts import Task
+from core.serving.model_choice import ModelCatalog
+from core.serving.ray.replica import FlamingoReplica, deployment_options
+from core.serving.ray.wire import WireEncoder, WireRequest
+
+log = logging.getLogger(__name__)
+
+# How long closing waits for answers in flight, as the local service waits for its batch.
+CLOSE_WAIT_SECONDS = 60.0
+
+
+# Ray reports usage to its makers over the internet unless told not to, in every process it starts.
+_NO_USAGE_STATS = {"RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _no_usage_stats() -> None:
+    os.environ.update(_NO_USAGE_STATS)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds with one line; ``ray.init`` would retry an unreachable cluster for minutes."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot reach the Ray cluster at {address}: {error}") from None
+
+
+class RemoteTicket:
+    """A request sent to a replica: Ray keeps the line, so no place in it is known here."""
+
+    position: int | None = None
+
+    def __init__(
+        self, service: RayInferenceService, encode: Callable[[], WireRequest], deadline: float | None, model: str | None
+    ) -> None:
+        self._service = service
+        self._encode = encode
+        self._model = model
+        self._response: object | None = None
+        self._cancelled = False
+        self._deadline = deadline
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._response is not None:
+            self._response.cancel()  # type: ignore[attr-defined]
+
+    async def answer(self) -> Answer:
+        """The answer; past the deadline the request is withdrawn, as the local line does with late ones.
+
+        A replica that dies mid-request (a lost GPU machine, an out-of-memory kill) costs one retry,
+        which the router sends to a live replica. A lost cluster ends the wait at once.
+        """
+        self._service.in_flight += 1
+        try:
+            # Off the event loop: a request's images and its task's examples are PNG-encoded here.
+            request = await asyncio.to_thread(self._encode)
+            if self._cancelled:
+                raise RequestCancelled("The request was cancelled before it ran.")
+            if not self._service.reachable:  # lost while encoding: it would wait for its deadline
+                raise ClusterUnavailable(_CLUSTER_LOST)
+            timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+            self._response = self._service.send(request, self._model)
+            try:
+                return await self._service.unless_lost(self._response, timeout)
+            except Exception as error:
+                if not _replica_lost(error):
+                    raise
+                log.warning("a replica was lost during a request; retrying it once elsewhere")
+                self._response = self._service.send(request, self._model)
+                return await self._service.unless_lost(self._response, timeout)
+        except TimeoutError:
+            self.cancel()
+            raise RequestExpired("Your request waited too long for the model; please ask again.") from None
+        except (asyncio.CancelledError, ClusterUnavailable):
+            self.cancel()
+            raise
+        except FlamingoError:
+            raise
+        except Exception as error:
+            raise _user_error(error) from None
+        finally:
+            self._service.in_flight -= 1
+
+
+def _replica_lost(error: BaseException) -> bool:
+    from ray.exceptions import RayActorError  # died or unreachable
+
+    return isinstance(error, RayActorError)
+
+
+def _user_error(error: Exception) -> FlamingoError:
+    """The replica's own refusal when it raised one (Ray wraps it), else one line for the user."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, FlamingoError):
+        return cause
+    if type(error).__name__ == "RequestCancelledError":
+        return RequestCancelled("The request was cancelled.")
+    log.error("a replica failed a request", exc_info=error)
+    return GenerationFailed("The model's server failed while answering; try again in a moment.")
+
+
+def _retrieve(task: asyncio.Future[Answer]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+_CLUSTER_LOST = (
+    "The bot cannot reach its model servers right now. It reconnects by itself as soon as they are back; "
+    "please ask again in a few minutes."
+)
+
+
+def _join(config: RaySettings) -> None:
+    import ray
+
+    # Replicas import this project's code: workers must have the same checkout, at ray.project_path.
+    runtime_env = {"env_vars": {"PYTHONPATH": config.project_path or str(PROJECT_ROOT), **_NO_USAGE_STATS}}
+    try:
+        ray.init(
+            address=config.address, namespace=config.namespace, runtime_env=runtime_env, logging_level=logging.WARNING
+        )
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ModelLoadError(f"cannot reach the Ray cluster at {config.address}: {error}") from None
+
+
+def _deploy(settings: Settings) -> object:
+    """Deploy the application (unchanged settings redeploy nothing) and return its handle."""
+    from ray import serve
+
+    config = settings.ray
+    serve.start(proxy_location="Disabled")
+    options = deployment_options(config)
+    if config.routing == "task_affinity":
+        from ray.serve.config import RequestRouterConfig
+
+        from core.serving.ray.routing import TaskAffinityRouter
+
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=TaskAffinityRouter,
+            request_router_kwargs={"max_imbalance": config.max_imbalance},
+        )
+    deployment = serve.deployment(FlamingoReplica, name="FlamingoReplica").options(**options)
+    settings_json = settings.model_dump_json(exclude={"discord_token"})
+    return serve.run(deployment.bind(settings_json), name=config.app_name, route_prefix=None)
+
+
+class RayInferenceService:
+    """Same calls as ``core.serving.local.InferenceService``; the model runs on the cluster's replicas.
+
+    A watcher probes the cluster's address. When it stops answering, waiting requests end at once
+    and new ones are refused, each with one clear line; when it answers again, the bot joins the
+    cluster anew and redeploys. Ray's driver would otherwise exit a minute into the outage.
+    """
+
+    def __init__(self, settings: Settings, rules: dict[str | None, PromptRules], handle: object) -> None:
+        self.settings = settings
+        self.rules = rules[None]
+        self._rules = rules
+        self._handle = handle
+        self._wire = WireEncoder()
+        self.in_flight = 0
+        self._closed = False
+        self.reachable = True
+        self._losses: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+        self._losses_lock = threading.Lock()  # the watcher thread reads what callers' loops change
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="ray-cluster-watch", daemon=True)
+        self._watcher.start()
+
+    @classmethod
+    def connect(cls, settings: Settings) -> RayInferenceService:
+        """Join the cluster, deploy (or find) the application, and load the tokenizers for local checks."""
+        _no_usage_stats()
+        # Keep the driver alive through an outage of the cluster, so that it can rejoin afterwards.
+        os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(10**9))
+        _check_reachable(settings.ray.address)
+        rules: dict[str | None, PromptRules] = {None: PromptRules(*load_text_side(settings.model), settings)}
+        for model in ModelCatalog.from_settings(settings).offered()[1:]:
+            chosen = settings.model.model_copy(update={"name": model})
+            rules[model] = PromptRules(*load_text_side(chosen), settings)
+        _join(settings.ray)
+        return cls(settings, rules, _deploy(settings))
+
+    @property
+    def waiting(self) -> int:
+        return self.in_flight
+
+    def replica_status(self) -> list[dict]:
+        """Every replica's ``FlamingoReplica.status`` (blocking: call it from a thread)."""
+        if not self.reachable:
+            return []
+        return self._handle.broadcast("status").results()  # type: ignore[attr-defined]
+
+    def cache_status(self) -> list[dict[str, dict[str, int]]]:
+        return [replica["caches"] for replica in self.replica_status()]
+
+    def estimated_wait(self, position: int) -> float:
+        return 0.0
+
+    def submit(
+        self,
+        images: Sequence[Image.Image],
+        prompt: str,
+        task: Task,
+        params: GenerationParams,
+        deadline: float | None = None,
+        model: str | None = None,
+    ) -> RemoteTicket:
+        if self._closed:
+            raise ServiceClosed("The bot is shutting down; try again in a moment.")
+        if not self.reachable:
+            raise ClusterUnavailable(_CLUSTER_LOST)
+        if model not in self._rules:
+            raise BadParameter("This bot does not offer that model; a server admin can choose another in /settings.")
+        self._rules[model].check_text(prompt, len(images))
+        ray = self.settings.ray
+        room = self.settings.service.max_queue + ray.max_ongoing_requests * (ray.max_replicas or ray.replicas)
+        if self.in_flight >= room:  # Serve's own queue is unbounded: the bot keeps the line's length
+            raise ServiceBusy(
+                f"The model is busy ({self.in_flight} requests are already in line); try again in a minute."
+            )
+        encode = functools.partial(self._wire.request, list(images), prompt, task, params)
+        return RemoteTicket(self, encode, deadline, model)
+
+    def send(self, request: WireRequest, model: str | None = None) -> object:
+        """To a replica; Serve's multiplexing prefers one that holds ``model`` (None: the default)."""
+        handle = self._handle if model is None else self._handle.options(multiplexed_model_id=model)  # type: ignore[attr-defined]
+        return handle.answer.remote(request)
+
+    async def unless_lost(self, response: object, timeout: float | None) -> Answer:
+        """Await a replica's answer, ending at once with ``ClusterUnavailable`` if the cluster goes."""
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[None] = loop.create_future()
+        entry = (loop, lost)
+        with self._losses_lock:
+            self._losses.add(entry)
+        if not self.reachable:  # lost before it was registered: no watcher will say so again
+            lost.set_result(None)
+        answer = asyncio.ensure_future(response)  # type: ignore[arg-type]
+        try:
+            done, _ = await asyncio.wait({answer, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            with self._losses_lock:
+                self._losses.discard(entry)
+            lost.cancel()
+        if answer in done:
+            return answer.result()
+        answer.cancel()
+        answer.add_done_callback(_retrieve)  # Serve ends a cancelled wait with its own error, expected here
+        if lost in done:
+            raise ClusterUnavailable(_CLUSTER_LOST)
+        raise TimeoutError
+
+    async def answer(self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams) -> Answer:
+        return await self.submit(images, prompt, task, params).answer()
+
+    def _watch(self) -> None:
+        period = self.settings.ray.probe_seconds
+        while not self._stop.wait(period):
+            try:
+                _check_reachable(self.settings.ray.address, timeout=period)
+            except ModelLoadError as error:
+                if self.reachable:
+                    self._lose(str(error))
+                continue
+            if not self.reachable:
+                self._rejoin()
+
+    def _lose(self, why: str) -> None:
+        log.error("%s; requests are refused until it is back", why)
+        self.reachable = False
+        with self._losses_lock:
+            waiting = list(self._losses)
+        for loop, lost in waiting:
+            loop.call_soon_threadsafe(lambda future=lost: future.done() or future.set_result(None))
+
+    def _rejoin(self) -> None:
+        """The cluster answers again (a restarted head is a new cluster): join it and deploy anew."""
+        import ray
+
+        log.info("the Ray cluster at %s answers again; rejoining it", self.settings.ray.address)
+        try:
+            ray.shutdown()
+            _join(self.settings.ray)
+            self._handle = _deploy(self.settings)
+        except Exception:  # the head may still be starting; the next probe tries again
+            log.warning("rejoining the Ray cluster failed; trying again", exc_info=True)
+            return
+        self.reachable = True
+        log.info("rejoined the Ray cluster; answering again")
+
+    def close(self) -> None:
+        """Refuse new requests, let those in flight be answered (for a while), then leave the cluster;
+        the application keeps serving other bot processes (shards) that use it."""
+        self._closed = True
+        give_up = time.monotonic() + CLOSE_WAIT_SECONDS
+        while self.in_flight and self.reachable and time.monotonic() < give_up:
+            time.sleep(0.05)
+        self._stop.set()
+        import ray
+
+        ray.shutdown()

@@ -1,0 +1,77 @@
+"""The batch cache that stores each task's prefix once, against a batch cache of whole padded rows.
+
+As for the static steps, tokens alone would be a weak guard, so each step's logits and the rows'
+caches are compared directly, for every family, with two rows sharing a prefix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.model.decode.beam_search import padded_batch
+from core.model.decode.shared_prefix import SharedPrefixSteps
+from tests.core.model.decode.test_graphed_steps import prefilled_rows
+from tests.make_tiny_model import FAMILIES
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefixes_give_the_padded_batch_logits_and_caches(engines, photos, family):
+    engine = engines[family]
+    decoder = engine.decoder
+    with torch.inference_mode():
+        rows = prefilled_rows(engine, photos)
+        assert rows[2].job.prefix is rows[3].job.prefix  # one prefix state, shared
+        own_lengths = [row.key_values[0][0].shape[2] for row in rows]
+        images = [list(row.image_keys_values) for row in rows]
+        padded_rows = prefilled_rows(engine, photos)
+        padded, mask = padded_batch(padded_rows, decoder.device)
+        shared = SharedPrefixSteps(decoder, rows)
+        for _ in range(5):
+            mask = torch.nn.functional.pad(mask, (0, 1), value=1)
+            tokens = torch.cat([row.sequence[:, -1:] for row in padded_rows])
+            positions = torch.tensor([[row.sequence.shape[1] - 1] for row in padded_rows])
+            with decoder.reading_latest_images(padded_rows):
+                expected = decoder.step_tokens(tokens, positions, padded, mask)
+            with shared.reading():
+                got = shared.step(rows)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+            for row, padded_row, token in zip(rows, padded_rows, expected.argmax(dim=-1), strict=True):
+                for each in (row, padded_row):
+                    each.sequence = torch.cat([each.sequence, token.view(1, 1)], dim=1)
+        for n, (row, own) in enumerate(zip(rows, own_lengths, strict=True)):
+            shared.hand_back(n, row)  # the image the row reads stays the same
+            for got, want in zip(row.image_keys_values, images[n], strict=True):
+                assert (got is None and want is None) or all(map(torch.equal, got, want))
+            for layer, (keys, values) in zip(padded.layers, row.key_values, strict=True):
+                assert keys.shape[2] == values.shape[2] == own + 5
+                torch.testing.assert_close(keys, layer.keys[n : n + 1, :, -(own + 5) :], rtol=0, atol=1e-5)
+                torch.testing.assert_close(values, layer.values[n : n + 1, :, -(own + 5) :], rtol=0, atol=1e-5)
+
+
+def test_a_prefix_is_stored_once_however_many_rows_share_it(engines, photos):
+    engine = engines["llama"]
+    with torch.inference_mode():
+        rows = prefilled_rows(engine, photos)
+        rows[0].job.kwargs["max_new_tokens"] = 500  # one long answer does not make room for 500 in every row
+        distinct = rows[1].prefix_length + rows[2].prefix_length  # 0, 1, 2 and 2 examples again
+        own = sum(row.cached_length - row.prefix_length + row.job.kwargs["max_new_tokens"] - 1 for row in rows)
+        cache = SharedPrefixSteps(engine.decoder, rows).cache
+    # a zero slot for the padding, each distinct prefix once, each row's own tokens and room to grow
+    assert cache.keys[0].shape[0] == 1 + distinct + own
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_gathered_rows_are_the_padded_batch_exactly(engines, photos, family):
+    """Data movement only, so equal to the bit: each layer's gathered keys and values, after a
+    step's new ones are stored, are the padded batch's with the new ones appended."""
+    engine = engines[family]
+    with torch.inference_mode():
+        padded, _ = padded_batch(prefilled_rows(engine, photos), engine.decoder.device)
+        cache = SharedPrefixSteps(engine.decoder, prefilled_rows(engine, photos)).cache
+        cache.begin_step()
+        for index, layer in enumerate(padded.layers):
+            new_keys, new_values = torch.randn_like(layer.keys[:, :, :1]), torch.randn_like(layer.values[:, :, :1])
+            keys, values = cache.update(new_keys, new_values, index)
+            assert torch.equal(keys, torch.cat([layer.keys, new_keys], dim=2))
+            assert torch.equal(values, torch.cat([layer.values, new_values], dim=2))
