@@ -19,9 +19,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from core.config import ConfigError, LoggingSettings, Settings, load_settings
+from core.config import ConfigError, GenerationSettings, LoggingSettings, Settings, load_settings
 from core.errors import BadImage, FlamingoError, UnknownTask
-from core.generation import GenerationParams, generation_kwargs
+from core.generation import OPTIONS, GenerationParams, generation_kwargs
 from core.images import load_image
 from core.prompts import END_OF_CHUNK, check_user_text
 from core.tasks.builtin import DEFAULT_TASK, load_builtin_tasks
@@ -50,17 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     describe.add_argument("--model", help="registry name or local model directory")
     describe.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8", "nf4"])
     describe.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    generation = describe.add_argument_group("generation")
-    generation.add_argument("--max-new-tokens", type=int)
-    generation.add_argument("--min-new-tokens", type=int)
-    generation.add_argument("--do-sample", action="store_true")
-    generation.add_argument("--temperature", type=float)
-    generation.add_argument("--top-p", type=float)
-    generation.add_argument("--top-k", type=int)
-    generation.add_argument("--num-beams", type=int, default=1)
-    generation.add_argument("--repetition-penalty", type=float)
-    generation.add_argument("--length-penalty", type=float)
-    generation.add_argument("--no-repeat-ngram-size", type=int)
+    length = GenerationSettings().max_new_tokens_default
+    generation = describe.add_argument_group(
+        "generation", f"ranges as configured by default; answers of at most {length} tokens unless given"
+    )
+    for option in OPTIONS:
+        flag = "--" + option.name.replace("_", "-")
+        if option.kind is bool:
+            generation.add_argument(flag, dest=option.name, action="store_true", help=option.help)
+            continue
+        limits = f"; {option.range.low:g} to {option.range.high:g}" if option.range is not None else ""
+        default = f", default {option.default}" if option.default is not None else ""
+        generation.add_argument(
+            flag, dest=option.name, type=option.kind, default=option.default, help=f"{option.help}{limits}{default}"
+        )
     return parser
 
 
@@ -85,18 +88,7 @@ def _read_image(path: Path, settings: Settings) -> Image.Image:
 
 def describe(args: argparse.Namespace) -> int:
     settings = _describe_settings(args)
-    params = GenerationParams(
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty,
-        length_penalty=args.length_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-    )
+    params = GenerationParams(**{option.name: getattr(args, option.name) for option in OPTIONS})
     # Everything that needs no model is checked before the (slow) model load.
     generation_kwargs(params, settings.generation)
     tasks = load_builtin_tasks(settings.data_dir, settings.images)
@@ -114,15 +106,6 @@ def describe(args: argparse.Namespace) -> int:
 
     with contextlib.redirect_stdout(sys.stderr):
         service = start_service(settings)
-    loaded = service.engine.loaded
-    log.info(
-        "Loaded %s (%s) in %.1f s: language model %.1f MiB, whole model %.1f MiB",
-        loaded.spec.name,
-        loaded.precision.name,
-        loaded.load_seconds,
-        loaded.language_model_bytes / 2**20,
-        loaded.total_bytes / 2**20,
-    )
     try:
         answer = asyncio.run(service.answer(images, prompt, task, params))
     finally:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up (first run only) and run the linter and the test suite; arguments go to pytest.
+# Set up (first run only) and run the linter, the type checker and the test suite; arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
 .venv/bin/ruff check .
+.venv/bin/mypy  # files and settings: [tool.mypy] in pyproject.toml
 exec .venv/bin/python -m pytest "$@"

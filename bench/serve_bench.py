@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import io
 import json
 import platform
@@ -42,8 +41,8 @@ from core.model.engine import FlamingoEngine
 from core.model.loading import load_model
 from core.prompts import END_OF_CHUNK, Task
 from core.serving.local import InferenceService
+from tests.helpers.reference import Reference
 from tests.make_tiny_model import TinyModelSpec, write_model
-from tests.reference import Reference
 
 SHOTS = (0, 4, 8, 16)
 CONCURRENCY = (1, 4, 16)
@@ -90,7 +89,7 @@ class Bench:
     async def service_answers(
         self, requests: list[tuple[Task, Image.Image]], num_beams: int = 1
     ) -> list[tuple[int, ...]]:
-        params = dataclasses.replace(self.params, num_beams=num_beams)
+        params = self.params.replace(num_beams=num_beams)
         answers = await asyncio.gather(
             *(self.service.answer([image], t.prompt_template, t, params) for t, image in requests)
         )

@@ -4,32 +4,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import discord
-import psutil
-import torch
 from discord import app_commands
 from discord.ext import commands
 
-import core
-from cogs.utils.bot import EXTENSIONS, FlamingoBot
+from cogs.utils.bot import EXTENSIONS, FlamingoBot, Interaction
 from cogs.utils.checks import OwnerGroup
 from cogs.utils.options import limit_options
 from cogs.utils.replies import clip
-from core.wording import plural
-
-if TYPE_CHECKING:
-    from core.model.decode.graphed_steps import StaticSteps
+from core.config import VERSION
+from core.model.engine import EngineStatus
+from core.wording import duration, plural
 
 log = logging.getLogger(__name__)
-
-
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    return f"{days}d {hours}h {minutes}m {seconds}s" if days else f"{hours}h {minutes}m {seconds}s"
 
 
 def _cache_line(stats: dict[str, int], what: str) -> str:
@@ -39,56 +27,50 @@ def _cache_line(stats: dict[str, int], what: str) -> str:
 
 
 def _model_fields(bot: FlamingoBot) -> dict[str, str]:
-    engine = getattr(bot.service, "engine", None)
+    status = bot.service.status()
+    engine = status.engine
     if engine is None:  # the ray backend: the model lives on the cluster's replicas
-        ray = bot.settings.ray
-        reachable = bot.service.reachable
         return {
-            "Model": bot.settings.model.name,
-            "Backend": f"ray: {ray.replicas} replica(s) of {ray.app_name} at {ray.address}"
-            + ("" if reachable else " (unreachable: rejoining when it answers)"),
+            "Model": status.model,
+            "Backend": f"ray: {status.cluster}"
+            + ("" if status.reachable else " (unreachable: rejoining when it answers)"),
             "Server models": f"{len(bot.models.offered()) - 1} offered besides the default, "
             f"up to {bot.models.models_per_replica} loaded per replica",
-            "Queue": f"{bot.service.waiting} in flight",
+            "Queue": f"{status.waiting} in flight",
         }
-    loaded = engine.loaded
-    device = loaded.device
-    if device.type == "cuda":
-        memory = f"{torch.cuda.memory_allocated(device) / 2**30:.2f} GiB on the GPU"
-    else:
-        memory = f"{psutil.Process().memory_info().rss / 2**30:.2f} GiB resident"
-    decoder = engine.decoder
+    where = "on the GPU" if engine.device.startswith("cuda") else "resident"
     return {
-        "Model": loaded.spec.name,
-        "Precision": loaded.precision.name,
-        "Device": str(device),
-        "Memory": memory,
-        "Queue": f"{bot.service.waiting} waiting",
-        "Prefix cache": _cache_line(decoder.prefixes.stats(), "tasks"),
-        "Image cache": _cache_line(decoder.images.stats(), "images"),
-        "Decode graphs": _graphs_line(decoder.static_steps),
+        "Model": engine.model,
+        "Precision": engine.precision,
+        "Device": engine.device,
+        "Memory": f"{engine.memory_bytes / 2**30:.2f} GiB {where}",
+        "Queue": f"{status.waiting} waiting",
+        "Prefix cache": _cache_line(engine.caches["prefix"], "tasks"),
+        "Image cache": _cache_line(engine.caches["image"], "images"),
+        "Decode graphs": _graphs_line(engine),
     }
 
 
-def _graphs_line(static_steps: StaticSteps | None) -> str:
+def _graphs_line(engine: EngineStatus) -> str:
     """The CUDA-graphed decode steps: off (CPU, int8, remote-code models or turned off), failed, or in use."""
-    if static_steps is None:
-        return "off"
-    if static_steps.failed:
+    if engine.graphs_failed:
         return "off: a capture failed (see the log)"
-    stats = static_steps.steps.stats()
-    return f"{stats['entries']} kept, {stats['bytes'] / 2**20:.1f} MiB, batches stepped from them: {static_steps.used}"
+    stats = engine.caches.get("graphs")
+    if stats is None:
+        return "off"
+    used = engine.graphed_batches
+    return f"{stats['entries']} kept, {stats['bytes'] / 2**20:.1f} MiB, batches stepped from them: {used}"
 
 
 def status_embed(bot: FlamingoBot) -> discord.Embed:
     embed = discord.Embed(title="flamingo-bot status", colour=discord.Colour.green())
     fields = {
         **_model_fields(bot),
-        "Uptime": _duration(time.monotonic() - bot.started_at),
+        "Uptime": duration(time.monotonic() - bot.started_at),
         "Servers": str(len(bot.guilds)),
         "Shards": " · ".join(f"{shard}: {latency * 1000:.0f} ms" for shard, latency in bot.latencies)
         or "not connected",
-        "Version": core.__version__,
+        "Version": VERSION,
     }
     for name, value in fields.items():
         embed.add_field(name=name, value=value)
@@ -107,7 +89,7 @@ class Admin(commands.Cog):
     @admin.command(description="Reload one cog, or all of them, without reloading the model")
     @app_commands.describe(cog="e.g. cogs.inference; empty reloads all")
     @app_commands.choices(cog=[app_commands.Choice(name=name, value=name) for name in EXTENSIONS])
-    async def reload(self, interaction: discord.Interaction, cog: str | None = None) -> None:
+    async def reload(self, interaction: Interaction, cog: str | None = None) -> None:
         names = [cog] if cog else list(EXTENSIONS)
         await interaction.response.defer(ephemeral=True, thinking=True)
         failed = await self.bot.reload_cogs(names)
@@ -118,7 +100,7 @@ class Admin(commands.Cog):
 
     @admin.command(description="Sync commands with Discord: all of them, or only one guild's own (such as /admin)")
     @app_commands.describe(guild_id="A server's id, to sync only the commands made for that server")
-    async def sync(self, interaction: discord.Interaction, guild_id: str | None = None) -> None:
+    async def sync(self, interaction: Interaction, guild_id: str | None = None) -> None:
         if guild_id is not None and not guild_id.strip().isdigit():
             await interaction.response.send_message(f"“{guild_id}” is not a server's id.", ephemeral=True)
             return
@@ -130,14 +112,14 @@ class Admin(commands.Cog):
             await interaction.followup.send(f"The bot is not in server {target}.", ephemeral=True)
             return
         where = f"for server {target}" if target else "everywhere"
-        await interaction.followup.send(f"Synced {count} command{'' if count == 1 else 's'} {where}.", ephemeral=True)
+        await interaction.followup.send(f"Synced {plural(count, 'command')} {where}.", ephemeral=True)
 
     @admin.command(description="Model, memory, queue and uptime")
-    async def status(self, interaction: discord.Interaction) -> None:
+    async def status(self, interaction: Interaction) -> None:
         await interaction.response.send_message(embed=status_embed(self.bot), ephemeral=True)
 
     @admin.command(description="Finish the answers under way (a minute at most), refuse queued ones, disconnect")
-    async def shutdown(self, interaction: discord.Interaction) -> None:
+    async def shutdown(self, interaction: Interaction) -> None:
         waiting = self.bot.service.waiting
         queued = f"{plural(waiting, 'waiting request')} {'is' if waiting == 1 else 'are'} told to try later"
         await interaction.response.send_message(

@@ -6,7 +6,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.utils.bot import FlamingoBot
+from cogs.utils.bot import FlamingoBot, Interaction
 from core.config import PrivacySettings
 from core.guild_settings import GuildSettings
 from core.wording import duration
@@ -67,7 +67,7 @@ def help_embed(
     embed.add_field(
         name="Your data",
         value=(
-            f"Each answer's picture and prompt are kept up to {duration(privacy.request_retention_hours)}, "
+            f"Each answer's picture and prompt are kept up to {duration(privacy.request_retention_hours * 3600)}, "
             "for its buttons. "
             "`/forget-me` deletes everything stored about you."
         ),
@@ -84,7 +84,7 @@ class Help(commands.Cog):
         self.bot = bot
 
     @app_commands.command(name="help", description="What this bot does and how to ask it")
-    async def help_command(self, interaction: discord.Interaction) -> None:
+    async def help_command(self, interaction: Interaction) -> None:
         library = self.bot.library
         default = await library.default_task_name(interaction.guild_id)
         tasks = await library.list_tasks(interaction.guild_id)

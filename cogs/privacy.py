@@ -10,7 +10,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.utils.bot import FlamingoBot
+from cogs.utils.bot import FlamingoBot, Interaction
 from cogs.utils.buttons import ForgetExamplesButton
 from core.errors import NotAllowedHere
 from core.wording import plural
@@ -21,12 +21,11 @@ class Privacy(commands.Cog):
         self.bot = bot
 
     @app_commands.command(name="forget-me", description="Delete everything this bot stores about you")
-    async def forget_me(self, interaction: discord.Interaction) -> None:
+    async def forget_me(self, interaction: Interaction) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)  # deleting many requests takes a while
         user_id = interaction.user.id
-        requests = await self.bot.store.delete_user_requests(user_id)
-        await self.bot.store.forget_task_authorship(user_id)
-        examples = await self.bot.store.count_user_examples(user_id)
+        forgotten = await self.bot.store.forget_user(user_id)
+        requests, examples = forgotten.requests, forgotten.examples
         if requests:
             which = "your recent request" if requests == 1 else f"your {requests} recent requests"
             done = (
@@ -48,7 +47,7 @@ class Privacy(commands.Cog):
             ephemeral=True,
         )
 
-    async def on_forget_examples(self, interaction: discord.Interaction, user_id: int) -> None:
+    async def on_forget_examples(self, interaction: Interaction, user_id: int) -> None:
         if interaction.user.id != user_id:
             raise NotAllowedHere("Only the person who asked to be forgotten can confirm it.")
         deleted = await self.bot.store.delete_user_examples(user_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Literal
 
 import discord
@@ -14,8 +15,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs.utils.autocomplete import MAX_CHOICES
-from cogs.utils.bot import FlamingoBot
-from cogs.utils.checks import ManageServerGroup, ManageServerSubgroup
+from cogs.utils.bot import FlamingoBot, Interaction
+from cogs.utils.checks import ManageServerGroup, ManageServerSubgroup, server_id
 from cogs.utils.options import limit_options
 from core.config import QuotaSettings
 from core.errors import BadParameter, NotAllowedHere
@@ -37,9 +38,9 @@ def settings_embed(
     keep restricting until a moderator changes them); None when not known."""
     quotas = rules.quotas(defaults)
     own = any(v is not None for v in (rules.user_cooldown_seconds, rules.guild_in_flight, rules.guild_per_period))
-    gone = {c for c in rules.answer_channels if guild is not None and guild.get_channel(c) is None}
-    channels = ", ".join(f"<#{c}>" + (" (deleted)" if c in gone else "") for c in sorted(rules.answer_channels))
-    if gone and gone == rules.answer_channels:
+    deleted = {c for c in rules.answer_channels if guild is not None and guild.get_channel(c) is None}
+    channels = ", ".join(f"<#{c}>" + (" (deleted)" if c in deleted else "") for c in sorted(rules.answer_channels))
+    if deleted and deleted == rules.answer_channels:
         channels += "\n⚠️ Nobody can use the bot until you add a channel or run `/settings channels clear`."
     role = f"<@&{rules.required_role}>" if rules.required_role else "none"
     if rules.required_role and guild is not None and guild.get_role(rules.required_role) is None:
@@ -90,7 +91,7 @@ class ServerSettings(commands.Cog):
         )
 
     async def _change(
-        self, interaction: discord.Interaction, change: Callable[[GuildSettings], GuildSettings], note: str
+        self, interaction: Interaction, change: Callable[[GuildSettings], GuildSettings], note: str
     ) -> None:
         guild_id = interaction.guild_id
         assert guild_id is not None  # the group is guild-only
@@ -102,9 +103,9 @@ class ServerSettings(commands.Cog):
             await interaction.response.send_message(note, embed=embed, ephemeral=True)
 
     @group.command(name="show", description="This server's settings")
-    async def show(self, interaction: discord.Interaction) -> None:
-        rules = await self.bot.store.guild_settings(interaction.guild_id)  # type: ignore[arg-type]
-        guild = self.bot.get_guild(interaction.guild_id)  # type: ignore[arg-type]
+    async def show(self, interaction: Interaction) -> None:
+        rules = await self.bot.store.guild_settings(server_id(interaction))
+        guild = self.bot.get_guild(server_id(interaction))
         embed = settings_embed(rules, self.bot.settings.quotas, self.bot.models, guild)
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
@@ -114,8 +115,8 @@ class ServerSettings(commands.Cog):
 
     @channels.command(name="add", description="Answer in this channel too (and in its threads and posts)")
     @app_commands.describe(channel="A text, announcement, voice, stage, forum or media channel")
-    async def add_channel(self, interaction: discord.Interaction, channel: AnswerChannel) -> None:
-        rules = await self.bot.store.guild_settings(interaction.guild_id)  # type: ignore[arg-type]
+    async def add_channel(self, interaction: Interaction, channel: AnswerChannel) -> None:
+        rules = await self.bot.store.guild_settings(server_id(interaction))
         if channel.id in rules.answer_channels:
             await interaction.response.send_message(
                 f"{channel.mention} is already on the list; nothing changed.", ephemeral=True
@@ -126,8 +127,8 @@ class ServerSettings(commands.Cog):
 
     @channels.command(name="remove", description="Stop answering in this channel")
     @app_commands.describe(channel="One of the channels the bot answers in")
-    async def remove_channel(self, interaction: discord.Interaction, channel: AnswerChannel) -> None:
-        rules = await self.bot.store.guild_settings(interaction.guild_id)  # type: ignore[arg-type]
+    async def remove_channel(self, interaction: Interaction, channel: AnswerChannel) -> None:
+        rules = await self.bot.store.guild_settings(server_id(interaction))
         if channel.id not in rules.answer_channels:
             where = "only in the listed channels" if rules.answer_channels else "in every channel"
             await interaction.response.send_message(
@@ -138,13 +139,13 @@ class ServerSettings(commands.Cog):
         await self._change(interaction, change, f"Removed {channel.mention}.")
 
     @channels.command(name="clear", description="Answer in every channel again")
-    async def clear_channels(self, interaction: discord.Interaction) -> None:
+    async def clear_channels(self, interaction: Interaction) -> None:
         everywhere = lambda r: replace(r, answer_channels=frozenset())  # noqa: E731
         await self._change(interaction, everywhere, "I answer in every channel now.")
 
     @group.command(name="role", description="A role members need to use the bot (empty: everyone)")
     @app_commands.describe(role="The role; leave empty to let everyone use the bot")
-    async def role(self, interaction: discord.Interaction, role: discord.Role | None = None) -> None:
+    async def role(self, interaction: Interaction, role: discord.Role | None = None) -> None:
         if role is not None and role.is_default():
             role = None  # @everyone is no restriction
         note = f"Members need {role.mention} to use the bot." if role else "Everyone can use the bot."
@@ -152,7 +153,7 @@ class ServerSettings(commands.Cog):
 
     @group.command(name="answers", description="Whether answers are public or seen only by the asker")
     @app_commands.describe(visibility="public: everyone in the channel sees them; private: only the asker")
-    async def answers(self, interaction: discord.Interaction, visibility: Literal["public", "private"]) -> None:
+    async def answers(self, interaction: Interaction, visibility: Literal["public", "private"]) -> None:
         private = visibility == "private"
         note = "Answers are now seen only by the asker." if private else "Answers are now public."
         await self._change(interaction, lambda r: replace(r, ephemeral_answers=private), note)
@@ -166,17 +167,15 @@ class ServerSettings(commands.Cog):
     )
     async def quotas(
         self,
-        interaction: discord.Interaction,
+        interaction: Interaction,
         cooldown_seconds: int | None = None,
         in_flight: int | None = None,
         per_period: int | None = None,
         reset: bool = False,
     ) -> None:
         if reset:
-            change = lambda r: replace(  # noqa: E731
-                r, user_cooldown_seconds=None, guild_in_flight=None, guild_per_period=None
-            )
-            await self._change(interaction, change, "Quotas are back to the bot's defaults.")
+            defaults = partial(replace, user_cooldown_seconds=None, guild_in_flight=None, guild_per_period=None)
+            await self._change(interaction, defaults, "Quotas are back to the bot's defaults.")
             return
         if (cooldown_seconds, in_flight, per_period) == (None, None, None):
             raise BadParameter("Give cooldown_seconds, in_flight or per_period to change, or reset to go back.")
@@ -194,7 +193,7 @@ class ServerSettings(commands.Cog):
 
     @group.command(name="model", description="The model that answers on this server")
     @app_commands.describe(model="A model this bot offers; the default one if left empty")
-    async def model(self, interaction: discord.Interaction, model: str | None = None) -> None:
+    async def model(self, interaction: Interaction, model: str | None = None) -> None:
         models = self.bot.models
         chosen = models.default if model is None else models.lookup(model)
         models.check_choice(chosen)
@@ -203,7 +202,7 @@ class ServerSettings(commands.Cog):
         await self._change(interaction, lambda r: replace(r, model=stored), note)
 
     @model.autocomplete("model")
-    async def _model_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    async def _model_names(self, interaction: Interaction, current: str) -> list[app_commands.Choice[str]]:
         """Every model this bot knows, those that cannot run here too: choosing one says why."""
         models = self.bot.models
         typed = current.casefold()
@@ -221,7 +220,7 @@ class ServerSettings(commands.Cog):
 
     @group.command(name="reports", description="The channel where reported answers are posted (empty: none)")
     @app_commands.describe(channel="A channel only moderators read; leave empty to turn reports off")
-    async def reports(self, interaction: discord.Interaction, channel: discord.TextChannel | None = None) -> None:
+    async def reports(self, interaction: Interaction, channel: discord.TextChannel | None = None) -> None:
         if channel is not None:
             # Tried now, so a channel the bot cannot post in is found by the moderator setting it,
             # not by the first member whose report is lost.

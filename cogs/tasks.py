@@ -13,8 +13,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs.utils.autocomplete import task_names
-from cogs.utils.bot import FlamingoBot
-from cogs.utils.checks import ManageServerGroup
+from cogs.utils.bot import FlamingoBot, Interaction
+from cogs.utils.checks import ManageServerGroup, server_id
 from cogs.utils.options import limit_options
 from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, EMBED_TOTAL_LIMIT, clip, verbatim
 from core.errors import LimitReached
@@ -29,7 +29,7 @@ _COLOUR = discord.Colour.blurple()
 
 def _line(task: TaskInfo) -> str:
     kind = "built-in" if task.builtin else "this server"
-    count = f"{task.example_count} example" + ("" if task.example_count == 1 else "s")
+    count = plural(task.example_count, "example")
     return f"**{task.name}** ({kind}, {count}): {discord.utils.escape_markdown(task.description)}"
 
 
@@ -106,7 +106,7 @@ class Tasks(commands.Cog):
         return self.bot.library
 
     @browse.command(name="list", description="The built-in tasks and this server's")
-    async def list_tasks(self, interaction: discord.Interaction) -> None:
+    async def list_tasks(self, interaction: Interaction) -> None:
         tasks = await self.library.list_tasks(interaction.guild_id)
         default = await self.library.default_task_name(interaction.guild_id)
         usage = await self.library.usage(interaction.guild_id) if interaction.guild_id is not None else None
@@ -115,7 +115,7 @@ class Tasks(commands.Cog):
     @browse.command(name="show", description="A task's prompt and examples")
     @app_commands.describe(task="The task's name")
     @app_commands.autocomplete(task=task_names)
-    async def show(self, interaction: discord.Interaction, task: str) -> None:
+    async def show(self, interaction: Interaction, task: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         details = await self.library.preview(interaction.guild_id, task)
         await interaction.followup.send(**task_details_message(details), ephemeral=True)
@@ -123,7 +123,7 @@ class Tasks(commands.Cog):
     @browse.command(name="export", description="A task as one file, to import into another server")
     @app_commands.describe(task="The task's name")
     @app_commands.autocomplete(task=task_names)
-    async def export(self, interaction: discord.Interaction, task: str) -> None:
+    async def export(self, interaction: Interaction, task: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         archive = await self.library.export(interaction.guild_id, task)
         data = await asyncio.to_thread(write_archive, archive, discord.utils.utcnow())
@@ -134,7 +134,7 @@ class Tasks(commands.Cog):
             )
         count = len(archive.examples)
         await interaction.followup.send(
-            f"Task **{archive.name}** with {count} example{'' if count == 1 else 's'}. "
+            f"Task **{archive.name}** with {plural(count, 'example')}. "
             "Someone with Manage Server can add it to any server with `/manage-tasks import`.",
             file=discord.File(io.BytesIO(data), filename=archive_filename(archive.name)),
             ephemeral=True,
@@ -142,14 +142,12 @@ class Tasks(commands.Cog):
 
     @manage.command(name="import", description="Add a task from a file made by /tasks export")
     @app_commands.describe(file="The .flamingo-task.zip file", name="A name for it here (default: its own)")
-    async def import_task(
-        self, interaction: discord.Interaction, file: discord.Attachment, name: str | None = None
-    ) -> None:
+    async def import_task(self, interaction: Interaction, file: discord.Attachment, name: str | None = None) -> None:
         limit = self.bot.settings.limits.max_import_bytes
         if file.size > limit:
             raise BadArchive(f"The task file is {file.size:,} bytes; the limit is {limit:,} bytes.")
         await interaction.response.defer(ephemeral=True, thinking=True)
-        imported = await self.library.import_task(interaction.guild_id, await file.read(), interaction.user.id, name)
+        imported = await self.library.import_task(server_id(interaction), await file.read(), interaction.user.id, name)
         await interaction.followup.send(f"Imported task **{imported}**.", ephemeral=True)
 
     @manage.command(description="Create a task (add examples to it afterwards)")
@@ -158,41 +156,39 @@ class Tasks(commands.Cog):
         template="The prompt used when a request gives none; must contain <image>",
         description="What the task is for",
     )
-    async def create(self, interaction: discord.Interaction, name: str, template: str, description: str = "") -> None:
-        created = await self.library.create(interaction.guild_id, name, description, template, interaction.user.id)
+    async def create(self, interaction: Interaction, name: str, template: str, description: str = "") -> None:
+        created = await self.library.create(server_id(interaction), name, description, template, interaction.user.id)
         await self._done(interaction, f"Created task **{created}**. Add examples with `/manage-tasks add-example`.")
 
     @manage.command(name="add-example", description="Add an image and its text to a task")
     @app_commands.describe(task="The task", image="The example's picture", text="The example's text, with one <image>")
     @app_commands.autocomplete(task=task_names)
-    async def add_example(
-        self, interaction: discord.Interaction, task: str, image: discord.Attachment, text: str
-    ) -> None:
+    async def add_example(self, interaction: Interaction, task: str, image: discord.Attachment, text: str) -> None:
         check_file_size(image.size, self.bot.settings.images)
         await interaction.response.defer(ephemeral=True, thinking=True)
         upload = await image.read()
-        position = await self.library.add_example(interaction.guild_id, task, upload, text, interaction.user.id)
+        position = await self.library.add_example(server_id(interaction), task, upload, text, interaction.user.id)
         await interaction.followup.send(f"Added example {position} to **{task}**.", ephemeral=True)
 
     @manage.command(name="edit-example", description="Change the text of an example")
     @app_commands.describe(task="The task", position="The example's number (1 is the first)", text="Its new text")
     @app_commands.autocomplete(task=task_names)
-    async def edit_example(self, interaction: discord.Interaction, task: str, position: int, text: str) -> None:
-        await self.library.edit_example(interaction.guild_id, task, position, text)
+    async def edit_example(self, interaction: Interaction, task: str, position: int, text: str) -> None:
+        await self.library.edit_example(server_id(interaction), task, position, text)
         await self._done(interaction, f"Changed example {position} of **{task}**.")
 
     @manage.command(name="remove-example", description="Remove an example; later ones move up")
     @app_commands.describe(task="The task", position="The example's number (1 is the first)")
     @app_commands.autocomplete(task=task_names)
-    async def remove_example(self, interaction: discord.Interaction, task: str, position: int) -> None:
-        await self.library.remove_example(interaction.guild_id, task, position)
+    async def remove_example(self, interaction: Interaction, task: str, position: int) -> None:
+        await self.library.remove_example(server_id(interaction), task, position)
         await self._done(interaction, f"Removed example {position} from **{task}**.")
 
     @manage.command(name="move-example", description="Move an example to another position")
     @app_commands.describe(task="The task", position="Where it is now", to="Where it should be")
     @app_commands.autocomplete(task=task_names)
-    async def move_example(self, interaction: discord.Interaction, task: str, position: int, to: int) -> None:
-        await self.library.move_example(interaction.guild_id, task, position, to)
+    async def move_example(self, interaction: Interaction, task: str, position: int, to: int) -> None:
+        await self.library.move_example(server_id(interaction), task, position, to)
         await self._done(interaction, f"Moved example {position} of **{task}** to position {to}.")
 
     @manage.command(description="Change a task's description or prompt template")
@@ -203,24 +199,24 @@ class Tasks(commands.Cog):
     )
     @app_commands.autocomplete(task=task_names)
     async def edit(
-        self, interaction: discord.Interaction, task: str, description: str | None = None, template: str | None = None
+        self, interaction: Interaction, task: str, description: str | None = None, template: str | None = None
     ) -> None:
-        await self.library.update(interaction.guild_id, task, description, template)
+        await self.library.update(server_id(interaction), task, description, template)
         await self._done(interaction, f"Updated **{task}**.")
 
     @manage.command(description="Rename a task")
     @app_commands.describe(task="The task", new_name="Lowercase letters, digits, - and _")
     @app_commands.autocomplete(task=task_names)
-    async def rename(self, interaction: discord.Interaction, task: str, new_name: str) -> None:
-        renamed = await self.library.rename(interaction.guild_id, task, new_name)
+    async def rename(self, interaction: Interaction, task: str, new_name: str) -> None:
+        renamed = await self.library.rename(server_id(interaction), task, new_name)
         await self._done(interaction, f"Renamed **{task}** to **{renamed}**.")
 
     @manage.command(description="Delete a task and its examples")
     @app_commands.describe(task="The task")
     @app_commands.autocomplete(task=task_names)
-    async def delete(self, interaction: discord.Interaction, task: str) -> None:
+    async def delete(self, interaction: Interaction, task: str) -> None:
         default = await self.library.default_task_name(interaction.guild_id)
-        deleted = await self.library.delete(interaction.guild_id, task)
+        deleted = await self.library.delete(server_id(interaction), task)
         if deleted == default:
             now = await self.library.default_task_name(interaction.guild_id)
             await self._done(interaction, f"Deleted **{deleted}**; the default task is now **{now}**.")
@@ -230,21 +226,21 @@ class Tasks(commands.Cog):
     @manage.command(description="Copy a task (built-in or this server's) under a new name, to edit it")
     @app_commands.describe(task="The task to copy", new_name="Lowercase letters, digits, - and _")
     @app_commands.autocomplete(task=task_names)
-    async def copy(self, interaction: discord.Interaction, task: str, new_name: str) -> None:
+    async def copy(self, interaction: Interaction, task: str, new_name: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        copied = await self.library.copy(interaction.guild_id, task, new_name, interaction.user.id)
+        copied = await self.library.copy(server_id(interaction), task, new_name, interaction.user.id)
         await interaction.followup.send(f"Copied **{task}** to **{copied}**.", ephemeral=True)
 
     @manage.command(name="set-default", description="The task /comprehend uses when none is given")
     @app_commands.describe(task="Leave empty to go back to caption")
     @app_commands.autocomplete(task=task_names)
-    async def set_default(self, interaction: discord.Interaction, task: str | None = None) -> None:
-        chosen = await self.library.set_default(interaction.guild_id, task)
+    async def set_default(self, interaction: Interaction, task: str | None = None) -> None:
+        chosen = await self.library.set_default(server_id(interaction), task)
         shown = chosen or await self.library.default_task_name(interaction.guild_id)
         await self._done(interaction, f"The default task is now **{shown}**.")
 
     @staticmethod
-    async def _done(interaction: discord.Interaction, message: str) -> None:
+    async def _done(interaction: Interaction, message: str) -> None:
         await interaction.response.send_message(message, ephemeral=True)
 
 

@@ -1,3 +1,1 @@
-"""flamingo-bot: OpenFlamingo for Discord servers."""
-
-__version__ = "0.1.0"
+"""flamingo-bot's core: what the bot knows and does, with no knowledge of Discord."""

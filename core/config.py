@@ -6,6 +6,7 @@ Environment variables use the prefix ``FLAMINGO_`` and ``__`` between levels, e.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -28,8 +29,12 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from core.generation import OPTIONS, Range
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config.toml"
+# The one place the version is written is the project's metadata.
+VERSION: str = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8", "nf4"]
 
@@ -70,34 +75,34 @@ class PromptSettings(Section):
     max_chars: int = Field(2000, gt=0)
 
 
-class Range(Section):
-    low: float
-    high: float
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Range:
-        if self.low > self.high:
-            raise ValueError(f"range low {self.low} is above high {self.high}")
-        return self
+_DEFAULT_RANGES = {option.name: option.range for option in OPTIONS if option.range is not None}
 
 
 class GenerationSettings(Section):
-    """Defaults and the ranges users may choose from; the ranges are inclusive."""
+    """The default length, and the range users may choose from for each option of ``core.generation.OPTIONS``
+    (inclusive); config writes each range under its option's name."""
 
     max_new_tokens_default: int = Field(30, gt=0)
-    max_new_tokens: Range = Range(low=1, high=256)
-    min_new_tokens: Range = Range(low=0, high=256)
-    temperature: Range = Range(low=0.05, high=2.0)
-    top_p: Range = Range(low=0.05, high=1.0)
-    top_k: Range = Range(low=1, high=500)
-    num_beams: Range = Range(low=1, high=5)
-    repetition_penalty: Range = Range(low=1.0, high=2.0)
-    length_penalty: Range = Range(low=-2.0, high=2.0)
-    no_repeat_ngram_size: Range = Range(low=0, high=10)
+    ranges: dict[str, Range] = Field(default_factory=lambda: dict(_DEFAULT_RANGES))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ranges_by_name(cls, data: Any) -> Any:
+        """``top_k = { high = 100 }`` sets that option's range; a bound not given keeps its default."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        ranges: dict[str, Any] = dict(_DEFAULT_RANGES) | data.pop("ranges", {})
+        for name in [key for key in data if key in _DEFAULT_RANGES]:
+            given = data.pop(name)
+            default = _DEFAULT_RANGES[name]
+            ranges[name] = default.model_dump() | given if isinstance(given, dict) else given
+        data["ranges"] = ranges
+        return data
 
     @model_validator(mode="after")
     def _default_in_range(self) -> GenerationSettings:
-        low, high = self.max_new_tokens.low, self.max_new_tokens.high
+        low, high = self.ranges["max_new_tokens"].low, self.ranges["max_new_tokens"].high
         if not low <= self.max_new_tokens_default <= high:
             raise ValueError(
                 f"max_new_tokens_default {self.max_new_tokens_default} must lie within max_new_tokens ({low} to {high})"
@@ -306,7 +311,10 @@ class Settings(BaseSettings):
 
 def _describe(error: ValidationError, file_name: str) -> str:
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "settings"
+    loc = list(first["loc"])
+    if loc[:2] == ["generation", "ranges"]:  # config writes each range under its option's name
+        del loc[1]
+    key = ".".join(str(part) for part in loc) or "settings"
     if first["type"] == "extra_forbidden":
         return f"{key}: there is no such setting (in {file_name}, or as a FLAMINGO_ variable)"
     given = first.get("input")

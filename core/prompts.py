@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from core.errors import BadPrompt
+from core.wording import plural
 
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
@@ -36,10 +37,6 @@ class Task:
     prompt_template: str
     examples: tuple[Example, ...] = ()
     key: str | None = None  # identifies this version of the task, for caches; None: not cached
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 def check_user_text(text: str, *, images: int, reserved: Iterable[str], max_chars: int, what: str) -> str:
@@ -66,7 +63,7 @@ def check_user_text(text: str, *, images: int, reserved: Iterable[str], max_char
     markers = text.count(IMAGE_TOKEN)
     if markers != images:
         raise BadPrompt(
-            f"The {what} has {_plural(markers, IMAGE_TOKEN + ' marker')} but {_plural(images, 'image')} "
+            f"The {what} has {plural(markers, IMAGE_TOKEN + ' marker')} but {plural(images, 'image')} "
             f"{'was' if images == 1 else 'were'} given; put one `{IMAGE_TOKEN}` where each image should be read."
         )
     return text

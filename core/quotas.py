@@ -81,7 +81,8 @@ class RequestQuotas:
             wait = settings.user_cooldown_seconds - (now - last)
             raise TooManyRequests(f"You are asking too fast; you can ask again in {_wait(wait)}.")
         in_dms = guild_id is None
-        place = self._places.setdefault(("user", user_id) if in_dms else ("guild", guild_id), _Place())
+        key = ("user", user_id) if guild_id is None else ("guild", guild_id)
+        place = self._places.setdefault(key, _Place())
         recent = place.recent
         while recent and now - recent[0] >= settings.period_seconds:
             recent.popleft()

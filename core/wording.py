@@ -31,8 +31,16 @@ def plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
 
-def duration(hours: float) -> str:
-    """Whole days where the hours make them, as people count retention."""
-    if hours >= 24 and hours % 24 == 0:
-        return plural(int(hours // 24), "day")
-    return f"{hours:g} hour" + ("" if hours == 1 else "s")
+_UNITS = (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
+
+
+def duration(seconds: float) -> str:
+    """As people say it: the largest whole unit, and the next where it is not zero (``2 days``,
+    ``1 day 12 hours``, ``5 minutes 3 seconds``), for retention and uptime alike."""
+    left = round(seconds)
+    for (unit, size), (smaller, smaller_size) in zip(_UNITS, (*_UNITS[1:], ("", 0)), strict=True):
+        if left >= size or not smaller_size:
+            count, rest = divmod(left, size)
+            more = rest // smaller_size if smaller_size else 0
+            return plural(count, unit) + (f" {plural(more, smaller)}" if more else "")
+    raise AssertionError("the last unit always answers")

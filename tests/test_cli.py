@@ -14,7 +14,7 @@ from PIL import Image
 
 from core.config import PROJECT_ROOT
 from core.generation import GenerationParams
-from tests.conftest import IMAGES
+from tests.helpers.settings import IMAGES
 
 
 def describe(*args: str | Path, hf_home: Path | None = None) -> subprocess.CompletedProcess[str]:

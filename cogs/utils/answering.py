@@ -1,7 +1,8 @@
-"""What every answer goes through: the server's rules, the queue with its visible place in line, the reply.
+"""Answers as Discord shows them: who asks, the place in line, the answer itself, and what its buttons show.
 
-Shared by ``/comprehend``, the message menu and the re-roll button, so a server's channel, role,
-quota and visibility settings apply to all three alike.
+The use case (``core.asking``) decides; this module presents: the asker's facts for it, the
+deferred reply and the place in line with its Cancel button, the answer's embed and files, and what
+the Prompt (to its asker) and Report (to moderators) buttons show.
 """
 
 from __future__ import annotations
@@ -10,38 +11,28 @@ import asyncio
 import io
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 
 import discord
 
-from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, PLACE_SHOWN, clip
-from core.errors import NotAllowedHere
-from core.guild_settings import GuildSettings
+from cogs.utils.bot import FlamingoBot, Interaction
+from cogs.utils.buttons import ActionButton, button_view
+from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, PLACE_SHOWN, clip, defer_answer, verbatim
+from core.asking import Answered, Asker
+from core.config import GenerationSettings
+from core.generation import GenerationParams
 from core.model.engine import Answer
 from core.serving import QueuedRequest
 from core.serving.model_choice import short_name
+from core.storage.request_store import StoredRequest
 
 ANSWER_COLOUR = discord.Colour.from_rgb(232, 93, 117)
 # Interaction tokens die after 15 minutes; a request must start early enough to be answered before that.
 ANSWER_DEADLINE = timedelta(minutes=12)
 _POLL_SECONDS = 0.5
-WITHHELD = "*(The answer was withheld: it contained words this server's bot does not post outside NSFW channels.)*"
 
 
-@dataclass(frozen=True)
-class Shown:
-    """An answer as posted: its text after moderation, and the images it was about (as stored)."""
-
-    text: str
-    task: str
-    prompt: str
-    answer: Answer
-    images: list[bytes]
-    model: str | None = None  # a model the server chose instead of the default
-
-
-def answer_message(user: discord.abc.User, shown: Shown, heading: str) -> dict:
+def answer_message(user: discord.abc.User, shown: Answered, heading: str) -> dict:
     """The reply: the answer as an embed under the user's (first) image; a long answer also as a file."""
     text = shown.text or "*(the model gave an empty answer)*"
     embed = discord.Embed(description=clip(text, EMBED_DESCRIPTION_LIMIT), colour=ANSWER_COLOUR)
@@ -59,36 +50,24 @@ def answer_message(user: discord.abc.User, shown: Shown, heading: str) -> dict:
     return {"embed": embed, "attachments": files}
 
 
-def check_rules(interaction: discord.Interaction, rules: GuildSettings) -> None:
-    """The server's answer channels and required role; members who manage the server are never locked out."""
+def asker_of(interaction: Interaction) -> Asker:
+    """Who asks and where, as the use case needs it (``core.asking``)."""
     channel = interaction.channel
     # Only a guild the bot has cached knows its channels and roles (interaction.guild may be a stub).
     guild = interaction.client.get_guild(interaction.guild_id) if interaction.guild_id else None
-    if not rules.allows_channel(interaction.channel_id, getattr(channel, "parent_id", None)):
-        if guild is not None and all(guild.get_channel(c) is None for c in rules.answer_channels):
-            raise NotAllowedHere(
-                "The channels this server lets me answer in were deleted; a moderator can add others with "
-                "/settings channels add, or let me answer everywhere with /settings channels clear."
-            )
-        listed = ", ".join(f"<#{channel_id}>" for channel_id in sorted(rules.answer_channels))
-        raise NotAllowedHere(f"I only answer in {listed} on this server.")
-    if rules.required_role is None or interaction.permissions.manage_guild:
-        return
-    roles = getattr(interaction.user, "roles", [])
-    if all(role.id != rules.required_role for role in roles):
-        if guild is not None and guild.get_role(rules.required_role) is None:
-            raise NotAllowedHere(
-                "The role this server requires was deleted; a moderator can choose another with /settings role."
-            )
-        raise NotAllowedHere(f"You need the <@&{rules.required_role}> role to use the bot on this server.")
+    return Asker(
+        user_id=interaction.user.id,
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id,
+        parent_channel_id=getattr(channel, "parent_id", None),
+        role_ids=frozenset(role.id for role in getattr(interaction.user, "roles", [])),
+        manages_server=interaction.permissions.manage_guild,
+        nsfw_channel=bool(channel is not None and getattr(channel, "is_nsfw", lambda: False)()),
+        server=guild,
+    )
 
 
-def is_nsfw(interaction: discord.Interaction) -> bool:
-    channel = interaction.channel
-    return bool(channel is not None and getattr(channel, "is_nsfw", lambda: False)())
-
-
-def answer_deadline(interaction: discord.Interaction) -> float:
+def answer_deadline(interaction: Interaction) -> float:
     """The ``time.monotonic()`` after which a request of this interaction should not start."""
     left = interaction.created_at + ANSWER_DEADLINE - discord.utils.utcnow()
     return time.monotonic() + left.total_seconds()
@@ -100,7 +79,7 @@ def queue_notice(position: int, wait_seconds: float) -> str:
 
 
 async def wait_in_line(
-    interaction: discord.Interaction,
+    interaction: Interaction,
     ticket: QueuedRequest,
     cancel_view: discord.ui.View,
     min_edit_seconds: float,
@@ -125,3 +104,76 @@ async def wait_in_line(
                 shown, last_edit = position, now
     finally:
         answer.cancel()
+
+
+class InteractionFront:
+    """The use case's front (``core.asking.Front``) for one interaction: a deferred reply, then the
+    place in line with a Cancel button, until the answer is posted before the interaction expires."""
+
+    def __init__(self, bot: FlamingoBot, interaction: Interaction) -> None:
+        self.bot = bot
+        self.interaction = interaction
+
+    @property
+    def deadline(self) -> float:
+        return answer_deadline(self.interaction)
+
+    async def accepted(self, private: bool) -> None:
+        await defer_answer(self.interaction, ephemeral=private)
+
+    async def in_line(self, ticket: QueuedRequest) -> Answer:
+        interaction, bot = self.interaction, self.bot
+        bot.waiting[interaction.id] = (ticket, interaction.user.id)
+        try:
+            cancel = button_view(ActionButton("cancel", interaction.id))
+            updates = bot.settings.service.queue_update_seconds
+            return await wait_in_line(interaction, ticket, cancel, updates, bot.service.estimated_wait)
+        finally:
+            bot.waiting.pop(interaction.id, None)
+
+
+def params_text(params: GenerationParams, settings: GenerationSettings) -> str:
+    """How the answer was made, in words: as stored, never checked again (the operator's ranges may
+    have changed since), with the default length where none was given."""
+    given = {name: value for name, value in params.as_dict().items() if value is not None}
+    how = "sampled" if params.do_sample else "greedy"
+    if params.num_beams > 1:
+        how = f"beam search over {params.num_beams} beams" + (", sampled" if params.do_sample else "")
+    shown = [how, f"up to {given.pop('max_new_tokens', settings.max_new_tokens_default)} new tokens"]
+    shown += [f"{name} {value}" for name, value in given.items() if name not in ("do_sample", "num_beams")]
+    return " · ".join(shown)
+
+
+def prompt_embed(stored: StoredRequest, full_prompt: str, model: str, settings: GenerationSettings) -> discord.Embed:
+    embed = discord.Embed(title="Full prompt", colour=ANSWER_COLOUR)
+    embed.description = clip(f"```\n{verbatim(full_prompt)}\n```", 4000)
+    embed.add_field(name="Task", value=stored.task)
+    embed.add_field(name="Model", value=model)
+    embed.add_field(
+        name="Parameters", value=clip(params_text(stored.params, settings), EMBED_FIELD_LIMIT), inline=False
+    )
+    return embed
+
+
+def report_message(interaction: Interaction, stored: StoredRequest | None) -> tuple[discord.Embed, list[discord.File]]:
+    """What moderators need to judge an answer without opening it (a private one they cannot):
+    the answer, who asked what, with which task, and the picture; ``stored`` None once it is gone."""
+    message = interaction.message
+    answer = message.embeds[0] if message and message.embeds else None
+    embed = discord.Embed(title="Answer reported", colour=discord.Colour.red())
+    embed.description = clip(answer.description or "", 2000) if answer else "(no answer text)"
+    embed.add_field(name="Reported by", value=interaction.user.mention)
+    files = []
+    if stored is not None:
+        embed.add_field(name="Asked by", value=f"<@{stored.user_id}>")
+        if stored.origin_user_id is not None:  # a re-roll of their answer, or a description of their picture
+            embed.add_field(name="Picture and prompt from", value=f"<@{stored.origin_user_id}>")
+        embed.add_field(name="Task", value=stored.task)
+        embed.add_field(name="Prompt", value=f"`{clip(verbatim(stored.prompt), EMBED_FIELD_LIMIT - 2)}`", inline=False)
+        if stored.images:
+            files = [discord.File(io.BytesIO(stored.images[0]), filename="reported.jpg")]
+            embed.set_thumbnail(url="attachment://reported.jpg")
+    if message is not None:
+        seen = " (seen only by the asker)" if message.flags.ephemeral else ""
+        embed.add_field(name="Where", value=f"[Jump to the answer]({message.jump_url}){seen}", inline=False)
+    return embed, files

@@ -12,6 +12,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import discord
 import yarl
@@ -21,6 +22,7 @@ from discord.ext import commands
 from discord.gateway import DiscordWebSocket
 
 from cogs.utils.errors import reply_with_error
+from core.asking import Asking
 from core.config import ConfigError, Settings
 from core.moderation import AnswerFilter, ReportLog, WordListFilter
 from core.quotas import RequestQuotas
@@ -40,16 +42,16 @@ _RELOAD_WAIT_SECONDS = 2.0
 _SHUTDOWN_GRACE_SECONDS = 10.0
 
 
-class FlamingoTree(app_commands.CommandTree):
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+class FlamingoTree(app_commands.CommandTree["FlamingoBot"]):
+    async def interaction_check(self, interaction: Interaction) -> bool:
         """Hold interactions while cogs reload, so none finds its command missing; and let each
         finish before a shutdown closes the connection and the database under it."""
-        bot: FlamingoBot = self.client  # type: ignore[assignment]
-        bot.track(asyncio.current_task())  # type: ignore[arg-type]
+        bot = interaction.client
+        bot.track_current_task()
         await bot.after_reload()
         return True
 
-    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+    async def on_error(self, interaction: Interaction, error: app_commands.AppCommandError) -> None:
         await reply_with_error(interaction, error)
 
 
@@ -66,6 +68,7 @@ class FlamingoBot(commands.AutoShardedBot):
     library: TaskLibrary
     quotas: RequestQuotas
     models: ModelCatalog
+    asking: Asking
 
     def __init__(self, settings: Settings, service: ModelService | None = None) -> None:
         # Both are needed: REST routes come from Route.BASE, and every shard connects (and falls back
@@ -87,7 +90,7 @@ class FlamingoBot(commands.AutoShardedBot):
         self.started_at = time.monotonic()
         self.commands_ready = asyncio.Event()
         self.commands_ready.set()
-        self.in_flight: set[asyncio.Task[object]] = set()
+        self.in_flight: set[asyncio.Task[Any]] = set()
         # Requests waiting for the model, by interaction id, with who asked: for their cancel buttons.
         self.waiting: dict[int, tuple[QueuedRequest, int]] = {}
         self.answer_filter: AnswerFilter = WordListFilter(settings.privacy.blocked_words)
@@ -123,11 +126,22 @@ class FlamingoBot(commands.AutoShardedBot):
             except OSError as error:
                 why = os.strerror(error.errno) if error.errno else str(error)
                 raise ConfigError(f"cannot serve metrics on {metrics.host}:{metrics.port}: {why}") from None
-        self.service = self._given_service or await asyncio.to_thread(start_model_service, self.settings)
+        given = self._given_service
+        self.service = given if given is not None else await asyncio.to_thread(start_model_service, self.settings)
         self.models = await asyncio.to_thread(ModelCatalog.from_settings, self.settings)
         builtins = await asyncio.to_thread(load_builtin_tasks, self.settings.data_dir, self.settings.images)
         self.library = TaskLibrary(self.store, builtins, self.service.rules, self.settings)
         self.quotas = RequestQuotas(self.settings.quotas)
+        self.asking = Asking(
+            self.settings,
+            self.store,
+            self.library,
+            self.quotas,
+            self.models,
+            self.service,
+            self.metrics,
+            self.answer_filter,
+        )
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         if self.settings.discord.sync_commands_on_start:
@@ -237,10 +251,12 @@ class FlamingoBot(commands.AutoShardedBot):
         if self._closing is None:
             self._closing = asyncio.get_running_loop().create_task(self.close(), name="flamingo-shutdown")
 
-    def track(self, task: asyncio.Task[object]) -> None:
-        """Remember work that must be allowed to answer before the bot disconnects."""
-        self.in_flight.add(task)
-        task.add_done_callback(self.in_flight.discard)
+    def track_current_task(self) -> None:
+        """Remember the command or click running now: it must be allowed to answer before the bot disconnects."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
 
     async def close(self) -> None:
         """Finish the requests being answered (stopping them after the service's grace), refuse the
@@ -264,3 +280,7 @@ class FlamingoBot(commands.AutoShardedBot):
         """Wait for a shutdown in progress, which outlives ``start`` (it returns once disconnected)."""
         if self._closing is not None:
             await self._closing
+
+
+# Every interaction the bot handles is one of this bot's: ``interaction.client`` is typed.
+Interaction: TypeAlias = discord.Interaction[FlamingoBot]

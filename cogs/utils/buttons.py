@@ -9,12 +9,12 @@ pattern would run one click twice. The work is the cog's, looked up at each clic
 
 from __future__ import annotations
 
-import asyncio
 import re
-from typing import Self
+from typing import Any, Self
 
 import discord
 
+from cogs.utils.bot import Interaction
 from cogs.utils.errors import reply_with_error
 from core.errors import NotAllowedHere
 
@@ -34,19 +34,21 @@ class ActionButton(
 
     def __init__(self, action: str, target_id: int) -> None:
         label, emoji, style = _ACTIONS[action]
-        button = discord.ui.Button(label=label, emoji=emoji, style=style, custom_id=f"flamingo:{action}:{target_id}")
+        button: discord.ui.Button[discord.ui.View] = discord.ui.Button(
+            label=label, emoji=emoji, style=style, custom_id=f"flamingo:{action}:{target_id}"
+        )
         super().__init__(button)
         self.action, self.target_id = action, target_id
 
     @classmethod
     async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]
+        cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str]
     ) -> Self:
         if match["action"] not in _ACTIONS:
             raise ValueError(f"unknown button action {match['action']!r}")
         return cls(match["action"], int(match["id"]))
 
-    async def callback(self, interaction: discord.Interaction) -> None:  # type: ignore[override]
+    async def callback(self, interaction: Interaction) -> None:  # type: ignore[override]  # only this bot sends its buttons
         await _handle(interaction, "Inference", f"on_{self.action}", self.target_id)
 
 
@@ -56,7 +58,7 @@ class ForgetExamplesButton(
     """/forget-me's confirmation that the examples someone added to servers' tasks may go."""
 
     def __init__(self, user_id: int) -> None:
-        button = discord.ui.Button(
+        button: discord.ui.Button[discord.ui.View] = discord.ui.Button(
             label="Delete my examples", style=discord.ButtonStyle.danger, custom_id=f"flamingo-forget:{user_id}"
         )
         super().__init__(button)
@@ -64,22 +66,22 @@ class ForgetExamplesButton(
 
     @classmethod
     async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]
+        cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str]
     ) -> Self:
         return cls(int(match["user"]))
 
-    async def callback(self, interaction: discord.Interaction) -> None:  # type: ignore[override]
+    async def callback(self, interaction: Interaction) -> None:  # type: ignore[override]  # only this bot sends its buttons
         await _handle(interaction, "Privacy", "on_forget_examples", self.user_id)
 
 
-async def _handle(interaction: discord.Interaction, cog_name: str, method: str, target_id: int) -> None:
+async def _handle(interaction: Interaction, cog_name: str, method: str, target_id: int) -> None:
     """A click, handled by the cog as it is now (held while cogs reload, finished before a shutdown).
     discord.py only logs what a dynamic item raises; the user is told here instead."""
     client = interaction.client
-    client.track(asyncio.current_task())  # type: ignore[attr-defined]
-    await client.after_reload()  # type: ignore[attr-defined]
+    client.track_current_task()
+    await client.after_reload()
     try:
-        cog = client.get_cog(cog_name)  # type: ignore[attr-defined]
+        cog = client.get_cog(cog_name)
         if cog is None:
             raise NotAllowedHere("The bot is being updated; try again in a moment.")
         await getattr(cog, method)(interaction, target_id)

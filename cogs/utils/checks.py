@@ -10,6 +10,7 @@ from typing import Any
 
 import discord
 from discord import app_commands
+from discord.ext import commands
 
 
 class ManageServerGroup(app_commands.Group):
@@ -23,18 +24,25 @@ class ManageServerGroup(app_commands.Group):
             **kwargs,
         )
 
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+    async def interaction_check(self, interaction: discord.Interaction[Any]) -> bool:
         return _manages_the_server(interaction)
 
 
 class ManageServerSubgroup(app_commands.Group):
     """A group inside a ``ManageServerGroup``: discord.py asks only a command's own parent."""
 
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+    async def interaction_check(self, interaction: discord.Interaction[Any]) -> bool:
         return _manages_the_server(interaction)
 
 
-def _manages_the_server(interaction: discord.Interaction) -> bool:
+def server_id(interaction: discord.Interaction[Any]) -> int:
+    """The server a guild-only command runs in (Discord never sends one elsewhere; a forged one is refused)."""
+    if interaction.guild_id is None:
+        raise app_commands.NoPrivateMessage()
+    return interaction.guild_id
+
+
+def _manages_the_server(interaction: discord.Interaction[Any]) -> bool:
     """Checked by the bot too: a server's admins may show the commands to anyone in its settings."""
     if interaction.guild_id is None:
         raise app_commands.NoPrivateMessage()
@@ -56,7 +64,7 @@ class OwnerGroup(app_commands.Group):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(guild_only=True, default_permissions=discord.Permissions(administrator=True), **kwargs)
 
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        if not await interaction.client.is_owner(interaction.user):  # type: ignore[attr-defined]
+    async def interaction_check(self, interaction: discord.Interaction[commands.Bot]) -> bool:  # type: ignore[override]  # discord.py declares any client; the owner is a commands.Bot's
+        if not await interaction.client.is_owner(interaction.user):
             raise NotOwner()
         return True

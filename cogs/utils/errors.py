@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -43,7 +44,7 @@ def explain(error: Exception) -> str | None:
     return None
 
 
-async def reply_with_error(interaction: discord.Interaction, error: Exception) -> None:
+async def reply_with_error(interaction: discord.Interaction[Any], error: Exception) -> None:
     """For commands (through the tree's on_error) and for buttons, whose errors discord.py only logs."""
     message = explain(error)
     if message is None:

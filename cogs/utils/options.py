@@ -8,12 +8,37 @@ each cog's own copy of its commands when the cog is made.
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from dataclasses import replace
+from typing import TypeVar
 
 from discord import AppCommandOptionType, app_commands
 
+from core.generation import OPTIONS
 from core.wording import DISCORD_TEXT_LIMIT
+
+Callback = TypeVar("Callback", bound=Callable[..., object])
+
+
+def generation_options(callback: Callback) -> Callback:
+    """One option per row of ``core.generation.OPTIONS``, described by its help, in place of the
+    callback's ``**options``: what discord.py reads (the signature) is the table, so a new generation
+    option needs no change here."""
+    signature = inspect.signature(callback)
+    fixed = [parameter for parameter in signature.parameters.values() if parameter.kind is not parameter.VAR_KEYWORD]
+    added = [
+        inspect.Parameter(
+            option.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=option.default,
+            annotation=option.kind if option.default is not None else option.kind | None,
+        )
+        for option in OPTIONS
+    ]
+    vars(callback)["__signature__"] = signature.replace(parameters=[*fixed, *added])  # what inspect.signature reads
+    return app_commands.describe(**{option.name: option.help for option in OPTIONS})(callback)
 
 
 def limit_options(command: app_commands.Command, **limits: tuple[float, float]) -> None:

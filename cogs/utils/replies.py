@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import discord
 
@@ -26,14 +27,14 @@ def verbatim(text: str) -> str:
     return text.replace("`", "ˋ")
 
 
-async def defer_answer(interaction: discord.Interaction, *, ephemeral: bool = False) -> None:
+async def defer_answer(interaction: discord.Interaction[Any], *, ephemeral: bool = False) -> None:
     """Acknowledge within Discord's 3 seconds; a public 'thinking' is remembered so an error can replace it."""
     await interaction.response.defer(thinking=True, ephemeral=ephemeral)
     if not ephemeral:
         interaction.extras[PUBLIC_DEFER] = True
 
 
-async def send_private(interaction: discord.Interaction, content: str) -> None:
+async def send_private(interaction: discord.Interaction[Any], content: str) -> None:
     """An ephemeral message, whatever state the interaction is in (and within Discord's length,
     since errors may quote what the user typed)."""
     content = clip(content, MESSAGE_LIMIT)

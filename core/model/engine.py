@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import torch
 from open_flamingo.src.flamingo import Flamingo
 from PIL import Image
@@ -63,6 +64,19 @@ class Answer:
 
 # Takes each request's outcome, by its number: its answer, or the error that ended it alone.
 Deliver = Callable[[int, Answer | FlamingoError], None]
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """The loaded model as the owner's status shows it."""
+
+    model: str
+    precision: str
+    device: str
+    memory_bytes: int  # allocated on the GPU; on the CPU, the process's resident memory
+    caches: dict[str, dict[str, int]]  # "prefix", "image" and, where decode steps may be graphed, "graphs"
+    graphs_failed: bool  # a CUDA-graph capture failed, so decode steps run eagerly
+    graphed_batches: int  # batches decoded with steps replayed from CUDA graphs
 
 
 def _as_user_error(error: Exception) -> FlamingoError:
@@ -125,6 +139,26 @@ class FlamingoEngine:
             image_cache_bytes=service.image_cache_mb * 2**20,
             graph_max_rows=service.cuda_graph_max_batch,
             graph_bytes=service.cuda_graph_mb * 2**20,
+        )
+
+    def status(self) -> EngineStatus:
+        loaded, decoder = self.loaded, self.decoder
+        caches = {"prefix": decoder.prefixes.stats(), "image": decoder.images.stats()}
+        graphs = decoder.static_steps
+        if graphs is not None:
+            caches["graphs"] = graphs.steps.stats()
+        if loaded.device.type == "cuda":
+            memory = torch.cuda.memory_allocated(loaded.device)
+        else:
+            memory = psutil.Process().memory_info().rss
+        return EngineStatus(
+            loaded.spec.name,
+            loaded.precision.name,
+            str(loaded.device),
+            memory,
+            caches,
+            graphs_failed=graphs is not None and graphs.failed,
+            graphed_batches=graphs.used if graphs is not None else 0,
         )
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:

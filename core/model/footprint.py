@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import cast
 
 import open_clip
 import torch
@@ -28,7 +29,13 @@ from transformers import (
 )
 
 from core.errors import ModelLoadError
-from core.model.loading import PrecisionPlan, decoder_layers_attr, load_tokenizer, with_embedding_accessors
+from core.model.loading import (
+    PrecisionPlan,
+    decoder_layers_attr,
+    embedding_table,
+    load_tokenizer,
+    with_embedding_accessors,
+)
 from core.model.registry import ModelSpec
 
 _GPT_NEOX_VOCAB = 50277 + 3  # gpt-neox-20b's tokenizer plus <|endofchunk|>, <image>, <PAD>
@@ -136,8 +143,9 @@ def parameter_counts(spec: ModelSpec) -> ParameterCounts:
             lm = _language_model(spec)
             vision = open_clip.create_model(spec.clip_vision_encoder_path, device="meta", load_weights=False).visual
             width = open_clip.get_model_config(spec.clip_vision_encoder_path)["vision_cfg"]["width"]
-            hidden = lm.get_input_embeddings().weight.shape[1]
-            layers = len(lm.get_submodule(decoder_layers_attr(lm)))
+            hidden = embedding_table(lm.get_input_embeddings()).shape[1]
+            blocks = cast(nn.ModuleList, lm.get_submodule(decoder_layers_attr(lm)))  # typed as a plain module
+            layers = len(blocks)
             perceiver = PerceiverResampler(dim=width)
             cross = nn.ModuleList(
                 GatedCrossAttentionBlock(dim=hidden, dim_visual=width)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Protocol, cast
 
 import open_clip
 import torch
@@ -148,10 +149,18 @@ def _load_vision(spec: ModelSpec) -> tuple[torch.nn.Module, Callable[[Image.Imag
     return visual, transform, width
 
 
+class _VisionTower(Protocol):
+    """The switches of open_clip's (untyped) ``VisionTransformer`` that ``as_trained`` sets."""
+
+    output_tokens: bool
+    final_ln_after_pool: bool
+
+
 def as_trained(visual: torch.nn.Module) -> torch.nn.Module:
     """Patch tokens as OpenFlamingo's training saw them: before the final layer norm."""
-    visual.output_tokens = True
-    visual.final_ln_after_pool = True
+    switches = cast(_VisionTower, visual)  # nn.Module types its attributes as tensors or modules only
+    switches.output_tokens = True
+    switches.final_ln_after_pool = True
     return visual
 
 
@@ -181,8 +190,16 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+class _HasWte(Protocol):
+    """MosaicGPT's transformer body, holding the token embedding."""
+
+    wte: torch.nn.Module
+
+
 class _TransformerWteEmbeddings:
     """MosaicGPT (MPT-1B) lacks the embedding accessors that resizing and Flamingo need."""
+
+    transformer: _HasWte  # MosaicGPT's own, on the model this is mixed into
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.transformer.wte
@@ -210,19 +227,21 @@ def with_embedding_accessors(lm: PreTrainedModel) -> PreTrainedModel:
     return lm
 
 
+def embedding_table(layer: torch.nn.Module) -> torch.Tensor:
+    """An input or output embedding's weight, which transformers' accessors type as a plain module's attribute."""
+    return cast(torch.Tensor, layer.weight)  # nn.Module types attribute reads as ``Tensor | Module``
+
+
 def _resize_embeddings(lm: PreTrainedModel, vocab_size: int) -> None:
     """Fit the embeddings to the tokenizer, as upstream does, with deterministic new rows.
 
     Checkpoints do not always carry trained rows for the added tokens (untied output embeddings
     are frozen and not saved); the mean of the existing rows makes every start answer alike.
     """
-    old_size = lm.get_input_embeddings().weight.shape[0]
+    old_size = embedding_table(lm.get_input_embeddings()).shape[0]
     lm.resize_token_embeddings(vocab_size, mean_resizing=False)
-    tables = {
-        id(layer.weight): layer.weight
-        for layer in (lm.get_input_embeddings(), lm.get_output_embeddings())
-        if layer is not None
-    }
+    found = (lm.get_input_embeddings(), lm.get_output_embeddings())
+    tables = {id(table): table for table in (embedding_table(layer) for layer in found if layer is not None)}
     with torch.no_grad():
         for table in tables.values():
             if table.shape[0] > old_size:
@@ -248,6 +267,7 @@ def quantize_linears(module: torch.nn.Module, plan: PrecisionPlan, device: torch
         has_bias = child.bias is not None
         # bitsandbytes quantizes a weight when it moves from the CPU to its device (int8 only then).
         weight = child.weight.data.cpu()
+        layer: bnb.nn.Linear8bitLt | bnb.nn.Linear4bit
         if quantization.load_in_8bit:
             layer = bnb.nn.Linear8bitLt(
                 child.in_features,
@@ -295,6 +315,12 @@ def context_length_of(config: PretrainedConfig) -> int:
     raise ModelLoadError(f"cannot tell the context length of {type(config).__name__}")
 
 
+class _FlamingoLM(Protocol):
+    """What assembling asks of upstream's (untyped) ``FlamingoLMMixin`` on the LM."""
+
+    def set_decoder_layers_attr_name(self, decoder_layers_attr_name: str) -> None: ...
+
+
 def assemble_flamingo(
     lm: PreTrainedModel,
     visual: torch.nn.Module,
@@ -304,7 +330,7 @@ def assemble_flamingo(
 ) -> Flamingo:
     """Upstream's Flamingo around a loaded LM, with the decoder layers that reuse image keys/values."""
     extend_instance(lm, FlamingoLMMixin)
-    lm.set_decoder_layers_attr_name(decoder_layers_attr(lm))
+    cast(_FlamingoLM, lm).set_decoder_layers_attr_name(decoder_layers_attr(lm))  # the mixin just added
     model = Flamingo(
         SimpleNamespace(visual=visual),
         lm,

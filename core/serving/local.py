@@ -32,9 +32,10 @@ from core.errors import (
     unexpected_failure,
 )
 from core.generation import GenerationParams
-from core.model.engine import Answer, Deliver, FlamingoEngine, Joining, PreparedRequest, PromptRules
+from core.model.engine import Answer, Deliver, EngineStatus, FlamingoEngine, Joining, PreparedRequest, PromptRules
 from core.model.loading import load_model
 from core.prompts import Task
+from core.serving.protocol import ServiceStatus
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ _STOPPING_SECONDS = 30.0
 
 class Engine(Protocol):
     rules: PromptRules
+
+    def status(self) -> EngineStatus: ...
 
     def prepare(
         self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams
@@ -68,22 +71,22 @@ class _Job:
     stopped_by: FlamingoError | None = None  # why it was stopped while it ran, when not by its asker
 
 
-def _notify(job: _Job, answer: Answer | None, error: BaseException | None) -> None:
-    """Hand the outcome to the caller's event loop, from the worker thread."""
+def _notify(job: _Job, outcome: Answer | BaseException) -> None:
+    """Hand the answer, or why there is none, to the caller's event loop, from the worker thread."""
     try:
-        job.loop.call_soon_threadsafe(_settle, job, answer, error)
+        job.loop.call_soon_threadsafe(_settle, job, outcome)
     except RuntimeError:
         log.debug("caller's event loop closed before its answer was ready")
 
 
-def _settle(job: _Job, answer: Answer | None, error: BaseException | None) -> None:
+def _settle(job: _Job, outcome: Answer | BaseException) -> None:
     """Runs on the caller's loop; the caller may have stopped waiting already."""
     if job.future.done():
         return
-    if error is not None:
-        job.future.set_exception(error)
+    if isinstance(outcome, BaseException):
+        job.future.set_exception(outcome)
     else:
-        job.future.set_result(answer)
+        job.future.set_result(outcome)
 
 
 def _still_wanted(jobs: list[_Job]) -> list[_Job]:
@@ -93,9 +96,9 @@ def _still_wanted(jobs: list[_Job]) -> list[_Job]:
     wanted = []
     for job in jobs:
         if job.cancelled.is_set():
-            _notify(job, None, RequestCancelled("The request was cancelled before it ran."))
+            _notify(job, RequestCancelled("The request was cancelled before it ran."))
         elif job.deadline is not None and now > job.deadline:
-            _notify(job, None, RequestExpired("Your request waited too long in the queue; please ask again."))
+            _notify(job, RequestExpired("Your request waited too long in the queue; please ask again."))
         else:
             wanted.append(job)
     return wanted
@@ -155,11 +158,11 @@ class InferenceService:
 
     def cache_status(self) -> list[dict[str, dict[str, int]]]:
         """One entry per model copy (here, one): its caches' counters."""
-        decoder = self.engine.decoder  # type: ignore[attr-defined]
-        caches = {"prefix": decoder.prefixes.stats(), "image": decoder.images.stats()}
-        if decoder.static_steps is not None:
-            caches["graphs"] = decoder.static_steps.steps.stats()
-        return [caches]
+        return [self.engine.status().caches]
+
+    def status(self) -> ServiceStatus:
+        engine = self.engine.status()
+        return ServiceStatus(engine.model, self.waiting, reachable=True, engine=engine)
 
     def estimated_wait(self, position: int) -> float:
         """Seconds until a request at ``position`` starts, from recent answers' times (0 before any ran)."""
@@ -210,7 +213,7 @@ class InferenceService:
             if waiting:
                 self._waiting.remove(job)
         if waiting:
-            _notify(job, None, RequestCancelled("The request was cancelled before it ran."))
+            _notify(job, RequestCancelled("The request was cancelled before it ran."))
 
     def _next_batch(self) -> list[_Job] | None:
         """The requests at the front of the line, up to a batch, decoded together; None once closed.
@@ -274,13 +277,13 @@ class InferenceService:
             with self._ready:
                 self._running.discard(job)
             if isinstance(outcome, FlamingoError):
-                _notify(job, None, outcome)
+                _notify(job, outcome)
                 return
             self._request_seconds = outcome.seconds
             if job.cancelled.is_set():  # stopped early: a partial answer is no answer
-                _notify(job, None, job.stopped_by or RequestCancelled("The request was cancelled while it ran."))
+                _notify(job, job.stopped_by or RequestCancelled("The request was cancelled while it ran."))
             else:
-                _notify(job, outcome, None)
+                _notify(job, outcome)
 
         error: BaseException | None = None
         try:
@@ -296,7 +299,7 @@ class InferenceService:
         if pending and error is None:
             log.error("the engine ended its run without answering %d request(s)", len(pending))
         for job in pending.values():
-            _notify(job, None, error or GenerationFailed("The model gave no answer; it has been logged."))
+            _notify(job, error or GenerationFailed("The model gave no answer; it has been logged."))
 
     def _track_running(self, jobs: list[_Job]) -> None:
         with self._ready:
@@ -312,7 +315,7 @@ class InferenceService:
             self._ready.notify_all()
         for job in withdrawn:
             job.cancelled.set()
-            _notify(job, None, ServiceClosed("The bot is shutting down; your request was not run."))
+            _notify(job, ServiceClosed("The bot is shutting down; your request was not run."))
         self._worker.join(timeout=grace_seconds)
         if not self._worker.is_alive():
             return
@@ -327,4 +330,12 @@ class InferenceService:
 def start_service(settings: Settings) -> InferenceService:
     """Load the configured model in this process and start its worker (the CLI, a replica, a local bot)."""
     loaded = load_model(settings.model)
+    log.info(
+        "Loaded %s (%s) in %.1f s: language model %.1f MiB, whole model %.1f MiB",
+        loaded.spec.name,
+        loaded.precision.name,
+        loaded.load_seconds,
+        loaded.language_model_bytes / 2**20,
+        loaded.total_bytes / 2**20,
+    )
     return InferenceService(FlamingoEngine(loaded, settings), settings.service.max_queue, settings.service.max_batch)

@@ -25,7 +25,20 @@ class Purged:
     over_budget: int  # requests deleted early, their images beyond the storage budget
 
 
+@dataclass(frozen=True)
+class Forgotten:
+    requests: int  # deleted, with their pictures and prompts
+    examples: int  # the person added to servers' tasks, still stored until they confirm
+
+
 class Storage(TaskStore, GuildSettingsStore, RequestStore):
+    async def forget_user(self, user_id: int) -> Forgotten:
+        """``/forget-me``: the person's requests go (a batch per transaction, so that a gigabyte of
+        them never holds every server's reads and writes for seconds), then, in one transaction, their
+        name leaves the tasks they created and the examples they added are counted."""
+        requests = await self.delete_user_requests(user_id)
+        return Forgotten(requests, await self.forget_user_tasks(user_id))
+
     async def mark_departed(self, guild_id: int) -> None:
         async with self._transaction() as db:
             await db.execute(_DEPARTED, (guild_id, now_text()))

@@ -6,7 +6,6 @@ here. Rows expire after the retention set in config, and a user may delete their
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -94,7 +93,7 @@ class RequestStore(Database):
     ) -> int:
         """Store a request, then make room within ``budget``: at most a batch of the oldest go here,
         so a lowered budget never holds the database for long; ``purge`` deletes the rest."""
-        params_json = json.dumps(dataclasses.asdict(params))
+        params_json = json.dumps(params.as_dict())
         origin = None if origin_user_id == user_id else origin_user_id
         guild_id = guild_id or 0
         async with self._transaction() as db:

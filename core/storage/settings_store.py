@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sqlite3
 from collections.abc import Callable
+from typing import Any
 
 from core.errors import BadParameter
 from core.guild_settings import MAX_ANSWER_CHANNELS, GuildSettings
@@ -13,8 +15,8 @@ from core.storage.database import Database
 _COLUMNS = tuple(f.name for f in dataclasses.fields(GuildSettings))
 
 
-def _from_row(row: object) -> GuildSettings:
-    values = dict(zip(_COLUMNS, row, strict=True))  # type: ignore[call-overload]
+def _from_row(row: sqlite3.Row) -> GuildSettings:
+    values: dict[str, Any] = dict(zip(_COLUMNS, row, strict=True))
     values["answer_channels"] = frozenset(json.loads(values["answer_channels"]))
     values["ephemeral_answers"] = bool(values["ephemeral_answers"])
     return GuildSettings(**values)

@@ -361,13 +361,12 @@ class TaskStore(Database):
                 (guild_id, name),
             )
 
-    async def forget_task_authorship(self, user_id: int) -> None:
-        """The tasks a user created stay (they are the server's), without saying who created them."""
+    async def forget_user_tasks(self, user_id: int) -> int:
+        """The tasks a user created stay (they are the server's), without saying who created them; the
+        examples they added are counted, not deleted: they change shared tasks, so they go only when
+        confirmed (``delete_user_examples``). One transaction."""
         async with self._transaction() as db:
             await db.execute("UPDATE tasks SET created_by = 0 WHERE created_by = ?", (user_id,))
-
-    async def count_user_examples(self, user_id: int) -> int:
-        async with self._lock:
             return await self._int("SELECT count(*) FROM examples WHERE added_by = ?", (user_id,))
 
     async def delete_user_examples(self, user_id: int) -> int:

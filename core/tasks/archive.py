@@ -92,7 +92,9 @@ def _zip_time(moment: datetime) -> tuple[int, int, int, int, int, int]:
     return moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second
 
 
-def _add(zf: zipfile.ZipFile, name: str, data: bytes, compression: int, date_time: tuple[int, ...]) -> None:
+def _add(
+    zf: zipfile.ZipFile, name: str, data: bytes, compression: int, date_time: tuple[int, int, int, int, int, int]
+) -> None:
     """Every header field fixed, so that the same task exports to the same bytes on any machine."""
     info = zipfile.ZipInfo(name, date_time)
     info.compress_type = compression

@@ -11,9 +11,9 @@ import pytest
 from cogs.utils.bot import FlamingoBot
 from core.config import DiscordSettings, QuotaSettings, StorageSettings
 from core.serving.local import InferenceService
-from tests.conftest import tiny_settings
 from tests.fake_discord.payloads import MANAGE_GUILD, Guild, Member
 from tests.fake_discord.server import FakeDiscord, InteractionRecord, Message
+from tests.helpers.settings import tiny_settings
 
 
 @dataclass

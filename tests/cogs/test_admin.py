@@ -13,9 +13,9 @@ from cogs.utils.bot import FlamingoBot
 from cogs.utils.buttons import ActionButton, ForgetExamplesButton
 from core.config import ConfigError, DiscordSettings, StorageSettings
 from core.model.decode.graphed_steps import StaticSteps
-from tests.cogs.test_inference import photo
-from tests.conftest import tiny_settings
 from tests.fake_discord.server import FakeDiscord
+from tests.helpers.settings import tiny_settings
+from tests.helpers.world import photo
 
 
 async def test_admin_commands_exist_only_in_the_admin_guild(world):
@@ -90,7 +90,9 @@ async def test_status_is_for_the_owner_only(world):
 async def test_status_counts_the_decode_graphs_in_use(world, monkeypatch):
     """What a GPU shows: here the same fixed-buffer steps, run without graphs."""
     decoder = world.bot.service.engine.decoder
-    monkeypatch.setattr(decoder, "static_steps", StaticSteps(decoder, max_rows=4, memory_bytes=2**30, graphed=False))
+    monkeypatch.setattr(
+        decoder, "static_steps", StaticSteps(decoder.conditioning, max_rows=4, memory_bytes=2**30, graphed=False)
+    )
     await world.reply("comprehend", image=photo(world), max_new_tokens=3)
     owner = world.admin_guild.members[world.discord.owner.id]
     status = (await world.reply("admin status", member=owner, guild=world.admin_guild))[0]

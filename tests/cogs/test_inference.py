@@ -8,16 +8,13 @@ import threading
 from dataclasses import replace
 
 import core.images
-from cogs.utils.answer_views import params_text
+from cogs.utils.answering import params_text
 from core.config import GenerationSettings
 from core.errors import GenerationFailed, ServiceBusy
 from core.generation import GenerationParams
-from tests.conftest import IMAGES
-from tests.gated_engine import GatedEngine
-
-
-def photo(world, name: str = "chelsea"):
-    return world.discord.upload(f"{name}.jpg", (IMAGES / f"{name}.jpg").read_bytes(), "image/jpeg")
+from tests.helpers.gated_engine import GatedEngine
+from tests.helpers.settings import IMAGES
+from tests.helpers.world import photo
 
 
 async def test_comprehend_answers_with_the_image_and_the_models_answer(world, llama_engine, builtin_tasks, photos):
@@ -282,7 +279,7 @@ def outcomes(world) -> dict[str, float]:
 
 
 async def test_each_request_is_logged_without_its_content_and_counted_by_outcome(world, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="cogs.inference")
+    caplog.set_level(logging.INFO, logger="core.asking")
     messages = await world.reply("comprehend", image=photo(world), prompt="<image>A secret about my cat:")
     assert not messages[0].ephemeral
     [line] = [record.getMessage() for record in caplog.records if "answered in guild" in record.getMessage()]

@@ -8,7 +8,7 @@ import io
 from PIL import Image
 
 from core.prompts import assemble_prompt
-from tests.cogs.test_tasks import (
+from tests.helpers.task_commands import (
     MARKER_HINT,
     NAME_RULE,
     NOT_AN_IMAGE,
@@ -17,14 +17,11 @@ from tests.cogs.test_tasks import (
     example_texts,
     listed,
     pets_with,
-    photo,
-    picture_size,
-    private,
     shown,
-    small_image,
     too_long,
     unknown,
 )
+from tests.helpers.world import photo, picture_size, private, small_image
 
 
 async def test_bad_task_names_are_refused(world):

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import io
-
-from PIL import Image
-
 from core.config import ImageSettings
 from core.generation import GenerationParams
 from core.images import load_image
 from core.prompts import Example, Task
-from tests.conftest import IMAGES
 from tests.fake_discord.payloads import MANAGE_GUILD
+from tests.helpers.task_commands import add, create, example_texts, listed, pets_with, shown, unknown
+from tests.helpers.world import photo, picture_size, private, small_image
 
 # The photos keep their size when stored (short side at most 448), so a thumbnail's size tells which photo it is.
 PHOTO_SIZES = {"chelsea": (451, 300), "coffee": (600, 400), "rocket": (640, 427)}
-NAME_RULE = "1 to 32 characters: lowercase letters, digits, '-' and '_', starting with a letter or digit"
 NEEDS_MANAGE_SERVER = "You need the Manage Server permission in this server to do that."
-MARKER_HINT = "put one `<image>` where each image should be read."
 READ_ONLY = "is a built-in task and cannot be changed; copy it to make your own."
-NOT_AN_IMAGE = "This file is not an image I can read; send a JPEG, PNG, WebP, GIF, BMP or TIFF file."
 CAPTION_TEXTS = [
     "<image>Output:An astronaut in an orange spacesuit smiling in front of an American flag and a model of the "
     "space shuttle.",
@@ -27,88 +21,6 @@ CAPTION_TEXTS = [
     "<image>Output:A close up of a tabby cat with green eyes.",
     "<image>Output:A rocket standing on its launch pad between lightning towers at dusk.",
 ]
-
-
-def unknown(name: str) -> str:
-    return (
-        f"There is no task called “{name}” here; the built-in tasks are caption, vqa, "
-        "and /tasks list shows this server's."
-    )
-
-
-def too_long(tokens: int, room: int) -> str:
-    return (
-        f"Task “pets” would need {tokens} tokens before the answer; the model leaves room for {room}. "
-        "Shorten the examples or remove one."
-    )
-
-
-def photo(world, name: str = "chelsea"):
-    return world.discord.upload(f"{name}.jpg", (IMAGES / f"{name}.jpg").read_bytes(), "image/jpeg")
-
-
-def small_image(world, shade: int = 0):
-    buffer = io.BytesIO()
-    Image.new("RGB", (12, 8), (shade, 255 - shade, 90)).save(buffer, format="PNG")
-    return world.discord.upload(f"small-{shade}.png", buffer.getvalue(), "image/png")
-
-
-async def private(world, command: str, member=None, guild="default", **options) -> str:
-    """The one private, plain-text message a command answers with."""
-    messages = await world.reply(command, member, guild, **options)
-    assert len(messages) == 1, messages
-    assert messages[0].ephemeral, messages[0]
-    assert not messages[0].embeds and not messages[0].files
-    return messages[0].content
-
-
-async def listed(world, member=None, guild="default") -> list[str]:
-    """The lines of the private /tasks list embed."""
-    messages = await world.reply("tasks list", member, guild)
-    assert len(messages) == 1 and messages[0].ephemeral
-    assert not messages[0].content
-    [embed] = messages[0].embeds
-    assert embed["title"] == "Tasks"
-    return embed["description"].split("\n")
-
-
-async def shown(world, task: str, member=None, guild="default"):
-    """The private /tasks show message: (header embed, example embeds, files)."""
-    messages = await world.reply("tasks show", member, guild, task=task)
-    assert len(messages) == 1 and messages[0].ephemeral
-    assert messages[0].embeds, messages[0].content
-    header, *examples = messages[0].embeds
-    return header, examples, messages[0].files
-
-
-async def example_texts(world, task: str) -> list[str]:
-    _, examples, _ = await shown(world, task)
-    assert [e["author"]["name"] for e in examples] == [f"Example {i}" for i in range(1, len(examples) + 1)]
-    return [e["description"].removeprefix("`").removesuffix("`") for e in examples]
-
-
-def picture_size(data: bytes) -> tuple[int, int]:
-    assert data.startswith(b"\xff\xd8"), data[:8]
-    return Image.open(io.BytesIO(data)).size
-
-
-async def create(world, name: str = "pets", template: str = "<image>Pet:", **options) -> None:
-    message = await private(world, "manage-tasks create", world.moderator, name=name, template=template, **options)
-    assert message == f"Created task **{name}**. Add examples with `/manage-tasks add-example`."
-
-
-async def add(world, task: str, image, text: str, position: int) -> None:
-    message = await private(world, "manage-tasks add-example", world.moderator, task=task, image=image, text=text)
-    assert message == f"Added example {position} to **{task}**."
-
-
-async def pets_with(world, *names: str) -> list[str]:
-    """A server task ``pets`` with one example per named photo; returns the example texts."""
-    await create(world, description="Names the pet")
-    texts = [f"<image>Pet:Picture {i} is {name}." for i, name in enumerate(names, 1)]
-    for position, (name, text) in enumerate(zip(names, texts, strict=True), 1):
-        await add(world, "pets", photo(world, name), text, position)
-    return texts
 
 
 async def footer_task(world, **options) -> str:

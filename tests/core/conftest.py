@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers.reference import Reference
 from tests.make_tiny_model import FAMILIES, REMOTE_CODE_FAMILY
-from tests.reference import Reference
 
 
 @pytest.fixture(scope="session")

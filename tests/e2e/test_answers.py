@@ -7,22 +7,10 @@ import re
 
 import pytest
 
-from tests.e2e.conftest import E2E
-from tests.fake_discord.payloads import EVERYONE_PERMISSIONS, MANAGE_MESSAGES, Member
-from tests.fake_discord.server import InteractionRecord, Message
+from tests.fake_discord.payloads import EVERYONE_PERMISSIONS, MANAGE_MESSAGES
+from tests.helpers.e2e import E2E, buttons, click
 
 pytestmark = E2E
-
-
-def buttons(message: Message) -> dict[str, str]:
-    """Label to custom_id, for every button of a message."""
-    return {button["label"]: button["custom_id"] for row in message.components for button in row.get("components", [])}
-
-
-async def click(scene, message: Message, label: str, member: Member | None = None) -> InteractionRecord:
-    custom_id = buttons(message)[label]
-    payload = scene.discord.component_payload(message, custom_id, member or scene.reader, scene.guild)
-    return await scene.discord.send_interaction(payload)
 
 
 @pytest.mark.re_roll

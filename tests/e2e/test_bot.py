@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.e2e.conftest import E2E
+from tests.helpers.e2e import E2E
 
 pytestmark = E2E
 

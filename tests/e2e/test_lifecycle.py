@@ -9,8 +9,8 @@ import sqlite3
 
 import pytest
 
-from tests.e2e.conftest import E2E, Scene, new_bot
 from tests.fake_discord.payloads import MANAGE_GUILD
+from tests.helpers.e2e import E2E, Scene, new_bot
 
 pytestmark = E2E
 

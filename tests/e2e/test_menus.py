@@ -6,10 +6,9 @@ import asyncio
 
 import pytest
 
-from tests.e2e.conftest import E2E
-from tests.e2e.test_answers import click
 from tests.fake_discord.payloads import user_payload
 from tests.fake_discord.server import Message
+from tests.helpers.e2e import E2E, click
 
 pytestmark = E2E
 

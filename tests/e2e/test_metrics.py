@@ -6,7 +6,7 @@ import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import E2E
+from tests.helpers.e2e import E2E
 
 pytestmark = E2E
 

@@ -9,10 +9,9 @@ from contextlib import closing
 
 import pytest
 
-from cogs.utils.answering import WITHHELD
-from tests.e2e.conftest import E2E, Scene, new_bot
-from tests.e2e.test_answers import buttons, click
+from core.asking import WITHHELD
 from tests.fake_discord.payloads import MANAGE_GUILD
+from tests.helpers.e2e import E2E, Scene, buttons, click, new_bot
 
 pytestmark = E2E
 

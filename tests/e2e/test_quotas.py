@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.e2e.conftest import E2E
+from tests.helpers.e2e import E2E
 
 pytestmark = E2E
 

@@ -8,10 +8,9 @@ import time
 
 import pytest
 
-from tests.conftest import RAY_LOOPBACK
-from tests.e2e.conftest import E2E, Scene, new_bot
-from tests.e2e.test_answers import click
 from tests.fake_discord.payloads import MANAGE_GUILD
+from tests.helpers.e2e import E2E, Scene, click, new_bot
+from tests.helpers.ray import RAY_LOOPBACK
 
 pytestmark = [E2E, pytest.mark.ray]
 

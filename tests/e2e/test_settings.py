@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.e2e.conftest import E2E
-from tests.e2e.test_answers import click
+from tests.helpers.e2e import E2E, click
 
 pytestmark = E2E
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.e2e.conftest import E2E, Scene, new_bot
+from tests.helpers.e2e import E2E, Scene, new_bot
 
 pytestmark = [E2E, pytest.mark.shard]
 

@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from tests.e2e.conftest import E2E
+from tests.helpers.e2e import E2E
 
 pytestmark = E2E
 

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from core.model.decode.shared_prefix import StoreLayout, store_and_gather
+from core.model.decode.state import Running
 from core.model.layers.flamingo_layer import media_keys_values
 from core.model.layers.layer_stack import LanguageModelParts
 
 if TYPE_CHECKING:
-    from core.model.decode.decoder import FlamingoDecoder
-    from core.model.decode.state import DecodeJob, Running
+    from core.model.decode.conditioning import LayerConditioning
+    from core.model.decode.state import DecodeJob
 
 # Transient bytes of one group's forward (one layer's attention scores, every layer's image keys
 # and values); larger arrivals are split into groups, so a batched prefill stays a small part of
@@ -56,26 +57,26 @@ class _PrefillCache:
         return 0  # the gathered columns are the whole length: MPT then takes the bias of them all
 
 
-def transient_bytes(decoder: FlamingoDecoder, jobs: Sequence[DecodeJob]) -> int:
+def transient_bytes(conditioning: LayerConditioning, jobs: Sequence[DecodeJob]) -> int:
     """What a group's forward holds beyond the rows' caches: see ``GROUP_BYTES``."""
     queries = max(len(job.request_ids) for job in jobs)
     columns = max(len(job.prefix.token_ids) + len(job.request_ids) for job in jobs)
-    heads = decoder.model.lang_encoder.config.num_attention_heads  # the queries' heads, which the scores have
+    heads = conditioning.model.lang_encoder.config.num_attention_heads  # the queries' heads, which the scores have
     scores = len(jobs) * heads * queries * columns * 4
     images = 1 + max(len(job.request_images) for job in jobs)
     latents = jobs[0].request_images[0].shape[0]
-    blocks = [layer.gated_cross_attn_layer for layer in decoder._layers if layer.gated_cross_attn_layer is not None]
+    blocks = [layer.gated_cross_attn_layer for layer in conditioning.layers if layer.gated_cross_attn_layer is not None]
     media = sum(block.attn.to_kv.out_features for block in blocks) * len(jobs) * images * latents
-    return scores + media * decoder.dtype.itemsize
+    return scores + media * conditioning.dtype.itemsize
 
 
-def groups(decoder: FlamingoDecoder, jobs: Sequence[DecodeJob]) -> list[list[DecodeJob]]:
+def groups(conditioning: LayerConditioning, jobs: Sequence[DecodeJob]) -> list[list[DecodeJob]]:
     """Consecutive jobs, in groups whose forward stays within ``GROUP_BYTES``; a job without images of
     its own goes alone."""
     result: list[list[DecodeJob]] = []
     for job in jobs:
         joinable = result and job.request_images and result[-1][-1].request_images
-        if joinable and transient_bytes(decoder, [*result[-1], job]) <= GROUP_BYTES:
+        if joinable and transient_bytes(conditioning, [*result[-1], job]) <= GROUP_BYTES:
             result[-1].append(job)
         else:
             result.append([job])
@@ -83,34 +84,36 @@ def groups(decoder: FlamingoDecoder, jobs: Sequence[DecodeJob]) -> list[list[Dec
 
 
 def _media_keys_values(
-    decoder: FlamingoDecoder, jobs: Sequence[DecodeJob], latents: int
+    conditioning: LayerConditioning, jobs: Sequence[DecodeJob], latents: int
 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Per layer, (rows, heads, (1 + images) * latents, dim): the prefix's last image (zeros without
     one), then the row's own images (zeros past its last)."""
     most = max(len(job.request_images) for job in jobs)
-    media = torch.zeros(len(jobs), most, latents, decoder.model.vis_dim, device=decoder.device, dtype=decoder.dtype)
+    vis_dim, device, dtype = conditioning.model.vis_dim, conditioning.device, conditioning.dtype
+    media = torch.zeros(len(jobs), most, latents, vis_dim, device=device, dtype=dtype)
     for n, job in enumerate(jobs):
         media[n, : len(job.request_images)] = torch.stack(job.request_images)
     per_layer: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-    for index, layer in enumerate(decoder._layers):
+    for index, layer in enumerate(conditioning.layers):
         if layer.gated_cross_attn_layer is None:
             per_layer.append(None)
             continue
         own = media_keys_values(layer.gated_cross_attn_layer, media)
         earlier = [tensor.new_zeros((len(jobs), tensor.shape[1], latents, tensor.shape[3])) for tensor in own]
         for n, job in enumerate(jobs):
-            if job.prefix.last_image is not None:
-                for which, tensor in enumerate(job.prefix.last_image[index]):  # type: ignore[arg-type]
+            last = job.prefix.last_image[index] if job.prefix.last_image is not None else None
+            if last is not None:  # a layer that cross-attends keeps the last example's image
+                for which, tensor in enumerate(last):
                     earlier[which][n] = tensor[0]
         per_layer.append((torch.cat([earlier[0], own[0]], dim=2), torch.cat([earlier[1], own[1]], dim=2)))
     return per_layer
 
 
 def prefill_together(
-    decoder: FlamingoDecoder, parts: LanguageModelParts, jobs: Sequence[DecodeJob], media_token_id: int
+    conditioning: LayerConditioning, parts: LanguageModelParts, jobs: Sequence[DecodeJob], media_token_id: int
 ) -> list[Running]:
     """Each job's own tokens against its task's prefix, all in one forward; jobs must have images."""
-    device = decoder.device
+    device = conditioning.device
     rows = len(jobs)
     own = [len(job.request_ids) for job in jobs]
     prefix_lengths = [len(job.prefix.token_ids) for job in jobs]
@@ -142,22 +145,22 @@ def prefill_together(
     like = jobs[0].request_images[0]  # the model's device and dtype
     heads, dim = parts.key_value_heads, parts.head_dim
     stores = tuple(
-        [layout.store(index, which, heads, dim, like) for index in range(len(decoder._layers))] for which in (0, 1)
+        [layout.store(index, which, heads, dim, like) for index in range(len(conditioning.layers))] for which in (0, 1)
     )
     column = torch.arange(columns)
     newest_seen = columns - queries + torch.arange(queries)  # query j sits at this column
     masked = (column < first_column.view(rows, 1, 1, 1)) | (column > newest_seen.view(1, 1, queries, 1))
-    media = _media_keys_values(decoder, jobs, latents)
+    media = _media_keys_values(conditioning, jobs, latents)
     images = 1 + max(len(job.request_images) for job in jobs)  # the prefix's last, then the most any row has
     increments = torch.diff(image_index, dim=1, prepend=torch.zeros(rows, 1, dtype=torch.long)).to(device)
     cache = _PrefillCache(stores[0], stores[1], writes.flatten().to(device), slots.to(device))
     try:
-        for layer, keys_values in zip(decoder._layers, media, strict=True):
+        for layer, keys_values in zip(conditioning.layers, media, strict=True):
             layer.use_keys_values(keys_values, images=images, latents=latents)
             layer.condition_use_cached_media(False)
             layer.condition_media_locations(increments)
         logits = parts.last_logits(
-            decoder._layers,
+            conditioning.layers,
             tokens.to(device),
             cache,
             masked.to(device),
@@ -165,17 +168,18 @@ def prefill_together(
             positions.to(device),
         )
     finally:
-        decoder._forget_media()
+        conditioning.forget_media()
     running = []
     for n, job in enumerate(jobs):
         last = len(job.request_images)  # the row's latest image: its own last
+        image = slice(last * latents, (last + 1) * latents)
         latest = [
-            None if kv is None else tuple(t[n : n + 1, :, last * latents : (last + 1) * latents].clone() for t in kv)
+            None if kv is None else (kv[0][n : n + 1, :, image].clone(), kv[1][n : n + 1, :, image].clone())
             for kv in media
         ]
         key_values = [
             tuple(store[own_start[n] : own_start[n] + own[n]].transpose(0, 1)[None] for store in (keys, values))
             for keys, values in zip(*stores, strict=True)
         ]
-        running.append(decoder.running(job, logits[n : n + 1], key_values, latest))
+        running.append(Running.prefilled(job, logits[n : n + 1], key_values, latest, device))
     return running

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from core.model.decode.decoder import FlamingoDecoder
-from core.model.decode.logits import logits_processors
+from core.model.decode.logits import logits_processors, processed
 from core.model.decode.state import DecodeJob, Running
 
 
@@ -43,49 +43,51 @@ def beam_search(
     finished: Callable[[int, list[int]], None],
 ) -> None:
     """Search ``jobs`` together; ``finished(n, tokens)`` gets each one's best beam as soon as its search ends."""
-    lm, width, early, count = decoder.model.lang_encoder, beams.num_beams, beams.early_stopping, len(jobs)
+    conditioning = decoder.conditioning  # the layers' forward, which the beams step through
+    lm, device = conditioning.model.lang_encoder, conditioning.device
+    width, early, count = beams.num_beams, beams.early_stopping, len(jobs)
     with torch.inference_mode():
         rows = [decoder.prefill(job, media_token_id) for job in jobs]
         own = [row.sequence.shape[1] for row in rows]  # each request's prompt length
         prompt_length = max(own)
         longest = max(job.kwargs["max_new_tokens"] for job in jobs)
         max_length = prompt_length + longest
-        most = torch.tensor([[job.kwargs["max_new_tokens"]] for job in jobs], device=decoder.device)
+        most = torch.tensor([[job.kwargs["max_new_tokens"]] for job in jobs], device=device)
         processors = [
-            logits_processors(job.kwargs, n, {beams.eos_id}, decoder.device) for job, n in zip(jobs, own, strict=True)
+            logits_processors(job.kwargs, n, {beams.eos_id}, device) for job, n in zip(jobs, own, strict=True)
         ]
         keep = 2 * width  # transformers keeps (1 + number of eos tokens) * beams candidates
-        top_mask = torch.arange(keep, device=decoder.device) < width
-        running = torch.full((count, width, max_length), beams.pad_id, dtype=torch.int64, device=decoder.device)
+        top_mask = torch.arange(keep, device=device) < width
+        running = torch.full((count, width, max_length), beams.pad_id, dtype=torch.int64, device=device)
         for b, row in enumerate(rows):
             running[b, :, prompt_length - own[b] : prompt_length] = row.sequence
         best = running.clone()
-        running_scores = torch.zeros(count, width, device=decoder.device)
+        running_scores = torch.zeros(count, width, device=device)
         running_scores[:, 1:] = -1e9
-        best_scores = torch.full((count, width), -1e9, device=decoder.device)
-        is_finished = torch.zeros(count, width, dtype=torch.bool, device=decoder.device)
-        improvable = torch.ones(count, 1, dtype=torch.bool, device=decoder.device)
+        best_scores = torch.full((count, width), -1e9, device=device)
+        is_finished = torch.zeros(count, width, dtype=torch.bool, device=device)
+        improvable = torch.ones(count, 1, dtype=torch.bool, device=device)
         shape = (count, width, longest)
-        running_indices = torch.full(shape, -1, dtype=torch.int32, device=decoder.device)
+        running_indices = torch.full(shape, -1, dtype=torch.int32, device=device)
         best_indices = running_indices.clone()
-        cache, mask = padded_batch(rows, decoder.device)
+        cache, mask = padded_batch(rows, device)
         cache.batch_repeat_interleave(width)
         mask = mask.repeat_interleave(width, dim=0)
-        offsets = torch.tensor(own, device=decoder.device).repeat_interleave(width)[:, None] - prompt_length
+        offsets = torch.tensor(own, device=device).repeat_interleave(width)[:, None] - prompt_length
         logits = torch.cat([row.logits for row in rows]).repeat_interleave(width, dim=0)
         length, searching = prompt_length, set(range(count))
-        with decoder.reading_latest_images([row for row in rows for _ in range(width)]):
+        with conditioning.reading_latest_images([row for row in rows for _ in range(width)]):
             while True:
                 log_probs = F.log_softmax(logits.float(), dim=-1).view(count, width, -1)
                 for b in range(count):  # on each request's own tokens, as if it ran alone
                     own_tokens = running[b, :, prompt_length - own[b] : length]
-                    log_probs[b] = processors[b](own_tokens, log_probs[b])
+                    log_probs[b] = processed(processors[b], own_tokens, log_probs[b])
                 accumulated = (log_probs + running_scores[:, :, None]).reshape(count, -1)
                 top_scores, top_sequences, top_indices = lm._get_top_k_continuations(
                     accumulated, running, running_indices, length, prompt_length, beams.do_sample, keep, width,
                     log_probs.shape[-1], count,
                 )  # fmt: skip
-                stopped = torch.tensor([[job.should_stop()] for job in jobs], device=decoder.device)
+                stopped = torch.tensor([[job.should_stop()] for job in jobs], device=device)
                 hits = (top_sequences[:, :, length] == beams.eos_id) | (length + 1 - prompt_length >= most)
                 hits |= stopped
                 running, running_scores, running_indices = lm._get_running_beams_for_next_iteration(
@@ -114,7 +116,7 @@ def beam_search(
                 cache.reorder_cache(running_indices[:, :, length - 1 - prompt_length].flatten())
                 mask = F.pad(mask, (0, 1), value=1)
                 positions = offsets + length - 1
-                logits = decoder.step_tokens(running[:, :, length - 1].reshape(-1, 1), positions, cache, mask)
+                logits = conditioning.step_tokens(running[:, :, length - 1].reshape(-1, 1), positions, cache, mask)
 
 
 def padded_batch(rows: list[Running], device: torch.device) -> tuple[DynamicCache, torch.Tensor]:
@@ -124,7 +126,7 @@ def padded_batch(rows: list[Running], device: torch.device) -> tuple[DynamicCach
     """
     cached = [row.cached_length for row in rows]
     length = max(cached)
-    layers = []
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = []
     while rows[0].key_values:
         index = len(layers)
         keys, values = zip(*(row.key_values.pop(0) for row in rows), strict=True)

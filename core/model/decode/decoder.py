@@ -6,34 +6,30 @@ features and the LM's key/value cache) can be computed once; a request then runs
 tokens against that cache. Its first tokens, before its own ``<image>``, attend to the last
 example's image, which the prefix state keeps for them.
 
-Conditioning is passed to upstream's layers explicitly for each forward (image features and each
-token's image index) and cleared afterwards, instead of through the mixin's forward, which
-recomputes image positions from the token ids it sees and would lose the prefix's images.
+The layers' conditioning (which images each forward reads) is its own object
+(``core.model.decode.conditioning``): the steppers are given it, not this decoder, so they do not
+import it back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import inspect
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from einops import rearrange
 from open_flamingo.src.flamingo import Flamingo
-from open_flamingo.src.flamingo_lm import FlamingoLMMixin
 from PIL import Image
 from transformers import DynamicCache
 
 from core.model.decode.batched_prefill import groups as prefill_groups
 from core.model.decode.batched_prefill import prefill_together
+from core.model.decode.conditioning import LayerConditioning
 from core.model.decode.graphed_steps import StaticStep, StaticSteps, supports_static_steps
-from core.model.decode.logits import logits_processors
-from core.model.decode.mosaic_cache import TupleCacheView, keeps_tuple_cache
-from core.model.decode.shared_prefix import SharedPrefixCache, SharedPrefixSteps
-from core.model.decode.state import DecodeJob, PrefixState, Running, after_prefix, tensor_bytes
-from core.model.layers.flamingo_layer import ReusableMediaLayer, media_keys_values
+from core.model.decode.logits import processed
+from core.model.decode.shared_prefix import SharedPrefixSteps
+from core.model.decode.state import DecodeJob, PrefixState, Running, after_prefix, layer_keys_values, tensor_bytes
 from core.model.layers.layer_stack import language_model_parts
 from core.model.lru_cache import LruCache
 
@@ -51,7 +47,7 @@ VISION_BATCH = 16
 
 
 class FlamingoDecoder:
-    """Runs Flamingo forwards with explicit conditioning; owns the image and prefix caches."""
+    """Runs Flamingo forwards through its layers' conditioning; owns the image and prefix caches."""
 
     def __init__(
         self,
@@ -63,25 +59,15 @@ class FlamingoDecoder:
         graph_max_rows: int = 0,
         graph_bytes: int = 0,
     ) -> None:
-        self.model = model
-        self.dtype = dtype
-        self.device = device
-        lm = model.lang_encoder
-        mro = type(lm).__mro__
-        # The language model's own forward, beneath the Flamingo mixin.
-        self._lm_forward = mro[mro.index(FlamingoLMMixin) + 1].forward
-        self._layers: list[ReusableMediaLayer] = list(lm._get_decoder_layers())
-        # MPT places tokens with ALiBi and takes no position ids; LLaMA and GPT-NeoX need them in a batch.
-        self._takes_positions = "position_ids" in inspect.signature(self._lm_forward).parameters
-        self._parts = language_model_parts(lm)  # None: requests arriving together are prefilled one by one
-        self._tuple_cache = keeps_tuple_cache(lm)  # MPT-1B's hub code: its own cache format
+        self.conditioning = LayerConditioning(model, dtype, device)
+        self._parts = language_model_parts(model.lang_encoder)  # None: requests arriving together go one by one
         self.prefixes: LruCache[tuple[str, tuple[int, ...]], PrefixState] = LruCache(
             prefix_cache_bytes, lambda state: state.nbytes
         )
         self.images: LruCache[str, torch.Tensor] = LruCache(image_cache_bytes, tensor_bytes)
         # Small batches on a GPU replay their decode steps from CUDA graphs (core.model.decode.graphed_steps).
         self.static_steps = (
-            StaticSteps(self, graph_max_rows, graph_bytes, graphed=True)
+            StaticSteps(self.conditioning, graph_max_rows, graph_bytes, graphed=True)
             if graph_max_rows > 0 and device.type == "cuda" and supports_static_steps(model)
             else None
         )
@@ -91,117 +77,21 @@ class FlamingoDecoder:
     ) -> list[torch.Tensor]:
         """(latents, dim) per image; images seen before come from the cache, the others are encoded
         together, at most ``VISION_BATCH`` per forward."""
+        model, device, dtype = self.conditioning.model, self.conditioning.device, self.conditioning.dtype
         keys = [image_key(image) for image in images]
-        found = {key: self.images.get(key) for key in dict.fromkeys(keys)}
-        missing = [key for key, features in found.items() if features is None]
+        cached = {key: self.images.get(key) for key in dict.fromkeys(keys)}
+        found = {key: features for key, features in cached.items() if features is not None}
+        missing = [key for key, features in cached.items() if features is None]
         for start in range(0, len(missing), VISION_BATCH):
             chunk = missing[start : start + VISION_BATCH]
-            batch = torch.stack([pixels(images[keys.index(key)]) for key in chunk]).to(self.device, self.dtype)
+            batch = torch.stack([pixels(images[keys.index(key)]) for key in chunk]).to(device, dtype)
             with torch.inference_mode():
-                tokens = self.model.vision_encoder(batch)[1]
-                latents = self.model.perceiver(rearrange(tokens, "(b t f) v d -> b t f v d", b=1, f=1))[0]
+                tokens = model.vision_encoder(batch)[1]
+                latents = model.perceiver(rearrange(tokens, "(b t f) v d -> b t f v d", b=1, f=1))[0]
             for key, features in zip(chunk, latents, strict=True):
                 found[key] = features
                 self.images.put(key, features)
-        return [found[key] for key in keys]  # type: ignore[misc]
-
-    @contextlib.contextmanager
-    def _reading(self, media: torch.Tensor | None) -> Iterator[None]:
-        """Give every layer the images (and their keys and values, once) for the forwards inside."""
-        if media is None:
-            media = torch.zeros(1, 1, 1, self.model.vis_dim, device=self.device, dtype=self.dtype)
-        try:
-            for layer in self._layers:
-                layer.condition_vis_x(media)
-                layer.condition_use_cached_media(False)
-                layer.use_media(media)
-            yield
-        finally:
-            self._forget_media()
-
-    def latest_images(self, rows: list[Running], take: bool) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Per layer, the keys and values of each row's latest image, one row after another.
-
-        ``take``: the rows give theirs up, so the batch holds the only copy.
-        """
-        batched: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        for index in range(len(self._layers)):
-            parts = [row.image_keys_values[index] for row in rows]
-            if parts[0] is None:
-                batched.append(None)
-                continue
-            keys = torch.cat([part[0] for part in parts])  # type: ignore[index]
-            batched.append((keys, torch.cat([part[1] for part in parts])))  # type: ignore[index]
-        if take:
-            for row in rows:
-                row.image_keys_values = []
-        return batched
-
-    @contextlib.contextmanager
-    def reading_images(self, per_layer: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> Iterator[None]:
-        """Each row reads its own image's keys and values (row ``n`` of each layer's)."""
-        try:
-            for layer, keys_values in zip(self._layers, per_layer, strict=True):
-                if keys_values is not None:
-                    layer.use_keys_values(keys_values, images=1, latents=keys_values[0].shape[2])
-                    layer.condition_use_cached_media(False)
-            yield
-        finally:
-            self._forget_media()
-
-    def reading_latest_images(self, rows: list[Running]) -> contextlib.AbstractContextManager[None]:
-        """Each row reads the image its prompt ended with, from the keys and values its prefill made."""
-        return self.reading_images(self.latest_images(rows, take=False))
-
-    @contextlib.contextmanager
-    def _reading_after(
-        self, earlier: Sequence[tuple[torch.Tensor, torch.Tensor] | None], media: torch.Tensor | None
-    ) -> Iterator[None]:
-        """As ``_reading``, after one image whose keys and values are known (the task's last example's)."""
-        try:
-            for layer, known in zip(self._layers, earlier, strict=True):
-                if known is None:
-                    continue
-                keys, values = known
-                if media is not None:
-                    new_keys, new_values = media_keys_values(layer.gated_cross_attn_layer, media)
-                    keys, values = torch.cat([keys, new_keys], dim=2), torch.cat([values, new_values], dim=2)
-                images = 1 + (media.shape[1] if media is not None else 0)
-                layer.use_keys_values((keys, values), images=images, latents=known[0].shape[2])
-                layer.condition_use_cached_media(False)
-            yield
-        finally:
-            self._forget_media()
-
-    def _forget_media(self) -> None:
-        """No image or position may outlive its forward, whatever happened during it."""
-        self.model.lang_encoder.clear_conditioned_layers()
-        for layer in self._layers:
-            layer.use_media(None)
-
-    def _forward(self, ids: torch.Tensor, image_index: torch.Tensor, cache: DynamicCache, past: int) -> torch.Tensor:
-        """Logits of the last position; ``image_index`` is each token's 1-based image (0: none)."""
-        # Upstream numbers a token's image by a cumulative sum over media flags; giving it the
-        # per-token increments of our index reproduces the same numbers for any offset.
-        increments = torch.diff(image_index, dim=1, prepend=torch.zeros_like(image_index[:, :1]))
-        for layer in self._layers:
-            layer.condition_media_locations(increments)
-        output = self._lm_forward(
-            self.model.lang_encoder,
-            input_ids=ids,
-            attention_mask=torch.ones(1, past + ids.shape[1], dtype=torch.long, device=self.device),
-            past_key_values=self._as_taken(cache, rows=1),
-            use_cache=True,
-        )
-        return output.logits[:, -1, :]
-
-    def _as_taken(self, cache: DynamicCache | SharedPrefixCache, rows: int) -> object:
-        """The cache in the form the language model takes."""
-        if not self._tuple_cache:
-            return cache
-        config = self.model.lang_encoder.config
-        empty = torch.empty(rows, 0, config.d_model, dtype=self.dtype, device=self.device)
-        return TupleCacheView(cache, len(self._layers), config.n_heads, empty)
+        return [found[key] for key in keys]
 
     def prefix(
         self,
@@ -215,53 +105,38 @@ class FlamingoDecoder:
         state = self.prefixes.get(key) if key is not None else None
         if state is not None:
             return state
+        conditioning = self.conditioning
         cache = DynamicCache()
         last_image = None
         if token_ids:
             features = self.image_features(example_images, pixels)
             media = torch.stack(features).unsqueeze(0) if features else None
-            ids = torch.tensor([token_ids], device=self.device)
-            with torch.inference_mode(), self._reading(media):
-                self._forward(ids, (ids == media_token_id).cumsum(dim=1), cache, past=0)
+            ids = torch.tensor([token_ids], device=conditioning.device)
+            with torch.inference_mode(), conditioning.reading(media):
+                conditioning.forward(ids, (ids == media_token_id).cumsum(dim=1), cache, past=0)
                 if features:
-                    last_image = tuple(layer.latest_image_keys_values() for layer in self._layers)
-        state = PrefixState(tuple(token_ids), tuple((layer.keys, layer.values) for layer in cache.layers), last_image)
+                    last_image = tuple(layer.latest_image_keys_values() for layer in conditioning.layers)
+        state = PrefixState(tuple(token_ids), tuple(layer_keys_values(layer) for layer in cache.layers), last_image)
         if key is not None:
             self.prefixes.put(key, state)
         return state
 
     def prefill(self, job: DecodeJob, media_token_id: int) -> Running:
         """Run one request's own tokens against its task's prefix: alone, so exactly as unbatched."""
-        prefix = job.prefix
+        conditioning, prefix = self.conditioning, job.prefix
         media = torch.stack(job.request_images).unsqueeze(0) if job.request_images else None
         start = 1 if prefix.last_image is not None else 0
-        ids = torch.tensor([job.request_ids], device=self.device)
+        ids = torch.tensor([job.request_ids], device=conditioning.device)
         image_index = start + (ids == media_token_id).cumsum(dim=1)
         cache = DynamicCache(ddp_cache_data=prefix.key_values) if prefix.key_values else DynamicCache()
-        reading = self._reading(media) if prefix.last_image is None else self._reading_after(prefix.last_image, media)
+        last_image = prefix.last_image
+        reading = conditioning.reading(media) if last_image is None else conditioning.reading_after(last_image, media)
         with reading:
-            logits = self._forward(ids, image_index, cache, past=len(prefix.token_ids))
-            latest = [layer.latest_image_keys_values() for layer in self._layers]
-        key_values = [(after_prefix(layer.keys, prefix), after_prefix(layer.values, prefix)) for layer in cache.layers]
-        return self.running(job, logits, key_values, latest)
-
-    def running(
-        self,
-        job: DecodeJob,
-        logits: torch.Tensor,
-        key_values: list[tuple[torch.Tensor, torch.Tensor]],
-        latest: list[tuple[torch.Tensor, torch.Tensor] | None],
-    ) -> Running:
-        """A prefilled request, ready to decode: its tokens so far, caches and first logits."""
-        sequence = torch.tensor([list(job.prefix.token_ids) + job.request_ids], device=self.device)
-        return Running(
-            job=job,
-            sequence=sequence,
-            processors=logits_processors(job.kwargs, sequence.shape[1], job.stop_ids, self.device),
-            key_values=key_values,
-            image_keys_values=latest,
-            logits=logits,
-        )
+            logits = conditioning.forward(ids, image_index, cache, past=len(prefix.token_ids))
+            latest = [layer.latest_image_keys_values() for layer in conditioning.layers]
+        pairs = [layer_keys_values(layer) for layer in cache.layers]
+        key_values = [(after_prefix(keys, prefix), after_prefix(values, prefix)) for keys, values in pairs]
+        return Running.prefilled(job, logits, key_values, latest, conditioning.device)
 
     def prefill_many(self, jobs: Sequence[DecodeJob], media_token_id: int) -> list[Running]:
         """Requests arriving together, prefilled in groups (``core.model.decode.batched_prefill``) where the model's
@@ -269,16 +144,16 @@ class FlamingoDecoder:
         if self._parts is None:
             return [self.prefill(job, media_token_id) for job in jobs]
         rows: list[Running] = []
-        for group in prefill_groups(self, jobs):
+        for group in prefill_groups(self.conditioning, jobs):
             if len(group) == 1:
                 rows.append(self.prefill(group[0], media_token_id))
             else:
-                rows.extend(prefill_together(self, self._parts, group, media_token_id))
+                rows.extend(prefill_together(self.conditioning, self._parts, group, media_token_id))
         return rows
 
     def _choose(self, row: Running, logits: torch.Tensor) -> bool:
         """Pick the row's next token; True when the row is finished."""
-        scores = row.processors(row.sequence, logits.float())
+        scores = processed(row.processors, row.sequence, logits.float())
         if row.job.kwargs.get("do_sample"):
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
         else:
@@ -290,22 +165,6 @@ class FlamingoDecoder:
             or len(row.generated) >= row.job.kwargs["max_new_tokens"]
             or row.job.should_stop()
         )
-
-    def step_tokens(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | SharedPrefixCache, mask: torch.Tensor
-    ) -> torch.Tensor:
-        for layer in self._layers:
-            layer.condition_media_locations(torch.ones_like(tokens))
-        extra = {"position_ids": positions} if self._takes_positions else {}
-        output = self._lm_forward(
-            self.model.lang_encoder,
-            input_ids=tokens,
-            attention_mask=mask,
-            past_key_values=self._as_taken(cache, rows=tokens.shape[0]),
-            use_cache=True,
-            **extra,
-        )
-        return output.logits[:, -1, :]
 
     def decode_many(
         self,
@@ -363,7 +222,7 @@ class FlamingoDecoder:
 
     def _stepper(self, rows: list[Running]) -> StaticStep | SharedPrefixSteps:
         static = self.static_steps.for_rows(rows) if self.static_steps is not None else None
-        return static if static is not None else SharedPrefixSteps(self, rows)
+        return static if static is not None else SharedPrefixSteps(self.conditioning, rows)
 
     def _finish_if_done(
         self, index: int, row: Running, logits: torch.Tensor, finished: Callable[[int, list[int]], None]

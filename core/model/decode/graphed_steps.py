@@ -24,13 +24,14 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from core.model.layers.layer_stack import LanguageModelParts, language_model_parts
 from core.model.lru_cache import LruCache
 
 if TYPE_CHECKING:
-    from core.model.decode.decoder import FlamingoDecoder
+    from open_flamingo.src.flamingo import Flamingo
+
+    from core.model.decode.conditioning import LayerConditioning
     from core.model.decode.state import Running
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,15 @@ CAPACITY_STEP = 128  # buffers grow in these many tokens, so few shapes (and gra
 _WARM_UP_STEPS = 2  # eager runs on a side stream before capture, as PyTorch's CUDA graph notes ask
 
 
-def supports_static_steps(model: nn.Module) -> bool:
+def supports_static_steps(model: Flamingo) -> bool:
     lm = model.lang_encoder
     int8 = any(type(module).__name__ == "Linear8bitLt" for module in lm.modules())
     return not int8 and language_model_parts(lm) is not None
+
+
+def _rows_of(rows: int, like: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped as ``like`` but for its first dimension, ``rows``; on its device, in its dtype."""
+    return torch.zeros((rows, *like.shape[1:]), device=like.device, dtype=like.dtype)
 
 
 class _SlotCache:
@@ -65,14 +71,14 @@ class _SlotCache:
 class StaticStep:
     """One decode step for a fixed number of rows and key/value capacity."""
 
-    def __init__(self, decoder: FlamingoDecoder, parts: LanguageModelParts, rows: int, capacity: int) -> None:
-        self.decoder = decoder
+    def __init__(self, conditioning: LayerConditioning, parts: LanguageModelParts, rows: int, capacity: int) -> None:
+        self.conditioning = conditioning
         self.parts = parts
         self.rows, self.capacity = rows, capacity
-        device, dtype = decoder.device, decoder.dtype
+        device, dtype = conditioning.device, conditioning.dtype
         shape = (rows, parts.key_value_heads, capacity, parts.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in decoder._layers]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in decoder._layers]
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in conditioning.layers]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in conditioning.layers]
         self.media: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.first = torch.zeros(rows, 1, 1, 1, dtype=torch.long, device=device)  # each row's first slot
@@ -110,17 +116,16 @@ class StaticStep:
         for index, buffers in enumerate(self.media):
             if buffers is not None:
                 for n, row in enumerate(rows):
-                    keys, values = row.image_keys_values[index]  # type: ignore[misc]
-                    buffers[0][n] = keys[0]
-                    buffers[1][n] = values[0]
+                    pair = row.image_keys_values[index]
+                    if pair is not None:  # every row has one where the layer cross-attends
+                        buffers[0][n] = pair[0][0]
+                        buffers[1][n] = pair[1][0]
 
     def make_image_buffers(self, rows: Sequence[Running]) -> None:
         """The buffers for the rows' latest images' keys and values, made once their shapes are known."""
         if not self.media:
             self.media = [
-                None
-                if kv is None
-                else tuple(torch.zeros((self.rows, *t.shape[1:]), device=t.device, dtype=t.dtype) for t in kv)
+                None if kv is None else (_rows_of(self.rows, kv[0]), _rows_of(self.rows, kv[1]))
                 for kv in rows[0].image_keys_values
             ]
 
@@ -156,21 +161,21 @@ class StaticStep:
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
         try:
-            for layer, buffers in zip(self.decoder._layers, self.media, strict=True):
+            for layer, buffers in zip(self.conditioning.layers, self.media, strict=True):
                 if buffers is not None:
                     layer.use_keys_values(buffers, images=1, latents=buffers[0].shape[2])
                     layer.condition_use_cached_media(False)
                 layer.condition_media_locations(self.locations)
             yield
         finally:
-            self.decoder._forget_media()
+            self.conditioning.forget_media()
 
     def _forward(self) -> torch.Tensor:
         """The LM's forward for one token per row, over the buffers."""
         masked = (self.slots < self.first) | (self.slots > self.slot)  # (rows, 1, 1, capacity)
         positions = self.slot - self.first.view(self.rows, 1)
         cache = _SlotCache(self.keys, self.values, self.slot)
-        layers = self.decoder._layers
+        layers = self.conditioning.layers
         logits = self.parts.last_logits(layers, self.tokens, cache, masked, self.slots - self.slot, positions)
         self.slot.add_(1)
         return logits
@@ -178,14 +183,14 @@ class StaticStep:
     def capture(self) -> None:
         """Record the step (its warm-ups write only at the current slot, which the first step rewrites)."""
         slot = self.slot.clone()
-        stream = torch.cuda.Stream(self.decoder.device)
-        stream.wait_stream(torch.cuda.current_stream(self.decoder.device))
+        stream = torch.cuda.Stream(self.conditioning.device)
+        stream.wait_stream(torch.cuda.current_stream(self.conditioning.device))
         with self._reading():
             with torch.cuda.stream(stream):
                 for _ in range(_WARM_UP_STEPS):
                     self._forward()
                     self.slot.copy_(slot)  # the warm-ups wrote at this slot; the step rewrites it
-            torch.cuda.current_stream(self.decoder.device).wait_stream(stream)
+            torch.cuda.current_stream(self.conditioning.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use the GPU
                 self.logits = self._forward()
@@ -196,21 +201,21 @@ class StaticStep:
 class StaticSteps:
     """The static steps made so far, by (rows, capacity), the least recently used let go first."""
 
-    def __init__(self, decoder: FlamingoDecoder, max_rows: int, memory_bytes: int, graphed: bool) -> None:
-        self.decoder = decoder
+    def __init__(self, conditioning: LayerConditioning, max_rows: int, memory_bytes: int, graphed: bool) -> None:
+        self.conditioning = conditioning
         self.max_rows = max_rows
         self.graphed = graphed
         self.steps: LruCache[tuple[int, int], StaticStep] = LruCache(memory_bytes, lambda step: step.nbytes)
         self.used = 0  # batches decoded with a static step
         self.failed = False
         self.memory_bytes = memory_bytes
-        parts = language_model_parts(decoder.model.lang_encoder)
+        parts = language_model_parts(conditioning.model.lang_encoder)
         if parts is None:
             raise ValueError("this language model's decode steps cannot run over fixed buffers")
         self.parts = parts
         # Key and value bytes of one token of one row, over all layers.
         width = parts.key_value_heads * parts.head_dim
-        self.bytes_per_token = 2 * len(decoder._layers) * width * decoder.dtype.itemsize
+        self.bytes_per_token = 2 * len(conditioning.layers) * width * conditioning.dtype.itemsize
 
     def for_rows(self, rows: Sequence[Running]) -> StaticStep | None:
         """A step loaded with the rows, or None where the eager loop must take them."""
@@ -224,7 +229,7 @@ class StaticSteps:
         key = (len(rows), capacity)
         step = self.steps.get(key)
         if step is None:
-            step = StaticStep(self.decoder, self.parts, len(rows), capacity)
+            step = StaticStep(self.conditioning, self.parts, len(rows), capacity)
             self.steps.put(key, step)
         if self.graphed and step.graph is None:
             step.make_image_buffers(rows)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers.generation.logits_process import (
@@ -34,7 +34,9 @@ def logits_processors(
         processors.append(NoRepeatNGramLogitsProcessor(kwargs["no_repeat_ngram_size"]))
     if kwargs.get("min_new_tokens"):
         processors.append(
-            MinNewTokensLengthLogitsProcessor(prompt_length, kwargs["min_new_tokens"], sorted(stop_ids), device=device)
+            MinNewTokensLengthLogitsProcessor(
+                prompt_length, kwargs["min_new_tokens"], torch.tensor(sorted(stop_ids), device=device)
+            )
         )
     if kwargs.get("do_sample"):
         keep = len(stop_ids) + 1 if kwargs.get("num_beams", 1) > 1 else 1
@@ -44,3 +46,9 @@ def logits_processors(
         if kwargs.get("top_p") not in (None, 1.0):
             processors.append(TopPLogitsWarper(kwargs["top_p"], min_tokens_to_keep=keep))
     return processors
+
+
+def processed(processors: LogitsProcessorList, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The scores after ``processors``, which transformers types as taking torch's legacy ``LongTensor`` and
+    ``FloatTensor`` classes, never what torch's operations are typed to return."""
+    return processors(cast("torch.LongTensor", ids), cast("torch.FloatTensor", scores))

@@ -10,11 +10,25 @@ the prefix cache, batching and beam search work on MosaicGPT as on the native fa
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from core.model.decode.shared_prefix import SharedPrefixCache
+from core.model.decode.state import layer_keys_values
+
+
+class CacheWithPast(Protocol):
+    """A cache that gathers each layer's past itself: the batch's shared-prefix store
+    (``core.model.decode.shared_prefix``), typed by what it does so that this module and the layers'
+    conditioning, which the steppers use, need not import the steppers back."""
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def past(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def keeps_tuple_cache(lm: nn.Module) -> bool:
@@ -24,7 +38,7 @@ def keeps_tuple_cache(lm: nn.Module) -> bool:
 class TupleCacheView:
     """What MosaicGPT's forward asks of ``past_key_values``: its length, and a pair per layer to read and write."""
 
-    def __init__(self, cache: DynamicCache | SharedPrefixCache, layers: int, heads: int, empty: torch.Tensor) -> None:
+    def __init__(self, cache: DynamicCache | CacheWithPast, layers: int, heads: int, empty: torch.Tensor) -> None:
         """``empty``: (rows, 0, heads × dim), an empty layer's keys and values."""
         self.cache, self.layers, self.heads, self.empty = cache, layers, heads, empty
         self.known: dict[int, int] = {}  # per layer, the tokens its last read pair held
@@ -49,9 +63,9 @@ class TupleCacheView:
         self.cache.update(new_keys, new_values, index)
 
     def _past(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if isinstance(self.cache, SharedPrefixCache):
+        if not isinstance(self.cache, DynamicCache):
             return self.cache.past(index)
         layers = self.cache.layers
         if index < len(layers) and layers[index].is_initialized:
-            return layers[index].keys, layers[index].values
+            return layer_keys_values(layers[index])
         return None

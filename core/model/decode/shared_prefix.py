@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from core.model.decode.decoder import FlamingoDecoder
+    from core.model.decode.conditioning import LayerConditioning
     from core.model.decode.state import PrefixState, Running
 
 
@@ -152,22 +152,22 @@ class SharedPrefixCache:
 class SharedPrefixSteps:
     """The rows stepped through the LM's own forward, over a cache that holds each prefix once."""
 
-    def __init__(self, decoder: FlamingoDecoder, rows: list[Running]) -> None:
-        self.decoder = decoder
-        self.cache = SharedPrefixCache(rows, decoder.device)
+    def __init__(self, conditioning: LayerConditioning, rows: list[Running]) -> None:
+        self.conditioning = conditioning
+        self.cache = SharedPrefixCache(rows, conditioning.device)
         self.mask = (self.cache.slots != 0).long()
-        self.images = decoder.latest_images(rows, take=True)
+        self.images = conditioning.latest_images(rows, take=True)
 
     def reading(self) -> contextlib.AbstractContextManager[None]:
-        return self.decoder.reading_images(self.images)
+        return self.conditioning.reading_images(self.images)
 
     def step(self, rows: Sequence[Running]) -> torch.Tensor:
         """One new token for every row: logits (rows, vocab). Each row reads its latest image."""
         self.cache.begin_step()
         self.mask = F.pad(self.mask, (0, 1), value=1)
         tokens = torch.cat([row.sequence[:, -1:] for row in rows])
-        positions = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=self.decoder.device)
-        logits = self.decoder.step_tokens(tokens, positions, self.cache, self.mask)
+        positions = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=self.conditioning.device)
+        logits = self.conditioning.step_tokens(tokens, positions, self.cache, self.mask)
         self.cache.end_step()
         return logits
 

@@ -1,7 +1,8 @@
 """What a request carries through decoding: its job, its task's prefix state, its running row.
 
 Kept apart from the decoder so that the stepping modules (shared prefix, static steps, batched
-prefill, beam search) can share these types without importing the decoder itself.
+prefill, beam search) and the layers' conditioning can share these types without importing the
+decoder itself.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import CacheLayerMixin
 from transformers.generation.logits_process import LogitsProcessorList
+
+from core.model.decode.logits import logits_processors
 
 
 @dataclass
@@ -37,6 +41,26 @@ class Running:
     image_keys_values: list[tuple[torch.Tensor, torch.Tensor] | None]  # per layer, of the image it reads now
     logits: torch.Tensor
     generated: list[int] = field(default_factory=list)
+
+    @classmethod
+    def prefilled(
+        cls,
+        job: DecodeJob,
+        logits: torch.Tensor,
+        key_values: list[tuple[torch.Tensor, torch.Tensor]],
+        latest: list[tuple[torch.Tensor, torch.Tensor] | None],
+        device: torch.device,
+    ) -> Running:
+        """A prefilled request, ready to decode: its tokens so far, caches and first logits."""
+        sequence = torch.tensor([list(job.prefix.token_ids) + job.request_ids], device=device)
+        return cls(
+            job=job,
+            sequence=sequence,
+            processors=logits_processors(job.kwargs, sequence.shape[1], job.stop_ids, device),
+            key_values=key_values,
+            image_keys_values=latest,
+            logits=logits,
+        )
 
     @property
     def prefix_length(self) -> int:
@@ -72,3 +96,9 @@ def after_prefix(tensor: torch.Tensor, prefix: PrefixState) -> torch.Tensor:
     """A (1, heads, tokens, dim) cache tensor without the prefix's tokens, which the prefix state keeps."""
     length = len(prefix.token_ids)
     return tensor[:, :, length:].clone() if length else tensor
+
+
+def layer_keys_values(layer: CacheLayerMixin) -> tuple[torch.Tensor, torch.Tensor]:
+    """A filled cache layer's keys and values (transformers types them optional: an unfilled layer has none)."""
+    assert layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values

@@ -10,7 +10,7 @@ without precomputed values it is upstream's layer unchanged, which keeps ``Flami
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from einops import rearrange, repeat
@@ -24,7 +24,7 @@ def media_keys_values(block: GatedCrossAttentionBlock, media: torch.Tensor) -> t
     """Keys and values of (batch, images, latents, dim) media, shaped (batch, heads, images*latents, dim_head)."""
     attn = block.attn
     k, v = attn.to_kv(rearrange(media, "b t n d -> b (t n) d")).chunk(2, dim=-1)
-    return tuple(rearrange_many((k, v), "b n (h d) -> b h n d", h=attn.heads))  # type: ignore[return-value]
+    return tuple(rearrange_many((k, v), "b n (h d) -> b h n d", h=attn.heads))
 
 
 def gated_cross_attention(
@@ -94,8 +94,17 @@ class ReusableMediaLayer(FlamingoLayer):
         return self.decoder_layer(lang_x, attention_mask=attention_mask, **kwargs)
 
 
+class _FlamingoLM(Protocol):
+    """The decoder list accessors that upstream's (untyped) ``FlamingoLMMixin`` adds to the LM."""
+
+    def _get_decoder_layers(self) -> nn.ModuleList: ...
+
+    def _set_decoder_layers(self, value: nn.ModuleList) -> None: ...
+
+
 def install(lm: nn.Module) -> list[ReusableMediaLayer]:
     """Put reusable-media layers in the LM's decoder list; parameter names stay the same."""
-    layers = [ReusableMediaLayer(layer) for layer in lm._get_decoder_layers()]
-    lm._set_decoder_layers(nn.ModuleList(layers))
+    flamingo_lm = cast(_FlamingoLM, lm)  # FlamingoLMMixin, mixed into the LM's class by assemble_flamingo
+    layers = [ReusableMediaLayer(layer) for layer in flamingo_lm._get_decoder_layers()]
+    flamingo_lm._set_decoder_layers(nn.ModuleList(layers))
     return layers

@@ -53,6 +53,7 @@ class LanguageModelParts:
         queries), each token's place in its own sequence.
         """
         if self.rotary is None:  # as build_mpt_alibi_tensor: int32 offsets times float slopes
+            assert self.alibi_slopes is not None  # given with every rotary-less (MPT) family
             bias = distance.to(torch.int32).view(1, 1, -1) * self.alibi_slopes
             return {"position_bias": bias, "attention_mask": masked, "output_attentions": False}
         mask = torch.zeros(masked.shape, device=hidden.device, dtype=hidden.dtype)
@@ -83,6 +84,8 @@ class LanguageModelParts:
 
 def language_model_parts(lm: nn.Module) -> LanguageModelParts | None:
     """The family's parts, or None where its layers are left to the model's own forward."""
+    if not isinstance(lm, MptForCausalLM | LlamaForCausalLM | GPTNeoXForCausalLM):
+        return None  # remote code (MPT-1B's MosaicGPT)
     config = lm.config
     embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
     if isinstance(lm, MptForCausalLM):
@@ -93,12 +96,10 @@ def language_model_parts(lm: nn.Module) -> LanguageModelParts | None:
         model, cache_argument, heads = lm.model, "past_key_values", config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         norm = model.norm
-    elif isinstance(lm, GPTNeoXForCausalLM):
+    else:
         model, cache_argument, heads = lm.gpt_neox, "layer_past", config.num_attention_heads
         head_dim = config.hidden_size // config.num_attention_heads
         norm = model.final_layer_norm
-    else:
-        return None  # remote code (MPT-1B's MosaicGPT)
     rotary = model.rotary_emb
     if "dynamic" in rotary.rope_type or rotary.rope_type == "longrope":
         return None  # frequencies chosen from the longest position present, which differs between batch and row

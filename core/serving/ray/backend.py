@@ -16,7 +16,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
@@ -37,8 +38,12 @@ from core.model.engine import Answer, PromptRules
 from core.model.loading import load_text_side
 from core.prompts import Task
 from core.serving.model_choice import ModelCatalog
+from core.serving.protocol import ServiceStatus
 from core.serving.ray.replica import FlamingoReplica, deployment_options
 from core.serving.ray.wire import WireEncoder, WireRequest
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,14 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         raise ModelLoadError(f"cannot reach the Ray cluster at {address}: {error}") from None
 
 
+class SentRequest(Protocol):
+    """A request on its way to a replica: Serve's ``DeploymentResponse``, as used here."""
+
+    def cancel(self) -> object: ...
+
+    def __await__(self) -> Generator[Any, None, Answer]: ...
+
+
 class RemoteTicket:
     """A request sent to a replica: Ray keeps the line, so no place in it is known here."""
 
@@ -75,14 +88,14 @@ class RemoteTicket:
         self._service = service
         self._encode = encode
         self._model = model
-        self._response: object | None = None
+        self._response: SentRequest | None = None
         self._cancelled = False
         self._deadline = deadline
 
     def cancel(self) -> None:
         self._cancelled = True
         if self._response is not None:
-            self._response.cancel()  # type: ignore[attr-defined]
+            self._response.cancel()
 
     async def answer(self) -> Answer:
         """The answer; past the deadline the request is withdrawn, as the local line does with late ones.
@@ -139,6 +152,11 @@ def _user_error(error: Exception) -> FlamingoError:
     return GenerationFailed("The model's server failed while answering; try again in a moment.")
 
 
+def _settle(lost: asyncio.Future[None]) -> None:
+    if not lost.done():
+        lost.set_result(None)
+
+
 def _retrieve(task: asyncio.Future[Answer]) -> None:
     if not task.cancelled():
         task.exception()
@@ -163,7 +181,7 @@ def _join(config: RaySettings) -> None:
         raise ModelLoadError(f"cannot reach the Ray cluster at {config.address}: {error}") from None
 
 
-def _deploy(settings: Settings) -> object:
+def _deploy(settings: Settings) -> DeploymentHandle[FlamingoReplica]:
     """Deploy the application (unchanged settings redeploy nothing) and return its handle."""
     from ray import serve
 
@@ -176,10 +194,10 @@ def _deploy(settings: Settings) -> object:
         from core.serving.ray.routing import TaskAffinityRouter
 
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class=TaskAffinityRouter,
+            request_router_class=TaskAffinityRouter,  # type: ignore[arg-type]  # upstream's **kwargs: dict[str, Any]
             request_router_kwargs={"max_imbalance": config.max_imbalance},
         )
-    deployment = serve.deployment(FlamingoReplica, name="FlamingoReplica").options(**options)
+    deployment = serve.deployment(name="FlamingoReplica")(FlamingoReplica).options(**options)
     settings_json = settings.model_dump_json(exclude={"discord_token"})
     return serve.run(deployment.bind(settings_json), name=config.app_name, route_prefix=None)
 
@@ -192,7 +210,9 @@ class RayInferenceService:
     cluster anew and redeploys. Ray's driver would otherwise exit a minute into the outage.
     """
 
-    def __init__(self, settings: Settings, rules: dict[str | None, PromptRules], handle: object) -> None:
+    def __init__(
+        self, settings: Settings, rules: dict[str | None, PromptRules], handle: DeploymentHandle[FlamingoReplica]
+    ) -> None:
         self.settings = settings
         self.rules = rules[None]
         self._rules = rules
@@ -229,10 +249,15 @@ class RayInferenceService:
         """Every replica's ``FlamingoReplica.status`` (blocking: call it from a thread)."""
         if not self.reachable:
             return []
-        return self._handle.broadcast("status").results()  # type: ignore[attr-defined]
+        return self._handle.broadcast("status").results()
 
     def cache_status(self) -> list[dict[str, dict[str, int]]]:
         return [replica["caches"] for replica in self.replica_status()]
+
+    def status(self) -> ServiceStatus:
+        ray = self.settings.ray
+        cluster = f"{ray.replicas} replica(s) of {ray.app_name} at {ray.address}"
+        return ServiceStatus(self.settings.model.name, self.waiting, self.reachable, cluster=cluster)
 
     def estimated_wait(self, position: int) -> float:
         return 0.0
@@ -262,12 +287,12 @@ class RayInferenceService:
         encode = functools.partial(self._wire.request, list(images), prompt, task, params)
         return RemoteTicket(self, encode, deadline, model)
 
-    def send(self, request: WireRequest, model: str | None = None) -> object:
+    def send(self, request: WireRequest, model: str | None = None) -> SentRequest:
         """To a replica; Serve's multiplexing prefers one that holds ``model`` (None: the default)."""
-        handle = self._handle if model is None else self._handle.options(multiplexed_model_id=model)  # type: ignore[attr-defined]
+        handle = self._handle if model is None else self._handle.options(multiplexed_model_id=model)
         return handle.answer.remote(request)
 
-    async def unless_lost(self, response: object, timeout: float | None) -> Answer:
+    async def unless_lost(self, response: SentRequest, timeout: float | None) -> Answer:
         """Await a replica's answer, ending at once with ``ClusterUnavailable`` if the cluster goes."""
         loop = asyncio.get_running_loop()
         lost: asyncio.Future[None] = loop.create_future()
@@ -276,9 +301,10 @@ class RayInferenceService:
             self._losses.add(entry)
         if not self.reachable:  # lost before it was registered: no watcher will say so again
             lost.set_result(None)
-        answer = asyncio.ensure_future(response)  # type: ignore[arg-type]
+        answer = asyncio.ensure_future(response)
+        either: set[asyncio.Future[Any]] = {answer, lost}
         try:
-            done, _ = await asyncio.wait({answer, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(either, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             with self._losses_lock:
                 self._losses.discard(entry)
@@ -312,7 +338,7 @@ class RayInferenceService:
         with self._losses_lock:
             waiting = list(self._losses)
         for loop, lost in waiting:
-            loop.call_soon_threadsafe(lambda future=lost: future.done() or future.set_result(None))
+            loop.call_soon_threadsafe(_settle, lost)
 
     def _rejoin(self) -> None:
         """The cluster answers again (a restarted head is a new cluster): join it and deploy anew."""

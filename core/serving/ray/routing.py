@@ -44,7 +44,7 @@ def _or_infinity(length: int | None) -> float:
 
 
 class TaskAffinityRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, max_imbalance: int = 4) -> None:  # type: ignore[override]
+    def initialize_state(self, max_imbalance: int = 4) -> None:  # type: ignore[override]  # upstream takes any **kwargs
         self.max_imbalance = max_imbalance
 
     async def choose_replicas(

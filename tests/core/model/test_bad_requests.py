@@ -75,9 +75,8 @@ def test_prompt_that_does_not_fit_the_context_is_refused(llama_engine: FlamingoE
 
 def test_new_tokens_count_against_the_context(llama_engine: FlamingoEngine, photos, two_shot):
     generation = llama_engine.settings.generation
-    wide = generation.model_copy(
-        update={"max_new_tokens": generation.max_new_tokens.model_copy(update={"high": 10_000})}
-    )
+    longest = generation.ranges["max_new_tokens"].model_copy(update={"high": 10_000})
+    wide = generation.model_copy(update={"ranges": generation.ranges | {"max_new_tokens": longest}})
     engine = FlamingoEngine(llama_engine.loaded, llama_engine.settings.model_copy(update={"generation": wide}))
     prepared = engine.prepare([photos["chelsea"]], "<image>Output:", two_shot, GenerationParams(max_new_tokens=1))
     room = engine.loaded.context_length - prepared.input_ids.shape[1]

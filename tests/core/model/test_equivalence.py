@@ -19,9 +19,9 @@ from core.model.decode.graphed_steps import StaticSteps
 from core.model.engine import FlamingoEngine
 from core.model.loading import load_model
 from core.prompts import END_OF_CHUNK, Example, Task
-from tests.conftest import tiny_settings
+from tests.helpers.reference import CAPTIONS, Reference, captioned_task, one_shot_answers
+from tests.helpers.settings import tiny_settings
 from tests.make_tiny_model import FAMILIES, REMOTE_CODE_FAMILY
-from tests.reference import CAPTIONS, Reference, captioned_task, one_shot_answers
 
 # MPT-1B's hub code (its own cache format) wherever it runs the engine's general paths.
 WITH_HUB_CODE = (*FAMILIES, REMOTE_CODE_FAMILY)
@@ -290,7 +290,9 @@ def test_batched_requests_match_the_reference_except_at_near_ties(
     """
     engine, reference = engines[family], references[family]
     if stepping == "static":
-        monkeypatch.setattr(engine.decoder, "static_steps", StaticSteps(engine.decoder, 8, 2**30, graphed=False))
+        monkeypatch.setattr(
+            engine.decoder, "static_steps", StaticSteps(engine.decoder.conditioning, 8, 2**30, graphed=False)
+        )
     cases = [
         ([], "<image>Output:", "rocket", 10),
         (["astronaut"], "<image>Output:", "chelsea", 14),

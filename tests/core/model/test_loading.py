@@ -18,7 +18,7 @@ from core.errors import ModelLoadError
 from core.model import loading
 from core.model.loading import decoder_layers_attr, load_model, pick_device, with_embedding_accessors
 from core.model.registry import resolve_model
-from tests.conftest import tiny_settings
+from tests.helpers.settings import tiny_settings
 from tests.make_tiny_model import MANIFEST_NAME, TinyModelSpec, write_model
 
 

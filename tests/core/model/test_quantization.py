@@ -11,7 +11,7 @@ from core.generation import GenerationParams
 from core.model.engine import FlamingoEngine, holds_conditioning
 from core.model.loading import load_model
 from core.prompts import Example, Task
-from tests.conftest import tiny_settings
+from tests.helpers.settings import tiny_settings
 
 QUANTIZED_LAYER = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}
 

@@ -13,7 +13,7 @@ from core.errors import BadPrompt, GenerationFailed, RequestCancelled, RequestEx
 from core.generation import GenerationParams
 from core.model.engine import holds_conditioning
 from core.prompts import Example, Task
-from tests.gated_engine import GatedEngine
+from tests.helpers.gated_engine import GatedEngine
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from core.generation import GenerationParams
 from core.model.decode.state import Running
 from core.model.engine import Answer, PreparedRequest
 from core.prompts import Example, Task
-from tests.gated_engine import GatedEngine
+from tests.helpers.gated_engine import GatedEngine
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_a_request_that_fails_alone_fails_only_itself(llama_engine, photos, task
 
     def short_of_memory(task_key, *args):
         if task_key == "tests/huge":
-            with llama_engine.decoder._reading(None):  # in its forward, the layers conditioned on its images
+            with llama_engine.decoder.conditioning.reading(None):  # in its forward, layers conditioned on its images
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return prefix(task_key, *args)
 

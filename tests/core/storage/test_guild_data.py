@@ -13,7 +13,7 @@ from core.errors import BadParameter
 from core.generation import GenerationParams
 from core.guild_settings import GuildSettings, check_quota_change
 from core.moderation import WordListFilter
-from core.storage import Storage
+from core.storage import Forgotten, Storage
 from core.storage.request_store import DELETE_BATCH, RequestBudget
 
 GUILD, OTHER = 1, 2
@@ -153,16 +153,15 @@ async def test_forgetting_a_user_removes_their_requests_and_examples_and_renumbe
     await storage.save_request(GUILD, 3, 42, "cats", "<image>Cat:", GenerationParams(), [b"x"], budget=ROOMY)
     mine = await storage.save_request(GUILD, 3, 7, "cats", "<image>Cat:", GenerationParams(), [b"y"], budget=ROOMY)
     before = await storage.get_task(GUILD, "cats")
-    assert await storage.count_user_examples(42) == 2
 
-    assert await storage.delete_user_requests(42) == 1
+    assert await storage.forget_user(42) == Forgotten(requests=1, examples=2)
     assert await storage.delete_user_examples(42) == 2
     after = await storage.get_task(GUILD, "cats")
     assert after is not None and before is not None
     assert [(e.position, e.text) for e in after.examples] == [(1, "by seven"), (2, "by seven again")]
     assert after.revision > before.revision
     assert await storage.get_request(mine, GUILD) is not None
-    assert await storage.count_user_examples(42) == 0
+    assert await storage.forget_user(42) == Forgotten(requests=0, examples=0)
 
 
 async def test_many_requests_are_deleted_a_batch_per_transaction(storage, monkeypatch):

@@ -9,7 +9,7 @@ from core.prompts import IMAGE_TOKEN
 from core.storage.task_store import TaskStore
 from core.tasks.builtin import DEFAULT_TASK
 from core.tasks.library import TaskLibrary
-from tests.conftest import IMAGES
+from tests.helpers.settings import IMAGES
 from tests.make_tiny_model import FAMILIES
 
 GUILD = 7

@@ -8,7 +8,7 @@ from core.generation import GenerationParams
 from core.prompts import Example, Task
 from core.storage.task_store import TaskStore
 from core.tasks.library import TaskLibrary
-from tests.conftest import IMAGES
+from tests.helpers.settings import IMAGES
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from core.errors import TaskExists
 from core.storage.task_store import TaskStore
 from core.tasks.archive import ArchivedExample, BadArchive, read_archive, write_archive
 from core.tasks.library import TaskLibrary
-from tests.conftest import IMAGES
+from tests.helpers.settings import IMAGES
 
 HOME, AWAY = 1, 2
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
@@ -100,6 +100,6 @@ async def test_copies_keep_who_added_each_example_so_forgetting_them_reaches_the
 
     assert await store.delete_user_examples(3) == 2  # from the task and its copy
     assert await store.delete_user_examples(2) == 0  # the copier added none
-    await store.forget_task_authorship(2)
+    assert await store.forget_user_tasks(2) == 0  # the copier added no example
     assert (await store.get_task(HOME, "pets-copy")).created_by == 0
     assert (await store.get_task(HOME, "pets")).created_by == 1

@@ -13,7 +13,7 @@ from core.errors import LimitReached, TaskChanged
 from core.prompts import assemble_prompt
 from core.storage.task_store import TaskStore
 from core.tasks.library import TaskLibrary
-from tests.conftest import IMAGES
+from tests.helpers.settings import IMAGES
 
 GUILD = 7
 

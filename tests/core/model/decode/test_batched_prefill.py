@@ -47,7 +47,7 @@ def test_rows_prefilled_together_equal_rows_prefilled_alone(engines, photos, fam
     with torch.inference_mode():
         jobs = jobs_for(engine, photos)
         alone = [decoder.prefill(job, media_token) for job in jobs]
-        together = prefill_together(decoder, parts, jobs, media_token)
+        together = prefill_together(decoder.conditioning, parts, jobs, media_token)
     for one, batched in zip(alone, together, strict=True):
         assert batched.job is one.job and torch.equal(batched.sequence, one.sequence)
         torch.testing.assert_close(batched.logits, one.logits, rtol=0, atol=1e-5)
@@ -64,13 +64,13 @@ def test_rows_prefilled_together_equal_rows_prefilled_alone(engines, photos, fam
 def test_arrivals_are_grouped_within_the_memory_bound(engines, photos, monkeypatch):
     engine = engines["mpt"]
     jobs = jobs_for(engine, photos)
-    assert [len(group) for group in groups(engine.decoder, jobs)] == [5]
-    two = batched_prefill.transient_bytes(engine.decoder, jobs[:2])
+    assert [len(group) for group in groups(engine.decoder.conditioning, jobs)] == [5]
+    two = batched_prefill.transient_bytes(engine.decoder.conditioning, jobs[:2])
     monkeypatch.setattr(batched_prefill, "GROUP_BYTES", two)
-    assert [len(group) for group in groups(engine.decoder, jobs)] == [2, 1, 1, 1]
+    assert [len(group) for group in groups(engine.decoder.conditioning, jobs)] == [2, 1, 1, 1]
     imageless = jobs[1].__class__(**{**jobs[1].__dict__, "request_images": []})
     monkeypatch.setattr(batched_prefill, "GROUP_BYTES", 2**40)
-    assert [len(group) for group in groups(engine.decoder, [jobs[0], imageless, jobs[2]])] == [1, 1, 1]
+    assert [len(group) for group in groups(engine.decoder.conditioning, [jobs[0], imageless, jobs[2]])] == [1, 1, 1]
 
 
 def test_a_batch_of_arrivals_is_prefilled_together(engines, photos, monkeypatch):
@@ -78,9 +78,9 @@ def test_a_batch_of_arrivals_is_prefilled_together(engines, photos, monkeypatch)
     calls = []
     original = batched_prefill.prefill_together
 
-    def counted(decoder, parts, jobs, media_token_id):
+    def counted(conditioning, parts, jobs, media_token_id):
         calls.append(len(jobs))
-        return original(decoder, parts, jobs, media_token_id)
+        return original(conditioning, parts, jobs, media_token_id)
 
     monkeypatch.setattr("core.model.decode.decoder.prefill_together", counted)
     finished = {}

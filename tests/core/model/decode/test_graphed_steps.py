@@ -10,40 +10,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.generation import GenerationParams
 from core.model.decode.graphed_steps import CAPACITY_STEP, StaticStep, StaticSteps, supports_static_steps
 from core.model.decode.shared_prefix import SharedPrefixSteps
-from core.model.decode.state import Running
 from core.model.loading import load_model
-from core.prompts import Example, Task
-from tests.conftest import tiny_settings
+from tests.helpers.decode import prefilled_rows
+from tests.helpers.settings import tiny_settings
 from tests.make_tiny_model import FAMILIES
-
-
-def prefilled_rows(engine, photos) -> list[Running]:
-    """Four prefilled requests: 0, 1 and 2 examples, so their caches differ in length, and a second
-    request of the 2-example task, which shares its prefix."""
-    examples = [Example(photos[name], f"<image>Output:A photo of {name}.") for name in ("astronaut", "coffee")]
-    rows = []
-    for shots, query in [(0, "rocket"), (1, "chelsea"), (2, "camera"), (2, "coffee")]:
-        task = Task(f"static-{shots}", "", "<image>Output:", tuple(examples[:shots]), key=f"static/{shots}")
-        request = engine.prepare([photos[query]], "<image>Output:", task, GenerationParams(max_new_tokens=20))
-        row = engine.decoder.prefill(engine._jobs([request], [lambda: False])[0], engine.loaded.model.media_token_id)
-        row.sequence = torch.cat([row.sequence, row.logits.argmax(dim=-1, keepdim=True)], dim=1)
-        row.generated.append(int(row.sequence[0, -1]))
-        rows.append(row)
-    return rows
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_steps_give_the_eager_steps_logits_and_caches(engines, photos, family):
     """MPT places tokens by ALiBi from the slot; LLaMA and GPT-NeoX by each row's rotary position."""
     engine = engines[family]
-    static_steps = StaticSteps(engine.decoder, max_rows=4, memory_bytes=2**30, graphed=False)
+    static_steps = StaticSteps(engine.decoder.conditioning, max_rows=4, memory_bytes=2**30, graphed=False)
     with torch.inference_mode():
         rows = prefilled_rows(engine, photos)
         caches = [(list(row.key_values), list(row.image_keys_values)) for row in rows]
-        eager = SharedPrefixSteps(engine.decoder, rows)  # each stepper takes the rows' caches
+        eager = SharedPrefixSteps(engine.decoder.conditioning, rows)  # each stepper takes the rows' caches
         assert all(row.key_values == [] == row.image_keys_values for row in rows)
         for row, (cache, images) in zip(rows, caches, strict=True):
             row.key_values, row.image_keys_values = cache, images
@@ -67,7 +50,7 @@ def test_static_steps_give_the_eager_steps_logits_and_caches(engines, photos, fa
 
 def test_static_steps_are_kept_per_batch_size_and_capacity(engines, photos):
     engine = engines["mpt"]
-    static_steps = StaticSteps(engine.decoder, max_rows=2, memory_bytes=2**30, graphed=False)
+    static_steps = StaticSteps(engine.decoder.conditioning, max_rows=2, memory_bytes=2**30, graphed=False)
     with torch.inference_mode():
         first = static_steps.for_rows(prefilled_rows(engine, photos)[:2])
         again = static_steps.for_rows(prefilled_rows(engine, photos)[2:])
@@ -78,7 +61,7 @@ def test_static_steps_are_kept_per_batch_size_and_capacity(engines, photos):
         assert static_steps.for_rows(rows[:1]).capacity == 2 * CAPACITY_STEP
         assert first.nbytes == 2 * CAPACITY_STEP * static_steps.bytes_per_token
         assert static_steps.steps.bytes == 2 * first.nbytes  # (2 rows, 128 tokens) and (1 row, 256)
-        small = StaticSteps(engine.decoder, max_rows=2, memory_bytes=first.nbytes // 2, graphed=False)
+        small = StaticSteps(engine.decoder.conditioning, max_rows=2, memory_bytes=first.nbytes // 2, graphed=False)
         assert small.for_rows(prefilled_rows(engine, photos)[:2]) is None  # its buffers would not fit
         assert small.for_rows(prefilled_rows(engine, photos)[:1]) is not None
 
@@ -100,7 +83,7 @@ def test_rotary_embeddings_that_resize_with_the_length_step_eagerly(engines, mon
     monkeypatch.setattr(rotary, "rope_type", "dynamic")
     assert not supports_static_steps(engines["llama"].loaded.model)
     with pytest.raises(ValueError, match="fixed buffers"):
-        StaticSteps(engines["llama"].decoder, max_rows=4, memory_bytes=2**30, graphed=False)
+        StaticSteps(engines["llama"].decoder.conditioning, max_rows=4, memory_bytes=2**30, graphed=False)
 
 
 def test_a_step_that_cannot_be_captured_leaves_the_rows_to_the_eager_loop(engines, photos, caplog, monkeypatch):
@@ -109,7 +92,7 @@ def test_a_step_that_cannot_be_captured_leaves_the_rows_to_the_eager_loop(engine
 
     monkeypatch.setattr(StaticStep, "capture", refuse)
     engine = engines["mpt"]
-    static_steps = StaticSteps(engine.decoder, max_rows=4, memory_bytes=2**30, graphed=True)
+    static_steps = StaticSteps(engine.decoder.conditioning, max_rows=4, memory_bytes=2**30, graphed=True)
     with torch.inference_mode():
         rows = prefilled_rows(engine, photos)
         assert static_steps.for_rows(rows) is None
@@ -129,7 +112,7 @@ def test_a_capture_out_of_memory_leaves_graphs_on_for_later_batches(engines, pho
 
     monkeypatch.setattr(StaticStep, "capture", short_of_memory_once)
     engine = engines["mpt"]
-    static_steps = StaticSteps(engine.decoder, max_rows=4, memory_bytes=2**30, graphed=True)
+    static_steps = StaticSteps(engine.decoder.conditioning, max_rows=4, memory_bytes=2**30, graphed=True)
     with torch.inference_mode():
         rows = prefilled_rows(engine, photos)
         assert static_steps.for_rows(rows) is None and all(row.key_values for row in rows)

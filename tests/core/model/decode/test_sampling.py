@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from core.model.decode.logits import logits_processors
+from tests.helpers.reference import one_shot_answers
 from tests.make_tiny_model import FAMILIES
-from tests.reference import one_shot_answers
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -11,28 +11,28 @@ import torch
 
 from core.model.decode.beam_search import padded_batch
 from core.model.decode.shared_prefix import SharedPrefixSteps
-from tests.core.model.decode.test_graphed_steps import prefilled_rows
+from tests.helpers.decode import prefilled_rows
 from tests.make_tiny_model import FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_prefixes_give_the_padded_batch_logits_and_caches(engines, photos, family):
     engine = engines[family]
-    decoder = engine.decoder
+    conditioning = engine.decoder.conditioning
     with torch.inference_mode():
         rows = prefilled_rows(engine, photos)
         assert rows[2].job.prefix is rows[3].job.prefix  # one prefix state, shared
         own_lengths = [row.key_values[0][0].shape[2] for row in rows]
         images = [list(row.image_keys_values) for row in rows]
         padded_rows = prefilled_rows(engine, photos)
-        padded, mask = padded_batch(padded_rows, decoder.device)
-        shared = SharedPrefixSteps(decoder, rows)
+        padded, mask = padded_batch(padded_rows, conditioning.device)
+        shared = SharedPrefixSteps(conditioning, rows)
         for _ in range(5):
             mask = torch.nn.functional.pad(mask, (0, 1), value=1)
             tokens = torch.cat([row.sequence[:, -1:] for row in padded_rows])
             positions = torch.tensor([[row.sequence.shape[1] - 1] for row in padded_rows])
-            with decoder.reading_latest_images(padded_rows):
-                expected = decoder.step_tokens(tokens, positions, padded, mask)
+            with conditioning.reading_latest_images(padded_rows):
+                expected = conditioning.step_tokens(tokens, positions, padded, mask)
             with shared.reading():
                 got = shared.step(rows)
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
@@ -56,7 +56,7 @@ def test_a_prefix_is_stored_once_however_many_rows_share_it(engines, photos):
         rows[0].job.kwargs["max_new_tokens"] = 500  # one long answer does not make room for 500 in every row
         distinct = rows[1].prefix_length + rows[2].prefix_length  # 0, 1, 2 and 2 examples again
         own = sum(row.cached_length - row.prefix_length + row.job.kwargs["max_new_tokens"] - 1 for row in rows)
-        cache = SharedPrefixSteps(engine.decoder, rows).cache
+        cache = SharedPrefixSteps(engine.decoder.conditioning, rows).cache
     # a zero slot for the padding, each distinct prefix once, each row's own tokens and room to grow
     assert cache.keys[0].shape[0] == 1 + distinct + own
 
@@ -67,8 +67,8 @@ def test_the_gathered_rows_are_the_padded_batch_exactly(engines, photos, family)
     step's new ones are stored, are the padded batch's with the new ones appended."""
     engine = engines[family]
     with torch.inference_mode():
-        padded, _ = padded_batch(prefilled_rows(engine, photos), engine.decoder.device)
-        cache = SharedPrefixSteps(engine.decoder, prefilled_rows(engine, photos)).cache
+        padded, _ = padded_batch(prefilled_rows(engine, photos), engine.decoder.conditioning.device)
+        cache = SharedPrefixSteps(engine.decoder.conditioning, prefilled_rows(engine, photos)).cache
         cache.begin_step()
         for index, layer in enumerate(padded.layers):
             new_keys, new_values = torch.randn_like(layer.keys[:, :, :1]), torch.randn_like(layer.values[:, :, :1])

@@ -11,7 +11,7 @@ from core.config import RaySettings
 from core.errors import BadParameter, BadPrompt, RequestExpired
 from core.generation import GenerationParams
 from core.prompts import Example, Task
-from tests.conftest import tiny_settings
+from tests.helpers.settings import tiny_settings
 
 pytestmark = pytest.mark.ray
 
@@ -127,7 +127,7 @@ async def test_a_replica_killed_mid_request_costs_a_retry_not_an_answer(remote, 
 def test_an_unreachable_cluster_is_one_clear_line_at_once(model_dirs):
     from core.errors import ModelLoadError
     from core.serving.ray.backend import RayInferenceService
-    from tests.conftest import free_port
+    from tests.helpers.settings import free_port
 
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     settings = tiny_settings(model_dirs["llama"]).model_copy(update={"ray": RaySettings(address=address)})

@@ -14,7 +14,7 @@ from core.generation import GenerationParams
 from core.model.engine import Answer
 from core.prompts import Example, Task
 from core.serving.ray.backend import RayInferenceService
-from tests.conftest import tiny_settings
+from tests.helpers.settings import tiny_settings
 
 
 class StandInHandle:

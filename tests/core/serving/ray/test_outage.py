@@ -11,7 +11,8 @@ from core.config import RaySettings
 from core.errors import ClusterUnavailable
 from core.generation import GenerationParams
 from core.prompts import Task
-from tests.conftest import RayHead, tiny_settings
+from tests.helpers.ray import RayHead
+from tests.helpers.settings import tiny_settings
 
 pytestmark = pytest.mark.ray
 

@@ -1,0 +1,74 @@
+"""What the bot asks of a model service, wherever the model runs: in this process or on Ray replicas."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+from core.generation import GenerationParams
+from core.model.engine import Answer, EngineStatus, PromptRules
+from core.prompts import Task
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """The model service as the owner's status shows it, whichever backend serves it."""
+
+    model: str
+    waiting: int  # queued in this process; on a cluster, in flight
+    reachable: bool
+    engine: EngineStatus | None = None  # in this process
+    cluster: str | None = None  # on Ray: how many replicas of which application, where
+
+
+class QueuedRequest(Protocol):
+    """What a caller holds for a queued request, wherever the model runs."""
+
+    @property
+    def position(self) -> int | None: ...
+
+    def cancel(self) -> None: ...
+
+    async def answer(self) -> Answer: ...
+
+
+class ModelService(Protocol):
+    """The model as the bot uses it: in this process (``InferenceService``) or on Ray replicas."""
+
+    @property
+    def rules(self) -> PromptRules: ...
+
+    @property
+    def waiting(self) -> int: ...
+
+    @property
+    def reachable(self) -> bool:
+        """False while the model cannot be reached (a lost cluster); requests are refused meanwhile."""
+        ...
+
+    def estimated_wait(self, position: int) -> float: ...
+
+    def cache_status(self) -> list[dict[str, dict[str, int]]]: ...
+
+    def status(self) -> ServiceStatus:
+        """What ``/admin status`` shows of the model."""
+        ...
+
+    def submit(
+        self,
+        images: Sequence[Image.Image],
+        prompt: str,
+        task: Task,
+        params: GenerationParams,
+        deadline: float | None = None,
+        model: str | None = None,
+    ) -> QueuedRequest: ...
+
+    async def answer(
+        self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams
+    ) -> Answer: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Helpers shared by tests: plain functions and constants, never tests or fixtures."""
