@@ -11,6 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs.utils.answering import InteractionFront, answer_message, asker_of, prompt_embed, report_message
+from cogs.utils.attachments import download
 from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot, Interaction
 from cogs.utils.buttons import ActionButton, answer_view
@@ -21,13 +22,6 @@ from core.generation import GenerationParams, Value, reroll_params
 from core.images import check_file_size
 from core.prompts import assemble_prompt
 from core.serving.model_choice import short_name
-
-
-def _reader(attachments: list[discord.Attachment]) -> ImageReader:
-    async def read() -> list[bytes]:
-        return [await attachment.read() for attachment in attachments]
-
-    return read
 
 
 def _stored(images: tuple[bytes, ...]) -> ImageReader:
@@ -72,7 +66,7 @@ class Inference(commands.Cog):
         images = [a for a in (image, image2, image3, image4) if a is not None]
         # Refusals that need no download and no model are given at once, privately.
         self.bot.asking.check(prompt, [(a.size, a.filename) for a in images], params)
-        await self._answer(interaction, Question(_reader(images), prompt, task, params), "asked")
+        await self._answer(interaction, Question(self._reader(images), prompt, task, params), "asked")
 
     async def describe_image(self, interaction: Interaction, message: discord.Message) -> None:
         """The message menu's "Describe image": the server's default task on the message's first image.
@@ -84,8 +78,16 @@ class Inference(commands.Cog):
         if not images:
             raise BadImage("That message has no attached image; I only read attached images, not links.")
         check_file_size(images[0].size, self.bot.settings.images)
-        question = Question(_reader(images[:1]), None, None, GenerationParams(), origin=message.author.id)
+        question = Question(self._reader(images[:1]), None, None, GenerationParams(), origin=message.author.id)
         await self._answer(interaction, question, "asked")
+
+    def _reader(self, attachments: list[discord.Attachment]) -> ImageReader:
+        seconds = self.bot.settings.images.download_seconds
+
+        async def read() -> list[bytes]:
+            return [await download(attachment, seconds) for attachment in attachments]
+
+        return read
 
     async def _answer(self, interaction: Interaction, question: Question, heading: str) -> None:
         """Answer through the use case (``core.asking``) and post it with its buttons."""

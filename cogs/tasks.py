@@ -12,6 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.utils.attachments import download
 from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot, Interaction
 from cogs.utils.checks import ManageServerGroup, server_id
@@ -147,7 +148,8 @@ class Tasks(commands.Cog):
         if file.size > limit:
             raise BadArchive(f"The task file is {file.size:,} bytes; the limit is {limit:,} bytes.")
         await interaction.response.defer(ephemeral=True, thinking=True)
-        imported = await self.library.import_task(server_id(interaction), await file.read(), interaction.user.id, name)
+        data = await download(file, self.bot.settings.images.download_seconds)
+        imported = await self.library.import_task(server_id(interaction), data, interaction.user.id, name)
         await interaction.followup.send(f"Imported task **{imported}**.", ephemeral=True)
 
     @manage.command(description="Create a task (add examples to it afterwards)")
@@ -166,7 +168,7 @@ class Tasks(commands.Cog):
     async def add_example(self, interaction: Interaction, task: str, image: discord.Attachment, text: str) -> None:
         check_file_size(image.size, self.bot.settings.images)
         await interaction.response.defer(ephemeral=True, thinking=True)
-        upload = await image.read()
+        upload = await download(image, self.bot.settings.images.download_seconds)
         position = await self.library.add_example(server_id(interaction), task, upload, text, interaction.user.id)
         await interaction.followup.send(f"Added example {position} to **{task}**.", ephemeral=True)
 

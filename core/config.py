@@ -69,6 +69,9 @@ class ImageSettings(Section):
     max_pixels: int = Field(40_000_000, gt=0)
     max_side_kept: int = Field(1024, ge=224, description="Larger images are scaled down to this short side.")
     max_per_request: int = Field(4, ge=1, le=4, description="Images one /comprehend may read (Discord offers 4).")
+    download_seconds: float = Field(
+        60, gt=0, description="An upload still downloading from Discord after this is refused: send it again."
+    )
 
 
 class PromptSettings(Section):

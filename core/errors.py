@@ -18,6 +18,10 @@ class BadImage(FlamingoError):
     """An uploaded file cannot be used as an image."""
 
 
+class DownloadFailed(FlamingoError):
+    """An upload could not be fetched from where the front end keeps it (gone, refused or too slow)."""
+
+
 class BadPrompt(FlamingoError):
     """A prompt or example text breaks the prompt format or the model's limits."""
 

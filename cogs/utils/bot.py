@@ -146,7 +146,6 @@ class FlamingoBot(commands.AutoShardedBot):
             await self.load_extension(extension)
         if self.settings.discord.sync_commands_on_start:
             await self.sync_commands()
-        self._purging = asyncio.create_task(self._purge_regularly(), name="flamingo-purge")
         self.started_up = True
 
     async def _check_admin_guild(self) -> None:
@@ -194,6 +193,10 @@ class FlamingoBot(commands.AutoShardedBot):
         """Every shard is connected: what changed while the bot was away is taken into account."""
         await self.store.reconcile_presence({guild.id for guild in self.guilds})
         log.info("ready: in %d servers, over %d shard(s)", len(self.guilds), self.shard_count or 1)
+        if self._purging is None and not self.closing:
+            # Only now: a server that re-added the bot while it was away is known to be back, and
+            # keeps what it had however long ago it left.
+            self._purging = asyncio.create_task(self._purge_regularly(), name="flamingo-purge")
 
     async def on_guild_join(self, guild: discord.Guild) -> None:
         await self.store.mark_present(guild.id)

@@ -143,6 +143,9 @@ class Database:
     @classmethod
     async def open(cls, path: Path) -> Self:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # A path that cannot be opened fails here: aiosqlite's worker thread outlives a failed connect
+        # and then reports to an event loop that may be closed (a traceback after the one error line).
+        await asyncio.to_thread(lambda: sqlite3.connect(path).close())
         # isolation_level=None: the store writes BEGIN itself, so sqlite3 never opens or commits behind its back.
         db = await aiosqlite.connect(path, isolation_level=None)
         db.row_factory = sqlite3.Row

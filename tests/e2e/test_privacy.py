@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 from contextlib import closing
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -200,6 +201,42 @@ async def test_a_server_that_removed_the_bot_while_it_was_away_is_purged(stand_i
         assert _rows(tmp_path / "tasks.db", stays.id) == 1
     finally:
         await bot.stop()
+
+
+@pytest.mark.privacy
+async def test_a_server_that_re_added_the_bot_while_it_was_away_keeps_its_tasks(stand_in, model_dirs, tmp_path):
+    """Kicked, the bot stopped, 31 days, re-added, the bot started: the server is back before any purge."""
+    bot = new_bot(stand_in, model_dirs, tmp_path)
+    bot.env |= {"FLAMINGO_PRIVACY__PURGE_INTERVAL_MINUTES": "0.01"}
+    await bot.start()
+    try:
+        guild = await stand_in.join("Returns")
+        moderator = stand_in.add_member(guild, "moderator", permissions=MANAGE_GUILD)
+        here = Scene(stand_in, guild, moderator, moderator)
+        await here.ask("manage-tasks create", moderator, name="ours", template="<image>Ours:")
+        await stand_in.remove_bot(guild)
+        async with asyncio.timeout(30):
+            while not _departed(tmp_path / "tasks.db", guild.id):
+                await asyncio.sleep(0.1)
+        await bot.stop()
+        with closing(sqlite3.connect(tmp_path / "tasks.db")) as db, db:
+            db.execute(
+                "UPDATE departed_guilds SET left_at = ?", ((datetime.now(UTC) - timedelta(days=31)).isoformat(),)
+            )
+        await stand_in.add_bot(guild)
+        await bot.start()
+        async with asyncio.timeout(30):
+            while _departed(tmp_path / "tasks.db", guild.id):  # reconciled: present again
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(2)  # a few purges later
+        assert _rows(tmp_path / "tasks.db", guild.id) == 1
+    finally:
+        await bot.stop()
+
+
+def _departed(database, guild_id: int) -> bool:
+    with closing(sqlite3.connect(database)) as db:
+        return db.execute("SELECT 1 FROM departed_guilds WHERE guild_id = ?", (guild_id,)).fetchone() is not None
 
 
 def _rows(database, guild_id: int) -> int:

@@ -8,6 +8,7 @@ so that a bot bug shows up as a failed test rather than passing silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,10 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         self.channel_messages: dict[int, list[Message]] = {}
         self.channel_changed = asyncio.Event()
         self.attachments: dict[int, Attachment] = {}
+        # CDN faults a test injects, by attachment id: seconds before the download starts (a stall), or a status.
+        self.cdn_delays: dict[int, float] = {}
+        self.cdn_statuses: dict[int, int] = {}
+        self._stopping = asyncio.Event()
         self.interactions: dict[str, InteractionRecord] = {}
         self.requests: list[tuple[str, str]] = []
         self._runner: web.AppRunner | None = None
@@ -103,6 +108,7 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         return f"{self.base_url}{API}"
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -303,7 +309,13 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         return self._json(self.guild_commands[guild_id])
 
     async def _cdn(self, request: web.Request) -> web.Response:
-        attachment = self.attachments.get(int(request.match_info["id"]))
+        """An upload's bytes; a deleted or expired one is 404, as on Discord's CDN."""
+        attachment_id = int(request.match_info["id"])
+        with contextlib.suppress(TimeoutError):  # a stall ends when the stand-in stops
+            await asyncio.wait_for(self._stopping.wait(), self.cdn_delays.get(attachment_id, 0))
+        attachment = self.attachments.get(attachment_id)
         if attachment is None:
             raise DiscordError(404, 0, "Not Found")
+        if attachment_id in self.cdn_statuses:
+            raise DiscordError(self.cdn_statuses[attachment_id], 0, "CDN failure")
         return web.Response(body=attachment.data, content_type=attachment.content_type or "application/octet-stream")

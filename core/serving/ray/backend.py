@@ -363,6 +363,9 @@ class RayInferenceService:
         while self.in_flight and self.reachable and time.monotonic() < give_up:
             time.sleep(0.05)
         self._stop.set()
+        # A rejoin under way would join the cluster again after the shutdown below (seen under load:
+        # the process stayed connected to a cluster it had left).
+        self._watcher.join(timeout=CLOSE_WAIT_SECONDS)
         import ray
 
         ray.shutdown()

@@ -179,6 +179,44 @@ def test_more_entries_than_a_task_can_have_is_refused():
     )
 
 
+def _unparsed(monkeypatch) -> None:
+    """zipfile must not be reached: the refusal comes from the end-of-directory record alone."""
+
+    def parse(*args, **kwargs):
+        raise AssertionError("the central directory was parsed")
+
+    monkeypatch.setattr("core.tasks.archive.zipfile.ZipFile", parse)
+
+
+ROOMY = ArchiveLimits(max_bytes=10**8, max_uncompressed_bytes=50_000, max_examples=4, max_text_chars=200)
+
+
+def test_a_file_listing_many_entries_is_refused_before_its_directory_is_parsed(monkeypatch):
+    """A directory of 282,707 entries took 3 s and 150 MiB to parse before its count was checked."""
+    data = build([(f"examples/{n}.jpg", b"") for n in range(1, 3001)])
+    _unparsed(monkeypatch)
+    assert refusal(data, ROOMY) == (
+        "The task file holds 3000 files; it may hold at most 5 (task.json and up to 4 example images)."
+    )
+
+
+def test_a_zip64_count_is_read_from_its_own_record(monkeypatch):
+    data = build([(f"examples/{n}.jpg", b"") for n in range(1, 70_001)])  # past 65,535: ZIP64 records
+    assert b"PK\x06\x06" in data[-200:]
+    _unparsed(monkeypatch)
+    assert refusal(data, ROOMY).startswith("The task file holds 70000 files;")
+
+
+def test_a_directory_larger_than_its_declared_count_needs_is_refused_before_it_is_parsed(monkeypatch):
+    data = bytearray(build([(f"examples/{n}.jpg", b"") for n in range(1, 501)]))
+    end = data.rfind(b"PK\x05\x06")
+    data[end + 8 : end + 12] = (2).to_bytes(2, "little") * 2  # the count lies; the directory's size does not
+    _unparsed(monkeypatch)
+    assert refusal(bytes(data), ROOMY) == (
+        "The task file's directory is larger than its files need; export the task again from the bot."
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "shown"),
     [
