@@ -101,7 +101,7 @@ class Inference(commands.Cog):
     # Buttons
 
     async def on_reroll(self, interaction: Interaction, request_id: int) -> None:
-        stored = await self.bot.asking.stored(request_id, interaction.guild_id)
+        stored = await self.bot.asking.stored(request_id, asker_of(interaction))
         origin = stored.origin_user_id or stored.user_id
         question = Question(
             _stored(stored.images), stored.prompt, stored.task, reroll_params(stored.params), stored, origin
@@ -109,7 +109,7 @@ class Inference(commands.Cog):
         await self._answer(interaction, question, "re-rolled")
 
     async def on_prompt(self, interaction: Interaction, request_id: int) -> None:
-        stored = await self.bot.asking.stored(request_id, interaction.guild_id)
+        stored = await self.bot.asking.stored(request_id, asker_of(interaction))
         try:
             task = await self.bot.library.resolve(interaction.guild_id, stored.task)
             full = assemble_prompt([example.text for example in task.examples], stored.prompt)
@@ -121,7 +121,7 @@ class Inference(commands.Cog):
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     async def on_delete(self, interaction: Interaction, request_id: int) -> None:
-        stored = await self.bot.store.get_request(request_id, interaction.guild_id)
+        stored = await self.bot.store.get_request(request_id, interaction.guild_id, interaction.user.id)
         # Once the request is gone (forgotten, expired, or beyond the storage budget), Discord still knows who asked.
         metadata = interaction.message.interaction_metadata if interaction.message else None
         owners = stored.owners if stored is not None else {metadata.user.id} if metadata else set()
@@ -129,7 +129,7 @@ class Inference(commands.Cog):
             raise NotAllowedHere("Only the person who asked, or a member with Manage Messages, can delete this answer.")
         await interaction.response.defer()
         await interaction.delete_original_response()
-        await self.bot.store.delete_request(request_id, interaction.guild_id)
+        await self.bot.store.delete_request(request_id, interaction.guild_id, interaction.user.id)
 
     async def on_report(self, interaction: Interaction, request_id: int) -> None:
         rules = await self.bot.asking.rules(interaction.guild_id)
@@ -140,7 +140,7 @@ class Inference(commands.Cog):
         if not self.bot.reports.first(request_id, interaction.user.id):
             raise NotAllowedHere("You have already reported this answer; the moderators have it.")
         try:
-            stored = await self.bot.store.get_request(request_id, interaction.guild_id)
+            stored = await self.bot.store.get_request(request_id, interaction.guild_id, interaction.user.id)
             embed, files = report_message(interaction, stored)
             await self.bot.get_partial_messageable(rules.report_channel).send(embed=embed, files=files)
         except BaseException as error:  # not posted, whatever stopped it: the member may report again

@@ -249,9 +249,9 @@ class Asking:
         withheld = not asker.nsfw_channel and self.answer_filter.blocks(answer.text)
         return Answered(WITHHELD if withheld else answer.text, task.name, text, answer, images, other, request_id)
 
-    async def stored(self, request_id: int, guild_id: int | None) -> StoredRequest:
+    async def stored(self, request_id: int, asker: Asker) -> StoredRequest:
         """An answer's stored request, for its buttons; refused, saying why, once it is gone."""
-        stored = await self.store.get_request(request_id, guild_id)
+        stored = await self.store.get_request(request_id, asker.guild_id, asker.user_id)
         if stored is None:
             kept = duration(self.settings.privacy.request_retention_hours * 3600)
             raise RequestCancelled(

@@ -20,6 +20,15 @@ from core.storage.database import Database, now_text
 DELETE_BATCH = 25
 
 
+# A request is reached only from the server it was made in; in direct messages, which share one
+# place (guild 0), only by the person whose request, or whose picture, it is.
+_WHERE_MADE = "id = ? AND guild_id = ? AND (guild_id != 0 OR user_id = ? OR origin_user_id = ?)"
+
+
+def _where_made(request_id: int, guild_id: int | None, user_id: int) -> tuple[int, int, int, int]:
+    return request_id, guild_id or 0, user_id, user_id
+
+
 @dataclass(frozen=True)
 class RequestBudget:
     """Bytes of stored request images, beyond which the oldest requests go before their retention ends.
@@ -154,10 +163,12 @@ class RequestStore(Database):
         await self._db.executemany("DELETE FROM requests WHERE id = ?", [(request_id,) for request_id in doomed])
         return len(doomed)
 
-    async def get_request(self, request_id: int, guild_id: int | None) -> StoredRequest | None:
-        """The request, only if it was made in the same server: ids are guessable, servers are not."""
+    async def get_request(self, request_id: int, guild_id: int | None, user_id: int) -> StoredRequest | None:
+        """The request, only where it was made (``_WHERE_MADE``): ids are guessable, places are not."""
         async with self._lock:
-            row = await self._one("SELECT * FROM requests WHERE id = ? AND guild_id = ?", (request_id, guild_id or 0))
+            row = await self._one(
+                f"SELECT * FROM requests WHERE {_WHERE_MADE}", _where_made(request_id, guild_id, user_id)
+            )
             if row is None:
                 return None
             images = await self._db.execute_fetchall(
@@ -177,10 +188,10 @@ class RequestStore(Database):
             origin_user_id=row["origin_user_id"],
         )
 
-    async def delete_request(self, request_id: int, guild_id: int | None) -> None:
-        """Only in the server it was made in, as ``get_request`` reads."""
+    async def delete_request(self, request_id: int, guild_id: int | None, user_id: int) -> None:
+        """Only where it was made, as ``get_request`` reads."""
         async with self._transaction() as db:
-            await db.execute("DELETE FROM requests WHERE id = ? AND guild_id = ?", (request_id, guild_id or 0))
+            await db.execute(f"DELETE FROM requests WHERE {_WHERE_MADE}", _where_made(request_id, guild_id, user_id))
 
     async def delete_requests_before(self, cutoff: datetime) -> int:
         """Retention: every request older than ``cutoff`` goes, with its images."""

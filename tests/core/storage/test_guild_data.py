@@ -84,7 +84,7 @@ async def test_requests_round_trip_only_within_their_guild(storage):
     request_id = await storage.save_request(
         GUILD, 3, 42, "caption", "<image>Output:", params, [b"one", b"two"], budget=ROOMY
     )
-    stored = await storage.get_request(request_id, GUILD)
+    stored = await storage.get_request(request_id, GUILD, 42)
     assert stored is not None
     assert (stored.user_id, stored.task, stored.prompt, stored.params, stored.images) == (
         42,
@@ -94,16 +94,19 @@ async def test_requests_round_trip_only_within_their_guild(storage):
         (b"one", b"two"),
     )
     assert stored.model is None  # the default model answered
-    assert await storage.get_request(request_id, OTHER) is None
+    assert await storage.get_request(request_id, OTHER, 42) is None
     direct = await storage.save_request(
         None, 4, 42, "vqa", "<image>Q:", GenerationParams(), [b"x"], "models/small", budget=ROOMY
     )
-    assert (await storage.get_request(direct, None)).guild_id == 0  # type: ignore[union-attr]
-    assert (await storage.get_request(direct, None)).model == "models/small"  # type: ignore[union-attr]
-    await storage.delete_request(request_id, OTHER)  # only where it was made
-    assert await storage.get_request(request_id, GUILD) is not None
-    await storage.delete_request(request_id, GUILD)
-    assert await storage.get_request(request_id, GUILD) is None
+    assert (await storage.get_request(direct, None, 42)).guild_id == 0  # type: ignore[union-attr]
+    assert (await storage.get_request(direct, None, 42)).model == "models/small"  # type: ignore[union-attr]
+    assert await storage.get_request(direct, None, 43) is None  # direct messages are each person's own
+    await storage.delete_request(direct, None, 43)
+    assert await storage.get_request(direct, None, 42) is not None
+    await storage.delete_request(request_id, OTHER, 42)  # only where it was made
+    assert await storage.get_request(request_id, GUILD, 42) is not None
+    await storage.delete_request(request_id, GUILD, 42)
+    assert await storage.get_request(request_id, GUILD, 42) is None
 
 
 async def test_purge_deletes_old_requests_and_servers_left_long_ago(storage):
@@ -160,7 +163,7 @@ async def test_forgetting_a_user_removes_their_requests_and_examples_and_renumbe
     assert after is not None and before is not None
     assert [(e.position, e.text) for e in after.examples] == [(1, "by seven"), (2, "by seven again")]
     assert after.revision > before.revision
-    assert await storage.get_request(mine, GUILD) is not None
+    assert await storage.get_request(mine, GUILD, 7) is not None
     assert await storage.forget_user(42) == Forgotten(requests=0, examples=0)
 
 

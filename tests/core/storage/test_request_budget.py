@@ -38,8 +38,8 @@ async def save(
     )
 
 
-async def kept(storage: Storage, ids: list[int], guild_id: int | None) -> list[int]:
-    return [request_id for request_id in ids if await storage.get_request(request_id, guild_id) is not None]
+async def kept(storage: Storage, ids: list[int], guild_id: int | None, user_id: int = 42) -> list[int]:
+    return [request_id for request_id in ids if await storage.get_request(request_id, guild_id, user_id) is not None]
 
 
 def accounted(path: Path) -> dict[tuple[int, int], int]:
@@ -59,7 +59,7 @@ def accounted(path: Path) -> dict[tuple[int, int], int]:
 async def test_ids_are_never_reused_once_their_requests_are_gone(storage: Storage) -> None:
     """Buttons on old answers name their request by id: a reused id showed another request."""
     first = [await save(storage, GUILD, 10) for _ in range(3)]
-    await storage.delete_request(first[-1], GUILD)
+    await storage.delete_request(first[-1], GUILD, 42)
     after_delete = await save(storage, GUILD, 10)
     assert after_delete > first[-1]
     await storage.purge(PrivacySettings(request_retention_hours=1), ROOMY, datetime.now(UTC) + timedelta(hours=2))
@@ -82,7 +82,7 @@ async def test_direct_messages_count_per_user(storage: Storage, tmp_path: Path) 
     mine = [await save(storage, None, 1000, budget, user_id=42) for _ in range(3)]
     yours = [await save(storage, None, 1000, budget, user_id=43) for _ in range(2)]
     assert await kept(storage, mine, None) == mine[1:]
-    assert await kept(storage, yours, None) == yours
+    assert await kept(storage, yours, None, 43) == yours
     assert accounted(tmp_path / "bot.db") == {(0, 42): 2000, (0, 43): 2000}
 
 
