@@ -12,6 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.utils.answering import asker_of
 from cogs.utils.attachments import download
 from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot, Interaction
@@ -108,6 +109,7 @@ class Tasks(commands.Cog):
 
     @browse.command(name="list", description="The built-in tasks and this server's")
     async def list_tasks(self, interaction: Interaction) -> None:
+        await self.bot.asking.check_allowed(asker_of(interaction))
         tasks = await self.library.list_tasks(interaction.guild_id)
         default = await self.library.default_task_name(interaction.guild_id)
         usage = await self.library.usage(interaction.guild_id) if interaction.guild_id is not None else None
@@ -117,6 +119,7 @@ class Tasks(commands.Cog):
     @app_commands.describe(task="The task's name")
     @app_commands.autocomplete(task=task_names)
     async def show(self, interaction: Interaction, task: str) -> None:
+        await self.bot.asking.check_allowed(asker_of(interaction))
         await interaction.response.defer(ephemeral=True, thinking=True)
         details = await self.library.preview(interaction.guild_id, task)
         await interaction.followup.send(**task_details_message(details), ephemeral=True)
@@ -125,6 +128,7 @@ class Tasks(commands.Cog):
     @app_commands.describe(task="The task's name")
     @app_commands.autocomplete(task=task_names)
     async def export(self, interaction: Interaction, task: str) -> None:
+        await self.bot.asking.check_allowed(asker_of(interaction))
         await interaction.response.defer(ephemeral=True, thinking=True)
         archive = await self.library.export(interaction.guild_id, task)
         data = await asyncio.to_thread(write_archive, archive, discord.utils.utcnow())

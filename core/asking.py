@@ -177,6 +177,11 @@ class Asking:
     async def rules(self, guild_id: int | None) -> GuildSettings:
         return await self.store.guild_settings(guild_id) if guild_id is not None else GuildSettings()
 
+    async def check_allowed(self, asker: Asker) -> None:
+        """The server's channels and role, for what reads its task library (listing, showing, exporting):
+        a member the server keeps from asking is kept from browsing what the bot would answer with."""
+        check_rules(asker, await self.rules(asker.guild_id))
+
     async def ask(self, asker: Asker, question: Question, front: Front) -> Answered | None:
         """Check, count, read, run, save and moderate one request; the front end is called to acknowledge
         it and to show its place in line. None: the asker cancelled it while it waited."""

@@ -147,3 +147,29 @@ async def test_in_process_the_model_cannot_be_switched_and_the_reason_is_given(s
     kept = (await scene.ask("settings model", scene.moderator))[0]
     assert kept.content == "This server's answers now come from llama (the default, always loaded)."
     assert _fields(kept)["Model"] == "llama (the default, always loaded)"
+
+
+@pytest.mark.settings
+async def test_the_role_and_channels_cover_the_task_library_too(scene):
+    """A member kept from asking is kept from listing, showing, exporting and completing the server's tasks."""
+    await scene.ask("manage-tasks create", scene.moderator, name="ours", template="<image>Ours:")
+    artists = await scene.discord.add_role(scene.guild, "artists")
+    await scene.ask("settings role", scene.moderator, role=artists)
+    needs_role = f"You need the <@&{artists.id}> role to use the bot on this server."
+    for command, options in [("tasks list", {}), ("tasks show", {"task": "ours"}), ("tasks export", {"task": "ours"})]:
+        refused = await scene.ask(command, **options)
+        assert [(m.content, m.ephemeral) for m in refused] == [(needs_role, True)]
+    typed = scene.discord.autocomplete_payload("tasks show", scene.reader, scene.guild, "task", task="")
+    record = await scene.discord.send_interaction(typed)
+    await record.wait_for(lambda: record.choices is not None, timeout=30)
+    assert record.choices == []
+    artist = scene.discord.add_member(scene.guild, "artist")
+    artist.roles.append(artists.id)
+    assert "**ours**" in (await scene.ask("tasks list", artist))[0].embeds[0]["description"]
+    await scene.ask("settings role", scene.moderator)
+
+    bots = await scene.discord.add_channel(scene.guild, "bots")
+    await scene.ask("settings channels add", scene.moderator, channel=bots)
+    refused = await scene.ask("tasks list", in_channel=scene.guild.channels[0])
+    assert [(m.content, m.ephemeral) for m in refused] == [(f"I only answer in <#{bots.id}> on this server.", True)]
+    assert "**ours**" in (await scene.ask("tasks list", in_channel=bots))[0].embeds[0]["description"]
