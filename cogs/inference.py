@@ -14,7 +14,7 @@ from cogs.utils.answering import InteractionFront, answer_message, asker_of, pro
 from cogs.utils.attachments import download
 from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot, Interaction
-from cogs.utils.buttons import ActionButton, answer_view
+from cogs.utils.buttons import ActionButton, answer_view, answered_request
 from cogs.utils.options import drop_options, generation_options, limit_options
 from core.asking import ImageReader, Question
 from core.errors import BadImage, NotAllowedHere, RequestCancelled, UnknownTask
@@ -78,8 +78,25 @@ class Inference(commands.Cog):
         if not images:
             raise BadImage("That message has no attached image; I only read attached images, not links.")
         check_file_size(images[0].size, self.bot.settings.images)
-        question = Question(self._reader(images[:1]), None, None, GenerationParams(), origin=message.author.id)
+        owner = await self._picture_owner(interaction, message)
+        question = Question(self._reader(images[:1]), None, None, GenerationParams(), origin=owner)
         await self._answer(interaction, question, "asked")
+
+    async def _picture_owner(self, interaction: Interaction, message: discord.Message) -> int:
+        """Whose picture a message shows, for /forget-me: its author's; on the bot's own answer, the
+        person's whose picture that answer was about (else who asked for it)."""
+        if self.bot.user is None or message.author.id != self.bot.user.id:
+            return message.author.id
+        request_id = answered_request(message)
+        stored = (
+            await self.bot.store.get_request(request_id, interaction.guild_id, interaction.user.id)
+            if request_id is not None
+            else None
+        )
+        if stored is not None:
+            return stored.origin_user_id or stored.user_id
+        metadata = message.interaction_metadata
+        return metadata.user.id if metadata is not None else message.author.id
 
     def _reader(self, attachments: list[discord.Attachment]) -> ImageReader:
         seconds = self.bot.settings.images.download_seconds

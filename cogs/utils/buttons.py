@@ -27,9 +27,10 @@ _ACTIONS = {
 }
 
 
-class ActionButton(
-    discord.ui.DynamicItem[discord.ui.Button], template=r"flamingo:(?P<action>[a-z]+):(?P<id>[0-9]{1,20})"
-):
+_ACTION_ID = r"flamingo:(?P<action>[a-z]+):(?P<id>[0-9]{1,20})"
+
+
+class ActionButton(discord.ui.DynamicItem[discord.ui.Button], template=_ACTION_ID):
     """One button of an answer (or of a waiting request); the cog does the work, so reloads apply to it."""
 
     def __init__(self, action: str, target_id: int) -> None:
@@ -98,3 +99,13 @@ def button_view(*buttons: ActionButton) -> discord.ui.View:
 
 def answer_view(request_id: int) -> discord.ui.View:
     return button_view(*(ActionButton(action, request_id) for action in ("reroll", "prompt", "delete", "report")))
+
+
+def answered_request(message: discord.Message) -> int | None:
+    """The stored request an answer's buttons name, if the message is one of the bot's answers."""
+    for row in message.components:
+        for child in getattr(row, "children", ()):
+            found = re.fullmatch(_ACTION_ID, getattr(child, "custom_id", None) or "")
+            if found is not None:
+                return int(found["id"])
+    return None

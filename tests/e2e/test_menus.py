@@ -116,3 +116,19 @@ async def test_help_explains_the_bot_and_shows_this_servers_default(scene):
     assert "`/comprehend image:<your picture>`" in fields["Ask"]
     assert fields["This server"] == "Default task: **birds** · 3 tasks"
     assert "About" not in fields
+
+
+@pytest.mark.context_menu
+async def test_describing_the_bots_answer_leaves_the_picture_its_askers_to_forget(scene):
+    """The bot posted the picture, but it is the asker's: their /forget-me takes the description too."""
+    asked = (await scene.ask("comprehend", image=scene.photo("coffee"), max_new_tokens=2))[0]
+    bob = scene.discord.add_member(scene.guild, "bob")
+    message = scene.discord.message_json(asked)
+    message["attachments"] = [scene.photo("coffee").payload()]  # the answer's picture, as Discord serves it
+    payload = scene.discord.context_menu_payload("Describe image", bob, scene.guild, message)
+    described = (await (await scene.discord.send_interaction(payload)).answered())[0]
+    assert described.embeds
+    forgot = (await scene.ask("forget-me"))[0]
+    assert forgot.content.startswith("Deleted the pictures and prompts of your 2 recent requests.")
+    gone = (await (await click(scene, described, "Prompt", bob)).answered())[0]
+    assert gone.content.startswith("This answer's request is no longer stored")
