@@ -288,7 +288,8 @@ class TaskLibrary:
 
     async def _checked_write(self, guild_id: int, name: str, write: Callable[[StoredTask], Awaitable[T]]) -> T:
         """Read the task, check and write the change at that revision; when someone else's change came
-        in between, read and check again, so that changes at the same moment apply one after another."""
+        in between, read and check again, so that changes at the same moment apply one after another
+        (positions then name the examples as they are when the change applies, as for a later command)."""
         for _ in range(_WRITE_ATTEMPTS - 1):
             try:
                 return await write(await self._stored_for_change(guild_id, name))
@@ -297,21 +298,28 @@ class TaskLibrary:
         return await write(await self._stored_for_change(guild_id, name))
 
     async def edit_example(self, guild_id: int, name: str, position: int, text: str) -> None:
-        stored = await self._stored_for_change(guild_id, name)
         text = self._check_example_text(text)
-        texts = [text if e.position == position else e.text for e in stored.examples]
-        self._check_fits(stored.name, texts, stored.prompt_template)
-        await self.store.edit_example(guild_id, stored.name, position, text, revision=stored.revision)
+
+        async def write(stored: StoredTask) -> None:
+            texts = [text if e.position == position else e.text for e in stored.examples]
+            self._check_fits(stored.name, texts, stored.prompt_template)
+            await self.store.edit_example(guild_id, stored.name, position, text, revision=stored.revision)
+
+        await self._checked_write(guild_id, name, write)
 
     async def remove_example(self, guild_id: int, name: str, position: int) -> None:
-        stored = await self._stored_for_change(guild_id, name)
-        await self.store.remove_example(guild_id, stored.name, position, revision=stored.revision)
+        async def write(stored: StoredTask) -> None:
+            await self.store.remove_example(guild_id, stored.name, position, revision=stored.revision)
+
+        await self._checked_write(guild_id, name, write)
 
     async def move_example(self, guild_id: int, name: str, position: int, new_position: int) -> None:
-        stored = await self._stored_for_change(guild_id, name)
-        if position == new_position and 1 <= position <= len(stored.examples):
-            raise BadParameter(f"Example {position} is already at position {position}; nothing changed.")
-        await self.store.move_example(guild_id, stored.name, position, new_position, revision=stored.revision)
+        async def write(stored: StoredTask) -> None:
+            if position == new_position and 1 <= position <= len(stored.examples):
+                raise BadParameter(f"Example {position} is already at position {position}; nothing changed.")
+            await self.store.move_example(guild_id, stored.name, position, new_position, revision=stored.revision)
+
+        await self._checked_write(guild_id, name, write)
 
     async def set_default(self, guild_id: int, name: str | None) -> str | None:
         if name is None:

@@ -86,3 +86,43 @@ async def test_an_edit_by_position_is_refused_after_the_examples_moved(library):
     after = await library.store.get_task(GUILD, "pets")
     assert [e.text for e in after.examples] == ["<image>Pet:two", "<image>Pet:three"]
     assert after.prompt_template == "<image>Pet:"
+
+
+def both_write_at_once(monkeypatch, library, method: str) -> None:
+    """The first two calls of the store's ``method`` wait for each other: both read the same revision."""
+    both_read = asyncio.Barrier(2)
+    original = getattr(library.store, method)
+    calls = 0
+
+    async def after_both_read(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            await both_read.wait()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(library.store, method, after_both_read)
+
+
+async def test_examples_edited_at_once_are_both_applied(library, monkeypatch):
+    both_write_at_once(monkeypatch, library, "edit_example")
+    await asyncio.gather(
+        library.edit_example(GUILD, "pets", 1, "<image>Pet:ONE"),
+        library.edit_example(GUILD, "pets", 3, "<image>Pet:THREE"),
+    )
+    texts = [e.text for e in (await library.store.get_task(GUILD, "pets")).examples]
+    assert texts == ["<image>Pet:ONE", "<image>Pet:two", "<image>Pet:THREE"]
+
+
+async def test_examples_removed_and_moved_at_once_apply_one_after_another(library, monkeypatch):
+    both_write_at_once(monkeypatch, library, "remove_example")
+    await asyncio.gather(library.remove_example(GUILD, "pets", 1), library.remove_example(GUILD, "pets", 1))
+    assert [e.text for e in (await library.store.get_task(GUILD, "pets")).examples] == ["<image>Pet:three"]
+
+    await library.add_example(GUILD, "pets", (IMAGES / "coffee.jpg").read_bytes(), "<image>Pet:four", 1)
+    both_write_at_once(monkeypatch, library, "move_example")
+    await asyncio.gather(library.move_example(GUILD, "pets", 2, 1), library.move_example(GUILD, "pets", 2, 1))
+    assert [e.text for e in (await library.store.get_task(GUILD, "pets")).examples] == [
+        "<image>Pet:three",
+        "<image>Pet:four",
+    ]
