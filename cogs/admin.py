@@ -15,6 +15,7 @@ from cogs.utils.options import limit_options
 from cogs.utils.replies import clip
 from core.config import VERSION
 from core.model.engine import EngineStatus
+from core.storage.database import WriteState
 from core.wording import duration, plural
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,22 @@ def _graphs_line(engine: EngineStatus) -> str:
     return f"{stats['entries']} kept, {stats['bytes'] / 2**20:.1f} MiB, batches stepped from them: {used}"
 
 
+def _storage_line(writes: WriteState) -> str:
+    if writes.refusal is None:
+        return "ok" + (f" ({plural(writes.refused, 'write')} refused since start)" if writes.refused else "")
+    return (
+        f"degraded: the database refuses writes ({writes.refusal}); answers are posted unstored and "
+        "changes refused until a write succeeds"
+    )
+
+
 def status_embed(bot: FlamingoBot) -> discord.Embed:
-    embed = discord.Embed(title="flamingo-bot status", colour=discord.Colour.green())
+    writes = bot.store.writes
+    colour = discord.Colour.orange() if writes.degraded else discord.Colour.green()
+    embed = discord.Embed(title="flamingo-bot status", colour=colour)
     fields = {
         **_model_fields(bot),
+        "Storage": clip(_storage_line(writes), 1024),
         "Uptime": duration(time.monotonic() - bot.started_at),
         "Servers": str(len(bot.guilds)),
         "Shards": " · ".join(f"{shard}: {latency * 1000:.0f} ms" for shard, latency in bot.latencies)

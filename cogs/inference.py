@@ -1,7 +1,8 @@
 """``/comprehend`` and the message menu's Describe image: images and a prompt in, the model's answer out.
 
-Every answer carries buttons (re-roll, prompt, delete, report) and every waiting request a cancel
-button (``cogs/utils/buttons.py``); their clicks are handled here.
+Every answer carries buttons (re-roll, prompt, delete, report; only the last two when the database
+refused to store it) and every waiting request a cancel button (``cogs/utils/buttons.py``); their
+clicks are handled here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from cogs.utils.answering import InteractionFront, answer_message, asker_of, pro
 from cogs.utils.attachments import download
 from cogs.utils.autocomplete import task_names
 from cogs.utils.bot import FlamingoBot, Interaction
-from cogs.utils.buttons import ActionButton, answer_view, answered_request
+from cogs.utils.buttons import UNSTORED, ActionButton, answer_view, answered_request
 from cogs.utils.options import drop_options, generation_options, limit_options
 from core.asking import ImageReader, Question
 from core.errors import BadImage, NotAllowedHere, RequestCancelled, UnknownTask
@@ -146,7 +147,8 @@ class Inference(commands.Cog):
             raise NotAllowedHere("Only the person who asked, or a member with Manage Messages, can delete this answer.")
         await interaction.response.defer()
         await interaction.delete_original_response()
-        await self.bot.store.delete_request(request_id, interaction.guild_id, interaction.user.id)
+        if request_id != UNSTORED:
+            await self.bot.store.delete_request(request_id, interaction.guild_id, interaction.user.id)
 
     async def on_report(self, interaction: Interaction, request_id: int) -> None:
         rules = await self.bot.asking.rules(interaction.guild_id)
@@ -154,14 +156,16 @@ class Inference(commands.Cog):
             raise NotAllowedHere("This server has no report channel; a moderator can set one with /settings reports.")
         # Acknowledged first: posting may wait on the report channel's rate limit past Discord's 3 seconds.
         await interaction.response.defer(ephemeral=True, thinking=True)
-        if not self.bot.reports.first(request_id, interaction.user.id):
+        # An unstored answer is told apart from others by its message (whose id is far above any request's).
+        answer = request_id if request_id != UNSTORED or interaction.message is None else interaction.message.id
+        if not self.bot.reports.first(answer, interaction.user.id):
             raise NotAllowedHere("You have already reported this answer; the moderators have it.")
         try:
             stored = await self.bot.store.get_request(request_id, interaction.guild_id, interaction.user.id)
             embed, files = report_message(interaction, stored)
             await self.bot.get_partial_messageable(rules.report_channel).send(embed=embed, files=files)
         except BaseException as error:  # not posted, whatever stopped it: the member may report again
-            self.bot.reports.forget(request_id, interaction.user.id)
+            self.bot.reports.forget(answer, interaction.user.id)
             if isinstance(error, discord.HTTPException):
                 raise NotAllowedHere(
                     "I could not post in this server's report channel; ask a moderator to check /settings reports."

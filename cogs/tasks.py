@@ -6,6 +6,7 @@ Two groups rather than one, because Discord ignores ``default_permissions`` on s
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 
 import discord
@@ -22,7 +23,7 @@ from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, EMBED
 from core.errors import LimitReached
 from core.images import check_file_size
 from core.tasks.archive import BadArchive, archive_filename, write_archive
-from core.tasks.library import MAX_NAME_CHARS, TaskLibrary
+from core.tasks.library import MAX_NAME_CHARS, TaskLibrary, UploadReader
 from core.tasks.views import LibraryUsage, TaskDetails, TaskInfo
 from core.wording import byte_size, plural
 
@@ -152,8 +153,7 @@ class Tasks(commands.Cog):
         if file.size > limit:
             raise BadArchive(f"The task file is {file.size:,} bytes; the limit is {limit:,} bytes.")
         await interaction.response.defer(ephemeral=True, thinking=True)
-        data = await download(file, self.bot.settings.images.download_seconds)
-        imported = await self.library.import_task(server_id(interaction), data, interaction.user.id, name)
+        imported = await self.library.import_task(server_id(interaction), self._reader(file), interaction.user.id, name)
         await interaction.followup.send(f"Imported task **{imported}**.", ephemeral=True)
 
     @manage.command(description="Create a task (add examples to it afterwards)")
@@ -172,8 +172,9 @@ class Tasks(commands.Cog):
     async def add_example(self, interaction: Interaction, task: str, image: discord.Attachment, text: str) -> None:
         check_file_size(image.size, self.bot.settings.images)
         await interaction.response.defer(ephemeral=True, thinking=True)
-        upload = await download(image, self.bot.settings.images.download_seconds)
-        position = await self.library.add_example(server_id(interaction), task, upload, text, interaction.user.id)
+        position = await self.library.add_example(
+            server_id(interaction), task, self._reader(image), text, interaction.user.id
+        )
         await interaction.followup.send(f"Added example {position} to **{task}**.", ephemeral=True)
 
     @manage.command(name="edit-example", description="Change the text of an example")
@@ -244,6 +245,10 @@ class Tasks(commands.Cog):
         chosen = await self.library.set_default(server_id(interaction), task)
         shown = chosen or await self.library.default_task_name(interaction.guild_id)
         await self._done(interaction, f"The default task is now **{shown}**.")
+
+    def _reader(self, attachment: discord.Attachment) -> UploadReader:
+        """The attachment's download, made only once the library lets the change in (quotas, checks)."""
+        return functools.partial(download, attachment, self.bot.settings.images.download_seconds)
 
     @staticmethod
     async def _done(interaction: Interaction, message: str) -> None:

@@ -16,14 +16,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from PIL import Image
+
 from core.config import Settings
-from core.errors import BadImage, BadPrompt, FlamingoError, GenerationFailed, NotAllowedHere, RequestCancelled
+from core.errors import (
+    BadImage,
+    BadPrompt,
+    FlamingoError,
+    GenerationFailed,
+    NotAllowedHere,
+    RequestCancelled,
+    StorageUnavailable,
+)
 from core.generation import GenerationParams, generation_kwargs
 from core.guild_settings import GuildSettings
 from core.images import check_file_size, check_signature, encode_for_storage, load_image
 from core.model.engine import Answer
 from core.moderation import AnswerFilter
-from core.quotas import RequestQuotas
+from core.quotas import Admission, RequestQuotas
 from core.serving import ModelService, QueuedRequest
 from core.serving.metrics import Metrics
 from core.serving.model_choice import ModelCatalog, short_name
@@ -99,7 +109,7 @@ class Answered:
     answer: Answer
     images: list[bytes]
     model: str | None  # a model the server chose instead of the default
-    request_id: int
+    request_id: int | None  # None: not stored (the database refused the write), so nothing can read it back
 
 
 @contextmanager
@@ -192,15 +202,7 @@ class Asking:
             await front.accepted(private=rules.ephemeral_answers)
             task = await self.library.resolve(asker.guild_id, question.task)
             text = question.prompt if question.prompt is not None else task.prompt_template
-            uploads = await question.read_images()
-            for index, data in enumerate(uploads, 1):  # a file that is plainly not an image costs no cooldown
-                with about_image(index, len(uploads)):
-                    check_signature(data, settings.images)
-            admission.spent()  # reading headers and pixels is work a refusal must not let be repeated at once
-            pictures = []
-            for index, data in enumerate(uploads, 1):
-                with about_image(index, len(uploads)):
-                    pictures.append(await asyncio.to_thread(load_image, data, settings.images))
+            pictures = await self._pictures(question.read_images, admission)
             if settings.logging.log_prompts:
                 log.info("request by %s in %s: %r", asker.user_id, asker.guild_id, text)
             started = time.monotonic()
@@ -209,7 +211,7 @@ class Asking:
             other = None if model == self.models.default else model
             try:
                 answer = await front.in_line(
-                    self.service.submit(pictures, text, task, question.params, front.deadline, other)
+                    self.service.submit(pictures, text, task, question.params, front.deadline, other, asker.guild_id)
                 )
             except RequestCancelled:
                 self.metrics.ended("cancelled")
@@ -226,23 +228,26 @@ class Asking:
             elapsed = time.monotonic() - started
             self.metrics.answered(elapsed)
             images = [await asyncio.to_thread(encode_for_storage, picture) for picture in pictures]
-            request_id = await self.store.save_request(
-                asker.guild_id,
-                asker.channel_id or 0,
-                asker.user_id,
-                task.name,
-                text,
-                question.params,
-                images,
-                other,
-                question.origin,
-                budget=RequestBudget.of(settings.storage),
-            )
+            try:
+                request_id: int | None = await self.store.save_request(
+                    asker.guild_id,
+                    asker.channel_id or 0,
+                    asker.user_id,
+                    task.name,
+                    text,
+                    question.params,
+                    images,
+                    other,
+                    question.origin,
+                    budget=RequestBudget.of(settings.storage),
+                )
+            except StorageUnavailable:  # logged by the store once while it lasts; the answer is still posted
+                request_id = None
             # What happened, never what was asked: prompts are logged above only when allowed.
             log.info(
-                "request %d answered in guild %s: task %s, model %s, %d image(s), %d tokens in %.1f s "
+                "request %s answered in guild %s: task %s, model %s, %d image(s), %d tokens in %.1f s "
                 "after %.1f s in line",
-                request_id,
+                "(not stored)" if request_id is None else request_id,
                 asker.guild_id,
                 task.name,
                 short_name(model),
@@ -253,6 +258,21 @@ class Asking:
             )
         withheld = not asker.nsfw_channel and self.answer_filter.blocks(answer.text)
         return Answered(WITHHELD if withheld else answer.text, task.name, text, answer, images, other, request_id)
+
+    async def _pictures(self, read_images: ImageReader, admission: Admission) -> list[Image.Image]:
+        """Read, check and decode the question's images. In a method of its own so that the raw files
+        (up to four of 25 MiB) are let go when it returns, not held while the request waits in line."""
+        settings = self.settings.images
+        uploads = await read_images()
+        for index, data in enumerate(uploads, 1):  # a file that is plainly not an image costs no cooldown
+            with about_image(index, len(uploads)):
+                check_signature(data, settings)
+        admission.spent()  # reading headers and pixels is work a refusal must not let be repeated at once
+        pictures = []
+        for index, data in enumerate(uploads, 1):
+            with about_image(index, len(uploads)):
+                pictures.append(await asyncio.to_thread(load_image, data, settings))
+        return pictures
 
     async def stored(self, request_id: int, asker: Asker) -> StoredRequest:
         """An answer's stored request, for its buttons; refused, saying why, once it is gone."""

@@ -72,6 +72,9 @@ class ImageSettings(Section):
     download_seconds: float = Field(
         60, gt=0, description="An upload still downloading from Discord after this is refused: send it again."
     )
+    decode_seconds: float = Field(
+        10, gt=0, description="An upload read in a worker process for longer than this is refused, the process killed."
+    )
 
 
 class PromptSettings(Section):
@@ -159,6 +162,22 @@ class QuotaSettings(Section):
     guild_in_flight: int = Field(8, gt=0, description="Requests of one guild being answered or waiting.")
     guild_per_period: int = Field(120, gt=0)
     period_seconds: float = Field(3600.0, gt=0)
+    task_uploads_in_flight: int = Field(1, gt=0, description="A guild's add-example and import commands at once.")
+    task_uploads_per_period: int = Field(30, gt=0, description="A guild's add-example and import commands per period.")
+    task_upload_cooldown_seconds: float | None = Field(
+        None, ge=0, description="Between two task uploads of one user; None: user_cooldown_seconds."
+    )
+
+    @property
+    def task_uploads(self) -> QuotaSettings:
+        """The quotas of task uploads, which read images too but have their own, as members' requests'."""
+        cooldown = self.task_upload_cooldown_seconds
+        return QuotaSettings(
+            user_cooldown_seconds=self.user_cooldown_seconds if cooldown is None else cooldown,
+            guild_in_flight=self.task_uploads_in_flight,
+            guild_per_period=self.task_uploads_per_period,
+            period_seconds=self.period_seconds,
+        )
 
 
 class DiscordSettings(Section):
@@ -170,6 +189,12 @@ class DiscordSettings(Section):
     terms_url: str | None = Field(None, description="Shown by /help when set.")
     gateway_url: str = Field("wss://gateway.discord.gg/", description="For every shard, also after a new session.")
     shard_count: int | None = Field(None, ge=1, description="None: as many shards as Discord recommends.")
+    heartbeat_timeout_seconds: float = Field(
+        60.0,
+        gt=5,  # discord.py waits 5 s before identifying anew without reading; less would never let it connect
+        description="A connection that receives nothing for this long is made anew: longer than the gateway's "
+        "heartbeat interval (Discord's: 41.25 s).",
+    )
 
     @field_validator("api_base_url")
     @classmethod
@@ -198,10 +223,17 @@ class LimitSettings(Section):
     max_template_chars: int = Field(400, gt=0)
     max_import_bytes: int = Field(25 * 1024 * 1024, gt=0, description="A task file /manage-tasks import reads.")
     max_task_images_mb: float = Field(64, gt=0, description="All of one server's task images together.")
+    max_all_task_images_mb: float = Field(
+        4096, gt=0, description="All servers' task images together: the database's share the operator allows them."
+    )
 
     @property
     def max_task_image_bytes(self) -> int:
         return round(self.max_task_images_mb * 2**20)
+
+    @property
+    def max_all_task_image_bytes(self) -> int:
+        return round(self.max_all_task_images_mb * 2**20)
 
 
 class StorageSettings(Section):

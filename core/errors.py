@@ -94,6 +94,15 @@ class NotAllowedHere(FlamingoError):
     """A server's settings keep the bot from answering this member or in this channel."""
 
 
+class StorageUnavailable(FlamingoError):
+    """The database refused a write (disk full, read-only or failing file, or locked too long): the
+    change was rolled back whole. Reads still work, and the next write that succeeds ends it."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__("The bot cannot save changes right now, so nothing was changed; try again later.")
+        self.cause = cause  # SQLite's words, for the log: never shown to users
+
+
 def unexpected_failure(error: BaseException, logger: logging.Logger) -> GenerationFailed:
     """A bug while the model answered: logged with an id the asker is given, so that the bot's owner
     can find it from a user's report."""

@@ -9,6 +9,7 @@ nobody wonders why their temperature changed nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -147,6 +148,12 @@ def _check_range(name: str, value: float, allowed: Range, integer: bool) -> None
     if not allowed.low <= value <= allowed.high:
         low, high = (int(allowed.low), int(allowed.high)) if integer else (allowed.low, allowed.high)
         raise BadParameter(f"{name} must be between {low} and {high} (got {value}).")
+
+
+def decode_steps(kwargs: Mapping[str, Any], images: int) -> int:
+    """The decode steps a request may take, for sharing the model fairly between servers: each beam's
+    new tokens, and one step for each of its own images' encoding (a task's examples are cached)."""
+    return kwargs.get("num_beams", 1) * kwargs["max_new_tokens"] + images
 
 
 def generation_kwargs(params: GenerationParams, limits: Limits) -> dict[str, Any]:

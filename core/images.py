@@ -2,7 +2,9 @@
 
 Only common raster formats are opened (Pillow can parse many more, some through external
 programs). The pixel count is checked from the header before any pixel is decoded, because
-Pillow's own decompression-bomb guard only warns below ~179 million pixels.
+Pillow's own decompression-bomb guard only warns below ~179 million pixels. A crafted header can
+still take Pillow many seconds to read, so uploads are read in worker processes (``read_image``,
+and ``core.tasks.uploads`` for task uploads), which are killed when a file takes too long.
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ import io
 import struct
 import threading
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.config import ImageSettings
-from core.errors import BadImage
+from core.errors import BadImage, ServiceBusy
 from core.wording import sizes
+from core.workers import PoolFull, TimedOut, WorkerDied, WorkerPool
+
+T = TypeVar("T")
 
 # Multi-picture JPEGs (MPO, from phone cameras) open through the JPEG plugin.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -32,6 +39,12 @@ MAX_ASPECT_RATIO = 2.0
 _DECODING = threading.BoundedSemaphore(4)
 # What Pillow raises on malformed files besides its own errors: any of them means a bad upload.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, KeyError, IndexError, struct.error)
+# Members' uploads read in worker processes, four at once as in this process, each killed past
+# ``decode_seconds``. Task uploads have workers of their own (``core.tasks.uploads``).
+_MEMBERS_WORKERS = WorkerPool("member-images", size=4, waiting=64, preload=(__name__,))
+TOO_SLOW = "This image took too long to read; save it again as an ordinary JPEG or PNG."
+_WORKER_DIED = "This image could not be read; save it again as an ordinary JPEG or PNG."
+BUSY = "The bot is reading many images right now; try again in a minute."
 
 
 def check_file_size(size: int, settings: ImageSettings) -> None:
@@ -145,6 +158,26 @@ def load_image(data: bytes, settings: ImageSettings) -> Image.Image:
         return _decoded(_open(data, settings), settings)
 
 
+async def read_image(data: bytes, settings: ImageSettings) -> Image.Image:
+    """``load_image`` in a worker process: a file that takes longer than ``settings.decode_seconds``
+    to read is refused and its process killed, and no thread of the bot's is held meanwhile."""
+    return await in_worker(_MEMBERS_WORKERS, load_image, data, settings)
+
+
+async def in_worker(
+    workers: WorkerPool, read: Callable[[bytes, ImageSettings], T], data: bytes, settings: ImageSettings
+) -> T:
+    """``read(data, settings)`` in one of ``workers``' processes, any way it fails told as a bad image."""
+    try:
+        return await workers.run(settings.decode_seconds, read, data, settings)
+    except TimedOut:
+        raise BadImage(TOO_SLOW) from None
+    except WorkerDied:  # a crash in a decoder, or the system out of memory
+        raise BadImage(_WORKER_DIED) from None
+    except PoolFull:
+        raise ServiceBusy(BUSY) from None
+
+
 def _decoded(image: Image.Image, settings: ImageSettings) -> Image.Image:
     try:
         if image.format in ("JPEG", "MPO"):
@@ -201,6 +234,11 @@ def preview(stored: bytes) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=_STORED_QUALITY)
     return buffer.getvalue()
+
+
+def image_for_storage(data: bytes, settings: ImageSettings) -> bytes:
+    """An upload decoded under the upload rules and encoded as stored, so a crafted file stores nothing odd."""
+    return encode_for_storage(load_image(data, settings))
 
 
 def encode_for_storage(image: Image.Image) -> bytes:

@@ -3,6 +3,8 @@ person in direct messages, where there is no server to share them).
 
 One user cannot starve a server, and one server cannot starve the others. Refusals say when to
 try again. State is in memory: a restart forgives everyone, which errs on the side of the user.
+Members' requests and task uploads (which read images too) are counted apart, each by an instance
+of ``RequestQuotas`` with its own limits and words.
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ def _wait(seconds: float) -> str:
     return f"{minutes} min"
 
 
+@dataclass(frozen=True)
+class Wording:
+    """What refusals call the things counted."""
+
+    noun: str  # counted with ``plural``
+    under_way: str
+    too_fast: str  # with ``{wait}``
+
+
+REQUESTS = Wording("request", "answered or waiting", "You are asking too fast; you can ask again in {wait}.")
+TASK_UPLOADS = Wording(
+    "task upload", "being read", "You are uploading to tasks too fast; you can upload again in {wait}."
+)
+
+
 @dataclass
 class Admission:
     """A request let in. Once the bot has spent real work on it (fetched and decoded its images),
@@ -57,9 +74,12 @@ PRUNE_SECONDS = 600.0
 
 
 class RequestQuotas:
-    def __init__(self, settings: QuotaSettings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, settings: QuotaSettings, clock: Callable[[], float] = time.monotonic, wording: Wording = REQUESTS
+    ) -> None:
         self.settings = settings
         self.clock = clock
+        self.wording = wording
         self._last_request: dict[int, float] = {}
         self._places: dict[tuple[str, int], _Place] = {}
         self._pruned = clock()
@@ -75,11 +95,11 @@ class RequestQuotas:
         """
         now = self.clock()
         self._prune(now)
-        settings = limits or self.settings
+        settings, words = limits or self.settings, self.wording
         last = self._last_request.get(user_id)
         if last is not None and now - last < settings.user_cooldown_seconds:
             wait = settings.user_cooldown_seconds - (now - last)
-            raise TooManyRequests(f"You are asking too fast; you can ask again in {_wait(wait)}.")
+            raise TooManyRequests(words.too_fast.format(wait=_wait(wait)))
         in_dms = guild_id is None
         key = ("user", user_id) if guild_id is None else ("guild", guild_id)
         place = self._places.setdefault(key, _Place())
@@ -89,13 +109,13 @@ class RequestQuotas:
         if place.in_flight >= settings.guild_in_flight:
             who = "You already have" if in_dms else "This server already has"
             raise TooManyRequests(
-                f"{who} {plural(place.in_flight, 'request')} answered or waiting; try again in a minute."
+                f"{who} {plural(place.in_flight, words.noun)} {words.under_way}; try again in a minute."
             )
         if len(recent) >= settings.guild_per_period:
             wait = settings.period_seconds - (now - recent[0])
             who = "You have used your" if in_dms else "This server has used its"
             raise TooManyRequests(
-                f"{who} {plural(settings.guild_per_period, 'request')} for now; more in {_wait(wait)}."
+                f"{who} {plural(settings.guild_per_period, words.noun)} for now; more in {_wait(wait)}."
             )
         self._last_request[user_id] = now
         recent.append(now)

@@ -30,6 +30,7 @@ ANSWER_COLOUR = discord.Colour.from_rgb(232, 93, 117)
 # Interaction tokens die after 15 minutes; a request must start early enough to be answered before that.
 ANSWER_DEADLINE = timedelta(minutes=12)
 _POLL_SECONDS = 0.5
+UNSTORED_NOTE = "Not stored: the bot cannot save right now, so this answer has no Re-roll or Prompt button."
 
 
 def answer_message(user: discord.abc.User, shown: Answered, heading: str) -> dict:
@@ -42,7 +43,7 @@ def answer_message(user: discord.abc.User, shown: Answered, heading: str) -> dic
     embed.set_image(url="attachment://image.jpg")
     model = f"model: {short_name(shown.model)} · " if shown.model else ""
     footer = f"{model}task: {shown.task} · {len(shown.answer.token_ids)} tokens · {shown.answer.seconds:.1f} s"
-    embed.set_footer(text=footer)
+    embed.set_footer(text=footer if shown.request_id is not None else f"{footer}\n{UNSTORED_NOTE}")
     names = ["image.jpg"] + [f"image-{n}.jpg" for n in range(2, len(shown.images) + 1)]
     files = [discord.File(io.BytesIO(data), filename=name) for data, name in zip(shown.images, names, strict=True)]
     if len(text) > EMBED_DESCRIPTION_LIMIT:

@@ -7,9 +7,11 @@ model's weights or reopening the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -24,10 +26,11 @@ from discord.gateway import DiscordWebSocket
 from cogs.utils.errors import reply_with_error
 from core.asking import Asking
 from core.config import ConfigError, Settings
+from core.errors import StorageUnavailable
 from core.moderation import AnswerFilter, ReportLog, WordListFilter
 from core.quotas import RequestQuotas
 from core.serving import ModelService, QueuedRequest, start_model_service
-from core.serving.metrics import Metrics, gather_caches, serve_metrics
+from core.serving.metrics import Health, Metrics, gather_caches, serve_metrics
 from core.serving.model_choice import ModelCatalog
 from core.storage import Storage
 from core.storage.request_store import RequestBudget
@@ -58,6 +61,8 @@ class FlamingoTree(app_commands.CommandTree["FlamingoBot"]):
 async def _open_storage(path: Path) -> Storage:
     try:
         return await Storage.open(path)
+    except StorageUnavailable as error:  # it could not even migrate: the operator reads SQLite's words
+        raise ConfigError(f"cannot open the database at {path}: {error.cause}") from None
     except (sqlite3.Error, OSError, RuntimeError) as error:
         raise ConfigError(f"cannot open the database at {path}: {error}") from None
 
@@ -84,6 +89,7 @@ class FlamingoBot(commands.AutoShardedBot):
             owner_ids=owner_ids,
             tree_cls=FlamingoTree,
             shard_count=settings.discord.shard_count,
+            heartbeat_timeout=settings.discord.heartbeat_timeout_seconds,
         )
         self.settings = settings
         self._given_service = service
@@ -116,6 +122,7 @@ class FlamingoBot(commands.AutoShardedBot):
         # The database and the metrics port first: a bad path or a busy port is told in seconds,
         # not after minutes of loading the model.
         self.store = await _open_storage(self.settings.storage.database_path)
+        self.store.max_all_image_bytes = self.settings.limits.max_all_task_image_bytes
         await self._check_admin_guild()
         metrics = self.settings.metrics
         if metrics.enabled:
@@ -162,15 +169,26 @@ class FlamingoBot(commands.AutoShardedBot):
             ) from None
 
     async def _render_metrics(self) -> bytes:
+        writes = self.store.writes
         if not self.started_up:  # the model is still loading
-            return self.metrics.exposition(0, {}, None, dict(self.latencies), False)
+            return self.metrics.exposition(0, {}, None, dict(self.latencies), False, writes)
         caches, replicas = await gather_caches(self.service.cache_status)
         shards = dict(self.latencies)
-        return self.metrics.exposition(self.service.waiting, caches, replicas, shards, self.service.reachable)
+        return self.metrics.exposition(self.service.waiting, caches, replicas, shards, self.service.reachable, writes)
 
-    def _healthy(self) -> bool:
+    def _healthy(self) -> Health:
+        """Serving while connected and the model answers. A database that refuses writes only degrades
+        it: answers are still posted (unstored), so a load balancer must not restart the bot for it."""
         ready = self.started_up and self.is_ready() and not self.is_closed()
-        return ready and not self.closing and self.service.reachable
+        serving = ready and not self.closing and self.service.reachable
+        return Health(serving, ("storage",) if self.store.writes.degraded else ())
+
+    async def on_error(self, event_method: str, /, *args: Any, **kwargs: Any) -> None:
+        """A server's join or leave the database refused to record is logged by the store once while
+        writes fail, not with a traceback per event."""
+        if isinstance(sys.exc_info()[1], StorageUnavailable):
+            return
+        await super().on_error(event_method, *args, **kwargs)
 
     async def _purge_regularly(self) -> None:
         """Retention: expired requests and the data of servers left long enough ago are deleted."""
@@ -185,13 +203,17 @@ class FlamingoBot(commands.AutoShardedBot):
                         purged.over_budget,
                         purged.guilds,
                     )
+            except StorageUnavailable:
+                pass  # logged by the store when writes stop being taken; tried again all the same
             except Exception:
                 log.exception("purging expired data failed; will try again")
             await asyncio.sleep(privacy.purge_interval_minutes * 60)
 
     async def on_ready(self) -> None:
         """Every shard is connected: what changed while the bot was away is taken into account."""
-        await self.store.reconcile_presence({guild.id for guild in self.guilds})
+        # A refusal is logged by the store; presence is reconciled at the next connection, and the purge starts.
+        with contextlib.suppress(StorageUnavailable):
+            await self.store.reconcile_presence({guild.id for guild in self.guilds})
         log.info("ready: in %d servers, over %d shard(s)", len(self.guilds), self.shard_count or 1)
         if self._purging is None and not self.closing:
             # Only now: a server that re-added the bot while it was away is known to be back, and

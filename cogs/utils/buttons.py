@@ -97,7 +97,15 @@ def button_view(*buttons: ActionButton) -> discord.ui.View:
     return view
 
 
-def answer_view(request_id: int) -> discord.ui.View:
+# The target of the buttons of an answer that was not stored: request ids start far above it.
+UNSTORED = 0
+
+
+def answer_view(request_id: int | None) -> discord.ui.View:
+    """An answer's buttons. Unstored (``request_id`` None: the database refused the write), it keeps
+    only Delete and Report, which work from the message itself; Re-roll and Prompt need its images and prompt."""
+    if request_id is None:
+        return button_view(ActionButton("delete", UNSTORED), ActionButton("report", UNSTORED))
     return button_view(*(ActionButton(action, request_id) for action in ("reroll", "prompt", "delete", "report")))
 
 
@@ -107,5 +115,5 @@ def answered_request(message: discord.Message) -> int | None:
         for child in getattr(row, "children", ()):
             found = re.fullmatch(_ACTION_ID, getattr(child, "custom_id", None) or "")
             if found is not None:
-                return int(found["id"])
+                return None if int(found["id"]) == UNSTORED else int(found["id"])
     return None

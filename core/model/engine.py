@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from core.config import Settings
 from core.errors import BadPrompt, FlamingoError, GenerationFailed, unexpected_failure
-from core.generation import GenerationParams, generation_kwargs
+from core.generation import GenerationParams, decode_steps, generation_kwargs
 from core.images import crop_extreme_aspect
 from core.model.decode.beam_search import BeamSettings, beam_search
 from core.model.decode.decoder import FlamingoDecoder
@@ -46,6 +46,10 @@ class PreparedRequest:
     def batchable(self) -> bool:
         """Decoded with other greedy and sampled requests; beam requests are searched apart."""
         return self.generate_kwargs.get("num_beams", 1) == 1
+
+    @property
+    def cost(self) -> int:
+        return decode_steps(self.generate_kwargs, len(self.request_images))
 
 
 # Hands the running batch requests that arrived meanwhile, given how many it runs now.

@@ -1,9 +1,9 @@
 """The one model service of a process: many asyncio callers, one worker thread that owns the model.
 
 Upstream's Flamingo conditions its layers by mutating them, so two overlapping calls would read
-each other's images. Every model call therefore happens on a single thread, fed by a bounded
-list of waiting requests; callers wait on a future of their own, so answers cannot mix, and can see
-their place in line or withdraw while they wait.
+each other's images. Every model call therefore happens on a single thread, fed by a bounded line
+of waiting requests, fair between servers (``fair_line``); callers wait on a future of their own, so
+answers cannot mix, and can see their place in line or withdraw while they wait.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from core.generation import GenerationParams
 from core.model.engine import Answer, Deliver, EngineStatus, FlamingoEngine, Joining, PreparedRequest, PromptRules
 from core.model.loading import load_model
 from core.prompts import Task
+from core.serving.fair_line import FairLine, Party
 from core.serving.protocol import ServiceStatus
 
 log = logging.getLogger(__name__)
@@ -128,11 +129,10 @@ class Ticket:
 
 
 class InferenceService:
-    def __init__(self, engine: Engine, max_queue: int, max_batch: int = 16) -> None:
+    def __init__(self, engine: Engine, max_queue: int, max_batch: int = 16, shares: bool = True) -> None:
         self.engine = engine
         self._max_batch = max_batch
-        self._max_queue = max_queue
-        self._waiting: list[_Job] = []
+        self._waiting: FairLine[_Job] = FairLine(max_queue, shares)
         self._ready = threading.Condition()
         self._closed = False
         self._request_seconds = 0.0  # how long the latest answer took to run, for telling users their wait
@@ -176,8 +176,10 @@ class InferenceService:
         params: GenerationParams,
         deadline: float | None = None,
         model: str | None = None,
+        party: Party = None,
     ) -> Ticket:
-        """Validate and queue, or refuse at once; call from the event loop. ``model``: None, the loaded one."""
+        """Validate and queue, or refuse at once; call from the event loop. ``model``: None, the loaded one;
+        ``party``: the server asking (None: direct messages), whose share of the line it takes."""
         if self._closed:
             raise ServiceClosed("The bot is shutting down; try again in a moment.")
         if model is not None:
@@ -188,13 +190,13 @@ class InferenceService:
         with self._ready:
             if self._closed:  # closed while the request was prepared
                 raise ServiceClosed("The bot is shutting down; try again in a moment.")
-            if len(self._waiting) >= self._max_queue:
-                raise ServiceBusy(
-                    f"The model is busy ({self._max_queue} requests are already waiting); try again in a minute."
-                )
-            if deadline is not None and time.monotonic() + self.estimated_wait(len(self._waiting) + 1) > deadline:
+            self._waiting.check_room(party)
+            if (
+                deadline is not None
+                and time.monotonic() + self.estimated_wait(self._waiting.place_for(party)) > deadline
+            ):
                 raise ServiceBusy("The queue is too long to answer you in time; try again in a few minutes.")
-            self._waiting.append(job)
+            self._waiting.add(job, party, request.cost)
             self._ready.notify()
         return Ticket(self, job)
 
@@ -204,14 +206,12 @@ class InferenceService:
 
     def _position(self, job: _Job) -> int | None:
         with self._ready:
-            return self._waiting.index(job) + 1 if job in self._waiting else None
+            return self._waiting.position(job)
 
     def _withdraw(self, job: _Job) -> None:
         job.cancelled.set()
         with self._ready:
-            waiting = job in self._waiting
-            if waiting:
-                self._waiting.remove(job)
+            waiting = self._waiting.remove(job)
         if waiting:
             _notify(job, RequestCancelled("The request was cancelled before it ran."))
 
@@ -226,12 +226,12 @@ class InferenceService:
                 self._ready.wait()
             if self._closed:
                 return None
-            kind = self._waiting[0].request.batchable
+            line = list(self._waiting)
+            kind = line[0].request.batchable
             taken = 1
-            while taken < min(len(self._waiting), self._max_batch) and self._waiting[taken].request.batchable == kind:
+            while taken < min(len(line), self._max_batch) and line[taken].request.batchable == kind:
                 taken += 1
-            batch = self._waiting[:taken]
-            del self._waiting[:taken]
+            batch = self._waiting.take(taken)
         return _still_wanted(batch)
 
     def _joiners(self, running: int) -> list[_Job]:
@@ -244,15 +244,11 @@ class InferenceService:
         with self._ready:
             if self._closed:
                 return []
+            line = list(self._waiting)
             taken = 0
-            while (
-                taken < len(self._waiting)
-                and running + taken < self._max_batch
-                and self._waiting[taken].request.batchable
-            ):
+            while taken < len(line) and running + taken < self._max_batch and line[taken].request.batchable:
                 taken += 1
-            joiners = self._waiting[:taken]
-            del self._waiting[:taken]
+            joiners = self._waiting.take(taken)
         return _still_wanted(joiners)
 
     def _work(self) -> None:
@@ -311,7 +307,7 @@ class InferenceService:
         stopped at its next token, and its askers are told, before the bot disconnects."""
         with self._ready:
             self._closed = True
-            withdrawn, self._waiting = self._waiting, []
+            withdrawn = self._waiting.clear()
             self._ready.notify_all()
         for job in withdrawn:
             job.cancelled.set()
@@ -327,8 +323,10 @@ class InferenceService:
         self._worker.join(timeout=_STOPPING_SECONDS)
 
 
-def start_service(settings: Settings) -> InferenceService:
-    """Load the configured model in this process and start its worker (the CLI, a replica, a local bot)."""
+def start_service(settings: Settings, shares: bool = True) -> InferenceService:
+    """Load the configured model in this process and start its worker (the CLI, a replica, a local bot).
+
+    ``shares``: False on a Ray replica, whose requests the bot has already let in by server shares."""
     loaded = load_model(settings.model)
     log.info(
         "Loaded %s (%s) in %.1f s: language model %.1f MiB, whole model %.1f MiB",
@@ -338,4 +336,5 @@ def start_service(settings: Settings) -> InferenceService:
         loaded.language_model_bytes / 2**20,
         loaded.total_bytes / 2**20,
     )
-    return InferenceService(FlamingoEngine(loaded, settings), settings.service.max_queue, settings.service.max_batch)
+    service = settings.service
+    return InferenceService(FlamingoEngine(loaded, settings), service.max_queue, service.max_batch, shares)

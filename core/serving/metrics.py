@@ -1,8 +1,8 @@
 """Health and Prometheus metrics over HTTP, on loopback unless configured: the same for both backends.
 
 Counters and the latency histogram are updated as requests finish; everything else (queue depth,
-cache hit rates, replicas, shard latencies) is read from its owner at scrape time through
-providers, so nothing is copied or kept in step.
+cache hit rates, replicas, shard latencies, the database's refused writes) is read from its owner
+at scrape time through providers, so nothing is copied or kept in step.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from core.storage.database import WriteState
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class _Snapshot(Collector):
         self.replicas: int | None = None
         self.reachable = True
         self.shard_latency: dict[int, float] = {}
+        self.writes = WriteState()
 
     def collect(self) -> Iterator[Metric]:
         queue = GaugeMetricFamily("flamingo_queue_depth", "Requests waiting for or on the model")
@@ -52,6 +56,16 @@ class _Snapshot(Collector):
         for shard, seconds in self.shard_latency.items():
             latency.add_metric([str(shard)], seconds)
         yield latency
+        refused = CounterMetricFamily(
+            "flamingo_storage_refused_writes", "Writes the database refused (disk full, read-only, I/O error, locked)"
+        )
+        refused.add_metric([], self.writes.refused)
+        yield refused
+        degraded = GaugeMetricFamily(
+            "flamingo_storage_degraded", "1 from a refused write until a write succeeds: answers go unstored"
+        )
+        degraded.add_metric([], int(self.writes.degraded))
+        yield degraded
 
 
 class Metrics:
@@ -82,24 +96,48 @@ class Metrics:
         replicas: int | None,
         shard_latency: dict[int, float],
         reachable: bool,
+        writes: WriteState,
     ) -> bytes:
         snapshot = self._snapshot
         snapshot.queue_depth, snapshot.caches = queue_depth, caches
         snapshot.replicas, snapshot.shard_latency, snapshot.reachable = replicas, shard_latency, reachable
+        snapshot.writes = writes
         return generate_latest(self.registry)
 
 
+@dataclass(frozen=True)
+class Health:
+    """What ``/health`` says.
+
+    ``serving`` False (not connected, closing, the model unreachable) answers 503, so that a load
+    balancer or supervisor acts. A part that fails while the bot still answers (``degraded``, e.g.
+    "storage" when the database refuses writes and answers go unstored) answers 200 with
+    ``degraded: storage``: restarting a bot that still answers would cost its queue and fix no disk;
+    the body, the metrics and ``/admin status`` tell the operator instead.
+    """
+
+    serving: bool
+    degraded: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        if not self.serving:
+            return "unavailable"
+        return f"degraded: {', '.join(self.degraded)}" if self.degraded else "ok"
+
+
 async def serve_metrics(
-    host: str, port: int, render: Callable[[], Awaitable[bytes]], healthy: Callable[[], bool]
+    host: str, port: int, render: Callable[[], Awaitable[bytes]], healthy: Callable[[], Health]
 ) -> web.AppRunner:
-    """``/metrics`` (Prometheus text) and ``/health`` (200 or 503) until the runner is cleaned up."""
+    """``/metrics`` (Prometheus text) and ``/health`` (200, perhaps degraded, or 503: see ``Health``)
+    until the runner is cleaned up."""
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=await render(), content_type="text/plain", charset="utf-8")
 
     async def health(_: web.Request) -> web.Response:
-        ok = healthy()
-        return web.Response(status=200 if ok else 503, text="ok" if ok else "unavailable")
+        state = healthy()
+        return web.Response(status=200 if state.serving else 503, text=state.text)
 
     app = web.Application()
     app.add_routes([web.get("/metrics", metrics), web.get("/health", health)])

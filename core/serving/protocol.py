@@ -11,6 +11,7 @@ from PIL import Image
 from core.generation import GenerationParams
 from core.model.engine import Answer, EngineStatus, PromptRules
 from core.prompts import Task
+from core.serving.fair_line import Party
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,11 @@ class ModelService(Protocol):
         params: GenerationParams,
         deadline: float | None = None,
         model: str | None = None,
-    ) -> QueuedRequest: ...
+        party: Party = None,
+    ) -> QueuedRequest:
+        """Queue a request, or refuse it at once (busy, closed, a model not offered). ``party``: the
+        server asking (None: direct messages, one group), whose fair share of the line it takes."""
+        ...
 
     async def answer(
         self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams

@@ -5,6 +5,10 @@ one connection between coroutines, and without the lock the statements of two ch
 interleave inside one transaction. Reads take the lock too, so they never see another coroutine's
 uncommitted rows. The stores built on this class (tasks, guild settings, stored requests) each
 keep their own queries; every query names the guild or the user it serves.
+
+A write SQLite cannot make at all (disk full, read-only or failing file, write lock held too long)
+raises ``StorageUnavailable`` and marks the database degraded (``WriteState``) until a write is
+taken again: the bot keeps answering, and says changes cannot be saved, instead of failing as on a bug.
 """
 
 from __future__ import annotations
@@ -14,15 +18,20 @@ import logging
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, closing
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
 
 import aiosqlite
 
+from core.errors import StorageUnavailable
+
 log = logging.getLogger(__name__)
 
-_BUSY_TIMEOUT_MS = 5000
+# How long a write waits for another process's write lock before it is refused (``StorageUnavailable``):
+# within Discord's 3 seconds to acknowledge a command, so that the refusal can still be shown.
+BUSY_TIMEOUT_MS = 2000
 
 # Schema steps in order; step i brings ``PRAGMA user_version`` from i to i + 1. Append, never edit.
 # ``name_key`` is ``str.casefold(name)``: SQLite's NOCASE folds only ASCII letters.
@@ -125,11 +134,62 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX requests_by_guild ON requests (guild_id, id)",
         "CREATE INDEX requests_in_direct_messages ON requests (user_id, id) WHERE guild_id = 0",
     ),
+    (
+        # All servers' task images' bytes together, against ``limits.max_all_task_images_mb``: kept by
+        # triggers, as ``request_counters`` is, since summing them reads every example's row.
+        # Deleting a task deletes its examples through the foreign key, which fires the trigger too.
+        "CREATE TABLE task_image_bytes (bytes INTEGER NOT NULL)",
+        "INSERT INTO task_image_bytes SELECT coalesce(sum(length(image)), 0) FROM examples",
+        """CREATE TRIGGER example_added AFTER INSERT ON examples BEGIN
+            UPDATE task_image_bytes SET bytes = bytes + length(new.image);
+        END""",
+        """CREATE TRIGGER example_removed AFTER DELETE ON examples BEGIN
+            UPDATE task_image_bytes SET bytes = bytes - length(old.image);
+        END""",
+        """CREATE TRIGGER example_image_replaced AFTER UPDATE OF image ON examples BEGIN
+            UPDATE task_image_bytes SET bytes = bytes - length(old.image) + length(new.image);
+        END""",
+    ),
 )
 
 
 def now_text() -> str:
     return datetime.now(UTC).isoformat()
+
+
+# SQLite's primary result codes for a write it cannot make whatever the change: another process held
+# the write lock past the busy timeout, the file is read-only, failing or cannot be opened, the disk
+# is full. Any other error (a constraint, a wrong query) is the change's own, and a bug.
+_REFUSED_WRITE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_FULL,
+    }
+)
+
+
+def _write_refusal(error: BaseException) -> str | None:
+    """SQLite's reason, when ``error`` says the database takes no writes now; None for any other error."""
+    code = getattr(error, "sqlite_errorcode", None) if isinstance(error, sqlite3.Error) else None
+    if code is None or code & 0xFF not in _REFUSED_WRITE_CODES:
+        return None
+    return f"{getattr(error, 'sqlite_errorname', code)}: {error}"
+
+
+@dataclass
+class WriteState:
+    """Whether the database takes writes: for /health, /admin status and the metrics."""
+
+    refusal: str | None = None  # why the last write was refused, in SQLite's words; None: writes are taken
+    refused: int = 0  # writes refused since the database was opened
+
+    @property
+    def degraded(self) -> bool:
+        return self.refusal is not None
 
 
 class Database:
@@ -139,6 +199,7 @@ class Database:
         self._db = db
         self._lock = asyncio.Lock()
         self.schema_version = 0
+        self.writes = WriteState()
 
     @classmethod
     async def open(cls, path: Path) -> Self:
@@ -151,7 +212,7 @@ class Database:
         db.row_factory = sqlite3.Row
         store = cls(db)
         try:
-            for pragma in ("journal_mode = WAL", "foreign_keys = ON", f"busy_timeout = {_BUSY_TIMEOUT_MS}"):
+            for pragma in ("journal_mode = WAL", "foreign_keys = ON", f"busy_timeout = {BUSY_TIMEOUT_MS}"):
                 await db.execute(f"PRAGMA {pragma}")
             await store._migrate()
         except BaseException:
@@ -169,19 +230,46 @@ class Database:
         """One atomic change; IMMEDIATE takes the write lock first, so no read-then-write upgrade can fail.
 
         BEGIN and COMMIT sit inside the ``try``: a change cancelled while either is queued still ends its
-        transaction, instead of leaving the shared connection inside it.
+        transaction, instead of leaving the shared connection inside it. A write the database refuses
+        raises ``StorageUnavailable``; one that changed rows ends the degraded state.
         """
         async with self._lock:
+            changes = self._db.total_changes
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
                 await self._db.commit()
-            except BaseException:
+            except BaseException as error:
+                refusal = _write_refusal(error)
                 try:
                     await self._db.rollback()
                 except Exception:  # the connection itself failed: what stopped the change says more
-                    log.warning("rolling back failed", exc_info=True)
-                raise
+                    if refusal is None:  # a refusal's failed rollback (a failing disk) is told by the refusal
+                        log.warning("rolling back failed", exc_info=True)
+                if refusal is None:
+                    raise
+                raise self._refused(refusal) from error
+            if self._db.total_changes != changes:  # a transaction that changed nothing wrote nothing
+                self._taken()
+
+    def _refused(self, refusal: str) -> StorageUnavailable:
+        """Counted every time, logged once when writes stop being taken: not a traceback per request
+        for as long as the disk stays full."""
+        writes = self.writes
+        writes.refused += 1
+        if writes.refusal is None:
+            log.error(
+                "the database refuses writes (%s): answers are posted unstored and changes are refused "
+                "until a write succeeds",
+                refusal,
+            )
+        writes.refusal = refusal
+        return StorageUnavailable(refusal)
+
+    def _taken(self) -> None:
+        if self.writes.refusal is not None:
+            log.warning("the database takes writes again (it refused them: %s)", self.writes.refusal)
+            self.writes.refusal = None
 
     async def _migrate(self) -> None:
         """Apply the missing steps, each with its version bump in one transaction, so a crash never half-migrates."""

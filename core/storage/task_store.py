@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from core.config import LimitSettings
 from core.errors import ExampleNotFound, LimitReached, TaskChanged, TaskExists, UnknownTask
 from core.storage.database import Database, now_text
 from core.wording import byte_size, quoted
@@ -61,6 +62,11 @@ def _key(name: str) -> str:
 
 class TaskStore(Database):
     """The per-guild task library; open it with ``await TaskStore.open(path)``."""
+
+    # Bytes all servers' task images may take together (``limits.max_all_task_images_mb``), set by
+    # whoever opens the store: unlike a server's cap, which each change is given, it bounds the one
+    # database file, so every change made through this store is held to it.
+    max_all_image_bytes: int = LimitSettings().max_all_task_image_bytes
 
     async def _find(self, guild_id: int, name: str) -> sqlite3.Row | None:
         return await self._one(
@@ -224,7 +230,8 @@ class TaskStore(Database):
 
     async def _check_image_room(self, guild_id: int, adding: int, max_image_bytes: int) -> None:
         """Tasks and examples are bounded in number, but a strip-shaped photo stores up to 30 times the
-        bytes of a square one; the bytes themselves are bounded too. ``adding`` 0: whether any could be."""
+        bytes of a square one; the bytes themselves are bounded too, per server and for all servers
+        together (any number of servers may add the bot). ``adding`` 0: whether any could be."""
         used = await self._image_bytes(guild_id)
         if used >= max_image_bytes:
             raise LimitReached(
@@ -238,6 +245,20 @@ class TaskStore(Database):
                 f"{'is' if left >= 2**10 else 'are'} left, and these need {byte_size(adding)}. "
                 "Remove some examples or tasks first."
             )
+        await self._check_total_image_room(adding)
+
+    async def _check_total_image_room(self, adding: int) -> None:
+        """The operator's limit, under which no server can make room: said so, naming the setting."""
+        total = self.max_all_image_bytes
+        left = total - await self._int("SELECT bytes FROM task_image_bytes")
+        if left > 0 and adding <= left:
+            return
+        need = f"; {byte_size(left)} left, and these need {byte_size(adding)}" if left > 0 else ""
+        raise LimitReached(
+            f"The bot's storage for task images is full (all servers' task images together may take "
+            f"{byte_size(total)}{need}): its operator must raise that limit (limits.max_all_task_images_mb) "
+            "before images can be added."
+        )
 
     async def update_task(
         self,

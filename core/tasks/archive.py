@@ -48,6 +48,8 @@ _ZIP64_END_OF_DIRECTORY = b"PK\x06\x06"
 # A directory entry is 46 bytes, its name and extra fields: an export's are far below this.
 _MOST_DIRECTORY_BYTES_PER_ENTRY = 1024
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, struct.error, EOFError, ValueError, OSError, RuntimeError)
+# Discord ids are 64-bit; the database keeps them as signed 64-bit integers.
+_ID_LIMIT = 2**63
 _NOT_A_ZIP = "This file is not a ZIP file, or it is damaged; attach the .zip file that a task export made."
 _DAMAGED = "The task file is damaged: a file inside it cannot be read back intact."
 
@@ -60,6 +62,9 @@ class BadArchive(FlamingoError):
 class ArchivedExample:
     image: bytes
     text: str
+    # Who added it, written by exports since a later version (older files have none): the importer
+    # keeps it, so that the author's /forget-me reaches the imported copy too.
+    author_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,13 @@ def _add(
     zf.writestr(info, data)
 
 
+def _example_fields(path: str, example: ArchivedExample) -> dict[str, str]:
+    fields = {"image": path, "text": example.text, "sha256": hashlib.sha256(example.image).hexdigest()}
+    if example.author_id is not None:
+        fields["author_id"] = str(example.author_id)  # a string, as Discord writes ids: JSON readers may round
+    return fields
+
+
 def write_archive(archive: TaskArchive, exported_at: datetime) -> bytes:
     """The task as a ZIP: task.json first, then examples/1.jpg, examples/2.jpg, ... stored as they are."""
     images = [(f"examples/{n}.jpg", example) for n, example in enumerate(archive.examples, start=1)]
@@ -121,10 +133,7 @@ def write_archive(archive: TaskArchive, exported_at: datetime) -> bytes:
         "description": archive.description,
         "prompt_template": archive.prompt_template,
         "exported_at": exported_at.isoformat(),
-        "examples": [
-            {"image": path, "text": example.text, "sha256": hashlib.sha256(example.image).hexdigest()}
-            for path, example in images
-        ],
+        "examples": [_example_fields(path, example) for path, example in images],
     }
     body = json.dumps(manifest, ensure_ascii=False, indent=2).encode("utf-8") + b"\n"
     date_time = _zip_time(exported_at)
@@ -280,6 +289,23 @@ def _manifest(raw: bytes) -> dict[str, Any]:
     return manifest
 
 
+def _author(item: Mapping[str, Any], number: int) -> int | None:
+    """An example's author, a Discord user id, or None where the file names none (files from before
+    authors were exported)."""
+    if "author_id" not in item:
+        return None
+    value = item["author_id"]
+    if (
+        isinstance(value, str)
+        and len(value) < 20
+        and value.isascii()
+        and value.isdigit()
+        and 0 < int(value) < _ID_LIMIT
+    ):
+        return int(value)
+    raise BadArchive(f"“author_id” of example {number} in the task file is not a Discord user id.")
+
+
 def _examples(manifest: dict[str, Any], images: dict[str, bytes], limits: ArchiveLimits) -> tuple[ArchivedExample, ...]:
     if "examples" not in manifest:
         raise BadArchive("The task file's task.json has no “examples”.")
@@ -305,7 +331,7 @@ def _examples(manifest: dict[str, Any], images: dict[str, bytes], limits: Archiv
         if hashlib.sha256(image).hexdigest() != digest.lower():
             raise BadArchive(f"The image of example {number} does not match its checksum; the task file is damaged.")
         used[path] = number
-        examples.append(ArchivedExample(image=image, text=text))
+        examples.append(ArchivedExample(image=image, text=text, author_id=_author(item, number)))
     unused = sorted(set(images) - set(used), key=lambda path: (len(path), path))
     if unused:
         raise BadArchive(f"The task file holds {_quoted(unused[0])}, which no example uses.")

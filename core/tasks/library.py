@@ -2,7 +2,8 @@
 
 Built-in tasks are visible in every guild and read-only; a guild copies one to change it. Every
 change is checked so that a saved task always fits the model's context with the default number
-of new tokens.
+of new tokens. Changes that read an upload (an example's image, a task file) have quotas of their
+own (``QuotaSettings.task_uploads``) and are read in the task-upload worker (``core.tasks.uploads``).
 """
 
 from __future__ import annotations
@@ -26,15 +27,19 @@ from core.errors import (
     TaskExists,
     UnknownTask,
 )
-from core.images import encode_for_storage, load_image, preview
+from core.images import check_signature, encode_for_storage, load_image, preview
 from core.prompts import IMAGE_TOKEN, Example, Task, assemble_prompt
+from core.quotas import TASK_UPLOADS, Admission, RequestQuotas
 from core.storage.task_store import StoredTask, TaskStore
-from core.tasks.archive import ArchivedExample, ArchiveLimits, BadArchive, TaskArchive, read_archive
+from core.tasks.archive import ArchivedExample, ArchiveLimits, BadArchive, TaskArchive
 from core.tasks.builtin import DEFAULT_TASK
+from core.tasks.uploads import stored_image, task_file
 from core.tasks.views import ExampleView, LibraryUsage, TaskDetails, TaskInfo
 from core.wording import quoted
 
 T = TypeVar("T")
+# An upload still to be fetched (from Discord, say): fetched only once the change is let in and checked.
+UploadReader = Callable[[], Awaitable[bytes]]
 # Changes at the same moment to one task are applied one after another, each checked anew; past
 # this many, the last refusal is shown.
 _WRITE_ATTEMPTS = 8
@@ -71,6 +76,7 @@ class TaskLibrary:
         self.rules = rules
         self.settings = settings
         self.limits = settings.limits
+        self.uploads = RequestQuotas(settings.quotas.task_uploads, wording=TASK_UPLOADS)
 
     # Reading
 
@@ -119,14 +125,14 @@ class TaskLibrary:
         if builtin is not None:
             images = await asyncio.to_thread(lambda: [encode_for_storage(e.image) for e in builtin.examples])
             pairs = zip(builtin.examples, images, strict=True)
-            views = [ExampleView(i, example.text, image) for i, (example, image) in enumerate(pairs, 1)]
+            views = [ExampleView(i, example.text, image, added_by=0) for i, (example, image) in enumerate(pairs, 1)]
             info = TaskInfo(builtin.name, builtin.description, len(views), builtin=True)
             return TaskDetails(info, builtin.prompt_template, views)
         if guild_id is None:
             raise self._unknown(name)
         stored = await self._stored(guild_id, name)
         info = TaskInfo(stored.name, stored.description, len(stored.examples), builtin=False)
-        views = [ExampleView(e.position, e.text, e.image) for e in stored.examples]
+        views = [ExampleView(e.position, e.text, e.image, e.added_by) for e in stored.examples]
         return TaskDetails(info, stored.prompt_template, views)
 
     async def preview(self, guild_id: int | None, name: str) -> TaskDetails:
@@ -159,12 +165,21 @@ class TaskLibrary:
 
     async def export(self, guild_id: int | None, name: str) -> TaskArchive:
         details = await self.details(guild_id, name)
-        examples = tuple(ArchivedExample(example.image, example.text) for example in details.examples)
+        examples = tuple(ArchivedExample(e.image, e.text, e.added_by or None) for e in details.examples)
         return TaskArchive(details.info.name, details.info.description, details.prompt_template, examples)
 
-    async def import_task(self, guild_id: int, upload: bytes, author_id: int, name: str | None = None) -> str:
-        """A task file from an export, checked like every upload; a refused import changes nothing."""
-        archive = await asyncio.to_thread(read_archive, upload, self.archive_limits)
+    async def import_task(
+        self, guild_id: int, read_upload: UploadReader, author_id: int, name: str | None = None
+    ) -> str:
+        """A task file from an export, checked like every upload; a refused import changes nothing. Each
+        example keeps the author the file names (so that their /forget-me reaches it), else the importer's."""
+        with self.uploads.admit(guild_id, author_id, self.settings.quotas.task_uploads) as admission:
+            upload = await read_upload()
+            admission.spent()  # unpacking and hashing it is work: a refusal from here on keeps the cooldown
+            archive = await task_file(upload, self.archive_limits, self.settings.images)
+            return await self._import(guild_id, archive, author_id, name)
+
+    async def _import(self, guild_id: int, archive: TaskArchive, author_id: int, name: str | None) -> str:
         try:
             new_name = self._new_name(name or archive.name)
             description = self._check_length(
@@ -181,8 +196,11 @@ class TaskLibrary:
             raise TaskExists(f"{str(taken).removesuffix('.')} with the `name` option.") from None
         if archive.examples:
             await self.store.check_image_room(guild_id, max_image_bytes=self.limits.max_task_image_bytes)
-        images = await asyncio.to_thread(self._stored_images, archive.examples)
-        examples = [(image, text, author_id) for image, text in zip(images, texts, strict=True)]
+        images = await self._stored_images(archive.examples)
+        examples = [
+            (image, text, example.author_id or author_id)
+            for image, text, example in zip(images, texts, archive.examples, strict=True)
+        ]
         return await self._save_new(guild_id, new_name, description, template, author_id, examples)
 
     async def _save_new(
@@ -218,12 +236,13 @@ class TaskLibrary:
             max_text_chars=longest,
         )
 
-    def _stored_images(self, examples: Sequence[ArchivedExample]) -> list[bytes]:
-        """Each image decoded under the upload rules and re-encoded, so a crafted file stores nothing odd."""
+    async def _stored_images(self, examples: Sequence[ArchivedExample]) -> list[bytes]:
+        """Each image decoded under the upload rules and re-encoded, one job each, so that other
+        servers' uploads take their turns between them."""
         stored = []
         for position, example in enumerate(examples, 1):
             try:
-                stored.append(self._image_for_storage(example.image))
+                stored.append(await stored_image(example.image, self.settings.images))
             except BadImage as error:
                 raise BadArchive(f"Example {position} of the task file: {error}") from None
         return stored
@@ -256,35 +275,42 @@ class TaskLibrary:
         await self.store.delete_task(guild_id, stored.name)
         return stored.name
 
-    async def add_example(self, guild_id: int, name: str, upload: bytes, text: str, author_id: int) -> int:
+    async def add_example(self, guild_id: int, name: str, read_upload: UploadReader, text: str, author_id: int) -> int:
+        """The upload is fetched and decoded once the change is let in and checked, whatever the attempts."""
         text = self._check_example_text(text)
-        image: bytes | None = None  # decoded once, after the checks, whatever the attempts
+        with self.uploads.admit(guild_id, author_id, self.settings.quotas.task_uploads) as admission:
+            image: bytes | None = None
 
-        async def write(stored: StoredTask) -> int:
-            nonlocal image
-            if len(stored.examples) >= self.limits.max_examples_per_task:
-                raise LimitReached(
-                    f"Task “{stored.name}” already has {len(stored.examples)} examples, the most a task may have."
+            async def write(stored: StoredTask) -> int:
+                nonlocal image
+                if len(stored.examples) >= self.limits.max_examples_per_task:
+                    raise LimitReached(
+                        f"Task “{stored.name}” already has {len(stored.examples)} examples, the most a task may have."
+                    )
+                self._check_fits(stored.name, [e.text for e in stored.examples] + [text], stored.prompt_template)
+                if image is None:
+                    await self.store.check_image_room(guild_id, max_image_bytes=self.limits.max_task_image_bytes)
+                    image = await self._read_example(read_upload, admission)
+                return await self.store.add_example(
+                    guild_id,
+                    stored.name,
+                    image,
+                    text,
+                    max_examples=self.limits.max_examples_per_task,
+                    max_image_bytes=self.limits.max_task_image_bytes,
+                    added_by=author_id,
+                    revision=stored.revision,  # the checks above hold for this revision
                 )
-            self._check_fits(stored.name, [e.text for e in stored.examples] + [text], stored.prompt_template)
-            if image is None:
-                await self.store.check_image_room(guild_id, max_image_bytes=self.limits.max_task_image_bytes)
-                image = await asyncio.to_thread(self._image_for_storage, upload)
-            return await self.store.add_example(
-                guild_id,
-                stored.name,
-                image,
-                text,
-                max_examples=self.limits.max_examples_per_task,
-                max_image_bytes=self.limits.max_task_image_bytes,
-                added_by=author_id,
-                revision=stored.revision,  # the checks above hold for this revision
-            )
 
-        return await self._checked_write(guild_id, name, write)
+            return await self._checked_write(guild_id, name, write)
 
-    def _image_for_storage(self, upload: bytes) -> bytes:
-        return encode_for_storage(load_image(upload, self.settings.images))
+    async def _read_example(self, read_upload: UploadReader, admission: Admission) -> bytes:
+        """Fetch and decode an example's upload; a file plainly not an image is refused before any
+        work is counted, as members' requests are."""
+        upload = await read_upload()
+        check_signature(upload, self.settings.images)
+        admission.spent()
+        return await stored_image(upload, self.settings.images)
 
     async def _checked_write(self, guild_id: int, name: str, write: Callable[[StoredTask], Awaitable[T]]) -> T:
         """Read the task, check and write the change at that revision; when someone else's change came

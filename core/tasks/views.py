@@ -18,6 +18,7 @@ class ExampleView:
     position: int
     text: str
     image: bytes
+    added_by: int  # 0: nobody (a built-in task's); an export keeps it, so /forget-me reaches imported copies
 
 
 @dataclass(frozen=True)

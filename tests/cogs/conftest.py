@@ -26,18 +26,30 @@ class BotWorld:
     moderator: Member
 
     def invoke(
-        self, command: str, member: Member | None = None, guild: Guild | str | None = "default", **options: Any
+        self,
+        command: str,
+        member: Member | None = None,
+        guild: Guild | str | None = "default",
+        *,
+        raw: bool = False,
+        **options: Any,
     ) -> InteractionRecord:
-        """Send a slash command the way the gateway would deliver it."""
+        """Send a slash command the way the gateway would deliver it (``raw``: even what no client sends)."""
         where = self.guild if guild == "default" else guild
-        payload = self.discord.interaction_payload(command, member or self.member, where, **options)
+        payload = self.discord.interaction_payload(command, member or self.member, where, raw=raw, **options)
         self.bot._connection.parse_interaction_create(payload)
         return self.discord.record(payload)
 
     async def reply(
-        self, command: str, member: Member | None = None, guild: Guild | str | None = "default", **options: Any
+        self,
+        command: str,
+        member: Member | None = None,
+        guild: Guild | str | None = "default",
+        *,
+        raw: bool = False,
+        **options: Any,
     ) -> list[Message]:
-        return await self.invoke(command, member, guild, **options).answered()
+        return await self.invoke(command, member, guild, raw=raw, **options).answered()
 
 
 @pytest.fixture
@@ -68,3 +80,4 @@ async def world(model_dirs, llama_engine, tmp_path) -> AsyncIterator[BotWorld]:
     finally:
         await bot.close()
         await fake.stop()
+    fake.check_violations()  # the bot sent nothing over Discord's limits, even if it swallowed the 400

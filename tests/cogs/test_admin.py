@@ -40,8 +40,8 @@ async def test_sync_updates_every_command_or_only_one_servers_own(world):
     assert everywhere == f"Synced {len(world.discord.global_commands) + 1} commands everywhere."
     assert {"comprehend", "tasks"} <= {command["name"] for command in world.discord.global_commands}
     assert await sync(guild_id=str(world.admin_guild.id)) == f"Synced 1 command for server {world.admin_guild.id}."
-    assert await sync(guild_id="Bot HQ") == "“Bot HQ” is not a server's id."
-    assert await sync(guild_id="12345") == "The bot is not in server 12345."
+    assert await sync(guild_id="Bot HQ", raw=True) == "“Bot HQ” is not a server's id."
+    assert await sync(guild_id="12345", raw=True) == "The bot is not in server 12345."
 
 
 async def test_an_admin_guild_the_bot_is_not_in_is_refused_before_the_model_loads(model_dirs, tmp_path, monkeypatch):

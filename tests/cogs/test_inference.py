@@ -53,7 +53,7 @@ async def test_prompt_without_image_marker_is_refused_privately_at_once(world):
 
 
 async def test_out_of_range_parameters_are_refused_privately(world):
-    assert await _private_only(world.invoke("comprehend", image=photo(world), num_beams=40)) == (
+    assert await _private_only(world.invoke("comprehend", image=photo(world), num_beams=40, raw=True)) == (
         "num_beams must be between 1 and 5 (got 40)."
     )
     assert await _private_only(world.invoke("comprehend", image=photo(world), temperature=0.3)) == (

@@ -7,6 +7,7 @@ import io
 
 from PIL import Image
 
+import core.tasks.library
 from core.prompts import assemble_prompt
 from tests.helpers.task_commands import (
     MARKER_HINT,
@@ -26,7 +27,9 @@ from tests.helpers.world import photo, picture_size, private, small_image
 
 async def test_bad_task_names_are_refused(world):
     for name in ("Bad Name!", "", "a" * 40, "a" * 33, "-leading", "Pets", "café"):
-        message = await private(world, "manage-tasks create", world.moderator, name=name, template="<image>X:")
+        message = await private(
+            world, "manage-tasks create", world.moderator, name=name, template="<image>X:", raw=True
+        )
         assert message == f"“{name}” is not a valid task name; use {NAME_RULE}.", name
     assert len(await listed(world)) == 2
     await create(world, name="a" * 32)
@@ -83,9 +86,11 @@ async def test_example_texts_must_fit_the_prompt_format(world):
     }
     for text, expected in refusals.items():
         upload = photo(world, "coffee")
-        message = await private(world, "manage-tasks add-example", mod, task="pets", image=upload, text=text)
+        message = await private(world, "manage-tasks add-example", mod, task="pets", image=upload, text=text, raw=True)
         assert message == expected, text
-        message = await private(world, "manage-tasks edit-example", world.moderator, task="pets", position=1, text=text)
+        message = await private(
+            world, "manage-tasks edit-example", world.moderator, task="pets", position=1, text=text, raw=True
+        )
         assert message == expected, text
     assert await example_texts(world, "pets") == texts
 
@@ -101,11 +106,17 @@ async def test_an_example_image_that_is_not_an_image_is_refused(world):
 
 async def test_long_descriptions_are_refused(world):
     message = await private(
-        world, "manage-tasks create", world.moderator, name="pets", template="<image>Pet:", description="d" * 201
+        world,
+        "manage-tasks create",
+        world.moderator,
+        name="pets",
+        template="<image>Pet:",
+        description="d" * 201,
+        raw=True,
     )
     assert message == "The description is 201 characters long; the limit is 200."
     await create(world, description="d" * 200)
-    message = await private(world, "manage-tasks edit", world.moderator, task="pets", description="e" * 201)
+    message = await private(world, "manage-tasks edit", world.moderator, task="pets", description="e" * 201, raw=True)
     assert message == "The description is 201 characters long; the limit is 200."
     header, _, _ = await shown(world, "pets")
     assert header["description"] == "d" * 200
@@ -134,16 +145,28 @@ async def test_example_positions_must_exist(world):
     mod = world.moderator
     for position in (0, 3, 99, -1):
         missing = f"Task “pets” has no example {position}; it has 2."
-        message = await private(world, "manage-tasks edit-example", mod, task="pets", position=position, text="<image>")
+        message = await private(
+            world, "manage-tasks edit-example", mod, task="pets", position=position, text="<image>", raw=True
+        )
         assert message == missing
-        assert await private(world, "manage-tasks remove-example", mod, task="pets", position=position) == missing
-        assert await private(world, "manage-tasks move-example", mod, task="pets", position=position, to=1) == missing
-        assert await private(world, "manage-tasks move-example", mod, task="pets", position=1, to=position) == missing
+        assert (
+            await private(world, "manage-tasks remove-example", mod, task="pets", position=position, raw=True)
+            == missing
+        )
+        assert (
+            await private(world, "manage-tasks move-example", mod, task="pets", position=position, to=1, raw=True)
+            == missing
+        )
+        assert (
+            await private(world, "manage-tasks move-example", mod, task="pets", position=1, to=position, raw=True)
+            == missing
+        )
     assert await example_texts(world, "pets") == texts
 
 
 async def test_templates_and_attachments_have_size_limits(world):
-    message = await private(world, "manage-tasks create", world.moderator, name="pets", template="<image>" + "t" * 394)
+    template = "<image>" + "t" * 394
+    message = await private(world, "manage-tasks create", world.moderator, name="pets", template=template, raw=True)
     assert message == "The prompt template is 401 characters long; the limit is 400."
     await create(world)
     big = world.discord.upload("huge.png", b"\0" * (26 * 1024 * 1024), "image/png")
@@ -213,7 +236,9 @@ async def test_a_very_long_name_is_refused_with_its_reason_within_discords_messa
     long_name = "x" * 3000
     shown = "“" + "x" * 99 + "…”"
     assert await private(world, "tasks show", task=long_name) == unknown(shown[1:-1])
-    message = await private(world, "manage-tasks create", world.moderator, name=long_name, template="<image>Pet:")
+    message = await private(
+        world, "manage-tasks create", world.moderator, name=long_name, template="<image>Pet:", raw=True
+    )
     assert message == f"{shown} is not a valid task name; use {NAME_RULE}."
 
 
@@ -288,7 +313,11 @@ async def test_a_servers_task_images_are_bounded_in_bytes_and_list_shows_the_roo
     # Full: refused before the upload is decoded, which a server could otherwise repeat for nothing.
     library.limits = library.limits.model_copy(update={"max_task_images_mb": 0.01})
     decoded = []
-    monkeypatch.setattr(library, "_image_for_storage", lambda upload: decoded.append(upload))
+
+    async def decode(upload, settings):
+        decoded.append(upload)
+
+    monkeypatch.setattr(core.tasks.library, "stored_image", decode)
     message = await add_refused("coffee")
     assert message == (
         "This server's task images already take all of the 10 KiB they may; remove some examples or tasks first."

@@ -267,7 +267,7 @@ async def test_readers_cannot_change_tasks_and_nothing_changes(world):
 
 
 async def test_managing_tasks_needs_a_server(world):
-    message = await private(world, "manage-tasks create", guild=None, name="mine", template="<image>Mine:")
+    message = await private(world, "manage-tasks create", guild=None, name="mine", template="<image>Mine:", raw=True)
     assert message == "This command only works in a server."
     lines = await listed(world, guild=None)
     assert [line.split(" (")[0] for line in lines] == ["**caption**", "**vqa**"]
@@ -372,7 +372,8 @@ async def test_a_task_holds_at_most_eight_examples(world):
     assert all(picture_size(data) == (12, 8) for data in files.values())
 
 
-async def test_changes_made_at_the_same_moment_still_respect_the_caps(world):
+async def test_changes_made_at_the_same_moment_still_respect_the_caps(world, monkeypatch):
+    monkeypatch.setattr(world.bot.settings.quotas, "task_uploads_in_flight", 2)  # one at a time by default
     await create(world, name="colours", template="<image>Colour:")
     for position in range(1, 8):
         await add(world, "colours", small_image(world, position * 20), f"<image>Colour:Shade {position}.", position)

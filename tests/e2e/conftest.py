@@ -7,8 +7,9 @@ Everything talks over 127.0.0.1 only.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
+import pytest
 import pytest_asyncio
 
 from tests.fake_discord.payloads import MANAGE_GUILD
@@ -19,12 +20,22 @@ from tests.helpers.e2e import BotProcess, Scene, new_bot
 @pytest_asyncio.fixture(loop_scope="session", scope="session")
 async def stand_in() -> AsyncIterator[FakeDiscord]:
     fake = FakeDiscord()
+    # Heartbeats every 5 s (Discord: 41.25 s), so that the bot can notice a silent connection in 15 s.
+    fake.gateway.heartbeat_interval_ms, fake.gateway.heartbeat_timeout = 5000, 7.5
     await fake.start()
     fake.admin_guild = fake.add_guild("Bot HQ")  # type: ignore[attr-defined]
     try:
         yield fake
     finally:
         await fake.stop()
+
+
+@pytest.fixture(autouse=True)
+def discord_limits_kept(stand_in: FakeDiscord) -> Iterator[None]:
+    """Fails the test if the bot sent anything over Discord's limits, even if it swallowed the 400."""
+    stand_in.check_violations(" after the previous test ended")  # the shared bot may still be at work
+    yield
+    stand_in.check_violations()
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="session")

@@ -65,7 +65,10 @@ async def test_bad_input_gets_private_specific_messages_and_the_bot_keeps_servin
             "The prompt has 0 <image> markers but 1 image was given; "
             "put one `<image>` where each image should be read.",
         ),
-        ({"image": scene.photo(), "max_new_tokens": 5000}, "max_new_tokens must be between 1 and 256 (got 5000)."),
+        (  # beyond the registered range: only a modified client sends it
+            {"image": scene.photo(), "max_new_tokens": 5000, "raw": True},
+            "max_new_tokens must be between 1 and 256 (got 5000).",
+        ),
         (
             {"image": scene.photo(), "task": "nonexistent"},
             "There is no task called “nonexistent” here; the built-in "

@@ -36,7 +36,7 @@ async def test_a_server_can_tighten_its_quotas_and_refusals_say_when_to_retry(sc
         ("This server has used its 3 requests for now; more in 60 min.", True)
     ]
 
-    looser = await scene.ask("settings quotas", scene.moderator, in_flight=1000)
+    looser = await scene.ask("settings quotas", scene.moderator, in_flight=1000, raw=True)  # beyond the range
     assert looser[0].ephemeral and looser[0].content == "in_flight must be between 1 and 64."
     nothing = await scene.ask("settings quotas", scene.moderator)
     assert nothing[0].content == "Give cooldown_seconds, in_flight or per_period to change, or reset to go back."

@@ -1,10 +1,15 @@
-"""INTERACTION_CREATE payloads as Discord builds them when a user acts, for the stand-in's tests."""
+"""INTERACTION_CREATE payloads as Discord builds them when a user acts, for the stand-in's tests.
+
+Each builder refuses (``NotSendable``) what Discord's clients never send (see ``incoming``), unless
+called with ``raw=True``, for tests of what only a modified client could send.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+from tests.fake_discord.incoming import check_click, check_context, check_menu, check_options, check_submission
 from tests.fake_discord.payloads import (
     ALL_PERMISSIONS,
     ATTACHMENT_OPTION,
@@ -66,9 +71,21 @@ class InteractionBuilder:
                 given.append({"name": name, "type": OPTION_TYPES[type(value)], "value": value})
         return given
 
-    def _command_data(self, command_line: str, guild: Guild | None, options: list[dict[str, Any]]) -> dict[str, Any]:
+    def _command_data(
+        self,
+        command_line: str,
+        guild: Guild | None,
+        options: list[dict[str, Any]],
+        resolved: dict[str, Any],
+        *,
+        raw: bool,
+        focused: str | None = None,
+    ) -> dict[str, Any]:
         root, *path = command_line.split()
         command = self.command(root, guild)
+        if not raw:
+            check_context(command, guild is not None, f"/{root}")
+            check_options(command, path, options, resolved, focused=focused)
         if path:  # ``/group sub`` or ``/group subgroup sub``, as Discord nests them
             options = [{"name": path[-1], "type": SUB_COMMAND, "options": options}]
             if len(path) == 2:
@@ -76,6 +93,8 @@ class InteractionBuilder:
         data: dict[str, Any] = {"id": command["id"], "name": root, "type": command.get("type", 1), "options": options}
         if "guild_id" in command:  # a guild command says where it is registered
             data["guild_id"] = command["guild_id"]
+        if resolved:
+            data["resolved"] = resolved
         return data
 
     @staticmethod
@@ -130,7 +149,12 @@ class InteractionBuilder:
             "authorizing_integration_owners": payload["authorizing_integration_owners"],
         }
         record = InteractionRecord(
-            int(payload["id"]), payload["token"], self.clock(), channel_id=channel.id, metadata=metadata
+            int(payload["id"]),
+            payload["token"],
+            self.clock(),
+            channel_id=channel.id,
+            metadata=metadata,
+            attachment_size_limit=self.attachment_size_limit,
         )
         self.interactions[payload["token"]] = record
         return payload
@@ -142,6 +166,7 @@ class InteractionBuilder:
         guild: Guild | None,
         *,
         in_channel: Channel | None = None,
+        raw: bool = False,
         **options: Any,
     ) -> dict[str, Any]:
         """A slash command ``/command [subcommand]`` with the given option values, used in ``in_channel``.
@@ -149,9 +174,7 @@ class InteractionBuilder:
         ``in_channel`` defaults to the guild's first channel (a fresh DM channel without a guild).
         """
         resolved: dict[str, Any] = {}
-        data = self._command_data(command_line, guild, self._options(options, resolved))
-        if resolved:
-            data["resolved"] = resolved
+        data = self._command_data(command_line, guild, self._options(options, resolved), resolved, raw=raw)
         return self._envelope(2, data, member, guild, in_channel)
 
     def autocomplete_payload(
@@ -162,15 +185,18 @@ class InteractionBuilder:
         focused: str,
         *,
         in_channel: Channel | None = None,
+        raw: bool = False,
         **options: Any,
     ) -> dict[str, Any]:
         """A user typing in option ``focused`` (its partial text as a string, as Discord sends it)."""
-        given = self._options(options, {})
+        resolved: dict[str, Any] = {}
+        given = self._options(options, resolved)
         for option in given:
             if option["name"] == focused:
                 option["focused"] = True
                 option["value"] = str(option["value"])
-        return self._envelope(4, self._command_data(command_line, guild, given), member, guild, in_channel)
+        data = self._command_data(command_line, guild, given, resolved, raw=raw, focused=focused)
+        return self._envelope(4, data, member, guild, in_channel)
 
     def context_menu_payload(
         self,
@@ -180,12 +206,16 @@ class InteractionBuilder:
         message: dict[str, Any],
         *,
         in_channel: Channel | None = None,
+        raw: bool = False,
     ) -> dict[str, Any]:
         """A message context menu command on ``message`` (a message object as Discord sends it).
 
         Menu names may contain spaces, so the name is looked up whole.
         """
         command = self.command(name, guild)
+        if not raw:
+            check_menu(command, 3, name)
+            check_context(command, guild is not None, name)
         data = {
             "id": command["id"],
             "name": name,
@@ -206,11 +236,14 @@ class InteractionBuilder:
         component_type: int = 2,
         *,
         in_channel: Channel | None = None,
+        raw: bool = False,
     ) -> dict[str, Any]:
-        """A click on a button (or a select) of one of the bot's messages.
+        """A click on a button (or a select) of one of the bot's messages, as it is when the user clicks.
 
         ``in_channel`` defaults to the message's own channel when the stand-in knows it is in ``guild``.
         """
+        if not raw:
+            check_click(message, custom_id, component_type)
         if in_channel is None and guild is not None:
             in_channel = next((c for c in guild.channels if c.id == message.channel_id), None)
         data = {"custom_id": custom_id, "component_type": component_type}
@@ -227,8 +260,11 @@ class InteractionBuilder:
         guild: Guild | None,
         *,
         in_channel: Channel | None = None,
+        raw: bool = False,
     ) -> dict[str, Any]:
-        """A submitted modal: one text input per row, as Discord sends them."""
+        """A submitted modal (one the bot showed): one text input per row, as Discord sends them."""
+        if not raw:
+            check_submission((r.modal for r in self.interactions.values() if r.modal), custom_id, values)
         rows = [
             {"type": 1, "components": [{"type": 4, "custom_id": key, "value": value}]} for key, value in values.items()
         ]

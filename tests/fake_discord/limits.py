@@ -23,6 +23,10 @@ class Clock:
     def __call__(self) -> float:
         return time.monotonic() + self.offset
 
+    def wall(self) -> float:
+        """Unix time, moved forward with the clock (signed CDN links expire by it)."""
+        return time.time() + self.offset
+
     def advance(self, seconds: float) -> None:
         self.offset += seconds
 

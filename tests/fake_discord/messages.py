@@ -2,7 +2,8 @@
 
 Interaction callbacks and the interaction webhook (original response and followups) need no bot
 token, the interaction token is the credential; channel messages need the bot token. Each message
-remembers its channel and the ``allowed_mentions`` the bot sent with it.
+remembers its channel and the ``allowed_mentions`` the bot sent with it. Every message the bot
+creates or edits is checked against Discord's limits first (see ``outgoing``).
 """
 
 from __future__ import annotations
@@ -14,16 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fake_discord.outgoing import Path, check_message, check_not_empty, checked_choices, checked_modal
 from tests.fake_discord.payloads import Channel, Guild, snowflake, user_payload
-from tests.fake_discord.records import (
-    DiscordError,
-    InteractionRecord,
-    Message,
-    check_limits,
-    checked_allowed_mentions,
-    checked_choices,
-    checked_modal,
-)
+from tests.fake_discord.records import DiscordError, InteractionRecord, Message
 
 API = "/api/v10"
 EPHEMERAL = 1 << 6
@@ -54,6 +48,7 @@ class MessageRoutes:
     interactions: dict[str, InteractionRecord]
     channel_messages: dict[int, list[Message]]
     channel_changed: asyncio.Event
+    attachment_size_limit: int
 
     def message_routes(self) -> tuple[list[web.RouteDef], list[web.RouteDef]]:
         """(routes that need the bot token, routes that need an interaction token)."""
@@ -132,10 +127,20 @@ class MessageRoutes:
         return payload, files
 
     @staticmethod
-    def _apply(message: Message, payload: dict[str, Any], files: dict[str, bytes]) -> None:
-        check_limits(payload | {"content": payload.get("content", message.content)}, files or message.files)
+    def _apply(
+        message: Message, payload: dict[str, Any], files: dict[str, bytes], size_limit: int, path: Path = ()
+    ) -> None:
+        """A create or an edit, refused whole (the message unchanged) if it breaks Discord's limits."""
+        check_message(path, payload, files, size_limit)
+        kept = message.files if "attachments" not in payload and not files else files
+        check_not_empty(
+            payload["content"] or "" if "content" in payload else message.content,
+            payload["embeds"] or [] if "embeds" in payload else message.embeds,
+            kept,
+            payload["components"] or [] if "components" in payload else message.components,
+        )
         if "allowed_mentions" in payload:
-            message.allowed_mentions = checked_allowed_mentions(payload["allowed_mentions"])
+            message.allowed_mentions = payload["allowed_mentions"]
         elif "content" in payload:
             message.allowed_mentions = None  # new content under Discord's default: every mention pings
         if "content" in payload:
@@ -176,13 +181,13 @@ class MessageRoutes:
         kind, data = body["type"], body.get("data") or {}
         message = self._new_message(record, data.get("flags"))
         if kind == 4:
-            self._apply(message, data, files)
+            self._apply(message, data, files, record.attachment_size_limit, ("data",))
         elif kind == 5:
             message.loading = True
         elif kind in (6, 7) and record.target is not None:
             message = record.target
             if kind == 7:
-                self._apply(message, data, files)
+                self._apply(message, data, files, record.attachment_size_limit, ("data",))
         elif kind == 8:
             record.choices = checked_choices(data.get("choices"))
         elif kind == 9:
@@ -210,7 +215,7 @@ class MessageRoutes:
         if record.original is None or record.original.deleted:
             raise DiscordError(404, 10008, "Unknown Message")
         body, files = await self._message_body(request)
-        self._apply(record.original, body, files)
+        self._apply(record.original, body, files, record.attachment_size_limit)
         record.changed.set()
         return _json(self.message_json(record.original))
 
@@ -230,11 +235,11 @@ class MessageRoutes:
         original = record.original
         if original.loading and not original.deleted:
             # The first followup after a deferral replaces the 'thinking' message, keeping its visibility.
-            self._apply(original, body, files)
+            self._apply(original, body, files, record.attachment_size_limit)
             message = original
         else:
             message = self._new_message(record, body.get("flags"))
-            self._apply(message, body, files)
+            self._apply(message, body, files, record.attachment_size_limit)
             record.followups.append(message)
         record.changed.set()
         return _json(self.message_json(message))
@@ -269,7 +274,7 @@ class MessageRoutes:
         channel = self._known_channel(request.match_info["channel_id"])
         body, files = await self._message_body(request)
         message = Message(snowflake(), channel_id=channel.id, type=DEFAULT_MESSAGE)
-        self._apply(message, body, files)
+        self._apply(message, body, files, self.attachment_size_limit)
         self.channel_messages.setdefault(channel.id, []).append(message)
         self.channel_changed.set()
         return _json(self.message_json(message))
@@ -278,7 +283,7 @@ class MessageRoutes:
         channel = self._known_channel(request.match_info["channel_id"])
         message, record = self._channel_message(channel, request.match_info["message_id"])
         body, files = await self._message_body(request)
-        self._apply(message, body, files)
+        self._apply(message, body, files, self.attachment_size_limit)
         self._changed(record)
         return _json(self.message_json(message))
 

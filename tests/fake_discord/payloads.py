@@ -159,8 +159,11 @@ SUB_COMMAND = 1
 SUB_COMMAND_GROUP = 2
 
 
-def guild_payload(guild: Guild, bot_member: dict[str, Any]) -> dict[str, Any]:
-    """GUILD_CREATE data: the fields discord.py reads, with the bot as the only cached member."""
+def guild_payload(guild: Guild, bot_member: dict[str, Any], premium_tier: int = 0) -> dict[str, Any]:
+    """GUILD_CREATE data: the fields discord.py reads, with the bot as the only cached member.
+
+    ``premium_tier`` is what discord.py derives the guild's upload limit from.
+    """
     return {
         "id": str(guild.id),
         "name": guild.name,
@@ -181,7 +184,7 @@ def guild_payload(guild: Guild, bot_member: dict[str, Any]) -> dict[str, Any]:
         "guild_scheduled_events": [],
         "voice_states": [],
         "presences": [],
-        "premium_tier": 0,
+        "premium_tier": premium_tier,
         "preferred_locale": "en-US",
         "nsfw_level": 0,
         "mfa_level": 0,

@@ -1,4 +1,4 @@
-"""What the stand-in keeps of each interaction, and Discord's limits on what a bot may send."""
+"""What the stand-in keeps of each interaction and message, and the errors it answers with."""
 
 from __future__ import annotations
 
@@ -7,30 +7,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# https://discord.com/developers/docs/resources/message#embed-object-embed-limits
-LIMITS = {
-    "content": 2000,
-    "embeds": 10,
-    "files": 10,
-    "title": 256,
-    "description": 4096,
-    "fields": 25,
-    "field_name": 256,
-    "field_value": 1024,
-    "footer": 2048,
-    "author": 256,
-    "embed_total": 6000,
-}
-
+DEFAULT_ATTACHMENT_SIZE_LIMIT = 10 * 1024 * 1024  # bytes a bot may attach, in a guild without boosts and in DMs
 
 # How the bot marks a message that stands for work still to come (its place-in-line notice).
 PROGRESS_PREFIX = "⏳"
 
 
 class DiscordError(Exception):
-    def __init__(self, status: int, code: int, message: str) -> None:
+    """An error answer in Discord's shape; ``broke_limits``: the bot sent what Discord documents it refuses."""
+
+    def __init__(
+        self, status: int, code: int, message: str, errors: dict[str, Any] | None = None, broke_limits: bool = False
+    ) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.errors = status, code, message, errors
+        self.broke_limits = broke_limits
+
+    def body(self) -> dict[str, Any]:
+        return {"message": self.message, "code": self.code} | ({"errors": self.errors} if self.errors else {})
 
 
 @dataclass
@@ -71,6 +65,7 @@ class InteractionRecord:
     modal: dict[str, Any] | None = None
     target: Message | None = None  # the message whose component was used
     metadata: dict[str, Any] | None = None  # what Discord puts in its responses' ``interaction_metadata``
+    attachment_size_limit: int = DEFAULT_ATTACHMENT_SIZE_LIMIT  # what the interaction told the bot it may attach
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -93,70 +88,3 @@ class InteractionRecord:
 
         await self.wait_for(lambda: bool(self.visible) and not any(waiting(m) for m in self.visible), timeout)
         return self.visible
-
-
-def check_limits(payload: dict[str, Any], files: dict[str, bytes]) -> None:
-    problems = []
-    if len(payload.get("content") or "") > LIMITS["content"]:
-        problems.append("content: Must be 2000 or fewer in length.")
-    embeds = payload.get("embeds") or []
-    if len(embeds) > LIMITS["embeds"]:
-        problems.append("embeds: Must be 10 or fewer in length.")
-    if len(files) > LIMITS["files"]:
-        problems.append("files: Must be 10 or fewer.")
-    total = 0
-    for embed in embeds:
-        for key in ("title", "description"):
-            total += len(embed.get(key) or "")
-            if len(embed.get(key) or "") > LIMITS[key]:
-                problems.append(f"embeds.{key}: Must be {LIMITS[key]} or fewer in length.")
-        fields = embed.get("fields") or []
-        if len(fields) > LIMITS["fields"]:
-            problems.append("embeds.fields: Must be 25 or fewer in length.")
-        for item in fields:
-            total += len(item["name"]) + len(item["value"])
-            if not item["value"] or len(item["value"]) > LIMITS["field_value"]:
-                problems.append("embeds.fields.value: Must be between 1 and 1024 in length.")
-        total += len((embed.get("footer") or {}).get("text", "")) + len((embed.get("author") or {}).get("name", ""))
-    if total > LIMITS["embed_total"]:
-        problems.append("embeds: Embed size exceeds maximum size of 6000")
-    if not (payload.get("content") or embeds or files or payload.get("components")):
-        problems.append("Cannot send an empty message")
-    if problems:
-        raise DiscordError(400, 50035, "Invalid Form Body: " + "; ".join(problems))
-
-
-def checked_choices(choices: Any) -> list[dict[str, Any]]:
-    if not isinstance(choices, list) or len(choices) > 25:
-        raise DiscordError(400, 50035, "Invalid Form Body: data.choices: Must be 25 or fewer in length.")
-    for choice in choices:
-        if not 1 <= len(str(choice.get("name", ""))) <= 100:
-            raise DiscordError(400, 50035, "Invalid Form Body: data.choices.name: Must be between 1 and 100 in length.")
-    return choices
-
-
-def checked_modal(data: dict[str, Any]) -> dict[str, Any]:
-    if not data.get("custom_id") or not 1 <= len(data.get("title") or "") <= 45:
-        raise DiscordError(400, 50035, "Invalid Form Body: data.title: Must be between 1 and 45 in length.")
-    if not 1 <= len(data.get("components") or []) <= 5:
-        raise DiscordError(400, 50035, "Invalid Form Body: data.components: Must be between 1 and 5 in length.")
-    return data
-
-
-def checked_allowed_mentions(allowed: Any) -> dict[str, Any] | None:
-    """``allowed_mentions`` as Discord validates it: known parse types, and no type both parsed and listed."""
-    if allowed is None:
-        return None
-    if not isinstance(allowed, dict):
-        raise DiscordError(400, 50035, "Invalid Form Body: allowed_mentions: Must be an object.")
-    parse = allowed.get("parse") or []
-    if not set(parse) <= {"everyone", "roles", "users"}:
-        raise DiscordError(400, 50035, f"Invalid Form Body: allowed_mentions.parse: Value(s) {parse} are not valid.")
-    for kind in ("users", "roles"):
-        if kind in parse and allowed.get(kind):
-            raise DiscordError(
-                400, 50035, f'Invalid Form Body: allowed_mentions: parse:["{kind}"] and {kind}: [ids...] are exclusive.'
-            )
-        if len(allowed.get(kind) or []) > 100:
-            raise DiscordError(400, 50035, f"Invalid Form Body: allowed_mentions.{kind}: Must be 100 or fewer.")
-    return allowed

@@ -1,15 +1,20 @@
 """A local stand-in for Discord's REST API (v10), on 127.0.0.1, that the real bot talks to.
 
 It keeps what a user would see of each interaction and rejects requests the way Discord does
-(missing auth, oversized messages, acknowledging after 3 seconds, tokens older than 15 minutes),
-so that a bot bug shows up as a failed test rather than passing silently.
+(missing auth, acknowledging after 3 seconds, tokens older than 15 minutes, and anything over
+Discord's documented limits), so that a bot bug shows up as a failed test rather than passing
+silently. Limit violations are also kept in ``violations``, which the fixtures check after each
+test: a bot that swallows the 400 still fails it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +30,7 @@ from tests.fake_discord.messages import (
     TOKEN_LIFETIME_SECONDS,
     MessageRoutes,
 )
+from tests.fake_discord.outgoing import check_commands, flatten
 from tests.fake_discord.payloads import (
     Attachment,
     Channel,
@@ -35,7 +41,7 @@ from tests.fake_discord.payloads import (
     snowflake,
     user_payload,
 )
-from tests.fake_discord.records import DiscordError, InteractionRecord, Message
+from tests.fake_discord.records import DEFAULT_ATTACHMENT_SIZE_LIMIT, DiscordError, InteractionRecord, Message
 
 __all__ = [
     "ACK_WINDOW_SECONDS",
@@ -47,8 +53,17 @@ __all__ = [
     "Message",
 ]
 
+LINK_LIFETIME_SECONDS = 24 * 3600
+
+
+def premium_tier(attachment_size_limit: int) -> int:
+    """The boost level whose upload limit discord.py reads as ``Guild.filesize_limit`` (it has no lower one)."""
+    return 3 if attachment_size_limit >= 100 * 1024 * 1024 else 2 if attachment_size_limit >= 50 * 1024 * 1024 else 0
+
 
 class FakeDiscord(MessageRoutes, InteractionBuilder):
+    clock: Clock
+
     def __init__(self) -> None:
         self.clock = Clock()
         self.limits = RateLimiter(self.clock)
@@ -61,15 +76,22 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         self.guilds: dict[int, Guild] = {}  # guilds the bot is in
         self.departed: dict[int, Guild] = {}  # guilds the bot left or was removed from
         self.recommended_shards = 1  # what GET /gateway/bot recommends
-        self.attachment_size_limit = 10 * 1024 * 1024  # what interactions say the bot may attach (boosts raise it)
+        # What the bot may attach, in bytes: interactions carry it, guilds' boost level follows it.
+        self.attachment_size_limit = DEFAULT_ATTACHMENT_SIZE_LIMIT
         self.gateway_bot_asked = 0  # how many times: a bot asks it as it starts to set up
         self.announced: set[int] = set()  # guilds a gateway session has had a GUILD_CREATE for
         self.channel_messages: dict[int, list[Message]] = {}
         self.channel_changed = asyncio.Event()
         self.attachments: dict[int, Attachment] = {}
-        # CDN faults a test injects, by attachment id: seconds before the download starts (a stall), or a status.
+        # CDN faults a test injects, by attachment id: seconds before the download starts (a delay, or a
+        # stall that never answers), a status (404, 403, 5xx), or a body cut off halfway that never ends.
+        # Links also expire as Discord's do: see ``expire``.
         self.cdn_delays: dict[int, float] = {}
         self.cdn_statuses: dict[int, int] = {}
+        self.cdn_stalls: set[int] = set()
+        self._cdn_key = secrets.token_bytes(16)
+        # What the bot sent that Discord refuses for breaking its documented limits (see ``outgoing``).
+        self.violations: list[str] = []
         self._stopping = asyncio.Event()
         self.interactions: dict[str, InteractionRecord] = {}
         self.requests: list[tuple[str, str]] = []
@@ -119,7 +141,7 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         canonical = route.canonical if route is not None else request.path
         needs_auth = canonical in self._bot_paths
         if needs_auth and request.headers.get("Authorization") != f"Bot {self.token}":
-            return self._error(401, 0, "401: Unauthorized")
+            return self._json(DiscordError(401, 0, "401: Unauthorized").body(), 401)
         info = request.match_info
         major = info.get("token") or info.get("guild") or info.get("channel_id") or ""
         bucket = f"{request.method} {canonical} {major}"
@@ -129,15 +151,13 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         try:
             response = await handler(request)
         except DiscordError as error:
-            response = self._error(error.status, error.code, error.message)
+            if error.broke_limits:
+                problems = flatten(error.errors or {}) or [error.message]
+                self.violations.append(f"{request.method} {canonical} ({error.code}): " + "; ".join(problems))
+            response = self._json(error.body(), error.status)
         if isinstance(response, web.Response):
             response.headers.update(self.limits.headers(bucket))
         return response
-
-    @staticmethod
-    def _error(status: int, code: int, message: str) -> web.Response:
-        body = json.dumps({"message": message, "code": code})
-        return web.Response(status=status, body=body, content_type="application/json")
 
     @staticmethod
     def _json(data: Any, status: int = 200) -> web.Response:
@@ -145,6 +165,17 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         return web.Response(status=status, body=json.dumps(data), headers={"Content-Type": "application/json"})
 
     # Test API
+
+    def take_violations(self) -> list[str]:
+        """The limit violations recorded since last asked, forgotten so that the next test starts clean."""
+        found, self.violations = self.violations, []
+        return found
+
+    def check_violations(self, when: str = "") -> None:
+        """Fail if the bot sent anything Discord refuses, even if it caught the 400 it was answered."""
+        found = self.take_violations()
+        if found:
+            raise AssertionError(f"the bot sent what Discord refuses{when}:\n" + "\n".join(found))
 
     def add_guild(self, name: str = "Test Server") -> Guild:
         """A guild with one channel and its owner; the bot hears of it when a session next identifies."""
@@ -216,7 +247,7 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
 
     def guild_payload(self, guild: Guild) -> dict[str, Any]:
         bot_member = Member(self.bot_user_id, "flamingo").payload() | {"user": self.bot_user()}
-        return guild_payload(guild, bot_member)
+        return guild_payload(guild, bot_member, premium_tier(self.attachment_size_limit))
 
     async def send_interaction(self, payload: dict[str, Any]) -> InteractionRecord:
         """Deliver an interaction over the gateway, as Discord does when a user runs a command.
@@ -234,11 +265,25 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         return member
 
     def upload(self, filename: str, data: bytes, content_type: str | None = "image/png") -> Attachment:
+        """A user's upload, with a signed CDN link valid for a day (as Discord's are)."""
         attachment_id = snowflake()
-        url = f"{self.base_url}/cdn/attachments/{attachment_id}/{filename}"
-        attachment = Attachment(attachment_id, filename, data, content_type, url)
+        attachment = Attachment(attachment_id, filename, data, content_type, "")
+        attachment.url = self._signed_url(attachment, self.clock.wall() + LINK_LIFETIME_SECONDS)
         self.attachments[attachment_id] = attachment
         return attachment
+
+    def expire(self, attachment: Attachment) -> None:
+        """The upload's link expires: payloads built from now on carry a link whose ``ex`` has passed."""
+        attachment.url = self._signed_url(attachment, self.clock.wall() - 1)
+
+    def _signed_url(self, attachment: Attachment, expires: float) -> str:
+        """``ex`` (expiry) and ``is`` (issue) are hexadecimal Unix times; ``hm`` signs them with the link."""
+        ex, issued = f"{int(expires):x}", f"{int(self.clock.wall()):x}"
+        path = f"/cdn/attachments/{attachment.id}/{attachment.filename}"
+        return f"{self.base_url}{path}?ex={ex}&is={issued}&hm={self._signature(path, ex, issued)}&"
+
+    def _signature(self, path: str, ex: str, issued: str) -> str:
+        return hmac.new(self._cdn_key, f"{path}:{ex}:{issued}".encode(), hashlib.sha256).hexdigest()
 
     # Bot routes
 
@@ -282,6 +327,7 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
     def _registered(self, request: web.Request, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if request.match_info["app"] != str(self.application_id):
             raise DiscordError(403, 50001, "Missing Access")
+        check_commands(commands)
         app_id = str(self.application_id)
         # Discord echoes commands with its defaults filled in (context menus get an empty description).
         defaults = {"type": 1, "description": "", "options": [], "default_member_permissions": None, "nsfw": False}
@@ -308,14 +354,26 @@ class FakeDiscord(MessageRoutes, InteractionBuilder):
         ]
         return self._json(self.guild_commands[guild_id])
 
-    async def _cdn(self, request: web.Request) -> web.Response:
-        """An upload's bytes; a deleted or expired one is 404, as on Discord's CDN."""
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        """An upload's bytes; a deleted one, or a link expired or not signed, is 404, as on Discord's CDN."""
         attachment_id = int(request.match_info["id"])
         with contextlib.suppress(TimeoutError):  # a stall ends when the stand-in stops
             await asyncio.wait_for(self._stopping.wait(), self.cdn_delays.get(attachment_id, 0))
         attachment = self.attachments.get(attachment_id)
-        if attachment is None:
-            raise DiscordError(404, 0, "Not Found")
+        query = request.query
+        ex, issued = query.get("ex", ""), query.get("is", "")
+        signed = hmac.compare_digest(query.get("hm", ""), self._signature(request.path, ex, issued))
+        if attachment is None or not signed or int(ex, 16) <= self.clock.wall():
+            return web.Response(status=404, text="This content is no longer available.")
         if attachment_id in self.cdn_statuses:
             raise DiscordError(self.cdn_statuses[attachment_id], 0, "CDN failure")
-        return web.Response(body=attachment.data, content_type=attachment.content_type or "application/octet-stream")
+        content_type = attachment.content_type or "application/octet-stream"
+        if attachment_id not in self.cdn_stalls:
+            return web.Response(body=attachment.data, content_type=content_type)
+        response = web.StreamResponse(
+            headers={"Content-Type": content_type, "Content-Length": str(len(attachment.data))}
+        )
+        await response.prepare(request)
+        await response.write(attachment.data[: len(attachment.data) // 2])
+        await self._stopping.wait()  # the rest never comes
+        return response

@@ -25,6 +25,17 @@ E2E = pytest.mark.asyncio(loop_scope="session")
 _START_TIMEOUT = 120
 
 
+# Scenarios send many requests at once; the quotas and the line's shares have tests of their own.
+RELAXED = {
+    "FLAMINGO_SERVICE__MAX_QUEUE": "64",
+    "FLAMINGO_QUOTAS__USER_COOLDOWN_SECONDS": "0",
+    "FLAMINGO_QUOTAS__GUILD_IN_FLIGHT": "64",
+    "FLAMINGO_QUOTAS__GUILD_PER_PERIOD": "100000",
+    "FLAMINGO_QUOTAS__TASK_UPLOADS_IN_FLIGHT": "64",
+    "FLAMINGO_QUOTAS__TASK_UPLOADS_PER_PERIOD": "100000",
+}
+
+
 class BotProcess:
     """One ``python main.py`` with its settings in the environment, as an operator would run it."""
 
@@ -40,16 +51,13 @@ class BotProcess:
             "FLAMINGO_MODEL__PRECISION": "fp32",
             "FLAMINGO_DISCORD__API_BASE_URL": f"{discord.base_url}/api/v10",
             "FLAMINGO_DISCORD__GATEWAY_URL": discord.gateway.url,
+            # The stand-in's heartbeats come every 5 s (``tests/e2e/conftest.py``): a zombie is noticed sooner.
+            "FLAMINGO_DISCORD__HEARTBEAT_TIMEOUT_SECONDS": "15",
             "FLAMINGO_DISCORD__ADMIN_GUILD_ID": str(admin_guild.id),
             "FLAMINGO_STORAGE__DATABASE": str(database),
-            "FLAMINGO_SERVICE__MAX_QUEUE": "64",
-            # Scenarios send many requests at once; the quotas have tests of their own.
-            "FLAMINGO_QUOTAS__USER_COOLDOWN_SECONDS": "0",
-            "FLAMINGO_QUOTAS__GUILD_IN_FLIGHT": "64",
-            "FLAMINGO_QUOTAS__GUILD_PER_PERIOD": "100000",
             "FLAMINGO_METRICS__ENABLED": "true",
             "FLAMINGO_METRICS__PORT": str(free_port()),
-        }
+        } | RELAXED
         self.process: asyncio.subprocess.Process | None = None
 
     async def launch(self) -> None:
@@ -96,15 +104,29 @@ class Scene:
     moderator: Member
 
     async def send(
-        self, command: str, member: Member | None = None, guild: Guild | None = None, **options: Any
+        self,
+        command: str,
+        member: Member | None = None,
+        guild: Guild | None = None,
+        *,
+        raw: bool = False,
+        **options: Any,
     ) -> InteractionRecord:
-        payload = self.discord.interaction_payload(command, member or self.reader, guild or self.guild, **options)
+        """A slash command, refused before sending if no Discord client would send it (unless ``raw``)."""
+        where = guild or self.guild
+        payload = self.discord.interaction_payload(command, member or self.reader, where, raw=raw, **options)
         return await self.discord.send_interaction(payload)
 
     async def ask(
-        self, command: str, member: Member | None = None, guild: Guild | None = None, **options: Any
+        self,
+        command: str,
+        member: Member | None = None,
+        guild: Guild | None = None,
+        *,
+        raw: bool = False,
+        **options: Any,
     ) -> list[Message]:
-        record = await self.send(command, member, guild, **options)
+        record = await self.send(command, member, guild, raw=raw, **options)
         return await record.answered()
 
     def photo(self, name: str = "chelsea") -> Attachment:

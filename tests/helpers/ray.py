@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,14 @@ from tests.helpers.settings import free_port
 
 RAY = Path(sys.executable).parent / "ray"
 # Ray swaps 127.0.0.1 for the machine's network address when it connects, unless told it runs
-# without a cluster network; tests keep every byte on loopback.
-RAY_LOOPBACK = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# without a cluster network; tests keep every byte on loopback. Every cluster and client runs with
+# token authentication, as the README's recipe has operators do, on a token of the test run's own.
+RAY_LOOPBACK = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "token",
+    "RAY_AUTH_TOKEN": secrets.token_hex(32),
+}
 
 
 class RayHead:

@@ -30,13 +30,13 @@ from core.errors import (
     ModelLoadError,
     RequestCancelled,
     RequestExpired,
-    ServiceBusy,
     ServiceClosed,
 )
-from core.generation import GenerationParams
+from core.generation import GenerationParams, decode_steps, generation_kwargs
 from core.model.engine import Answer, PromptRules
 from core.model.loading import load_text_side
 from core.prompts import Task
+from core.serving.fair_line import FairLine, Party
 from core.serving.model_choice import ModelCatalog
 from core.serving.protocol import ServiceStatus
 from core.serving.ray.replica import FlamingoReplica, deployment_options
@@ -78,22 +78,36 @@ class SentRequest(Protocol):
 
 
 class RemoteTicket:
-    """A request sent to a replica: Ray keeps the line, so no place in it is known here."""
-
-    position: int | None = None
+    """A request for a replica: it waits in the bot's fair line while the replicas are full."""
 
     def __init__(
-        self, service: RayInferenceService, encode: Callable[[], WireRequest], deadline: float | None, model: str | None
+        self,
+        service: RayInferenceService,
+        encode: Callable[[], WireRequest],
+        deadline: float | None,
+        model: str | None,
+        party: Party,
+        cost: int,
     ) -> None:
         self._service = service
         self._encode = encode
         self._model = model
+        self.party = party
+        self.cost = cost
+        self.turn: asyncio.Future[None] | None = None  # while it waits in the line: done when its turn comes
+        self.holds_room = False  # one of the places the replicas take at once is its own
         self._response: SentRequest | None = None
         self._cancelled = False
         self._deadline = deadline
 
+    @property
+    def position(self) -> int | None:
+        return self._service.line.position(self)
+
     def cancel(self) -> None:
         self._cancelled = True
+        if self._service.line.remove(self) and self.turn is not None and not self.turn.done():
+            self.turn.set_exception(RequestCancelled("The request was cancelled before it ran."))
         if self._response is not None:
             self._response.cancel()
 
@@ -109,18 +123,20 @@ class RemoteTicket:
             request = await asyncio.to_thread(self._encode)
             if self._cancelled:
                 raise RequestCancelled("The request was cancelled before it ran.")
-            if not self._service.reachable:  # lost while encoding: it would wait for its deadline
+            if self.turn is not None:
+                async with asyncio.timeout(self._remaining()):
+                    await self.turn
+            if not self._service.reachable:  # lost while encoding or in line: it would wait for its deadline
                 raise ClusterUnavailable(_CLUSTER_LOST)
-            timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
             self._response = self._service.send(request, self._model)
             try:
-                return await self._service.unless_lost(self._response, timeout)
+                return await self._service.unless_lost(self._response, self._remaining())
             except Exception as error:
                 if not _replica_lost(error):
                     raise
                 log.warning("a replica was lost during a request; retrying it once elsewhere")
                 self._response = self._service.send(request, self._model)
-                return await self._service.unless_lost(self._response, timeout)
+                return await self._service.unless_lost(self._response, self._remaining())
         except TimeoutError:
             self.cancel()
             raise RequestExpired("Your request waited too long for the model; please ask again.") from None
@@ -132,7 +148,11 @@ class RemoteTicket:
         except Exception as error:
             raise _user_error(error) from None
         finally:
+            self._service.leave(self)
             self._service.in_flight -= 1
+
+    def _remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
 
 def _replica_lost(error: BaseException) -> bool:
@@ -218,7 +238,13 @@ class RayInferenceService:
         self._rules = rules
         self._handle = handle
         self._wire = WireEncoder()
-        self.in_flight = 0
+        self.in_flight = 0  # encoding, in line, or at a replica
+        # Serve's own queue is first come, first served and unbounded: the bot sends no more than the
+        # replicas take at once, and keeps the rest in a line fair between servers.
+        self.line: FairLine[RemoteTicket] = FairLine(settings.service.max_queue)
+        ray = settings.ray
+        self._room = ray.max_ongoing_requests * (ray.max_replicas or ray.replicas)
+        self._sent = 0
         self._closed = False
         self.reachable = True
         self._losses: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
@@ -270,7 +296,9 @@ class RayInferenceService:
         params: GenerationParams,
         deadline: float | None = None,
         model: str | None = None,
+        party: Party = None,
     ) -> RemoteTicket:
+        """Checked here, queued fairly between servers (``party``) on the replica it reaches."""
         if self._closed:
             raise ServiceClosed("The bot is shutting down; try again in a moment.")
         if not self.reachable:
@@ -278,14 +306,32 @@ class RayInferenceService:
         if model not in self._rules:
             raise BadParameter("This bot does not offer that model; a server admin can choose another in /settings.")
         self._rules[model].check_text(prompt, len(images))
-        ray = self.settings.ray
-        room = self.settings.service.max_queue + ray.max_ongoing_requests * (ray.max_replicas or ray.replicas)
-        if self.in_flight >= room:  # Serve's own queue is unbounded: the bot keeps the line's length
-            raise ServiceBusy(
-                f"The model is busy ({self.in_flight} requests are already in line); try again in a minute."
-            )
+        self.line.check_room(party)
+        cost = decode_steps(generation_kwargs(params, self.settings.generation), len(images))
         encode = functools.partial(self._wire.request, list(images), prompt, task, params)
-        return RemoteTicket(self, encode, deadline, model)
+        ticket = RemoteTicket(self, encode, deadline, model, party, cost)
+        # Its place is taken now, in the order requests arrive; its images are encoded while it waits.
+        if self._sent < self._room and not self.line:
+            self._sent += 1
+            ticket.holds_room = True
+        else:
+            self.line.add(ticket, party, cost)
+            ticket.turn = asyncio.get_running_loop().create_future()
+        return ticket
+
+    def leave(self, ticket: RemoteTicket) -> None:
+        """The ticket is answered or given up: out of the line, or its place at a replica to the next in line."""
+        if self.line.remove(ticket) or not ticket.holds_room:
+            return
+        ticket.holds_room = False
+        self._sent -= 1
+        while self._sent < self._room and self.line:
+            [turn] = self.line.take(1)
+            assert turn.turn is not None
+            self._sent += 1
+            turn.holds_room = True
+            if not turn.turn.done():
+                turn.turn.set_result(None)
 
     def send(self, request: WireRequest, model: str | None = None) -> SentRequest:
         """To a replica; Serve's multiplexing prefers one that holds ``model`` (None: the default)."""

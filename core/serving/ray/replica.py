@@ -83,7 +83,7 @@ class FlamingoReplica:
 
     def __init__(self, settings_json: str) -> None:
         self.settings = Settings.model_validate_json(settings_json)
-        self.service = start_service(self.settings)
+        self.service = start_service(self.settings, shares=False)
         self.catalog = ModelCatalog.from_settings(self.settings)
         self.wire = WireDecoder(image_bytes=self.settings.service.image_cache_mb * 2**20)
         self.ongoing = 0
@@ -95,7 +95,7 @@ class FlamingoReplica:
         self.catalog.check_choice(model)
         settings = self.settings.model_copy(update={"model": self.settings.model.model_copy(update={"name": model})})
         log.info("loading %s, which a server chose", model)
-        return ChosenModel(model, await asyncio.to_thread(start_service, settings), self.chosen)
+        return ChosenModel(model, await asyncio.to_thread(start_service, settings, False), self.chosen)
 
     async def _service_for(self, model: str) -> InferenceService:
         if not model or model == self.catalog.default:

@@ -48,16 +48,36 @@ async def test_concurrent_callers_each_get_their_own_answer(llama_engine, make_s
 async def test_full_queue_is_refused_as_busy(llama_engine, make_service, photos, task):
     gated = GatedEngine(llama_engine)
     service = make_service(gated, max_queue=2)
-    ask = lambda: service.answer([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=2))  # noqa: E731
-    running = asyncio.create_task(ask())
+    params = GenerationParams(max_new_tokens=2)
+    ask = lambda server: service.submit([photos["rocket"]], "<image>Output:", task, params, party=server).answer()  # noqa: E731
+    running = asyncio.create_task(ask(1))
     await asyncio.to_thread(gated.started.wait, 10)
-    waiting = [asyncio.create_task(ask()) for _ in range(2)]
+    waiting = [asyncio.create_task(ask(server)) for server in (1, 2)]
     await asyncio.sleep(0)
     with pytest.raises(ServiceBusy, match=r"busy \(2 requests are already waiting\)"):
-        await ask()
+        await ask(3)
     gated.gate.set()
     answers = await asyncio.gather(running, *waiting)
     assert len(answers) == 3
+
+
+async def test_another_server_goes_before_a_servers_flood(llama_engine, make_service, photos, task):
+    """The line is fair between servers: one server's queued requests do not push another's first
+    request to the back, and direct messages, however many accounts write, are one party."""
+    gated = GatedEngine(llama_engine)
+    service = make_service(gated, max_queue=32)
+    params = GenerationParams(max_new_tokens=2)
+    submit = lambda party: service.submit([photos["rocket"]], "<image>Output:", task, params, party=party)  # noqa: E731
+    running = submit(1)
+    await asyncio.to_thread(gated.started.wait, 10)
+    flood = [submit(1) for _ in range(4)] + [submit(None) for _ in range(6)]
+    other = submit(2)
+    # Server 1 already runs one request, so the others' first requests go before its next: then turns.
+    assert [ticket.position for ticket in flood] == [3, 5, 7, 9, 1, 4, 6, 8, 10, 11]
+    assert other.position == 2
+    gated.gate.set()
+    answers = await asyncio.gather(*(ticket.answer() for ticket in [running, *flood, other]))
+    assert all(answer.token_ids for answer in answers)
 
 
 async def held_at_the_gate(llama_engine, make_service, photos, task, max_new_tokens: int):

@@ -9,7 +9,7 @@ from core.prompts import IMAGE_TOKEN
 from core.storage.task_store import TaskStore
 from core.tasks.builtin import DEFAULT_TASK
 from core.tasks.library import TaskLibrary
-from tests.helpers.settings import IMAGES
+from tests.helpers.uploads import photo_upload
 from tests.make_tiny_model import FAMILIES
 
 GUILD = 7
@@ -44,7 +44,7 @@ async def test_a_server_task_named_like_a_later_built_in_stays_the_servers(tmp_p
         older = {"caption": builtin_tasks["caption"]}
         before = TaskLibrary(store, older, llama_engine.rules, llama_engine.settings)
         await before.create(GUILD, "vqa", "Ours", "<image>Ours:", author_id=1)
-        await before.add_example(GUILD, "vqa", (IMAGES / "chelsea.jpg").read_bytes(), "<image>Ours:a cat", 1)
+        await before.add_example(GUILD, "vqa", photo_upload("chelsea"), "<image>Ours:a cat", 1)
 
         library = TaskLibrary(store, builtin_tasks, llama_engine.rules, llama_engine.settings)
         listed = [(task.name, task.builtin) for task in await library.list_tasks(GUILD)]

@@ -8,7 +8,7 @@ from core.generation import GenerationParams
 from core.prompts import Example, Task
 from core.storage.task_store import TaskStore
 from core.tasks.library import TaskLibrary
-from tests.helpers.settings import IMAGES
+from tests.helpers.uploads import photo_upload
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ async def library(tmp_path, llama_engine, builtin_tasks):
 
 async def test_after_an_edit_the_answer_comes_from_the_new_examples(library, llama_engine, photos):
     await library.create(7, "pets", "", "<image>Pet:", author_id=1)
-    await library.add_example(7, "pets", (IMAGES / "chelsea.jpg").read_bytes(), "<image>Pet:a cat", 42)
+    await library.add_example(7, "pets", photo_upload("chelsea"), "<image>Pet:a cat", 42)
     params = GenerationParams(max_new_tokens=8)
 
     def answer(task: Task) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from core.errors import TaskExists
 from core.storage.task_store import TaskStore
 from core.tasks.archive import ArchivedExample, BadArchive, read_archive, write_archive
 from core.tasks.library import TaskLibrary
-from tests.helpers.settings import IMAGES
+from tests.helpers.uploads import photo_upload, uploaded, without_upload_quotas
 
 HOME, AWAY = 1, 2
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
@@ -21,16 +21,16 @@ NOW = datetime(2026, 11, 25, tzinfo=UTC)
 @pytest.fixture
 async def library(tmp_path, llama_engine, builtin_tasks):
     store = await TaskStore.open(tmp_path / "tasks.db")
-    library = TaskLibrary(store, builtin_tasks, llama_engine.rules, llama_engine.settings)
+    library = TaskLibrary(store, builtin_tasks, llama_engine.rules, without_upload_quotas(llama_engine.settings))
     await library.create(HOME, "pets", "Pets, briefly", "<image>Pet:", author_id=1)
     for name, text in [("chelsea", "<image>Pet:a cat"), ("coffee", "<image>Pet:not a pet")]:
-        await library.add_example(HOME, "pets", (IMAGES / f"{name}.jpg").read_bytes(), text, 1)
+        await library.add_example(HOME, "pets", photo_upload(name), text, 1)
     yield library
     await store.close()
 
 
 async def test_an_exported_task_imports_into_another_server_unchanged(library):
-    data = write_archive(await library.export(HOME, "pets"), NOW)
+    data = uploaded(write_archive(await library.export(HOME, "pets"), NOW))
     assert await library.import_task(AWAY, data, author_id=5) == "pets"
     home, away = await library.details(HOME, "pets"), await library.details(AWAY, "pets")
     assert (away.info.description, away.prompt_template) == ("Pets, briefly", "<image>Pet:")
@@ -41,9 +41,13 @@ async def test_an_exported_task_imports_into_another_server_unchanged(library):
 
 async def test_an_import_under_a_taken_name_is_refused_before_its_images_are_decoded(library, monkeypatch):
     """Nothing is stored by a refused import, so it could be repeated at will: it must cost little."""
-    upload = write_archive(await library.export(HOME, "pets"), NOW)
+    upload = uploaded(write_archive(await library.export(HOME, "pets"), NOW))
     decoded = []
-    monkeypatch.setattr(core.tasks.library, "load_image", lambda *args: decoded.append(args))
+
+    async def decode(*args):
+        decoded.append(args)
+
+    monkeypatch.setattr(core.tasks.library, "stored_image", decode)
     with pytest.raises(TaskExists):
         await library.import_task(HOME, upload, author_id=2)
     assert decoded == []
@@ -57,7 +61,7 @@ async def test_builtin_tasks_export_too(library):
 async def _refused(library, archive, match: str, name: str | None = None) -> None:
     before = await library.list_tasks(AWAY)
     with pytest.raises((BadArchive, TaskExists), match=match):
-        await library.import_task(AWAY, write_archive(archive, NOW), author_id=5, name=name)
+        await library.import_task(AWAY, uploaded(write_archive(archive, NOW)), author_id=5, name=name)
     assert await library.list_tasks(AWAY) == before
 
 
@@ -82,21 +86,19 @@ async def test_texts_follow_the_task_rules(library):
 
 async def test_an_existing_name_is_refused_until_another_is_given(library):
     archive = await library.export(HOME, "pets")
-    await library.import_task(AWAY, write_archive(archive, NOW), author_id=5)
+    await library.import_task(AWAY, uploaded(write_archive(archive, NOW)), author_id=5)
     await _refused(library, archive, "already has a task called “pets”")
 
 
 async def test_copies_keep_who_added_each_example_so_forgetting_them_reaches_the_copies(library):
-    """Built-in examples belong to nobody; an import belongs to the importer, who uploaded it."""
-    await library.add_example(HOME, "pets", (IMAGES / "astronaut.jpg").read_bytes(), "<image>Pet:a person", 3)
+    """Built-in examples belong to nobody. (Imports keep their authors too: see test_authors.)"""
+    await library.add_example(HOME, "pets", photo_upload("astronaut"), "<image>Pet:a person", 3)
     await library.copy(HOME, "pets", "pets-copy", author_id=2)
     await library.copy(HOME, "caption", "captions", author_id=2)
-    await library.import_task(AWAY, write_archive(await library.export(HOME, "pets"), NOW), author_id=5)
     store = library.store
     copied = await store.get_task(HOME, "pets-copy")
     assert [e.added_by for e in copied.examples] == [1, 1, 3] and copied.created_by == 2
     assert {e.added_by for e in (await store.get_task(HOME, "captions")).examples} == {0}
-    assert {e.added_by for e in (await store.get_task(AWAY, "pets")).examples} == {5}
 
     assert await store.delete_user_examples(3) == 2  # from the task and its copy
     assert await store.delete_user_examples(2) == 0  # the copier added none

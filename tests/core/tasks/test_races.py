@@ -4,7 +4,6 @@ task changed meanwhile, so the task's limits (examples, the model's context) alw
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 
@@ -13,7 +12,7 @@ from core.errors import LimitReached, TaskChanged
 from core.prompts import assemble_prompt
 from core.storage.task_store import TaskStore
 from core.tasks.library import TaskLibrary
-from tests.helpers.settings import IMAGES
+from tests.helpers.uploads import photo_upload, without_upload_quotas
 
 GUILD = 7
 
@@ -21,29 +20,29 @@ GUILD = 7
 @pytest.fixture
 async def library(tmp_path, llama_engine, builtin_tasks):
     store = await TaskStore.open(tmp_path / "tasks.db")
-    library = TaskLibrary(store, builtin_tasks, llama_engine.rules, llama_engine.settings)
+    library = TaskLibrary(store, builtin_tasks, llama_engine.rules, without_upload_quotas(llama_engine.settings))
     await library.create(GUILD, "pets", "", "<image>Pet:", author_id=1)
     for text in ("<image>Pet:one", "<image>Pet:two", "<image>Pet:three"):
-        await library.add_example(GUILD, "pets", (IMAGES / "chelsea.jpg").read_bytes(), text, 1)
+        await library.add_example(GUILD, "pets", photo_upload("chelsea"), text, 1)
     yield library
     await store.close()
 
 
 def both_read_first(monkeypatch) -> None:
     """Two adds at once each read the task and check it before either decodes its image and writes."""
-    both_read = threading.Barrier(2, timeout=10)
-    load_image = core.tasks.library.load_image
+    both_read = asyncio.Barrier(2)
+    stored_image = core.tasks.library.stored_image
 
-    def after_both_read(*args, **kwargs):
-        both_read.wait()
-        return load_image(*args, **kwargs)
+    async def after_both_read(*args, **kwargs):
+        await both_read.wait()
+        return await stored_image(*args, **kwargs)
 
-    monkeypatch.setattr(core.tasks.library, "load_image", after_both_read)
+    monkeypatch.setattr(core.tasks.library, "stored_image", after_both_read)
 
 
 async def test_examples_added_at_once_are_applied_one_after_another_each_checked(library, monkeypatch):
     both_read_first(monkeypatch)
-    image = (IMAGES / "coffee.jpg").read_bytes()
+    image = photo_upload("coffee")
     added = await asyncio.gather(
         library.add_example(GUILD, "pets", image, "<image>Pet:four", 2),
         library.add_example(GUILD, "pets", image, "<image>Pet:five", 3),
@@ -60,7 +59,7 @@ async def test_of_two_examples_added_at_once_the_one_that_no_longer_fits_is_refu
     tokens = library.rules.count_tokens(assemble_prompt(four, stored.prompt_template))
     monkeypatch.setattr(library.rules, "context_length", tokens + library.settings.generation.max_new_tokens_default)
     both_read_first(monkeypatch)
-    image = (IMAGES / "coffee.jpg").read_bytes()
+    image = photo_upload("coffee")
     outcomes = await asyncio.gather(
         library.add_example(GUILD, "pets", image, "<image>Pet:four", 2),
         library.add_example(GUILD, "pets", image, "<image>Pet:four", 3),
@@ -119,7 +118,7 @@ async def test_examples_removed_and_moved_at_once_apply_one_after_another(librar
     await asyncio.gather(library.remove_example(GUILD, "pets", 1), library.remove_example(GUILD, "pets", 1))
     assert [e.text for e in (await library.store.get_task(GUILD, "pets")).examples] == ["<image>Pet:three"]
 
-    await library.add_example(GUILD, "pets", (IMAGES / "coffee.jpg").read_bytes(), "<image>Pet:four", 1)
+    await library.add_example(GUILD, "pets", photo_upload("coffee"), "<image>Pet:four", 1)
     both_write_at_once(monkeypatch, library, "move_example")
     await asyncio.gather(library.move_example(GUILD, "pets", 2, 1), library.move_example(GUILD, "pets", 2, 1))
     assert [e.text for e in (await library.store.get_task(GUILD, "pets")).examples] == [

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
 import core.serving.ray.wire
 from core.config import RaySettings, ServiceSettings
-from core.errors import ClusterUnavailable, RequestCancelled, ServiceBusy
+from core.errors import ClusterUnavailable, RequestCancelled, RequestExpired, ServiceBusy
 from core.generation import GenerationParams
 from core.model.engine import Answer
 from core.prompts import Example, Task
@@ -67,19 +68,66 @@ async def test_requests_are_encoded_off_the_event_loop_and_a_task_once(service, 
 
 
 async def test_the_line_kept_for_the_cluster_is_bounded(service, photos):
-    """Serve queues without bound; the bot refuses beyond its own line and the replicas' batches."""
+    """Serve queues without bound: the bot sends what the replicas take at once and keeps a line of
+    its own, with places shown, refusing beyond it."""
     task = Task("t", "", "<image>Output:")
-    waiting = [
-        asyncio.create_task(service.submit([photos["rocket"]], "<image>Output:", task, GenerationParams()).answer())
-        for _ in range(2)
-    ]
-    while service.in_flight < 2:
+    tickets = [service.submit([photos["rocket"]], "<image>Output:", task, GenerationParams()) for _ in range(2)]
+    waiting = [asyncio.create_task(ticket.answer()) for ticket in tickets]
+    while len(service._handle.sent) < 1:
         await asyncio.sleep(0.01)
-    with pytest.raises(ServiceBusy, match=r"^The model is busy \(2 requests are already in line\)"):
+    assert len(service.line) == 1
+    assert [ticket.position for ticket in tickets] == [None, 1]
+    with pytest.raises(ServiceBusy, match=r"^The model is busy \(1 request is already waiting\)"):
         service.submit([photos["rocket"]], "<image>Output:", task, GenerationParams())
     for answering in waiting:
         answering.cancel()
     await asyncio.gather(*waiting, return_exceptions=True)
+    assert service.in_flight == 0 and len(service.line) == 0
+
+
+async def test_the_replicas_take_requests_in_a_line_fair_between_servers(model_dirs, llama_engine, photos):
+    """First come, first served at Serve let one server's flood hold every replica."""
+    settings = tiny_settings(model_dirs["llama"])
+    settings.service = ServiceSettings(backend="ray", max_queue=8)
+    settings.ray = RaySettings(max_ongoing_requests=1, replicas=1)
+    service = RayInferenceService(settings, {None: llama_engine.rules}, StandInHandle())
+    task = Task("t", "", "<image>Output:")
+    try:
+        tickets = [
+            service.submit([photos["rocket"]], f"<image>Server {party}:", task, GenerationParams(), party=party)
+            for party in (1, 1, 1, 2)
+        ]
+        answering = [asyncio.create_task(ticket.answer()) for ticket in tickets]
+        assert [ticket.position for ticket in tickets] == [None, 1, 3, 2]
+        handle = service._handle
+        for answered in range(1, 5):
+            while len(handle.responses) < answered:
+                await asyncio.sleep(0.01)
+            handle.responses[-1].set_result(Answer("a cat", (1,), "", 3, True, 0.1))
+        await asyncio.gather(*answering)
+        assert [request.prompt for request in handle.sent] == [f"<image>Server {n}:" for n in (1, 1, 2, 1)]
+    finally:
+        service.close()
+
+
+async def test_a_request_waiting_in_the_bots_line_can_be_cancelled_or_expire(service, photos):
+    task = Task("t", "", "<image>Output:")
+    service.line.capacity = 4
+    first = service.submit([photos["rocket"]], "<image>Output:", task, GenerationParams(), party=1)
+    running = asyncio.create_task(first.answer())
+    cancelled = service.submit([photos["rocket"]], "<image>Output:", task, GenerationParams(), party=2)
+    waiting = asyncio.create_task(cancelled.answer())
+    late = service.submit([photos["rocket"]], "<image>Output:", task, GenerationParams(), time.monotonic() + 0.2)
+    with pytest.raises(RequestExpired):
+        await late.answer()
+    assert cancelled.position == 1
+    cancelled.cancel()
+    with pytest.raises(RequestCancelled):
+        await waiting
+    assert len(service.line) == 0 and len(service._handle.sent) == 1
+    service._handle.responses[0].set_result(Answer("a cat", (1,), "", 3, True, 0.1))
+    assert (await running).text == "a cat"
+    assert service.in_flight == 0 and service._sent == 0
 
 
 async def test_a_cluster_lost_or_a_cancel_while_encoding_ends_the_request_at_once(service, photos, monkeypatch):
