@@ -6,11 +6,15 @@ and the shipped image limits. A quiet server asks ``--requests`` times, one at a
 member of its own (so the per-user cooldown never applies), first with the bot otherwise idle and
 then while:
 
-- a second server's moderators send, as fast as the bot lets them, task changes that read images:
-  ``add-example`` with a JPEG whose header Pillow reads byte by byte (a few seconds each before
-  this project bounded them) and ``import`` of task files whose directory lists 282,707 entries,
-  or whose every example is a 36-megapixel PNG;
-- ``--accounts`` accounts ask in direct messages, each again as soon as its cooldown allows.
+- four moderators of a second server send task changes that read images: ``add-example`` with a
+  JPEG whose header Pillow reads byte by byte (25 MiB of it took 17.7 s before task uploads were
+  read in a worker process killed at ``images.decode_seconds``), and ``import`` of task files
+  whose directory lists 282,707 entries or whose every example is a 36-megapixel PNG;
+- ``--accounts`` accounts ask in direct messages.
+
+Each flooding account sends its next command once it has the reply to its last, and at most one
+every ``--interval`` seconds (a person, or a script driving Discord's client, does not send much
+faster; ``--interval 0`` floods as fast as the bot replies), refused or not.
 
 It prints the quiet server's p50 and p95, idle and flooded, their ratio (the target: the flooded
 p50 within 2x of the idle one), and what the flood got done and had refused. Run it with nothing
@@ -77,16 +81,20 @@ def large_pictures_task(examples: int = 8, side: int = 6000) -> bytes:
 class Flood:
     """The noisy server's moderators and the direct-message accounts, until stopped."""
 
-    def __init__(self, discord: FakeDiscord, accounts: int, photos: Photos) -> None:
+    def __init__(self, discord: FakeDiscord, accounts: int, photos: Photos, interval: float) -> None:
         self.discord = discord
         self.photos = photos
+        self.interval = interval
         self.accounts = [Member(9_000_000 + n, f"dm{n}") for n in range(accounts)]
         self.outcomes: Counter[str] = Counter()
         self.stopped = asyncio.Event()
 
     async def ask(self, payload: dict) -> str:
+        """Send, wait for the reply, and let at least ``interval`` pass between one account's commands."""
+        started = time.monotonic()
         record = await self.discord.send_interaction(payload)
         messages = await record.answered(timeout=900)
+        await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
         return "answered" if any(message.embeds for message in messages) else messages[-1].content
 
     async def direct_messages(self, member: Member) -> None:
@@ -94,8 +102,6 @@ class Flood:
             upload = self.discord.upload("photo.jpg", jpeg(self.photos.fresh()), "image/jpeg")
             outcome = await self.ask(self.discord.interaction_payload("comprehend", member, None, image=upload))
             self.outcomes["dm " + ("answered" if outcome == "answered" else "refused")] += 1
-            if outcome != "answered":
-                await asyncio.sleep(1)  # a refusal says when to ask again; a person reads it first
 
     async def task_changes(self, guild: Guild, moderator: Member, files: list[tuple[str, str, bytes]]) -> None:
         rng = random.Random(moderator.id)
@@ -169,7 +175,7 @@ async def scenario(args: argparse.Namespace, discord: FakeDiscord) -> dict:
     await measure(discord, quiet, photos, 2)  # warm-up: first requests load caches and code paths
     idle = await measure(discord, quiet, photos, args.requests)
 
-    flood = Flood(discord, args.accounts, photos)
+    flood = Flood(discord, args.accounts, photos, args.interval)
     tasks = [asyncio.create_task(flood.direct_messages(member)) for member in flood.accounts]
     tasks += [asyncio.create_task(flood.task_changes(noisy, moderator, files)) for moderator in moderators]
     await asyncio.sleep(args.ramp_seconds)  # the flood fills the line before the quiet server asks
@@ -194,6 +200,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20, help="the quiet server's, idle and flooded")
     parser.add_argument("--accounts", type=int, default=20, help="direct-message accounts asking meanwhile")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="least seconds between two commands of one flooding account"
+    )
     parser.add_argument("--ramp-seconds", type=float, default=15.0, help="flooding before the quiet server asks")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:

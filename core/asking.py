@@ -30,7 +30,7 @@ from core.errors import (
 )
 from core.generation import GenerationParams, generation_kwargs
 from core.guild_settings import GuildSettings
-from core.images import check_file_size, check_signature, encode_for_storage, load_image
+from core.images import check_file_size, check_signature, encode_for_storage, read_image
 from core.model.engine import Answer
 from core.moderation import AnswerFilter
 from core.quotas import Admission, RequestQuotas
@@ -271,7 +271,7 @@ class Asking:
         pictures = []
         for index, data in enumerate(uploads, 1):
             with about_image(index, len(uploads)):
-                pictures.append(await asyncio.to_thread(load_image, data, settings))
+                pictures.append(await read_image(data, settings))
         return pictures
 
     async def stored(self, request_id: int, asker: Asker) -> StoredRequest:

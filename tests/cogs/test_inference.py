@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from dataclasses import replace
 
-import core.images
 from cogs.utils.answering import params_text
 from core.config import GenerationSettings
 from core.errors import GenerationFailed, ServiceBusy
 from core.generation import GenerationParams
+from core.images import TOO_SLOW
 from tests.helpers.gated_engine import GatedEngine
+from tests.helpers.heavy_images import slow_header_jpeg
 from tests.helpers.settings import IMAGES
 from tests.helpers.world import photo
 
@@ -238,21 +238,15 @@ async def test_a_refusal_once_files_are_read_keeps_the_cooldown_one_from_the_sig
     assert (await private_reply(world, world.moderator, **two)).startswith("You are asking too fast")
 
 
-async def test_headers_are_read_off_the_event_loop_and_within_the_decoding_bound(world, monkeypatch):
-    """Pillow read a crafted 25 MiB JPEG header for 8 s; on the event loop that stalled every server."""
-    opened = []
-    read_header = core.images._open
-
-    def watched(data, settings):
-        opened.append((threading.current_thread() is threading.main_thread(), core.images._DECODING._value))
-        return read_header(data, settings)
-
-    monkeypatch.setattr(core.images, "_open", watched)
-    messages = await world.reply(
-        "comprehend", image=photo(world), image2=photo(world, "coffee"), prompt="<image><image>"
-    )
+async def test_an_upload_read_too_long_is_refused_and_the_next_is_answered(world, monkeypatch):
+    """Pillow read a crafted 25 MiB JPEG header for 17.7 s, holding one of the four decoding threads
+    that every server shares; uploads are now read in worker processes killed at ``decode_seconds``."""
+    monkeypatch.setattr(world.bot.settings.images, "decode_seconds", 0.2)
+    slow = world.discord.upload("slow.jpg", slow_header_jpeg(4 * 2**20), "image/jpeg")
+    assert await private_reply(world, image=slow) == TOO_SLOW
+    monkeypatch.setattr(world.bot.settings.images, "decode_seconds", 10.0)
+    messages = await world.reply("comprehend", image=photo(world))
     assert not messages[0].ephemeral
-    assert opened == [(False, 3), (False, 3)]  # on a worker thread, holding one of the four decoding places
 
 
 async def private_reply(world, member=None, **options) -> str:
