@@ -84,7 +84,7 @@ async def test_when_its_heartbeats_are_lost_the_gateway_times_the_bot_out_and_it
 async def test_when_the_gateway_goes_silent_the_bot_notices_and_resumes(scene, stand_in):
     """A zombie connection: open, but Discord sends nothing, heartbeat ACKs included. discord.py notices
     only when nothing at all has arrived for its ``heartbeat_timeout`` (``discord.heartbeat_timeout_seconds``,
-    15 s here)."""
+    20 s here)."""
     gateway = stand_in.gateway
     before, since = gateway.session_for(scene.guild.id), gateway.connections
     assert gateway.go_silent() >= 1

@@ -49,13 +49,18 @@ class _Transport:
         self.session: Session | None = None
 
     async def send(self, message: dict[str, Any]) -> None:
-        if self.silent:
+        """Send, unless the connection is already closing: as on Discord, a dispatch kept in its
+        session's events then reaches the bot when it resumes."""
+        if self.silent or self.ws.closed:
             return
         text = json.dumps(message)
-        if self._zlib is not None:
-            await self.ws.send_bytes(self._zlib.compress(text.encode()) + self._zlib.flush(zlib.Z_SYNC_FLUSH))
-        else:
-            await self.ws.send_str(text)
+        try:
+            if self._zlib is not None:
+                await self.ws.send_bytes(self._zlib.compress(text.encode()) + self._zlib.flush(zlib.Z_SYNC_FLUSH))
+            else:
+                await self.ws.send_str(text)
+        except ConnectionResetError:  # closed while the frame was written (aiohttp's error is one)
+            return
 
 
 @dataclass

@@ -52,7 +52,7 @@ class BotProcess:
             "FLAMINGO_DISCORD__API_BASE_URL": f"{discord.base_url}/api/v10",
             "FLAMINGO_DISCORD__GATEWAY_URL": discord.gateway.url,
             # The stand-in's heartbeats come every 5 s (``tests/e2e/conftest.py``): a zombie is noticed sooner.
-            "FLAMINGO_DISCORD__HEARTBEAT_TIMEOUT_SECONDS": "15",
+            "FLAMINGO_DISCORD__HEARTBEAT_TIMEOUT_SECONDS": "20",
             "FLAMINGO_DISCORD__ADMIN_GUILD_ID": str(admin_guild.id),
             "FLAMINGO_STORAGE__DATABASE": str(database),
             "FLAMINGO_METRICS__ENABLED": "true",
