@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
 import random
@@ -183,8 +182,7 @@ async def scenario(args: argparse.Namespace, discord: FakeDiscord) -> dict:
     flood.stopped.set()
     for task in tasks:
         task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
     idle_summary, flooded_summary = summary(idle), summary(flooded)
     return {
         "requests": args.requests,
