@@ -122,6 +122,9 @@ class ServiceSettings(Section):
     max_batch: int = Field(16, gt=0, description="Waiting requests decoded together in one batch.")
     prefix_cache_mb: int = Field(2048, ge=0, description="Tasks' precomputed examples, least recently used dropped.")
     image_cache_mb: int = Field(256, ge=0, description="Image features by content hash.")
+    task_image_cache_mb: int = Field(
+        256, ge=0, description="Server tasks' example images, decoded once per revision; least recently used dropped."
+    )
     cuda_graph_max_batch: int = Field(
         4, ge=0, description="Batches up to this size replay each decode step from a CUDA graph (on a GPU); 0: off."
     )

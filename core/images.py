@@ -158,6 +158,25 @@ def load_image(data: bytes, settings: ImageSettings) -> Image.Image:
         return _decoded(_open(data, settings), settings)
 
 
+class StoredImage:
+    """A stored image (``encode_for_storage``'s JPEG), decoded by ``load_image`` the first time its pixels
+    are asked for, then kept. Its header is checked at once, and tells what the pixels will take."""
+
+    def __init__(self, data: bytes, settings: ImageSettings) -> None:
+        width, height = _open(data, settings).size
+        self.data = data
+        self.decoded_bytes = width * height * 3  # at most: RGB, never enlarged
+        self._settings = settings
+        self._image: Image.Image | None = None
+        self._lock = threading.Lock()  # the model's worker and a Ray encoding thread may ask at once
+
+    def load(self) -> Image.Image:
+        with self._lock:
+            if self._image is None:
+                self._image = load_image(self.data, self._settings)
+            return self._image
+
+
 async def read_image(data: bytes, settings: ImageSettings) -> Image.Image:
     """``load_image`` in a worker process: a file that takes longer than ``settings.decode_seconds``
     to read is refused and its process killed, and no thread of the bot's is held meanwhile."""

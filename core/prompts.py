@@ -9,8 +9,9 @@ request is an unfinished chunk appended to its task's examples::
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, overload
 
 from PIL import Image
 
@@ -22,12 +23,24 @@ END_OF_CHUNK = "<|endofchunk|>"
 _ALLOWED_CONTROLS = {"\n", "\r", "\t"}
 
 
+class DeferredImage(Protocol):
+    """An image decoded the first time its pixels are asked for, then kept (a stored example's)."""
+
+    def load(self) -> Image.Image: ...
+
+
 @dataclass(frozen=True)
 class Example:
-    """One in-context example: an image and a text with exactly one ``<image>`` marker."""
+    """One in-context example: an image and a text with exactly one ``<image>`` marker. A server's task
+    defers its images: the model reads their pixels only to compute the task's prefix, which it keeps,
+    so most requests decode none of them."""
 
-    image: Image.Image
+    source: Image.Image | DeferredImage
     text: str
+
+    @property
+    def image(self) -> Image.Image:
+        return self.source if isinstance(self.source, Image.Image) else self.source.load()
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,30 @@ class Task:
     prompt_template: str
     examples: tuple[Example, ...] = ()
     key: str | None = None  # identifies this version of the task, for caches; None: not cached
+
+    @property
+    def example_images(self) -> Sequence[Image.Image]:
+        """The examples' images, each decoded only when it is read."""
+        return _ExampleImages(self.examples)
+
+
+class _ExampleImages(Sequence[Image.Image]):
+    def __init__(self, examples: tuple[Example, ...]) -> None:
+        self._examples = examples
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    @overload
+    def __getitem__(self, index: int) -> Image.Image: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Image.Image]: ...
+
+    def __getitem__(self, index: int | slice) -> Image.Image | Sequence[Image.Image]:
+        if isinstance(index, slice):
+            return _ExampleImages(self._examples[index])
+        return self._examples[index].image
 
 
 def check_user_text(text: str, *, images: int, reserved: Iterable[str], max_chars: int, what: str) -> str:

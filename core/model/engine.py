@@ -38,7 +38,7 @@ class PreparedRequest:
     input_ids: torch.Tensor
     prefix_length: int  # tokens up to the end of the task's last example
     task_key: str | None
-    example_images: tuple[Image.Image, ...]
+    example_images: Sequence[Image.Image]  # each decoded when read: only on a miss of the task's prefix
     request_images: tuple[Image.Image, ...]
     generate_kwargs: dict[str, Any]
 
@@ -176,10 +176,10 @@ class FlamingoEngine:
         full_prompt = assemble_prompt((example.text for example in task.examples), request_text)
         encoded = self.loaded.tokenizer(full_prompt, return_tensors="pt")
         input_ids = encoded["input_ids"]
-        all_images = [example.image for example in task.examples] + list(images)
+        image_count = len(task.examples) + len(images)
         media = int((input_ids == self.loaded.model.media_token_id).sum())
-        if media != len(all_images):
-            raise BadPrompt(f"The prompt was read as {media} `{IMAGE_TOKEN}` markers for {len(all_images)} images.")
+        if media != image_count:
+            raise BadPrompt(f"The prompt was read as {media} `{IMAGE_TOKEN}` markers for {image_count} images.")
         length = input_ids.shape[1]
         budget = self.loaded.context_length
         if length + kwargs["max_new_tokens"] > budget:
@@ -195,7 +195,7 @@ class FlamingoEngine:
             input_ids=input_ids,
             prefix_length=prefix_length,
             task_key=task.key,
-            example_images=tuple(example.image for example in task.examples),
+            example_images=task.example_images,
             request_images=tuple(images),
             generate_kwargs=kwargs,
         )

@@ -24,6 +24,22 @@ class StoredExample:
 
 
 @dataclass(frozen=True)
+class TaskVersion:
+    """One version of a server's task: every change bumps its revision, and a task deleted and made
+    again under the same name has another creation time, so each edit gives another ``key``."""
+
+    guild_id: int
+    name: str
+    created_at: datetime
+    revision: int
+
+    @property
+    def key(self) -> str:
+        """What caches of the task (its examples, its prefix on the model) are keyed by."""
+        return f"guild/{self.guild_id}/{self.name}/{self.created_at.isoformat()}/{self.revision}"
+
+
+@dataclass(frozen=True)
 class StoredTask:
     guild_id: int
     name: str
@@ -34,6 +50,10 @@ class StoredTask:
     updated_at: datetime
     revision: int
     examples: tuple[StoredExample, ...]
+
+    @property
+    def version(self) -> TaskVersion:
+        return TaskVersion(self.guild_id, self.name, self.created_at, self.revision)
 
 
 @dataclass(frozen=True)
@@ -145,6 +165,17 @@ class TaskStore(Database):
     async def has_task(self, guild_id: int, name: str) -> bool:
         async with self._lock:
             return await self._find(guild_id, name) is not None
+
+    async def task_version(self, guild_id: int, name: str) -> TaskVersion | None:
+        """Which version of the task is stored, without reading its examples."""
+        async with self._lock:
+            task = await self._one(
+                "SELECT name, created_at, revision FROM tasks WHERE guild_id = ? AND name_key = ?",
+                (guild_id, _key(name)),
+            )
+        if task is None:
+            return None
+        return TaskVersion(guild_id, task["name"], datetime.fromisoformat(task["created_at"]), task["revision"])
 
     async def get_task(self, guild_id: int, name: str) -> StoredTask | None:
         async with self._lock:

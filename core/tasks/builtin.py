@@ -37,7 +37,7 @@ def load_builtin_tasks(data_dir: Path, image_settings: ImageSettings) -> dict[st
         check_user_text(spec.prompt_template, images=1, reserved=[END_OF_CHUNK], max_chars=_MAX_TEXT, what=where)
         examples = tuple(
             Example(
-                image=load_image((data_dir / example.image).read_bytes(), image_settings),
+                source=load_image((data_dir / example.image).read_bytes(), image_settings),
                 text=check_user_text(example.text, images=1, reserved=[END_OF_CHUNK], max_chars=_MAX_TEXT, what=where),
             )
             for example in spec.examples

@@ -27,7 +27,8 @@ from core.errors import (
     TaskExists,
     UnknownTask,
 )
-from core.images import check_signature, encode_for_storage, load_image, preview
+from core.images import StoredImage, check_signature, encode_for_storage, preview
+from core.model.lru_cache import LruCache
 from core.prompts import IMAGE_TOKEN, Example, Task, assemble_prompt
 from core.quotas import TASK_UPLOADS, Admission, RequestQuotas
 from core.storage.task_store import StoredTask, TaskStore
@@ -77,6 +78,9 @@ class TaskLibrary:
         self.settings = settings
         self.limits = settings.limits
         self.uploads = RequestQuotas(settings.quotas.task_uploads, wording=TASK_UPLOADS)
+        # Server tasks by version (``service.task_image_cache_mb``), so that a request reads only which
+        # version is stored, and each version's images are decoded at most once.
+        self._tasks: LruCache[str, Task] = LruCache(settings.service.task_image_cache_mb * 2**20, _task_bytes)
 
     # Reading
 
@@ -111,9 +115,9 @@ class TaskLibrary:
         """The task to run: the one named, else the guild's default, else ``caption``."""
         if name is None:
             name = await self.default_task_name(guild_id)
-        stored = await self.store.get_task(guild_id, name) if guild_id is not None else None
-        if stored is not None:
-            return await asyncio.to_thread(self._to_task, stored)
+        own = await self._stored_task(guild_id, name) if guild_id is not None else None
+        if own is not None:
+            return own
         builtin = self.builtins.get(name.strip().lower())
         if builtin is None:
             raise self._unknown(name)
@@ -420,7 +424,28 @@ class TaskLibrary:
                 "Shorten the examples or remove one."
             )
 
+    async def _stored_task(self, guild_id: int, name: str) -> Task | None:
+        """The server's task so named, its examples read once per version (a change gives another key)."""
+        version = await self.store.task_version(guild_id, name)
+        if version is None:
+            return None
+        if (known := self._tasks.get(version.key)) is not None:
+            return known
+        stored = await self.store.get_task(guild_id, name)
+        if stored is None:  # deleted meanwhile
+            return None
+        task = await asyncio.to_thread(self._to_task, stored)
+        self._tasks.put(stored.version.key, task)
+        return task
+
     def _to_task(self, stored: StoredTask) -> Task:
-        examples = tuple(Example(load_image(e.image, self.settings.images), e.text) for e in stored.examples)
-        key = f"guild/{stored.guild_id}/{stored.name}/{stored.created_at.isoformat()}/{stored.revision}"
-        return Task(stored.name, stored.description, stored.prompt_template, examples, key=key)
+        """The images are decoded only when the model needs their pixels (``StoredImage``)."""
+        examples = tuple(Example(StoredImage(e.image, self.settings.images), e.text) for e in stored.examples)
+        return Task(stored.name, stored.description, stored.prompt_template, examples, key=stored.version.key)
+
+
+def _task_bytes(task: Task) -> int:
+    """What a task's examples take once decoded, with their stored bytes; one more, so that a cache of
+    size 0 keeps no task."""
+    images = [e.source for e in task.examples if isinstance(e.source, StoredImage)]
+    return 1 + sum(image.decoded_bytes + len(image.data) for image in images)

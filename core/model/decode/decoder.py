@@ -222,7 +222,7 @@ class FlamingoDecoder:
 
     def _stepper(self, rows: list[Running]) -> StaticStep | SharedPrefixSteps:
         static = self.static_steps.for_rows(rows) if self.static_steps is not None else None
-        return static if static is not None else SharedPrefixSteps(self.conditioning, rows)
+        return static if static is not None else SharedPrefixSteps(self.conditioning, rows, self._parts)
 
     def _finish_if_done(
         self, index: int, row: Running, logits: torch.Tensor, finished: Callable[[int, list[int]], None]

@@ -7,6 +7,9 @@ row's own tokens are kept once, in one store per layer, and each step gathers th
 values from it as the left-padded batch that transformers' attention expects: the same values in
 the same places, so MPT's position bias (taken from the place in the row) and the padding mask
 are as before. Only the gathered tensors of one layer exist at a time.
+
+A row decoding alone has nothing to share and no padding: its cache is one buffer per layer
+(``RowCache``), whose attention reads a view of the past instead of a gathered copy of it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from core.model.decode.conditioning import LayerConditioning
     from core.model.decode.state import PrefixState, Running
+    from core.model.layers.layer_stack import LanguageModelParts
 
 
 class StoreLayout:
@@ -140,6 +144,10 @@ class SharedPrefixCache:
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
         return self.length, 0
 
+    def masked(self) -> torch.Tensor:
+        """(rows, 1, 1, columns): True at the padding a row may not read."""
+        return (self.slots == 0)[:, None, None]
+
     def own_key_values(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Row ``n``'s own tokens' keys and values, (1, heads, tokens, dim) per layer, as views."""
         begin, end = self.own_start[n], self.own_start[n] + self.own[n]
@@ -149,13 +157,77 @@ class SharedPrefixCache:
         ]
 
 
-class SharedPrefixSteps:
-    """The rows stepped through the LM's own forward, over a cache that holds each prefix once."""
+class RowCache:
+    """One row's keys and values, its prefix's included, in one buffer per layer with room for its
+    remaining tokens: each step writes its token's at the end and reads the past as a view."""
 
-    def __init__(self, conditioning: LayerConditioning, rows: list[Running]) -> None:
+    def __init__(self, row: Running) -> None:
+        """Take the row's own cache, after a copy of its prefix's."""
+        self.prefix_length = row.prefix_length
+        self.length = row.cached_length
+        capacity = self.length + row.job.kwargs["max_new_tokens"] - len(row.generated)
+        self.keys: list[torch.Tensor] = []  # per layer, (1, heads, capacity, dim)
+        self.values: list[torch.Tensor] = []
+        while row.key_values:  # layer by layer, so each old copy goes as soon as it is stored
+            index = len(self.keys)
+            own = row.key_values.pop(0)
+            for which, store in enumerate((self.keys, self.values)):
+                part = own[which]
+                buffer = part.new_empty((1, part.shape[1], capacity, part.shape[3]))
+                if self.prefix_length:
+                    buffer[:, :, : self.prefix_length] = row.job.prefix.key_values[index][which]
+                buffer[:, :, self.prefix_length : self.length] = part
+                store.append(buffer)
+
+    def begin_step(self) -> None:
+        self.length += 1
+
+    def end_step(self) -> None:
+        pass
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the step's (1, heads, 1, dim) keys and values; the row's whole keys and values, as views."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[:, :, self.length - 1 : self.length] = key
+        values[:, :, self.length - 1 : self.length] = value
+        return keys[:, :, : self.length], values[:, :, : self.length]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length - 1
+
+    def masked(self) -> None:
+        return None  # nothing to mask: the row alone has no padding
+
+    def own_key_values(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The row's tokens after its prefix, (1, heads, tokens, dim) per layer, as views."""
+        return [
+            (keys[:, :, self.prefix_length : self.length], values[:, :, self.prefix_length : self.length])
+            for keys, values in zip(self.keys, self.values, strict=True)
+        ]
+
+
+class SharedPrefixSteps:
+    """The rows stepped through the LM's layers, over a cache that holds each prefix once.
+
+    With the language model's parts (``core.model.layers.layer_stack``) the step drives its decoder
+    layers directly, as upstream's forward would for these positions and this mask, without the
+    model-level wrapping done again for every token; a row alone then steps over its own
+    ``RowCache``. Without them (MPT-1B's hub code), the step is the LM's own forward.
+    """
+
+    def __init__(
+        self, conditioning: LayerConditioning, rows: list[Running], parts: LanguageModelParts | None = None
+    ) -> None:
         self.conditioning = conditioning
-        self.cache = SharedPrefixCache(rows, conditioning.device)
-        self.mask = (self.cache.slots != 0).long()
+        self.parts = parts
+        self.cache: SharedPrefixCache | RowCache
+        if parts is not None and len(rows) == 1:
+            self.cache = RowCache(rows[0])
+        else:
+            self.cache = SharedPrefixCache(rows, conditioning.device)
+            self.mask = (self.cache.slots != 0).long()
         self.images = conditioning.latest_images(rows, take=True)
 
     def reading(self) -> contextlib.AbstractContextManager[None]:
@@ -163,11 +235,18 @@ class SharedPrefixSteps:
 
     def step(self, rows: Sequence[Running]) -> torch.Tensor:
         """One new token for every row: logits (rows, vocab). Each row reads its latest image."""
+        device = self.conditioning.device
         self.cache.begin_step()
-        self.mask = F.pad(self.mask, (0, 1), value=1)
         tokens = torch.cat([row.sequence[:, -1:] for row in rows])
-        positions = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=self.conditioning.device)
-        logits = self.conditioning.step_tokens(tokens, positions, self.cache, self.mask)
+        positions = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=device)
+        if self.parts is None:
+            assert isinstance(self.cache, SharedPrefixCache)  # a row alone takes its own only with the parts
+            self.mask = F.pad(self.mask, (0, 1), value=1)
+            logits = self.conditioning.step_tokens(tokens, positions, self.cache, self.mask)
+        else:
+            distance = torch.arange(1 - self.cache.length, 1, device=device)
+            layers = self.conditioning.layers
+            logits = self.parts.last_logits(layers, tokens, self.cache, self.cache.masked(), distance, positions)
         self.cache.end_step()
         return logits
 

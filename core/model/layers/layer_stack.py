@@ -44,23 +44,27 @@ class LanguageModelParts:
     head_dim: int
 
     def layer_arguments(
-        self, hidden: torch.Tensor, masked: torch.Tensor, distance: torch.Tensor, positions: torch.Tensor
+        self, hidden: torch.Tensor, masked: torch.Tensor | None, distance: torch.Tensor, positions: torch.Tensor
     ) -> dict[str, Any]:
         """The layers' keyword arguments for (rows, queries) tokens over (rows, keys) columns.
 
-        ``masked``: (rows, 1, queries, keys), True where a query may not look; ``distance``: (keys,),
-        each column's offset from the newest (0 for it, negative before it); ``positions``: (rows,
-        queries), each token's place in its own sequence.
+        ``masked``: (rows, 1, queries, keys), True where a query may not look, or None where every
+        query may look at every key (one token of one row, as transformers leaves it unmasked);
+        ``distance``: (keys,), each column's offset from the newest (0 for it, negative before it);
+        ``positions``: (rows, queries), each token's place in its own sequence.
         """
         if self.rotary is None:  # as build_mpt_alibi_tensor: int32 offsets times float slopes
             assert self.alibi_slopes is not None  # given with every rotary-less (MPT) family
             bias = distance.to(torch.int32).view(1, 1, -1) * self.alibi_slopes
             return {"position_bias": bias, "attention_mask": masked, "output_attentions": False}
-        mask = torch.zeros(masked.shape, device=hidden.device, dtype=hidden.dtype)
+        mask = None
+        if masked is not None:
+            mask = torch.zeros(masked.shape, device=hidden.device, dtype=hidden.dtype)
+            mask = mask.masked_fill(masked, torch.finfo(hidden.dtype).min)
         return {
             "position_ids": positions,
             "position_embeddings": self.rotary(hidden, positions),
-            "attention_mask": mask.masked_fill(masked, torch.finfo(hidden.dtype).min),
+            "attention_mask": mask,
         }
 
     def last_logits(
@@ -68,7 +72,7 @@ class LanguageModelParts:
         layers: Sequence[nn.Module],
         tokens: torch.Tensor,
         cache: LayerCache,
-        masked: torch.Tensor,
+        masked: torch.Tensor | None,
         distance: torch.Tensor,
         positions: torch.Tensor,
     ) -> torch.Tensor:

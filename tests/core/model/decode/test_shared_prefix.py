@@ -10,15 +10,18 @@ import pytest
 import torch
 
 from core.model.decode.beam_search import padded_batch
-from core.model.decode.shared_prefix import SharedPrefixSteps
+from core.model.decode.shared_prefix import RowCache, SharedPrefixSteps
 from tests.helpers.decode import prefilled_rows
 from tests.make_tiny_model import FAMILIES
 
 
+@pytest.mark.parametrize("driven", [False, True], ids=["lm-forward", "layers-driven"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_shared_prefixes_give_the_padded_batch_logits_and_caches(engines, photos, family):
+def test_shared_prefixes_give_the_padded_batch_logits_and_caches(engines, photos, family, driven):
+    """Through the LM's own forward, and with its decoder layers driven directly (the families with parts)."""
     engine = engines[family]
     conditioning = engine.decoder.conditioning
+    parts = engine.decoder._parts if driven else None
     with torch.inference_mode():
         rows = prefilled_rows(engine, photos)
         assert rows[2].job.prefix is rows[3].job.prefix  # one prefix state, shared
@@ -26,7 +29,7 @@ def test_shared_prefixes_give_the_padded_batch_logits_and_caches(engines, photos
         images = [list(row.image_keys_values) for row in rows]
         padded_rows = prefilled_rows(engine, photos)
         padded, mask = padded_batch(padded_rows, conditioning.device)
-        shared = SharedPrefixSteps(conditioning, rows)
+        shared = SharedPrefixSteps(conditioning, rows, parts)
         for _ in range(5):
             mask = torch.nn.functional.pad(mask, (0, 1), value=1)
             tokens = torch.cat([row.sequence[:, -1:] for row in padded_rows])
@@ -47,6 +50,37 @@ def test_shared_prefixes_give_the_padded_batch_logits_and_caches(engines, photos
                 assert keys.shape[2] == values.shape[2] == own + 5
                 torch.testing.assert_close(keys, layer.keys[n : n + 1, :, -(own + 5) :], rtol=0, atol=1e-5)
                 torch.testing.assert_close(values, layer.values[n : n + 1, :, -(own + 5) :], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_row_alone_steps_over_its_own_cache_exactly_as_the_lm_forward(engines, photos, family):
+    """One row needs no gathering and no mask: logits equal to the bit to the LM's own forward over
+    the row's whole cache, step after step, and the row leaves with its own tokens' keys and values."""
+    engine = engines[family]
+    conditioning, parts = engine.decoder.conditioning, engine.decoder._parts
+    assert parts is not None  # the native families' layers can be driven directly
+    with torch.inference_mode():
+        (row,) = prefilled_rows(engine, photos)[2:3]  # two examples: a prefix, and the last one's image
+        own = row.cached_length - row.prefix_length
+        (padded_row,) = prefilled_rows(engine, photos)[2:3]
+        whole, mask = padded_batch([padded_row], conditioning.device)
+        alone = SharedPrefixSteps(conditioning, [row], parts)
+        assert isinstance(alone.cache, RowCache)
+        for _ in range(5):
+            mask = torch.nn.functional.pad(mask, (0, 1), value=1)
+            token = padded_row.sequence[:, -1:]
+            position = torch.tensor([[padded_row.sequence.shape[1] - 1]])
+            with conditioning.reading_latest_images([padded_row]):
+                expected = conditioning.step_tokens(token, position, whole, mask)
+            with alone.reading():
+                got = alone.step([row])
+            assert torch.equal(got, expected)
+            for each in (row, padded_row):
+                each.sequence = torch.cat([each.sequence, expected.argmax(dim=-1).view(1, 1)], dim=1)
+        alone.hand_back(0, row)
+        for layer, (keys, values) in zip(whole.layers, row.key_values, strict=True):
+            assert torch.equal(keys, layer.keys[:, :, -(own + 5) :])
+            assert torch.equal(values, layer.values[:, :, -(own + 5) :])
 
 
 def test_a_prefix_is_stored_once_however_many_rows_share_it(engines, photos):
