@@ -28,7 +28,6 @@ import asyncio
 import io
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -36,23 +35,27 @@ import zipfile
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from bench.workload import SIZES, Photos
+from bench.bot_harness import (
+    bot_process,
+    comprehend,
+    is_answer,
+    jpeg,
+    percentiles,
+    pinned_model,
+    running,
+    stand_in,
+    timed,
+)
+from bench.workload import Photos
 from core.tasks.archive import ArchivedExample, TaskArchive, write_archive
 from tests.fake_discord.payloads import MANAGE_GUILD, Guild, Member
 from tests.fake_discord.server import FakeDiscord
-from tests.helpers.e2e import RELAXED, BotProcess
 from tests.helpers.heavy_images import slow_header_jpeg
-from tests.make_tiny_model import TinyModelSpec, write_model
-
-
-def jpeg(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def directory_bomb(entries: int = 282_707) -> bytes:
@@ -90,16 +93,13 @@ class Flood:
 
     async def ask(self, payload: dict) -> str:
         """Send, wait for the reply, and let at least ``interval`` pass between one account's commands."""
-        started = time.monotonic()
-        record = await self.discord.send_interaction(payload)
-        messages = await record.answered(timeout=900)
-        await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
-        return "answered" if any(message.embeds for message in messages) else messages[-1].content
+        seconds, messages = await timed(self.discord, payload)
+        await asyncio.sleep(max(0.0, self.interval - seconds))
+        return "answered" if is_answer(messages) else messages[-1].content
 
     async def direct_messages(self, member: Member) -> None:
         while not self.stopped.is_set():
-            upload = self.discord.upload("photo.jpg", jpeg(self.photos.fresh()), "image/jpeg")
-            outcome = await self.ask(self.discord.interaction_payload("comprehend", member, None, image=upload))
+            outcome = await self.ask(comprehend(self.discord, member, None, jpeg(self.photos.fresh())))
             self.outcomes["dm " + ("answered" if outcome == "answered" else "refused")] += 1
 
     async def task_changes(self, guild: Guild, moderator: Member, files: list[tuple[str, str, bytes]]) -> None:
@@ -107,6 +107,7 @@ class Flood:
         while not self.stopped.is_set():
             kind, filename, data = rng.choice(files)
             upload = self.discord.upload(filename, data, "application/octet-stream")
+            options: dict[str, Any]
             if kind == "add-example":
                 options = {"task": "noisy", "image": upload, "text": "<image>Output:a picture."}
             else:
@@ -121,40 +122,17 @@ async def measure(discord: FakeDiscord, guild: Guild, photos: Photos, requests: 
     seconds = []
     for n in range(requests):
         member = discord.add_member(guild, f"reader{time.monotonic_ns()}-{n}")
-        upload = discord.upload("photo.jpg", jpeg(photos.fresh()), "image/jpeg")
-        started = time.perf_counter()
-        record = await discord.send_interaction(discord.interaction_payload("comprehend", member, guild, image=upload))
-        messages = await record.answered(timeout=900)
-        if not any(message.embeds for message in messages):
+        took, messages = await timed(discord, comprehend(discord, member, guild, jpeg(photos.fresh())))
+        if not is_answer(messages):
             raise RuntimeError(f"the quiet server's request was not answered: {messages[-1].content}")
-        seconds.append(time.perf_counter() - started)
+        seconds.append(took)
     return seconds
 
 
-def summary(seconds: list[float]) -> dict[str, float]:
-    ordered = sorted(seconds)
-    return {
-        "p50": round(statistics.median(ordered), 3),
-        "p95": round(ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], 3),
-    }
-
-
 async def run(args: argparse.Namespace, directory: Path) -> dict:
-    model = write_model(directory / "model", TinyModelSpec(family="llama", **SIZES))
-    discord = FakeDiscord()
-    await discord.start()
-    try:
-        admin = discord.add_guild("Bot HQ")
-        bot = BotProcess(discord, model, directory / "tasks.db", admin, directory / "bot.log")
-        for key in RELAXED:  # the quotas and line as shipped, which the end-to-end tests relax
-            del bot.env[key]
-        await bot.start()
-        try:
-            return await scenario(args, discord)
-        finally:
-            await bot.stop()
-    finally:
-        await discord.stop()
+    model = pinned_model(directory)
+    async with stand_in() as (discord, admin), running(bot_process(discord, admin, model, directory, {})):
+        return await scenario(args, discord)
 
 
 async def scenario(args: argparse.Namespace, discord: FakeDiscord) -> dict:
@@ -183,7 +161,7 @@ async def scenario(args: argparse.Namespace, discord: FakeDiscord) -> dict:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    idle_summary, flooded_summary = summary(idle), summary(flooded)
+    idle_summary, flooded_summary = percentiles(idle), percentiles(flooded)
     return {
         "requests": args.requests,
         "accounts": args.accounts,

@@ -34,12 +34,12 @@ import transformers
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.workload import NEW_TOKENS, SIZES, Photos, make_task
+from bench.workload import NEW_TOKENS, SIZES, Photos, make_task, upstream_input
 from core.config import ModelSettings, ServiceSettings, Settings
 from core.generation import GenerationParams
 from core.model.engine import FlamingoEngine
 from core.model.loading import load_model
-from core.prompts import END_OF_CHUNK, Task
+from core.prompts import Task
 from core.serving.local import InferenceService
 from tests.helpers.reference import Reference
 from tests.make_tiny_model import TinyModelSpec, write_model
@@ -79,8 +79,7 @@ class Bench:
         self.identical = True
 
     def reference_answer(self, task: Task, image: Image.Image, num_beams: int = 1) -> tuple[int, ...]:
-        prompt = "".join(e.text + END_OF_CHUNK for e in task.examples) + task.prompt_template
-        images = [e.image for e in task.examples] + [image]
+        images, prompt = upstream_input(task, image)
         length = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
         if num_beams > 1:  # upstream's own stop, as the bot's beam search keeps it
             return self.reference.generate(images, prompt, num_beams=num_beams, **length)

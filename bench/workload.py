@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from core.prompts import Example, Task
+from core.prompts import END_OF_CHUNK, Example, Task
 
 NEW_TOKENS = 16
 # The fixed sizes that keep figures comparable from one run and one change to the next.
@@ -45,7 +45,9 @@ class Photos:
         if (self.count // len(self.sources)) % 2:
             image = ImageOps.mirror(image)
         inset = self.count % 37
-        return image.crop((inset, inset, image.width - inset, image.height - inset))
+        # Source, mirroring and inset repeat every 370 photos; a narrower right edge each round after.
+        trim = self.count // (2 * 37 * len(self.sources))
+        return image.crop((inset, inset, image.width - inset - trim, image.height - inset))
 
 
 def caption(rng: random.Random) -> str:
@@ -56,3 +58,10 @@ def caption(rng: random.Random) -> str:
 def make_task(name: str, shots: int, photos: Photos, rng: random.Random) -> Task:
     examples = tuple(Example(photos.fresh(), caption(rng)) for _ in range(shots))
     return Task(name, "", "<image>Output:", examples, key=f"bench/{name}")
+
+
+def upstream_input(task: Task, image: Image.Image) -> tuple[list[Image.Image], str]:
+    """What upstream ``generate`` is given for a request, as the prototype gave it: every example's
+    image and text, then the query's image and the task's template."""
+    prompt = "".join(example.text + END_OF_CHUNK for example in task.examples) + task.prompt_template
+    return [example.image for example in task.examples] + [image], prompt

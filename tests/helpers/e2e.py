@@ -67,10 +67,11 @@ class BotProcess:
                 sys.executable, "main.py", cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log
             )
 
-    async def start(self) -> None:
+    async def start(self, timeout: float = _START_TIMEOUT) -> None:
+        """Launch it and wait until its gateway session has identified (its model loaded, its commands synced)."""
         sessions_before = len(self.discord.gateway.sessions)
         await self.launch()
-        async with asyncio.timeout(_START_TIMEOUT):
+        async with asyncio.timeout(timeout):
             while (
                 len(self.discord.gateway.sessions) <= sessions_before
                 or not self.discord.gateway.session.identified.is_set()

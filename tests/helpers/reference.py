@@ -45,7 +45,7 @@ def one_shot_answers(
 
 
 class Reference:
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         manifest = json.loads((model_dir / MANIFEST_NAME).read_text())
         with contextlib.redirect_stdout(io.StringIO()):
             self.model, self.image_processor, self.tokenizer = create_model_and_transforms(
@@ -58,7 +58,8 @@ class Reference:
             )
         self.model.load_state_dict(torch.load(model_dir / "checkpoint.pt"), strict=False)
         as_trained(self.model.vision_encoder)  # the open_clip upstream trained with, not today's
-        self.model.eval()
+        self.model.to(device, dtype).eval()
+        self.device, self.dtype = torch.device(device), dtype
         self.stop_ids = {self.model.eoc_token_id, self.tokenizer.eos_token_id}
         # transformers' generate hands MPT-1B's MosaicGPT a cache object it cannot read; without a
         # cache it re-reads the prompt for each token, as upstream does for MPT-7B's shipped config.
@@ -73,7 +74,8 @@ class Reference:
     ) -> tuple[tuple[int, ...], list[float]]:
         """The tokens, and at each step the gap between the two best scores (small: a near tie)."""
         vision_x = torch.stack([self.image_processor(image) for image in images]).unsqueeze(1).unsqueeze(0)
-        encoded = self.tokenizer([prompt], return_tensors="pt")
+        vision_x = vision_x.to(self.device, self.dtype)
+        encoded = self.tokenizer([prompt], return_tensors="pt").to(self.device)
         with torch.inference_mode():
             output = self.model.generate(
                 vision_x=vision_x,

@@ -96,13 +96,20 @@ class ReusableMediaLayer(FlamingoLayer):
         keys, values = self.media_kv
         return keys[:, :, -latents:], values[:, :, -latents:]
 
+    def cross_attend(self, lang_x: torch.Tensor) -> torch.Tensor:
+        """The gated cross-attention on the keys and values set for this forward; unchanged without a block."""
+        if self.gated_cross_attn_layer is None:
+            return lang_x
+        if self.media_kv is None:
+            raise ValueError("a cross-attention layer's images must be set before its forward")
+        return gated_cross_attention(
+            self.gated_cross_attn_layer, lang_x, self.media_kv, *self.media_shape, self.media_locations
+        )
+
     def forward(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         if self.media_kv is None or self.gated_cross_attn_layer is None:
             return super().forward(lang_x, attention_mask=attention_mask, **kwargs)
-        lang_x = gated_cross_attention(
-            self.gated_cross_attn_layer, lang_x, self.media_kv, *self.media_shape, self.media_locations
-        )
-        return self.decoder_layer(lang_x, attention_mask=attention_mask, **kwargs)
+        return self.decoder_layer(self.cross_attend(lang_x), attention_mask=attention_mask, **kwargs)
 
 
 class _FlamingoLM(Protocol):

@@ -19,6 +19,9 @@ from torch import nn
 from transformers import GPTNeoXForCausalLM, LlamaForCausalLM, MptForCausalLM
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
+from core.model.layers.flamingo_layer import ReusableMediaLayer
+from core.model.layers.llama_layer import FusedLlamaLayer, fused_llama_layer
+
 
 class LayerCache(Protocol):
     """What the decoder layers' attention asks of a cache."""
@@ -42,6 +45,9 @@ class LanguageModelParts:
     cache_argument: str  # the name under which the decoder layer takes its cache
     key_value_heads: int
     head_dim: int
+    # LLaMA's layers on a CPU, by index, with their projections side by side (``core.model.layers.llama_layer``);
+    # empty, or None at an index: transformers' layer.
+    fused_layers: tuple[FusedLlamaLayer | None, ...] = ()
 
     def layer_arguments(
         self, hidden: torch.Tensor, masked: torch.Tensor | None, distance: torch.Tensor, positions: torch.Tensor
@@ -69,7 +75,7 @@ class LanguageModelParts:
 
     def last_logits(
         self,
-        layers: Sequence[nn.Module],
+        layers: Sequence[ReusableMediaLayer],
         tokens: torch.Tensor,
         cache: LayerCache,
         masked: torch.Tensor | None,
@@ -80,7 +86,11 @@ class LanguageModelParts:
         hidden = self.embed(tokens)
         arguments = self.layer_arguments(hidden, masked, distance, positions)
         arguments[self.cache_argument] = cache
-        for layer in layers:
+        for index, layer in enumerate(layers):
+            fused = self.fused_layers[index] if self.fused_layers else None
+            if fused is not None:
+                hidden = fused(layer.cross_attend(hidden), arguments, cache)
+                continue
             output = layer(hidden, use_cache=True, cache_position=None, **arguments)
             hidden = output[0] if isinstance(output, tuple) else output  # LLaMA's layers return the tensor alone
         return self.head(self.norm(hidden[:, -1:]))[:, -1, :]
@@ -107,4 +117,7 @@ def language_model_parts(lm: nn.Module) -> LanguageModelParts | None:
     rotary = model.rotary_emb
     if "dynamic" in rotary.rope_type or rotary.rope_type == "longrope":
         return None  # frequencies chosen from the longest position present, which differs between batch and row
-    return LanguageModelParts(embed, norm, head, rotary, None, cache_argument, heads, head_dim)
+    fused: tuple[FusedLlamaLayer | None, ...] = ()
+    if isinstance(lm, LlamaForCausalLM) and embed.weight.device.type == "cpu":  # measured and checked on CPUs only
+        fused = tuple(fused_llama_layer(layer.decoder_layer) for layer in model.layers)
+    return LanguageModelParts(embed, norm, head, rotary, None, cache_argument, heads, head_dim, fused)

@@ -1,0 +1,73 @@
+"""LLaMA's decoder layer with its projections side by side, against transformers' own layer.
+
+The equivalence tests compare whole answers with upstream's; these compare one layer's output for
+one token (a decode step's) to the bit, and check that the weights are held once and unchanged,
+and that a layer whose joined products would differ is left to transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from core.model.layers import llama_layer
+from core.model.layers.layer_stack import language_model_parts
+from core.model.layers.llama_layer import fused_llama_layer
+
+
+def _layer(**config: object) -> tuple[LlamaDecoderLayer, LlamaRotaryEmbedding]:
+    """A layer of the benchmark model's shapes, whose joined products agree on this project's CPUs."""
+    torch.manual_seed(0)
+    settings = LlamaConfig(hidden_size=512, intermediate_size=1376, num_attention_heads=8, **config)
+    settings._attn_implementation = "sdpa"
+    return LlamaDecoderLayer(settings, layer_idx=0).eval(), LlamaRotaryEmbedding(settings)
+
+
+def test_one_token_through_the_fused_layer_is_transformers_to_the_bit():
+    layer, rotary = _layer()
+    weights = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    fused = fused_llama_layer(layer)
+    for name, tensor in layer.state_dict().items():  # the same weights, views of the joined matrices or not
+        assert torch.equal(tensor, weights[name])
+    if fused is None:  # this machine's BLAS sums the joined products otherwise: transformers' layer runs
+        query = layer.self_attn.q_proj.weight
+        assert query.untyped_storage().nbytes() == query.numel() * query.element_size()  # its own, not a view
+        return
+    attention = layer.self_attn
+    assert attention.q_proj.weight.untyped_storage().data_ptr() == fused.query_key_value.untyped_storage().data_ptr()
+    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == fused.gate_up.untyped_storage().data_ptr()
+    past = 7
+    hidden = torch.randn(1, 1, 512)
+    embeddings = rotary(hidden, torch.tensor([[past]]))
+    earlier = [(torch.randn(1, 8, past, 64), torch.randn(1, 8, past, 64))]
+    with torch.inference_mode():
+        theirs_cache, ours_cache = DynamicCache(ddp_cache_data=earlier), DynamicCache(ddp_cache_data=earlier)
+        theirs = layer(hidden, attention_mask=None, position_embeddings=embeddings, past_key_values=theirs_cache)
+        ours = fused(hidden, {"attention_mask": None, "position_embeddings": embeddings}, ours_cache)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours_cache.layers[0].keys, theirs_cache.layers[0].keys)
+    assert torch.equal(ours_cache.layers[0].values, theirs_cache.layers[0].values)
+
+
+def test_a_layer_whose_joined_products_differ_is_left_to_transformers(monkeypatch):
+    monkeypatch.setattr(llama_layer, "_agree", lambda joined, weights: False)
+    layer, _ = _layer()
+    before = layer.self_attn.q_proj.weight
+    assert fused_llama_layer(layer) is None
+    assert layer.self_attn.q_proj.weight is before
+
+
+def test_a_layer_with_biased_projections_is_left_to_transformers():
+    layer, _ = _layer(attention_bias=True)
+    before = layer.self_attn.q_proj.weight
+    assert fused_llama_layer(layer) is None
+    assert layer.self_attn.q_proj.weight is before
+
+
+def test_the_engines_llama_layers_are_joined_once(llama_engine):
+    parts = llama_engine.decoder._parts
+    assert parts is not None and len(parts.fused_layers) == len(llama_engine.decoder.conditioning.layers)
+    again = language_model_parts(llama_engine.loaded.model.lang_encoder)
+    assert again is not None
+    assert all(a is b for a, b in zip(again.fused_layers, parts.fused_layers, strict=True))  # not joined twice
