@@ -203,6 +203,8 @@ class Asking:
             task = await self.library.resolve(asker.guild_id, question.task)
             text = question.prompt if question.prompt is not None else task.prompt_template
             pictures = await self._pictures(question.read_images, admission)
+            # Encoded as stored while the model works, so that saving the answered request waits for no encoder.
+            storing = asyncio.ensure_future(_encoded_for_storage(pictures))
             if settings.logging.log_prompts:
                 log.info("request by %s in %s: %r", asker.user_id, asker.guild_id, text)
             started = time.monotonic()
@@ -210,9 +212,15 @@ class Asking:
             model = self.models.in_force(rules.model if rerolled is None else rerolled.model)
             other = None if model == self.models.default else model
             try:
-                answer = await front.in_line(
-                    self.service.submit(pictures, text, task, question.params, front.deadline, other, asker.guild_id)
-                )
+                try:
+                    answer = await front.in_line(
+                        self.service.submit(
+                            pictures, text, task, question.params, front.deadline, other, asker.guild_id
+                        )
+                    )
+                except BaseException:
+                    storing.cancel()  # nothing will be saved
+                    raise
             except RequestCancelled:
                 self.metrics.ended("cancelled")
                 return None  # counted in the quota like an answer: the cancel has said so already
@@ -227,7 +235,7 @@ class Asking:
                 raise
             elapsed = time.monotonic() - started
             self.metrics.answered(elapsed)
-            images = [await asyncio.to_thread(encode_for_storage, picture) for picture in pictures]
+            images = await storing
             try:
                 request_id: int | None = await self.store.save_request(
                     asker.guild_id,
@@ -285,3 +293,8 @@ class Asking:
                 "Ask again with /comprehend."
             )
         return stored
+
+
+async def _encoded_for_storage(pictures: list[Image.Image]) -> list[bytes]:
+    """The pictures as the store keeps them (``encode_for_storage``), each in a thread."""
+    return [await asyncio.to_thread(encode_for_storage, picture) for picture in pictures]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import core.asking
 from core.asking import Asker, Asking, Question
 from core.config import QuotaSettings, Settings
 from core.generation import GenerationParams
@@ -131,3 +132,27 @@ async def test_an_answer_the_database_refuses_to_store_is_still_answered_and_cou
         "flamingo_storage_refused_writes_total": 1,
         "flamingo_storage_degraded": 0,
     }
+
+
+async def test_the_images_are_encoded_for_storage_while_the_model_works(asking: Asking, monkeypatch) -> None:
+    """Saving the answered request then waits for no encoder: the answer is posted sooner."""
+    encoded = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    encode = core.asking.encode_for_storage
+
+    def encoding(picture):
+        loop.call_soon_threadsafe(encoded.set)
+        return encode(picture)
+
+    monkeypatch.setattr(core.asking, "encode_for_storage", encoding)
+
+    class Working(_Front):
+        async def in_line(self, ticket: object) -> Answer:
+            await asyncio.wait_for(encoded.wait(), timeout=10)  # the model is still at work
+            return ANSWER
+
+    async def read() -> list[bytes]:
+        return [(IMAGES / "chelsea.jpg").read_bytes()]
+
+    answered = await asking.ask(ASKER, question(read), Working())
+    assert answered is not None and answered.request_id is not None and answered.images[0][:2] == b"\xff\xd8"
