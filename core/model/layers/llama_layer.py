@@ -23,7 +23,6 @@ or biased projections are left as they are, and such a layer runs through transf
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -117,14 +116,15 @@ class FusedLlamaLayer:
         return residual + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
-# Made once per layer, however many times the language model's parts are asked for.
-_FUSED: weakref.WeakKeyDictionary[nn.Module, FusedLlamaLayer | None] = weakref.WeakKeyDictionary()
+# Where a layer keeps what ``fused_llama_layer`` made of it, so that it is made once however many times
+# the language model's parts are asked for, and goes with the model.
+_FUSED = "_flamingo_fused_projections"
 
 
 def fused_llama_layer(layer: LlamaDecoderLayer) -> FusedLlamaLayer | None:
     """The layer with its projections side by side, or None where they cannot be (quantized, biased, or
     other bits) and transformers' layer runs it."""
-    if layer not in _FUSED:
+    if not hasattr(layer, _FUSED):
         attention, mlp = layer.self_attn, layer.mlp
         attention_projections = [attention.q_proj, attention.k_proj, attention.v_proj]
         mlp_projections = [mlp.gate_proj, mlp.up_proj]
@@ -134,5 +134,6 @@ def fused_llama_layer(layer: LlamaDecoderLayer) -> FusedLlamaLayer | None:
             _view_into(attention_projections, query_key_value)
             _view_into(mlp_projections, gate_up)
             fused = FusedLlamaLayer(layer, query_key_value, gate_up)
-        _FUSED[layer] = fused
-    return _FUSED[layer]
+        setattr(layer, _FUSED, fused)
+    fused_layer: FusedLlamaLayer | None = getattr(layer, _FUSED)
+    return fused_layer

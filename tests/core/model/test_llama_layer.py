@@ -7,6 +7,9 @@ and that a layer whose joined products would differ is left to transformers.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -71,3 +74,13 @@ def test_the_engines_llama_layers_are_joined_once(llama_engine):
     again = language_model_parts(llama_engine.loaded.model.lang_encoder)
     assert again is not None
     assert all(a is b for a, b in zip(again.fused_layers, parts.fused_layers, strict=True))  # not joined twice
+
+
+def test_a_fused_layer_goes_with_its_model():
+    """A model let go (another one chosen) takes its joined matrices with it."""
+    layer, _ = _layer()
+    fused_llama_layer(layer)
+    gone = weakref.ref(layer)
+    del layer
+    gc.collect()
+    assert gone() is None
