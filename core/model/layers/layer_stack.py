@@ -1,11 +1,13 @@
 """The language model's decoder layers driven directly, over key/value layouts of our own.
 
 Why: transformers' model forwards build their masks and positions for a cache whose rows are
-contiguous, left-padded copies. The CUDA-graphed steps (fixed buffers) and the batched prefill
-(each task's prefix stored once, requests of different lengths in one forward) lay keys out
-otherwise, so they give each layer its mask and its tokens' places themselves: MPT's ALiBi bias
+contiguous, left-padded copies, and wrap every layer again for every token. The decode steps (fixed
+buffers under CUDA graphs; a row's own buffer or the batch's shared store otherwise) and the
+batched prefill (each task's prefix stored once, requests of different lengths in one forward) lay
+keys out otherwise, so they give each layer its mask and its tokens' places themselves: MPT's ALiBi bias
 from each key's distance to the newest column (upstream's bias bit for bit), or each token's
-rotary position for LLaMA and GPT-NeoX. Upstream's layers still do all the arithmetic.
+rotary position for LLaMA and GPT-NeoX. Upstream's layers still do all the arithmetic (LLaMA's, on a
+CPU, called op for op with their projections side by side: ``core.model.layers.llama_layer``).
 """
 
 from __future__ import annotations
