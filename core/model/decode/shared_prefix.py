@@ -180,10 +180,11 @@ class RowCache:
                 store.append(buffer)
 
     def begin_step(self) -> None:
+        """The row gets one more place, at the end of its buffer, for the token this forward runs."""
         self.length += 1
 
     def end_step(self) -> None:
-        pass
+        """Nothing to advance: ``begin_step`` made the place, which ``update`` filled."""
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None
