@@ -60,7 +60,7 @@ async def test_the_bot_answers_through_ray_replicas_as_it_does_locally(scene, st
         assert (await here.ask("comprehend", **ask))[0].embeds[0]["description"] == local
 
         # A replica killed under load: every interaction is still answered, once.
-        long = {"image": here.photo("rocket"), "max_new_tokens": 120, "min_new_tokens": 120}
+        long = {"image": here.photo("rocket"), "max_new_tokens": 256, "min_new_tokens": 256}  # busy for seconds
         records = [await here.send("comprehend", **long) for _ in range(4)]
         await asyncio.to_thread(_kill_a_busy_replica, ray_head, "flamingo-e2e")
         for record in records:
