@@ -16,10 +16,19 @@ import signal
 import sqlite3
 import sys
 from pathlib import Path
+from typing import get_args
 
 from PIL import Image
 
-from core.config import ConfigError, GenerationSettings, LoggingSettings, Settings, load_settings
+from core.config import (
+    ConfigError,
+    GenerationSettings,
+    LoggingSettings,
+    ModelSettings,
+    Precision,
+    Settings,
+    load_settings,
+)
 from core.errors import BadImage, FlamingoError, UnknownTask
 from core.generation import OPTIONS, GenerationParams, generation_kwargs
 from core.images import load_image
@@ -30,11 +39,17 @@ log = logging.getLogger("flamingo")
 
 
 def _parser() -> argparse.ArgumentParser:
+    """Every option's help ends with its default and, where values are bounded, its range."""
     parser = argparse.ArgumentParser(prog="main.py", description="OpenFlamingo for Discord servers.")
-    parser.add_argument("--config", type=Path, help="settings file (default: config.toml)")
+    parser.add_argument("--config", type=Path, help="settings file (default: config.toml beside main.py)")
     # Also after the command; SUPPRESS keeps a --config given before it when none follows.
     config_too = argparse.ArgumentParser(add_help=False)
-    config_too.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file")
+    config_too.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="settings file (default: the one given before the command, else config.toml beside main.py)",
+    )
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("run", parents=[config_too], help="run the bot (the default)")
     backup = commands.add_parser(
@@ -44,25 +59,45 @@ def _parser() -> argparse.ArgumentParser:
     describe = commands.add_parser(
         "describe", parents=[config_too], help="answer a prompt about local images, without Discord"
     )
-    describe.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    describe.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="one per <image> of the prompt")
     describe.add_argument("--prompt", help="text with one <image> per image (default: the task's template)")
-    describe.add_argument("--task", default=DEFAULT_TASK, help="built-in task whose examples are prepended")
-    describe.add_argument("--model", help="registry name or local model directory")
-    describe.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8", "nf4"])
-    describe.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    describe.add_argument(
+        "--task", default=DEFAULT_TASK, help=f"built-in task whose examples are prepended (default: {DEFAULT_TASK})"
+    )
+    shipped = ModelSettings()
+    describe.add_argument(
+        "--model",
+        help=f"registry name or local model directory (default: the settings' model.name, {shipped.name} as shipped)",
+    )
+    describe.add_argument(
+        "--precision",
+        choices=get_args(Precision),
+        help=f"number format of the weights (default: the settings' model.precision, {shipped.precision} as shipped)",
+    )
+    describe.add_argument(
+        "--device", help=f"auto, cpu, cuda or cuda:N (default: the settings' model.device, {shipped.device} as shipped)"
+    )
     length = GenerationSettings().max_new_tokens_default
     generation = describe.add_argument_group(
-        "generation", f"ranges as configured by default; answers of at most {length} tokens unless given"
+        "generation", "defaults and ranges as shipped; the settings file may narrow a range or change the length"
     )
     for option in OPTIONS:
         flag = "--" + option.name.replace("_", "-")
         if option.kind is bool:
-            generation.add_argument(flag, dest=option.name, action="store_true", help=option.help)
+            switch = "on" if option.default else "off"
+            generation.add_argument(
+                flag, dest=option.name, action="store_true", help=f"{option.help} (default: {switch})"
+            )
             continue
-        limits = f"; {option.range.low:g} to {option.range.high:g}" if option.range is not None else ""
-        default = f", default {option.default}" if option.default is not None else ""
+        default = length if option.name == "max_new_tokens" else option.default
+        shown = "the model's own" if default is None else f"{default:g}"
+        bounds = "" if option.range is None else f", {option.range.low:g} to {option.range.high:g}"
         generation.add_argument(
-            flag, dest=option.name, type=option.kind, default=option.default, help=f"{option.help}{limits}{default}"
+            flag,
+            dest=option.name,
+            type=option.kind,
+            default=option.default,
+            help=f"{option.help} (default: {shown}{bounds})",
         )
     return parser
 
@@ -179,7 +214,20 @@ def run_bot(args: argparse.Namespace) -> int:
     except (aiohttp.ClientError, discord.GatewayNotFound) as error:
         where = settings.discord.api_base_url
         raise ConfigError(f"cannot reach Discord at {where}: {error or type(error).__name__}") from None
+    if settings.service.backend == "ray":
+        _end_without_teardown()
     return 0
+
+
+def _end_without_teardown() -> None:
+    """End a process that was a Ray driver once the bot has closed everything: Ray's gRPC threads keep
+    running in C code after ``ray.shutdown()``, and the interpreter's teardown then crashed in about
+    one stop in three (SIGABRT inside its last garbage collection, a core dump showed), turning a clean
+    stop into a failure for systemd or a container. The image workers end when their pipes close."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def backup(args: argparse.Namespace) -> int:

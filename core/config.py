@@ -1,12 +1,15 @@
 """Typed settings: ``config.toml`` for choices, the environment (or ``.env``) for overrides.
 
 Environment variables use the prefix ``FLAMINGO_`` and ``__`` between levels, e.g.
-``FLAMINGO_MODEL__PRECISION=int8``.
+``FLAMINGO_MODEL__PRECISION=int8``. A key or variable that names no setting is refused with the
+closest one that does: a typo silently ignored would leave the default in force unnoticed.
 """
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -23,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -291,23 +295,43 @@ class ConfigError(Exception):
 
 
 class _TomlWithoutSecrets(TomlConfigSettingsSource):
-    """The committed file must never carry the token, so a token found there is an error."""
+    """The settings file, refused if it holds the token (it is committed; the token must never be) or a key
+    that is no setting (the settings themselves ignore unknown keys, which the environment is full of)."""
 
     def __call__(self) -> dict[str, Any]:
         values = super().__call__()
         name = Path(str(self.toml_file_path)).name
-        if {"discord_token", "DISCORD_TOKEN"} & set(values):
-            raise ConfigError(f"{name} must not hold the bot token; set DISCORD_TOKEN in the environment or .env")
-        unknown = sorted(set(values) - set(Settings.model_fields))
-        if unknown:  # the settings themselves ignore unknown keys, which the environment is full of
-            raise ConfigError(f"{name} has no setting called {unknown[0]!r}")
+        keys = list(_keys_in(values))
+        token = next((key for key in keys if key[-1].lower() in _TOKEN_KEYS), None)
+        if token is not None:
+            raise ConfigError(
+                f"{name} must not hold the bot token ({'.'.join(token)}); "
+                f"set DISCORD_TOKEN in the environment or .env, never in {name}"
+            )
+        unknown = next((key for key in keys if key not in _SETTING_KEYS), None)
+        if unknown is not None:
+            raise ConfigError(_unknown_setting(unknown, ".".join, f" in {name}"))
         return values
+
+
+def _keys_in(values: Mapping[str, Any], above: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every key of a TOML document, each after the table holding it (so the outermost unknown comes first)."""
+    for name, value in values.items():
+        yield (*above, name)
+        if isinstance(value, dict):
+            yield from _keys_in(value, (*above, name))
+
+
+_ENV_PREFIX = "FLAMINGO_"
+_ENV_NESTING = "__"
+# What the bot token gets called where it does not belong: the refusal says where it does.
+_TOKEN_KEYS = frozenset({"token", "bot_token", "discord_token"})
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="FLAMINGO_",
-        env_nested_delimiter="__",
+        env_prefix=_ENV_PREFIX,
+        env_nested_delimiter=_ENV_NESTING,
         env_file=PROJECT_ROOT / ".env",
         extra="ignore",
     )
@@ -343,21 +367,75 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        for source, where in ((env_settings, ""), (dotenv_settings, " in .env")):
+            if isinstance(source, EnvSettingsSource):
+                _refuse_unknown_variables(source.env_vars, where)
         toml = _TomlWithoutSecrets(settings_cls, toml_file=settings_cls.model_config.get("toml_file"))
         return (init_settings, env_settings, dotenv_settings, toml)
 
 
-def _describe(error: ValidationError, file_name: str) -> str:
+def _setting_keys(model: type[BaseModel], above: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every key config.toml and FLAMINGO_ variables may name, after the tables above it."""
+    # The token has a name of its own (DISCORD_TOKEN), never a FLAMINGO_ one nor a key in config.toml.
+    fields = {name: field.annotation for name, field in model.model_fields.items() if field.validation_alias is None}
+    if model is GenerationSettings:  # each range is written under its option's name, not inside ``ranges``
+        del fields["ranges"]
+        fields |= dict.fromkeys(_DEFAULT_RANGES, Range)
+    for name, kind in fields.items():
+        yield (*above, name)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            yield from _setting_keys(kind, (*above, name))
+
+
+_SETTING_KEYS = frozenset(_setting_keys(Settings))
+
+
+def _refuse_unknown_variables(variables: Mapping[str, str | None], where: str) -> None:
+    """Raise ``ConfigError`` for the first ``FLAMINGO_`` variable (names come lowercased) that names no setting."""
+    prefix = _ENV_PREFIX.lower()
+    for name in sorted(variables):
+        if not name.startswith(prefix):
+            continue
+        key = tuple(name.removeprefix(prefix).split(_ENV_NESTING))
+        if key in _SETTING_KEYS:
+            continue
+        if key[-1] in _TOKEN_KEYS:
+            raise ConfigError(f"unknown setting {_variable(key)}{where}; did you mean DISCORD_TOKEN?")
+        raise ConfigError(_unknown_setting(key, _variable, where))
+
+
+def _variable(key: tuple[str, ...]) -> str:
+    return _ENV_PREFIX + _ENV_NESTING.join(key).upper()
+
+
+def _unknown_setting(key: tuple[str, ...], spell: Callable[[tuple[str, ...]], str], where: str) -> str:
+    """One line naming the key and the real setting it most likely meant: the same key in another
+    table (it was put in the wrong one), else the most alike key of its table (of any, when the table
+    is no setting either); of several, the one in the table most alike."""
+    meant = [real for real in _SETTING_KEYS if real[-1] == key[-1]]
+    if not meant:
+        table = key[:-1]
+        known_table = not table or table in _SETTING_KEYS
+        scope = [real for real in _SETTING_KEYS if real[:-1] == table] if known_table else list(_SETTING_KEYS)
+        alike = difflib.get_close_matches(key[-1], {real[-1] for real in scope}, n=1)
+        meant = [real for real in scope if real[-1] in alike]
+    by_name = {".".join(real): real for real in meant}
+    closest = difflib.get_close_matches(".".join(key), by_name, n=1, cutoff=0)
+    suggestion = f"; did you mean {spell(by_name[closest[0]])}?" if closest else ""
+    return f"unknown setting {spell(key)}{where}{suggestion}"
+
+
+def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     loc = list(first["loc"])
     if loc[:2] == ["generation", "ranges"]:  # config writes each range under its option's name
         del loc[1]
+    if first["type"] == "extra_forbidden":  # keys in files and variables' names are checked before: JSON's
+        return _unknown_setting(tuple(map(str, loc)), ".".join, " in a FLAMINGO_ variable's JSON")
     key = ".".join(str(part) for part in loc) or "settings"
-    if first["type"] == "extra_forbidden":
-        return f"{key}: there is no such setting (in {file_name}, or as a FLAMINGO_ variable)"
     given = first.get("input")
     # A check across a table (a range, a default within its range) gets the whole table as input.
-    return f"{key}: {first['msg']}" + ("" if isinstance(given, dict) else f" (got {given!r})")
+    return f"bad setting {key}: {first['msg']}" + ("" if isinstance(given, dict) else f" (got {given!r})")
 
 
 def load_settings(config_path: Path | None = None) -> Settings:
@@ -375,7 +453,7 @@ def load_settings(config_path: Path | None = None) -> Settings:
     try:
         return _FromFile()
     except ValidationError as error:
-        raise ConfigError(f"bad setting {_describe(error, path.name)}") from None
+        raise ConfigError(_describe(error)) from None
     except SettingsError as error:  # a FLAMINGO_ variable that is not valid JSON, say
         raise ConfigError(
             f"cannot read the environment's settings (FLAMINGO_*, .env): {error}; lists and tables are "

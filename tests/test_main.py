@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import sqlite3
@@ -9,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+import main
 from core.config import PROJECT_ROOT
 from core.storage.task_store import TaskStore
 
@@ -50,6 +54,55 @@ def test_a_bad_setting_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: bad setting model.precision: Input should be 'auto'")
     assert result.stderr.count("\n") == 1
+
+
+def test_a_misspelt_variable_or_a_token_in_the_file_is_one_line_naming_what_is_meant(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    result = run_main("--config", str(config), env={"DISCORD_TOKEN": "x", "FLAMINGO_QUOTA__USER_COOLDOWN_SECONDS": "5"})
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: unknown setting FLAMINGO_QUOTA__USER_COOLDOWN_SECONDS; "
+        "did you mean FLAMINGO_QUOTAS__USER_COOLDOWN_SECONDS?\n"
+    )
+    config.write_text('[discord]\ntoken = "abc"\n')
+    result = run_main("--config", str(config), "backup", str(tmp_path / "copy.db"))
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: config.toml must not hold the bot token (discord.token); "
+        "set DISCORD_TOKEN in the environment or .env, never in config.toml\n"
+    )
+
+
+def _help(capsys: pytest.CaptureFixture[str], *command: str) -> str:
+    with pytest.raises(SystemExit) as done:
+        main.main([*command, "--help"])
+    assert done.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # unwrapped: argparse breaks lines at the terminal's width
+
+
+def test_every_commands_help_gives_each_options_default_and_range(capsys):
+    parser = main._parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    for name, command in [("", parser), *commands.choices.items()]:
+        options = [action for action in command._actions if action.option_strings and action.dest != "help"]
+        assert options, name
+        shown = _help(capsys, *([name] if name else []))
+        for option in options:
+            assert "(default: " in (option.help or ""), (name, option.option_strings)
+            assert option.help is not None and " ".join(option.help.split()) in shown
+    describe = _help(capsys, "describe")
+    for expected in [
+        "--max-new-tokens MAX_NEW_TOKENS Longest answer, in tokens (default: 30, 1 to 256)",
+        "--num-beams NUM_BEAMS Beam search width (default: 1, 1 to 5)",
+        "--temperature TEMPERATURE Sampling randomness (needs do_sample) (default: the model's own, 0.05 to 2)",
+        "--do-sample Sample instead of taking the most likely words (default: off)",
+        "--task TASK built-in task whose examples are prepended (default: caption)",
+        "--precision {auto,fp32,bf16,fp16,int8,nf4} number format of the weights (default: the settings' "
+        "model.precision, auto as shipped)",
+    ]:
+        assert expected in describe, expected
+    assert "--config CONFIG settings file (default: config.toml beside main.py)" in _help(capsys)
 
 
 def test_backup_copies_the_database_while_it_is_open(tmp_path):

@@ -286,8 +286,10 @@ class FlamingoBot(commands.AutoShardedBot):
     async def close(self) -> None:
         """Finish the requests being answered (stopping them after the service's grace), refuse the
         queued ones, let every command and click under way reply, then disconnect and close the database."""
+        done = []  # the closing line says only what was running: a refused token opens nothing
         if getattr(self, "service", None) is not None:
             await asyncio.to_thread(self.service.close)
+            done.append("answers delivered")
         pending = [task for task in self.in_flight if task is not asyncio.current_task()]
         if pending:
             await asyncio.wait(pending, timeout=_SHUTDOWN_GRACE_SECONDS)
@@ -299,7 +301,8 @@ class FlamingoBot(commands.AutoShardedBot):
             await self._metrics_server.cleanup()
         if getattr(self, "store", None) is not None:
             await self.store.close()
-        log.info("Closed: answers delivered, the database closed")
+            done.append("the database closed")
+        log.info("Closed: %s", ", ".join(done) if done else "nothing had been started")
 
     async def finish_closing(self) -> None:
         """Wait for a shutdown in progress, which outlives ``start`` (it returns once disconnected)."""

@@ -6,7 +6,10 @@ so the local service never imports Ray and Ray is imported only by those who use
 
 from __future__ import annotations
 
+import importlib.util
+
 from core.config import Settings
+from core.errors import ModelLoadError
 from core.serving.local import start_service
 from core.serving.protocol import ModelService, QueuedRequest, ServiceStatus
 
@@ -16,6 +19,11 @@ __all__ = ["ModelService", "QueuedRequest", "ServiceStatus", "start_model_servic
 def start_model_service(settings: Settings) -> ModelService:
     """The bot's model: loaded here (``service.backend = "local"``) or on a Ray cluster's replicas."""
     if settings.service.backend == "ray":
+        if importlib.util.find_spec("ray") is None:
+            raise ModelLoadError(
+                'service.backend is "ray" but Ray is not installed: run scripts/setup.sh --ray '
+                "(./run.sh does when the settings choose Ray)"
+            )
         from core.serving.ray.backend import RayInferenceService  # Ray is imported only where it is used
 
         return RayInferenceService.connect(settings)

@@ -133,3 +133,16 @@ async def test_sigkill_during_task_writes_keeps_the_last_committed_state(stand_i
     assert len(set(stored)) == len(stored)
     assert sorted(shown[0].files) == sorted(f"example-{n}.jpg" for n in range(1, len(stored) + 1))
     assert await bot.stop() == 0
+
+
+async def test_a_token_discord_refuses_ends_in_one_error_line_and_claims_nothing_was_closed(
+    stand_in, model_dirs, tmp_path
+):
+    bot = new_bot(stand_in, model_dirs, tmp_path)
+    bot.env["DISCORD_TOKEN"] = "not-the-bot-token"
+    await bot.launch()
+    assert await bot.stop(signal.SIGCONT) == 2  # SIGCONT: nothing to stop, only waited for
+    log = bot.log()
+    assert log.rstrip().endswith("error: Discord refused the bot token; check DISCORD_TOKEN")
+    assert "answers delivered" not in log and "database closed" not in log
+    assert "Closed: nothing had been started" in log

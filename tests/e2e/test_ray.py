@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -60,24 +61,33 @@ async def test_the_bot_answers_through_ray_replicas_as_it_does_locally(scene, st
         assert (await here.ask("comprehend", **ask))[0].embeds[0]["description"] == local
 
         # A replica killed under load: every interaction is still answered, once.
+        # The second driver connects first (seconds), so that the kill lands while the answers are long in coming.
+        connected, sent = threading.Event(), threading.Event()
+        killer = asyncio.create_task(asyncio.to_thread(_kill_a_busy_replica, ray_head, "flamingo-e2e", connected, sent))
+        assert await asyncio.to_thread(connected.wait, 60), "the second driver did not connect"
         long = {"image": here.photo("rocket"), "max_new_tokens": 256, "min_new_tokens": 256}  # busy for seconds
-        records = [await here.send("comprehend", **long) for _ in range(4)]
-        await asyncio.to_thread(_kill_a_busy_replica, ray_head, "flamingo-e2e")
+        records = [await here.send("comprehend", **long) for _ in range(6)]
+        sent.set()
+        await killer
         for record in records:
             await record.wait_for(lambda record=record: bool(record.original and record.original.embeds), 120)
             assert record.followups == [] and not record.original.ephemeral
         assert "a replica was lost during a request; retrying it once elsewhere" in bot.log()
     finally:
-        assert await bot.stop() == 0
+        status = await bot.stop()
+        assert status == 0, bot.log()[-4000:]
 
 
-def _kill_a_busy_replica(address: str, app_name: str) -> None:
-    """As a second driver: wait until a replica is answering, then kill it (Serve starts another)."""
+def _kill_a_busy_replica(address: str, app_name: str, connected: threading.Event, sent: threading.Event) -> None:
+    """As a second driver: once the requests are sent, wait until a replica is answering, then kill it
+    (Serve starts another)."""
     import ray
     from ray import serve
 
     ray.init(address=address, namespace="flamingo-bot", logging_level="ERROR")
     try:
+        connected.set()
+        assert sent.wait(60), "the requests were not sent"
         handle = serve.get_app_handle(app_name)
         deadline = time.monotonic() + 60
         while not (busy := [r for r in handle.broadcast("status").results() if r["ongoing"]]):
