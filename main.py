@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     describe.add_argument(
         "--device", help=f"auto, cpu, cuda or cuda:N (default: the settings' model.device, {shipped.device} as shipped)"
     )
+    describe.add_argument(
+        "--skip-resource-checks",
+        action="store_true",
+        help="load even when free memory or disk looks too small for the model "
+        "(default: the settings' model.skip_resource_checks, off as shipped)",
+    )
     length = GenerationSettings().max_new_tokens_default
     generation = describe.add_argument_group(
         "generation", "defaults and ranges as shipped; the settings file may narrow a range or change the length"
@@ -104,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _describe_settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
-    overrides = {key: getattr(args, key) for key in ("model", "precision", "device") if getattr(args, key)}
+    chosen = ("model", "precision", "device", "skip_resource_checks")
+    overrides = {key: getattr(args, key) for key in chosen if getattr(args, key)}
     if "model" in overrides:
         overrides["name"] = overrides.pop("model")
     return settings.model_copy(update={"model": settings.model.model_copy(update=overrides)})

@@ -66,6 +66,9 @@ class ModelSettings(Section):
     choices: list[str] | None = Field(
         None, description="Models servers may choose besides this one (Ray backend); None: the registry."
     )
+    skip_resource_checks: bool = Field(
+        False, description="Load even when free memory or the hub cache's disk looks too small for the model."
+    )
 
 
 class ImageSettings(Section):

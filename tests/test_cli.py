@@ -139,3 +139,14 @@ def test_registry_model_offline_and_not_cached_is_one_clear_line(tmp_path):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: cannot load the vision encoder of openflamingo/OpenFlamingo-4B-vitl-rpj3b: ")
     assert "weights for tag 'openai'" in last_line
+
+
+def test_describe_can_skip_the_resource_checks_for_an_operator_who_knows_better():
+    import main
+
+    def chosen(*flags: str) -> bool:
+        args = main._parser().parse_args(["describe", "photo.jpg", *flags])
+        return main._describe_settings(args).model.skip_resource_checks
+
+    assert chosen("--skip-resource-checks") is True
+    assert chosen() is False  # as config.toml ships

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import cast
 
 import open_clip
@@ -40,6 +41,7 @@ from core.model.registry import ModelSpec
 
 _GPT_NEOX_VOCAB = 50277 + 3  # gpt-neox-20b's tokenizer plus <|endofchunk|>, <image>, <PAD>
 _LLAMA_VOCAB = 32000 + 3
+_OPEN_CLIP = str(Path(open_clip.__file__).parent)
 
 
 def _mpt(d_model: int, n_heads: int, n_layers: int) -> PretrainedConfig:
@@ -102,11 +104,14 @@ class ParameterCounts:
         return round(quantized * (0.5 + 4 / 64)) + rest  # nf4: half a byte, an fp32 absmax per 64
 
 
-class _ExpectedNoWeights(logging.Filter):
-    """open_clip warns that a model built without weights has none, which is the point here."""
+class _QuietMetaBuild(logging.Filter):
+    """open_clip narrates building a model (at INFO, on the root logger), which before every load
+    would repeat what loading says, and warns that a model built without weights has none, which
+    is the point here."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
+        narration = record.levelno <= logging.INFO and record.pathname.startswith(_OPEN_CLIP)
+        return not narration and "No pretrained weights loaded" not in record.getMessage()
 
 
 def _count(module: nn.Module) -> int:
@@ -136,7 +141,7 @@ def _language_model(spec: ModelSpec) -> PreTrainedModel:
 @cache
 def parameter_counts(spec: ModelSpec) -> ParameterCounts:
     """Exact counts of the assembled model; raises ``ModelLoadError`` when its shapes are unknown."""
-    quiet = _ExpectedNoWeights()
+    quiet = _QuietMetaBuild()
     logging.getLogger().addFilter(quiet)
     try:
         with torch.device("meta"):

@@ -7,6 +7,7 @@ quantization, and prints to stdout. Its model classes (``Flamingo``, ``FlamingoL
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from core.config import ModelSettings
 from core.errors import ModelLoadError
 from core.model.checkpoint import read_state_dict, select_checkpoint_tensors
+from core.model.hub import check_tokenizer_reachable, progress_bars_for, unreachable
 from core.model.layers.flamingo_layer import install as install_reusable_media_layers
 from core.model.registry import ModelSpec, resolve_model
 from core.prompts import END_OF_CHUNK, IMAGE_TOKEN
@@ -164,21 +166,24 @@ def as_trained(visual: torch.nn.Module) -> torch.nn.Module:
     return visual
 
 
-def _first_line(error: BaseException) -> str:
+def _load_failure(part: str, spec: ModelSpec, error: BaseException) -> ModelLoadError:
+    """One line: the hub out of reach (the connection may go after the first look), or the loader's own words."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    detail = text.splitlines()[0] if text else type(error).__name__
+    return unreachable(error) or ModelLoadError(f"cannot load the {part} of {spec.name}: {detail}")
 
 
 def load_text_side(settings: ModelSettings) -> tuple[PreTrainedTokenizerBase, int]:
     """The tokenizer and context length alone, without weights: for a process whose model runs elsewhere."""
     spec = resolve_model(settings.name, settings.llama_path)
+    check_tokenizer_reachable(spec)
     try:
         config = AutoConfig.from_pretrained(
             spec.lang_encoder_path, revision=spec.lang_encoder_revision, trust_remote_code=spec.trust_remote_code
         )
         return load_tokenizer(spec), context_length_of(config)
     except _LOAD_ERRORS as error:
-        raise ModelLoadError(f"cannot load the tokenizer of {spec.name}: {_first_line(error)}") from None
+        raise _load_failure("tokenizer", spec, error) from None
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
@@ -357,40 +362,43 @@ def place_model(model: Flamingo, plan: PrecisionPlan, device: torch.device, quan
 
 
 def load_model(settings: ModelSettings) -> LoadedModel:
-    """Build the model named in settings; every failure becomes one ``ModelLoadError`` line."""
+    """Build the model named in settings; every failure becomes one ``ModelLoadError`` line. The bot
+    and ``describe`` load through ``core.model.resources.load_checked``, which looks at the hub and
+    checks memory and disk first."""
     started = time.perf_counter()
     spec = resolve_model(settings.name, settings.llama_path)
     device = pick_device(settings.device)
     plan = plan_precision(settings.precision, device)
     step = "vision encoder"
-    try:
-        log.info("Loading vision encoder %s", spec.clip_vision_encoder_path)
-        visual, transform, vision_width = _load_vision(spec)
-        step = "tokenizer"
-        log.info("Loading tokenizer %s", spec.tokenizer_path)
-        tokenizer = load_tokenizer(spec)
-        step = "language model"
-        log.info("Loading language model %s (%s)", spec.lang_encoder_path, plan.name)
-        lm = _load_language_model(spec, plan, device)
-        _resize_embeddings(lm, len(tokenizer))
-        language_model_bytes = lm.get_memory_footprint()
-        step = "checkpoint"
-        log.info("Loading checkpoint %s", spec.checkpoint_path)
-        checkpoint_file = _fetch_checkpoint(spec)
-        checkpoint = read_state_dict(checkpoint_file)
-        step = "assembled model"
-        model = assemble_flamingo(lm, visual, vision_width, tokenizer, spec.cross_attn_every_n_layers)
-        trained = [model.perceiver, lm.gated_cross_attn_layers]
-        tensors = select_checkpoint_tensors(model, checkpoint, trained, source=checkpoint_file)
-        model.load_state_dict(tensors, strict=False)
-        place_model(model, plan, device, settings.quantize_cross_attention)
-    except torch.OutOfMemoryError:
-        raise ModelLoadError(
-            f"not enough memory on {device} for the {step} of {spec.name} in {plan.name}; "
-            'a smaller precision (model.precision = "int8" or "nf4") or a larger device may fit'
-        ) from None
-    except _LOAD_ERRORS as error:
-        raise ModelLoadError(f"cannot load the {step} of {spec.name}: {_first_line(error)}") from None
+    with progress_bars_for(sys.stderr):
+        try:
+            log.info("Loading vision encoder %s", spec.clip_vision_encoder_path)
+            visual, transform, vision_width = _load_vision(spec)
+            step = "tokenizer"
+            log.info("Loading tokenizer %s", spec.tokenizer_path)
+            tokenizer = load_tokenizer(spec)
+            step = "language model"
+            log.info("Loading language model %s (%s)", spec.lang_encoder_path, plan.name)
+            lm = _load_language_model(spec, plan, device)
+            _resize_embeddings(lm, len(tokenizer))
+            language_model_bytes = lm.get_memory_footprint()
+            step = "checkpoint"
+            log.info("Loading checkpoint %s", spec.checkpoint_path)
+            checkpoint_file = _fetch_checkpoint(spec)
+            checkpoint = read_state_dict(checkpoint_file)
+            step = "assembled model"
+            model = assemble_flamingo(lm, visual, vision_width, tokenizer, spec.cross_attn_every_n_layers)
+            trained = [model.perceiver, lm.gated_cross_attn_layers]
+            tensors = select_checkpoint_tensors(model, checkpoint, trained, source=checkpoint_file)
+            model.load_state_dict(tensors, strict=False)
+            place_model(model, plan, device, settings.quantize_cross_attention)
+        except torch.OutOfMemoryError:
+            raise ModelLoadError(
+                f"not enough memory on {device} for the {step} of {spec.name} in {plan.name}; "
+                'a smaller precision (model.precision = "int8" or "nf4") or a larger device may fit'
+            ) from None
+        except _LOAD_ERRORS as error:
+            raise _load_failure(step, spec, error) from None
     elapsed = time.perf_counter() - started
     log.info("Model ready in %.1f s", elapsed)
     return LoadedModel(

@@ -33,7 +33,7 @@ from core.errors import (
 )
 from core.generation import GenerationParams
 from core.model.engine import Answer, Deliver, EngineStatus, FlamingoEngine, Joining, PreparedRequest, PromptRules
-from core.model.loading import load_model
+from core.model.resources import load_checked
 from core.prompts import Task
 from core.serving.fair_line import FairLine, Party
 from core.serving.protocol import ServiceStatus
@@ -327,7 +327,7 @@ def start_service(settings: Settings, shares: bool = True) -> InferenceService:
     """Load the configured model in this process and start its worker (the CLI, a replica, a local bot).
 
     ``shares``: False on a Ray replica, whose requests the bot has already let in by server shares."""
-    loaded = load_model(settings.model)
+    loaded = load_checked(settings.model)
     log.info(
         "Loaded %s (%s) in %.1f s: language model %.1f MiB, whole model %.1f MiB",
         loaded.spec.name,
