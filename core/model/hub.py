@@ -25,7 +25,12 @@ import transformers
 from huggingface_hub import HfApi, ModelInfo, constants
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.file_download import repo_folder_name
-from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from huggingface_hub.utils import (
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+    reset_sessions,
+)
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
 from core.errors import ModelLoadError
@@ -112,6 +117,14 @@ def unreachable(error: BaseException) -> ModelLoadError | None:
     return None
 
 
+class _NoRoute(Exception):
+    """The hub did not answer; what to tell the operator if the cache cannot stand in for it."""
+
+    def __init__(self, refusal: ModelLoadError) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
+
+
 def _look_up(repo: str, revision: str | None, files_metadata: bool) -> ModelInfo:
     """One request, without huggingface_hub's retries; raises ``ModelLoadError`` in one line."""
     try:
@@ -119,7 +132,7 @@ def _look_up(repo: str, revision: str | None, files_metadata: bool) -> ModelInfo
             repo, revision=revision, files_metadata=files_metadata, timeout=constants.HF_HUB_ETAG_TIMEOUT
         )
     except (requests.ConnectionError, requests.Timeout) as error:
-        raise _no_route(error) from None
+        raise _NoRoute(_no_route(error)) from None
     except ValueError:  # only paths missing here are looked up, so this one can be neither
         raise ModelLoadError(f"{repo} is no folder here, nor a name a Hugging Face Hub repository can have") from None
     except HfHubHTTPError as error:
@@ -146,25 +159,63 @@ def _missing(weights: _Weights, info: ModelInfo) -> list[HubFile]:
     return []
 
 
+def _snapshot(repo: str, revision: str | None) -> Path | None:
+    """The cached copy of a repository that an earlier load left (``refs/main`` names the commit)."""
+    folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
+    ref = folder / "refs" / (revision or "main")
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = folder / "snapshots" / commit if commit else None
+    return snapshot if snapshot is not None and snapshot.is_dir() else None
+
+
+def _cached(weights: _Weights) -> bool:
+    snapshot = _snapshot(weights.repo, weights.revision)
+    return snapshot is not None and any(
+        any(snapshot.glob(pattern)) for patterns in weights.choices for pattern in patterns
+    )
+
+
+def _go_offline(refusal: ModelLoadError) -> None:
+    """Load from the cache alone for the rest of the process, as ``HF_HUB_OFFLINE=1`` would: a hub
+    that is down must not keep a bot whose model is cached from (re)starting, nor cost a minute of
+    each loader's retries first."""
+    log.warning("%s; the model is in the cache, so it is loaded from there", str(refusal).split(";")[0])
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    transformers.utils.hub._is_offline_mode = True  # transformers reads the variable once, at import
+    reset_sessions()  # sessions made from now on refuse requests at once, and the loaders take the cache
+
+
 def files_to_download(spec: ModelSpec) -> list[HubFile]:
     """The weights loading ``spec`` will download, none when ``HF_HUB_OFFLINE`` is set.
 
     Raises ``ModelLoadError`` in one line, naming the ways of running offline, when the hub
-    cannot be reached, before any loader starts its retries.
+    cannot be reached, before any loader starts its retries; unless the cache holds every weight
+    file, when loading goes on offline.
     """
     if constants.HF_HUB_OFFLINE:
         return []
-    return [
-        file
-        for weights in _weights_of(spec)
-        for file in _missing(weights, _look_up(weights.repo, weights.revision, files_metadata=True))
-    ]
+    needed = _weights_of(spec)
+    try:
+        found = [(weights, _look_up(weights.repo, weights.revision, files_metadata=True)) for weights in needed]
+    except _NoRoute as error:
+        if not all(_cached(weights) for weights in needed):
+            raise error.refusal from None
+        _go_offline(error.refusal)
+        return []
+    return [file for weights, info in found for file in _missing(weights, info)]
 
 
 def check_tokenizer_reachable(spec: ModelSpec) -> None:
     """For a process that loads only the tokenizer: the same quick look, at its repository."""
-    if not constants.HF_HUB_OFFLINE and not _is_local(spec.tokenizer_path):
+    if constants.HF_HUB_OFFLINE or _is_local(spec.tokenizer_path):
+        return
+    try:
         _look_up(spec.tokenizer_path, spec.lang_encoder_revision, files_metadata=False)
+    except _NoRoute as error:
+        if _snapshot(spec.tokenizer_path, spec.lang_encoder_revision) is None:
+            raise error.refusal from None
+        _go_offline(error.refusal)
 
 
 @contextmanager

@@ -30,6 +30,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
 from core.config import PROJECT_ROOT, ModelSettings
 from core.errors import ModelLoadError
+from core.model import hub as hub_module
 from core.model import resources
 from core.model.footprint import parameter_counts
 from core.model.hub import HubFile, files_to_download, progress_bars_for, unreachable
@@ -341,3 +342,49 @@ def test_describe_without_a_route_to_the_hub_is_one_line_at_once(tmp_path):
     assert len(lines) <= 3, result.stderr
     assert "Retrying" not in result.stderr
     assert elapsed < 40  # no retry storm: its waits alone came to 46 s (the rest is importing torch and co.)
+
+
+def _cache_a_load_of(spec, commit: str = "0123abcd") -> Path:
+    """The cache as a finished load leaves it: each repository's snapshot with its weights."""
+    for weights in hub_module._weights_of(spec):
+        folder = Path(constants.HF_HUB_CACHE) / f"models--{weights.repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / (weights.revision or "main")).write_text(commit)
+        snapshot = folder / "snapshots" / commit
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (snapshot / weights.choices[-1][-1].replace("*", "00001-of-00002")).write_bytes(b"weights")
+    return snapshot
+
+
+def test_a_hub_that_is_down_does_not_stop_a_model_the_cache_holds(no_hub, monkeypatch, caplog):
+    """A restart during a hub outage loads the cached model offline, without the loaders' retries."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(transformers.utils.hub, "_is_offline_mode", False)
+    spec = resolve_model(DEFAULT)
+    snapshot = _cache_a_load_of(spec)
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert files_to_download(spec) == []
+        assert constants.HF_HUB_OFFLINE and transformers.utils.hub.is_offline_mode()
+        assert "cannot reach the Hugging Face Hub" in caplog.text and "loaded from there" in caplog.text
+        started = time.monotonic()
+        name = next(snapshot.iterdir()).name
+        repo = snapshot.parent.parent.name.removeprefix("models--").replace("--", "/")
+        assert Path(huggingface_hub.hf_hub_download(repo, name)).read_bytes() == b"weights"
+        assert time.monotonic() - started < 5  # from the cache, not after the hub client's retries
+    finally:  # the process's sessions refuse requests from now on: back to online for the next tests
+        constants.HF_HUB_OFFLINE = False
+        huggingface_hub.utils.reset_sessions()
+
+
+def test_a_hub_that_is_down_still_refuses_a_model_the_cache_lacks_a_part_of(no_hub, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    spec = resolve_model(DEFAULT)
+    _cache_a_load_of(spec)
+    checkpoint = Path(constants.HF_HUB_CACHE) / f"models--{spec.checkpoint_repo.replace('/', '--')}"
+    for file in (checkpoint / "snapshots").rglob("*.*"):
+        file.unlink()
+    with pytest.raises(ModelLoadError, match=r"^cannot reach the Hugging Face Hub at .*HF_HUB_OFFLINE=1"):
+        files_to_download(spec)
+    assert not constants.HF_HUB_OFFLINE
