@@ -26,7 +26,8 @@ class TooManyRequests(FlamingoError):
     """A cooldown or quota refuses the request for now."""
 
 
-def _wait(seconds: float) -> str:
+def wait_words(seconds: float) -> str:
+    """A wait as refusals (and ``/queue``) say it: whole seconds under a minute, else whole minutes."""
     seconds = math.ceil(seconds)
     if seconds < 60:
         return f"{seconds} s"
@@ -59,6 +60,19 @@ class Admission:
 
     def spent(self) -> None:
         self.work_spent = True
+
+
+@dataclass(frozen=True)
+class QuotaLeft:
+    """What a server (one person, in direct messages) has left of its quotas now, and one user's wait."""
+
+    in_flight: int  # answered or waiting
+    in_flight_limit: int
+    used: int  # within the period
+    per_period: int
+    period_seconds: float
+    next_back_seconds: float | None  # until the oldest counted request leaves the period; None: none counted
+    cooldown_seconds: float  # until the user may ask again; 0: now
 
 
 @dataclass
@@ -99,10 +113,9 @@ class RequestQuotas:
         last = self._last_request.get(user_id)
         if last is not None and now - last < settings.user_cooldown_seconds:
             wait = settings.user_cooldown_seconds - (now - last)
-            raise TooManyRequests(words.too_fast.format(wait=_wait(wait)))
+            raise TooManyRequests(words.too_fast.format(wait=wait_words(wait)))
         in_dms = guild_id is None
-        key = ("user", user_id) if guild_id is None else ("guild", guild_id)
-        place = self._places.setdefault(key, _Place())
+        place = self._places.setdefault(_key(guild_id, user_id), _Place())
         recent = place.recent
         while recent and now - recent[0] >= settings.period_seconds:
             recent.popleft()
@@ -115,7 +128,7 @@ class RequestQuotas:
             wait = settings.period_seconds - (now - recent[0])
             who = "You have used your" if in_dms else "This server has used its"
             raise TooManyRequests(
-                f"{who} {plural(settings.guild_per_period, words.noun)} for now; more in {_wait(wait)}."
+                f"{who} {plural(settings.guild_per_period, words.noun)} for now; more in {wait_words(wait)}."
             )
         self._last_request[user_id] = now
         recent.append(now)
@@ -135,6 +148,24 @@ class RequestQuotas:
         finally:
             place.in_flight -= 1
 
+    def left(self, guild_id: int | None, user_id: int, limits: QuotaSettings | None = None) -> QuotaLeft:
+        """What ``admit`` would find now, changing nothing (``/queue`` only looks)."""
+        now = self.clock()
+        settings = limits or self.settings
+        place = self._places.get(_key(guild_id, user_id), _Place())
+        recent = [at for at in place.recent if now - at < settings.period_seconds]
+        last = self._last_request.get(user_id)
+        cooldown = 0.0 if last is None else max(0.0, settings.user_cooldown_seconds - (now - last))
+        return QuotaLeft(
+            place.in_flight,
+            settings.guild_in_flight,
+            len(recent),
+            settings.guild_per_period,
+            settings.period_seconds,
+            settings.period_seconds - (now - recent[0]) if recent else None,
+            cooldown,
+        )
+
     def _prune(self, now: float) -> None:
         """Forget users whose every cooldown has passed, and places with nothing running or counted."""
         if now - self._pruned < PRUNE_SECONDS:
@@ -148,3 +179,8 @@ class RequestQuotas:
             for key, place in self._places.items()
             if place.in_flight or (place.recent and now - place.recent[-1] < period)
         }
+
+
+def _key(guild_id: int | None, user_id: int) -> tuple[str, int]:
+    """Whose quota: the server's, or the person's in direct messages."""
+    return ("user", user_id) if guild_id is None else ("guild", guild_id)

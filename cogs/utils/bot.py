@@ -39,7 +39,7 @@ from core.tasks.library import TaskLibrary
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.inference", "cogs.tasks", "cogs.settings", "cogs.privacy", "cogs.admin", "cogs.help")
+EXTENSIONS = ("cogs.inference", "cogs.tasks", "cogs.settings", "cogs.privacy", "cogs.admin", "cogs.help", "cogs.queue")
 # How long an interaction that arrives during a reload may wait for it before being told to retry.
 _RELOAD_WAIT_SECONDS = 2.0
 _SHUTDOWN_GRACE_SECONDS = 10.0

@@ -11,9 +11,9 @@ import importlib.util
 from core.config import Settings
 from core.errors import ModelLoadError
 from core.serving.local import start_service
-from core.serving.protocol import ModelService, QueuedRequest, ServiceStatus
+from core.serving.protocol import LineStatus, ModelService, QueuedRequest, ServiceStatus
 
-__all__ = ["ModelService", "QueuedRequest", "ServiceStatus", "start_model_service"]
+__all__ = ["LineStatus", "ModelService", "QueuedRequest", "ServiceStatus", "start_model_service"]
 
 
 def start_model_service(settings: Settings) -> ModelService:

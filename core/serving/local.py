@@ -36,7 +36,8 @@ from core.model.engine import Answer, Deliver, EngineStatus, FlamingoEngine, Joi
 from core.model.resources import load_checked
 from core.prompts import Task
 from core.serving.fair_line import FairLine, Party
-from core.serving.protocol import ServiceStatus
+from core.serving.line_times import RecentTimes
+from core.serving.protocol import LineStatus, ServiceStatus
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class _Job:
     deadline: float | None = None  # time.monotonic() past which the answer could no longer be delivered
     cancelled: threading.Event = field(default_factory=threading.Event)
     stopped_by: FlamingoError | None = None  # why it was stopped while it ran, when not by its asker
+    queued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None  # when the worker took it
 
 
 def _notify(job: _Job, outcome: Answer | BaseException) -> None:
@@ -137,6 +140,7 @@ class InferenceService:
         self._closed = False
         self._request_seconds = 0.0  # how long the latest answer took to run, for telling users their wait
         self._running: set[_Job] = set()  # taken by the worker, not yet answered
+        self.times = RecentTimes()
         self._worker = threading.Thread(target=self._work, name="flamingo-model", daemon=True)
         self._worker.start()
 
@@ -163,6 +167,11 @@ class InferenceService:
     def status(self) -> ServiceStatus:
         engine = self.engine.status()
         return ServiceStatus(engine.model, self.waiting, reachable=True, engine=engine)
+
+    def line_status(self) -> LineStatus:
+        with self._ready:
+            waiting, running = len(self._waiting), len(self._running)
+        return LineStatus(waiting, running, self.times.typical())
 
     def estimated_wait(self, position: int) -> float:
         """Seconds until a request at ``position`` starts, from recent answers' times (0 before any ran)."""
@@ -279,6 +288,8 @@ class InferenceService:
             if job.cancelled.is_set():  # stopped early: a partial answer is no answer
                 _notify(job, job.stopped_by or RequestCancelled("The request was cancelled while it ran."))
             else:
+                assert job.started_at is not None  # set as the worker took it
+                self.times.record(job.queued_at, job.started_at)
                 _notify(job, outcome)
 
         error: BaseException | None = None
@@ -298,7 +309,10 @@ class InferenceService:
             _notify(job, error or GenerationFailed("The model gave no answer; it has been logged."))
 
     def _track_running(self, jobs: list[_Job]) -> None:
+        now = time.monotonic()
         with self._ready:
+            for job in jobs:
+                job.started_at = now
             self._running.update(jobs)
 
     def close(self, grace_seconds: float = 60.0) -> None:

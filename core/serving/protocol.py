@@ -12,6 +12,7 @@ from core.generation import GenerationParams
 from core.model.engine import Answer, EngineStatus, PromptRules
 from core.prompts import Task
 from core.serving.fair_line import Party
+from core.serving.line_times import TypicalTimes
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,15 @@ class ServiceStatus:
     reachable: bool
     engine: EngineStatus | None = None  # in this process
     cluster: str | None = None  # on Ray: how many replicas of which application, where
+
+
+@dataclass(frozen=True)
+class LineStatus:
+    """The model's line as ``/queue`` shows it to members, whichever backend serves it."""
+
+    waiting: int  # in the bot's line for the model
+    running: int  # taken from it: being answered
+    typical: TypicalTimes | None  # of the recent answers; None when none came lately
 
 
 class QueuedRequest(Protocol):
@@ -56,6 +66,10 @@ class ModelService(Protocol):
 
     def status(self) -> ServiceStatus:
         """What ``/admin status`` shows of the model."""
+        ...
+
+    def line_status(self) -> LineStatus:
+        """What ``/queue`` shows of the line: its length and how long answers take lately."""
         ...
 
     def submit(

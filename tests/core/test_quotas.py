@@ -7,7 +7,7 @@ import pytest
 from core.config import QuotaSettings
 from core.errors import BadImage, BadPrompt
 from core.guild_settings import MAX_COOLDOWN_SECONDS
-from core.quotas import PRUNE_SECONDS, RequestQuotas, TooManyRequests
+from core.quotas import PRUNE_SECONDS, QuotaLeft, RequestQuotas, TooManyRequests
 
 
 class Clock:
@@ -121,3 +121,23 @@ def test_idle_users_and_places_are_forgotten():
     clock.now += 0.5
     with pytest.raises(TooManyRequests, match="asking too fast"), quotas.admit(1, 1001):
         pass
+
+
+def test_what_is_left_is_read_without_spending_anything():
+    clock = Clock()
+    settings = QuotaSettings(user_cooldown_seconds=10, guild_in_flight=3, guild_per_period=2, period_seconds=3600)
+    quotas = RequestQuotas(settings, clock)
+    assert quotas.left(5, 7) == QuotaLeft(0, 3, 0, 2, 3600, None, 0.0)
+    with quotas.admit(5, 7):
+        clock.now += 4
+        assert quotas.left(5, 7) == QuotaLeft(1, 3, 1, 2, 3600, 3596, 6)
+        assert quotas.left(5, 8).cooldown_seconds == 0  # another member's own wait
+        assert quotas.left(None, 7) == QuotaLeft(0, 3, 0, 2, 3600, None, 6)  # the same person, in direct messages
+    stricter = settings.model_copy(update={"user_cooldown_seconds": 30, "guild_per_period": 1})
+    assert quotas.left(5, 7, stricter) == QuotaLeft(0, 3, 1, 1, 3600, 3596, 26)
+    for _ in range(3):
+        quotas.left(5, 8)
+    with quotas.admit(5, 8):  # looking took nothing: the server's second request is still there
+        pass
+    clock.now += 3596
+    assert quotas.left(5, 7) == QuotaLeft(0, 3, 1, 2, 3600, 4, 0.0)  # the first has left the period

@@ -37,8 +37,9 @@ from core.model.engine import Answer, PromptRules
 from core.model.loading import load_text_side
 from core.prompts import Task
 from core.serving.fair_line import FairLine, Party
+from core.serving.line_times import RecentTimes
 from core.serving.model_choice import ModelCatalog
-from core.serving.protocol import ServiceStatus
+from core.serving.protocol import LineStatus, ServiceStatus
 from core.serving.ray.replica import FlamingoReplica, deployment_options
 from core.serving.ray.wire import WireEncoder, WireRequest
 
@@ -99,6 +100,7 @@ class RemoteTicket:
         self._response: SentRequest | None = None
         self._cancelled = False
         self._deadline = deadline
+        self._queued_at = time.monotonic()
 
     @property
     def position(self) -> int | None:
@@ -128,15 +130,18 @@ class RemoteTicket:
                     await self.turn
             if not self._service.reachable:  # lost while encoding or in line: it would wait for its deadline
                 raise ClusterUnavailable(_CLUSTER_LOST)
+            started = time.monotonic()
             self._response = self._service.send(request, self._model)
             try:
-                return await self._service.unless_lost(self._response, self._remaining())
+                answer = await self._service.unless_lost(self._response, self._remaining())
             except Exception as error:
                 if not _replica_lost(error):
                     raise
                 log.warning("a replica was lost during a request; retrying it once elsewhere")
                 self._response = self._service.send(request, self._model)
-                return await self._service.unless_lost(self._response, self._remaining())
+                answer = await self._service.unless_lost(self._response, self._remaining())
+            self._service.times.record(self._queued_at, started)
+            return answer
         except TimeoutError:
             self.cancel()
             raise RequestExpired("Your request waited too long for the model; please ask again.") from None
@@ -245,6 +250,7 @@ class RayInferenceService:
         ray = settings.ray
         self._room = ray.max_ongoing_requests * (ray.max_replicas or ray.replicas)
         self._sent = 0
+        self.times = RecentTimes()
         self._closed = False
         self.reachable = True
         self._losses: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
@@ -287,6 +293,10 @@ class RayInferenceService:
 
     def estimated_wait(self, position: int) -> float:
         return 0.0
+
+    def line_status(self) -> LineStatus:
+        """This bot process's line; the replicas' own queues (other processes' requests) are not seen."""
+        return LineStatus(len(self.line), self._sent, self.times.typical())
 
     def submit(
         self,

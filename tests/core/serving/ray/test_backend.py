@@ -82,6 +82,16 @@ async def test_a_request_past_its_deadline_is_withdrawn(remote, photos):
     assert remote.waiting == 0
 
 
+async def test_the_line_is_counted_and_its_answers_timed_for_queue(remote, photos):
+    task = Task("t", "", "<image>Output:")
+    before = remote.line_status().typical
+    await remote.answer([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=2))
+    line = remote.line_status()
+    assert (line.waiting, line.running) == (0, 0)
+    assert line.typical is not None and line.typical.answers == (before.answers if before else 0) + 1
+    assert line.typical.answering > 0
+
+
 async def test_each_task_is_computed_on_one_replica_only(remote, photos):
     """Task affinity: a task's examples are prefilled once in the cluster, not once per replica.
 
