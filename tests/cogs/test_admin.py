@@ -111,7 +111,7 @@ async def test_reload_keeps_the_model_service_and_the_database(world):
     old_cogs = dict(world.bot.cogs)
     owner = world.admin_guild.members[world.discord.owner.id]
     reply = (await world.reply("admin reload", member=owner, guild=world.admin_guild))[0]
-    assert reply.content == "Reloaded cogs.inference, cogs.tasks, cogs.settings, cogs.privacy, cogs.admin, cogs.help."
+    assert reply.content == "Reloaded cogs.inference, cogs.tasks, cogs.settings, cogs.privacy, cogs.admin, cogs.help, cogs.queue."
     assert world.bot.service is service and world.bot.store is store and world.bot.library is library
     assert all(world.bot.cogs[name] is not cog for name, cog in old_cogs.items())
     menu = world.bot.tree.get_command("Describe image", type=discord.AppCommandType.message)
@@ -137,7 +137,7 @@ async def test_a_cog_that_fails_to_reload_keeps_running_says_why_and_the_others_
     owner = world.admin_guild.members[world.discord.owner.id]
     reply = (await world.reply("admin reload", member=owner, guild=world.admin_guild))[0]
     assert reply.content.startswith(
-        "Reloaded cogs.inference, cogs.tasks, cogs.settings, cogs.privacy, cogs.admin.\n"
+        "Reloaded cogs.inference, cogs.tasks, cogs.settings, cogs.privacy, cogs.admin, cogs.queue.\n"
         "cogs.help failed, and its previous version still runs: SyntaxError: "
     )
     assert "Help" in world.bot.cogs and world.bot.cogs["Tasks"] is not old_cogs["Tasks"]
