@@ -1,10 +1,13 @@
-"""``/settings`` (Manage Server): where the bot answers, who may use it, how answers show, quotas, reports.
+"""``/settings`` (Manage Server): where the bot answers, who may use it, how answers show, quotas, reports,
+and how much the server used it.
 
 The default task stays under ``/manage-tasks set-default``, next to the tasks it names.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -18,11 +21,14 @@ from cogs.utils.autocomplete import MAX_CHOICES
 from cogs.utils.bot import FlamingoBot, Interaction
 from cogs.utils.checks import ManageServerGroup, ManageServerSubgroup, server_id
 from cogs.utils.options import limit_options
+from cogs.utils.replies import EMBED_FIELD_LIMIT, clip
 from core.config import QuotaSettings
 from core.errors import BadParameter, NotAllowedHere
 from core.guild_settings import MAX_COOLDOWN_SECONDS, GuildSettings, check_quota_change
 from core.serving.model_choice import ModelCatalog, short_name
 from core.tasks.builtin import DEFAULT_TASK
+from core.usage import KEPT_DAYS, NO_TASK, OUTCOMES, ReportDays, Tally, UsageReport, usage_chart
+from core.wording import plural
 
 _COLOUR = discord.Colour.blurple()
 
@@ -68,6 +74,50 @@ def settings_embed(
         inline=False,
     )
     embed.add_field(name="Reports go to", value=f"<#{rules.report_channel}>" if rules.report_channel else "not set")
+    return embed
+
+
+_TASKS_SHOWN = 10
+_CHART = "usage.png"
+
+
+def _outcomes(tally: Tally) -> str:
+    return ", ".join(f"{tally.outcomes[outcome]:,} {outcome}" for outcome in OUTCOMES if tally.outcomes[outcome])
+
+
+def _task_line(task: str, tally: Tally) -> str:
+    name = f"**{task}**" if task != NO_TASK else "*refused before a task was read*"
+    tokens = f", {tally.tokens:,} tokens" if tally.tokens else ""
+    return f"{name}: {plural(tally.requests, 'request')} ({_outcomes(tally)}{tokens})"
+
+
+def usage_embed(report: UsageReport) -> discord.Embed:
+    """The report in words; the chart (attached as ``usage.png``) shows it per day and per hour."""
+    total = report.total
+    first, today = report.days[0], report.days[-1]
+    span = f"from {first.day} {first:%b} to today, {today.day} {today:%b %Y} (UTC)"
+    embed = discord.Embed(title=f"Use of the bot on this server: the last {len(report.days)} days", colour=_COLOUR)
+    embed.set_image(url=f"attachment://{_CHART}")
+    embed.set_footer(
+        text=f"Counted per hour without naming anyone, kept {KEPT_DAYS} days; direct messages are not counted. "
+        "Refused: this server's channels or role, a quota, the input, or a full line."
+    )
+    if not total.requests:
+        embed.description = f"No requests {span}."
+        return embed
+    embed.description = (
+        f"**{plural(total.requests, 'request')}** {span}: {_outcomes(total)}.\n**{total.tokens:,}** tokens generated."
+    )
+    tasks = list(report.per_task().items())
+    lines = [_task_line(task, tally) for task, tally in tasks[:_TASKS_SHOWN]]
+    rest = sum(tally.requests for _, tally in tasks[_TASKS_SHOWN:])
+    if rest:
+        lines.append(f"and {plural(rest, 'request')} with {plural(len(tasks) - _TASKS_SHOWN, 'other task')}")
+    embed.add_field(name="By task", value=clip("\n".join(lines), EMBED_FIELD_LIMIT), inline=False)
+    day, requests = report.busiest_day()
+    embed.add_field(name="Busiest day", value=f"{day:%a} {day.day} {day:%b}: {plural(requests, 'request')}")
+    hours = ", ".join(f"{hour:02d}:00 ({requests:,})" for hour, requests in report.busiest_hours())
+    embed.add_field(name="Busiest hours (UTC)", value=hours)
     return embed
 
 
@@ -238,6 +288,17 @@ class ServerSettings(commands.Cog):
             else "Reports are off; members who press Report are told this server takes none."
         )
         await self._change(interaction, lambda r: replace(r, report_channel=channel.id if channel else None), note)
+
+    @group.command(name="usage", description="Requests on this server per day, task and outcome, with a chart")
+    @app_commands.describe(days="How many days back, today (UTC) included")
+    async def usage(self, interaction: Interaction, days: ReportDays = 7) -> None:
+        # Acknowledged first: the chart takes a moment to draw, more on a busy machine.
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        report = await self.bot.store.usage(server_id(interaction), days)
+        chart = await asyncio.to_thread(usage_chart, report)  # matplotlib blocks: never on the event loop
+        await interaction.followup.send(
+            embed=usage_embed(report), file=discord.File(io.BytesIO(chart), _CHART), ephemeral=True
+        )
 
 
 async def setup(bot: FlamingoBot) -> None:

@@ -9,6 +9,7 @@ is decided here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -19,15 +20,7 @@ from typing import Protocol
 from PIL import Image
 
 from core.config import Settings
-from core.errors import (
-    BadImage,
-    BadPrompt,
-    FlamingoError,
-    GenerationFailed,
-    NotAllowedHere,
-    RequestCancelled,
-    StorageUnavailable,
-)
+from core.errors import BadImage, BadPrompt, NotAllowedHere, RequestCancelled, StorageUnavailable
 from core.generation import GenerationParams, generation_kwargs
 from core.guild_settings import GuildSettings
 from core.images import check_file_size, check_signature, encode_for_storage, read_image
@@ -40,6 +33,7 @@ from core.serving.model_choice import ModelCatalog, short_name
 from core.storage import Storage
 from core.storage.request_store import RequestBudget, StoredRequest
 from core.tasks.library import TaskLibrary
+from core.usage import NO_TASK, Outcome, outcome_of
 from core.wording import duration, quoted
 
 log = logging.getLogger(__name__)
@@ -110,6 +104,13 @@ class Answered:
     images: list[bytes]
     model: str | None  # a model the server chose instead of the default
     request_id: int | None  # None: not stored (the database refused the write), so nothing can read it back
+
+
+@dataclass
+class _Reached:
+    """How far a request got, for counting it however it ends: its task, once read."""
+
+    task: str = NO_TASK
 
 
 @contextmanager
@@ -194,13 +195,37 @@ class Asking:
 
     async def ask(self, asker: Asker, question: Question, front: Front) -> Answered | None:
         """Check, count, read, run, save and moderate one request; the front end is called to acknowledge
-        it and to show its place in line. None: the asker cancelled it while it waited."""
+        it and to show its place in line. None: the asker cancelled it while it waited. However it ends,
+        it is counted in the server's usage (``core.usage``)."""
+        reached = _Reached()
+        try:
+            answered = await self._ask(asker, question, front, reached)
+        except Exception as error:
+            await self._count(asker, reached.task, outcome_of(error))
+            raise
+        if answered is None:
+            await self._count(asker, reached.task, "cancelled")
+        else:
+            await self._count(asker, answered.task, "answered", len(answered.answer.token_ids))
+        return answered
+
+    async def _count(self, asker: Asker, task: str, outcome: Outcome, tokens: int = 0) -> None:
+        """One UPSERT, after the request's own writes. Not for direct messages, which no server's report
+        shows; not while the database refuses writes, where each try could wait seconds for its lock;
+        and a count it refuses costs the request nothing (the store logs why, once)."""
+        if asker.guild_id is None or self.store.writes.degraded:
+            return
+        with contextlib.suppress(StorageUnavailable):
+            await self.store.count_request(asker.guild_id, task, outcome, tokens)
+
+    async def _ask(self, asker: Asker, question: Question, front: Front, reached: _Reached) -> Answered | None:
         settings = self.settings
         rules = await self.rules(asker.guild_id)
         check_rules(asker, rules)
         with self.quotas.admit(asker.guild_id, asker.user_id, rules.quotas(settings.quotas)) as admission:
             await front.accepted(private=rules.ephemeral_answers)
             task = await self.library.resolve(asker.guild_id, question.task)
+            reached.task = task.name
             text = question.prompt if question.prompt is not None else task.prompt_template
             pictures = await self._pictures(question.read_images, admission)
             # Encoded as stored while the model works, so that saving the answered request waits for no encoder.
@@ -224,14 +249,8 @@ class Asking:
             except RequestCancelled:
                 self.metrics.ended("cancelled")
                 return None  # counted in the quota like an answer: the cancel has said so already
-            except GenerationFailed:  # the model's failure, told to the asker: not a refusal
-                self.metrics.ended("failed")
-                raise
-            except FlamingoError:  # busy, expired, out of time, a model not offered
-                self.metrics.ended("refused")
-                raise
-            except Exception:
-                self.metrics.ended("failed")
+            except Exception as error:  # busy, expired, out of time, a model not offered; or failed
+                self.metrics.ended(outcome_of(error))
                 raise
             elapsed = time.monotonic() - started
             self.metrics.answered(elapsed)

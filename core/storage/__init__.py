@@ -1,7 +1,9 @@
-"""The bot's database as one object: tasks, server settings and stored requests on one connection.
+"""The bot's database as one object: tasks, server settings, stored requests and usage counts on one
+connection.
 
 Also the retention rules that span them: a server's data outlives the bot's departure only for a
-configured grace period (so a kick by mistake loses nothing), and requests expire.
+configured grace period (so a kick by mistake loses nothing), requests expire, and usage counts are
+kept as long as the longest report reads them, whatever becomes of the requests they counted.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ from core.storage.database import now_text
 from core.storage.request_store import RequestBudget, RequestStore
 from core.storage.settings_store import GuildSettingsStore
 from core.storage.task_store import TaskStore
+from core.storage.usage_store import UsageStore
 
+# Every table holding a server's rows: reconciling presence reads them all, and a server gone long
+# enough is deleted from each.
+_SERVER_TABLES = ("tasks", "guild_settings", "requests", "request_bytes", "usage_counts", "departed_guilds")
 _DEPARTED = "INSERT INTO departed_guilds (guild_id, left_at) VALUES (?, ?) ON CONFLICT (guild_id) DO NOTHING"
 
 
@@ -31,7 +37,7 @@ class Forgotten:
     examples: int  # the person added to servers' tasks, still stored until they confirm
 
 
-class Storage(TaskStore, GuildSettingsStore, RequestStore):
+class Storage(TaskStore, GuildSettingsStore, RequestStore, UsageStore):
     async def forget_user(self, user_id: int) -> Forgotten:
         """``/forget-me``: the person's requests go (a batch per transaction, so that a gigabyte of
         them never holds every server's reads and writes for seconds), then, in one transaction, their
@@ -51,10 +57,7 @@ class Storage(TaskStore, GuildSettingsStore, RequestStore):
         """After connecting: Discord sends no join or leave for what changed while the bot was away,
         so the servers it is in are marked present, and servers with data it is no longer in, departed."""
         async with self._transaction() as db:
-            known = await db.execute_fetchall(
-                """SELECT guild_id FROM tasks UNION SELECT guild_id FROM guild_settings
-                UNION SELECT guild_id FROM requests UNION SELECT guild_id FROM departed_guilds"""
-            )
+            known = await db.execute_fetchall(" UNION ".join(f"SELECT guild_id FROM {t}" for t in _SERVER_TABLES))
             for (guild_id,) in known:
                 if guild_id == 0:  # direct messages' requests, which only expire
                     continue
@@ -64,15 +67,16 @@ class Storage(TaskStore, GuildSettingsStore, RequestStore):
                     await db.execute(_DEPARTED, (guild_id, now_text()))
 
     async def purge(self, privacy: PrivacySettings, budget: RequestBudget, now: datetime | None = None) -> Purged:
-        """Delete requests past their retention or beyond the budget, and every row of servers the bot
-        left long enough ago."""
+        """Delete requests past their retention or beyond the budget, usage counts older than any report,
+        and every row of servers the bot left long enough ago."""
         now = now or datetime.now(UTC)
         requests = await self.delete_requests_before(now - timedelta(hours=privacy.request_retention_hours))
         cutoff = (now - timedelta(days=privacy.departed_guild_retention_days)).isoformat()
         async with self._transaction() as db:
+            await self._delete_old_usage(now)
             rows = await db.execute_fetchall("SELECT guild_id FROM departed_guilds WHERE left_at < ?", (cutoff,))
             guilds = [row[0] for row in rows]
             for guild_id in guilds:
-                for table in ("tasks", "guild_settings", "requests", "request_bytes", "departed_guilds"):
+                for table in _SERVER_TABLES:
                     await db.execute(f"DELETE FROM {table} WHERE guild_id = ?", (guild_id,))
         return Purged(requests, len(guilds), await self.trim_requests(budget))

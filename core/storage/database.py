@@ -3,8 +3,8 @@
 Every change runs in one ``BEGIN IMMEDIATE`` transaction under an ``asyncio.Lock``: the bot shares
 one connection between coroutines, and without the lock the statements of two changes would
 interleave inside one transaction. Reads take the lock too, so they never see another coroutine's
-uncommitted rows. The stores built on this class (tasks, guild settings, stored requests) each
-keep their own queries; every query names the guild or the user it serves.
+uncommitted rows. The stores built on this class (tasks, guild settings, stored requests, usage
+counts) each keep their own queries; every query names the guild or the user it serves.
 
 A write SQLite cannot make at all (disk full, read-only or failing file, write lock held too long)
 raises ``StorageUnavailable`` and marks the database degraded (``WriteState``) until a write is
@@ -149,6 +149,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TRIGGER example_image_replaced AFTER UPDATE OF image ON examples BEGIN
             UPDATE task_image_bytes SET bytes = bytes - length(old.image) + length(new.image);
         END""",
+    ),
+    (
+        # ``/settings usage``: a server's requests per day and hour (UTC), task and outcome, with the
+        # tokens its answers generated; one row per combination, added to by one UPSERT per request.
+        # Kept apart from ``requests`` and naming no user, so the counts outlive retention and
+        # /forget-me; ``day`` alone is indexed for purging the days no report reads any more.
+        """CREATE TABLE usage_counts (
+            guild_id INTEGER NOT NULL,
+            day TEXT NOT NULL,
+            hour INTEGER NOT NULL,
+            task TEXT NOT NULL,
+            outcome TEXT NOT NULL CHECK (outcome IN ('answered', 'refused', 'failed', 'cancelled')),
+            requests INTEGER NOT NULL,
+            tokens INTEGER NOT NULL,
+            PRIMARY KEY (guild_id, day, hour, task, outcome)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX usage_by_day ON usage_counts (day)",
     ),
 )
 

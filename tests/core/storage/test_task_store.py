@@ -66,8 +66,8 @@ def raw(path: Path, sql: str) -> list[tuple]:
 async def test_open_creates_the_directory_and_migrates_an_empty_file_to_the_latest_version(db_path: Path) -> None:
     store = await TaskStore.open(db_path)
     await store.close()
-    assert store.schema_version == len(MIGRATIONS) == 8
-    assert raw(db_path, "PRAGMA user_version") == [(8,)]
+    assert store.schema_version == len(MIGRATIONS) == 9
+    assert raw(db_path, "PRAGMA user_version") == [(9,)]
     assert raw(db_path, "PRAGMA journal_mode") == [("wal",)]
     tables = {row[0] for row in raw(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert tables == {
@@ -80,9 +80,10 @@ async def test_open_creates_the_directory_and_migrates_an_empty_file_to_the_late
         "request_counters",
         "request_bytes",
         "task_image_bytes",
+        "usage_counts",
     }
     reopened = await TaskStore.open(db_path)
-    assert reopened.schema_version == 8
+    assert reopened.schema_version == 9
     await reopened.close()
 
 
