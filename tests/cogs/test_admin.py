@@ -111,7 +111,9 @@ async def test_reload_keeps_the_model_service_and_the_database(world):
     old_cogs = dict(world.bot.cogs)
     owner = world.admin_guild.members[world.discord.owner.id]
     reply = (await world.reply("admin reload", member=owner, guild=world.admin_guild))[0]
-    assert reply.content == "Reloaded cogs.inference, cogs.tasks, cogs.settings, cogs.privacy, cogs.admin, cogs.help, cogs.queue."
+    assert reply.content == (
+        "Reloaded cogs.inference, cogs.tasks, cogs.settings, cogs.privacy, cogs.admin, cogs.help, cogs.queue."
+    )
     assert world.bot.service is service and world.bot.store is store and world.bot.library is library
     assert all(world.bot.cogs[name] is not cog for name, cog in old_cogs.items())
     menu = world.bot.tree.get_command("Describe image", type=discord.AppCommandType.message)

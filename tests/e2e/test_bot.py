@@ -103,9 +103,9 @@ async def test_hot_reload_while_requests_are_in_flight_loses_nothing(scene, stan
     before = [await scene.send("comprehend", image=scene.photo(), max_new_tokens=8) for _ in range(6)]
     reload = await scene.send("admin reload", owner, stand_in.admin_guild)
     after = [await scene.send("comprehend", image=scene.photo("rocket"), max_new_tokens=8) for _ in range(6)]
-    assert (await reload.answered())[
-        0
-    ].content == "Reloaded cogs.inference, cogs.tasks, cogs.settings, cogs.privacy, cogs.admin, cogs.help, cogs.queue."
+    assert (await reload.answered())[0].content == (
+        "Reloaded cogs.inference, cogs.tasks, cogs.settings, cogs.privacy, cogs.admin, cogs.help, cogs.queue."
+    )
     for record in before + after:
         seen = await record.answered()
         assert len(seen) == 1 and seen[0].embeds and not seen[0].ephemeral
