@@ -5,35 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import core.asking
 from core.asking import Asker, Asking, Question
-from core.config import QuotaSettings, Settings
 from core.generation import GenerationParams
 from core.model.engine import Answer
-from core.moderation import WordListFilter
-from core.quotas import RequestQuotas
 from core.serving.metrics import Metrics
-from core.serving.model_choice import ModelCatalog
 from core.storage import Storage
-from core.tasks.library import TaskLibrary
 from tests.helpers.settings import IMAGES
 
 ASKER = Asker(user_id=7, guild_id=1, channel_id=2)
 ANSWER = Answer(text="a cat", token_ids=(1, 2), prompt="", prompt_tokens=3, finished=True, seconds=0.1)
-
-
-class _Service:
-    """Takes the request; the front below gives its answer."""
-
-    def submit(self, *request: object) -> object:
-        return request
 
 
 class _Front:
@@ -51,22 +37,6 @@ class _Front:
         await asyncio.to_thread(lambda: None)
         self.waiting()
         return ANSWER
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Storage]:
-    store = await Storage.open(tmp_path / "bot.db")
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-def asking(store: Storage, builtin_tasks) -> Asking:
-    settings = Settings(quotas=QuotaSettings(user_cooldown_seconds=0))
-    models = ModelCatalog(default="tiny", choices=("tiny",), weight_bytes={}, budget_bytes=0, on_replicas=False)
-    library = TaskLibrary(store, builtin_tasks, rules=None, settings=settings)  # built-in tasks need no model
-    quotas = RequestQuotas(settings.quotas)
-    return Asking(settings, store, library, quotas, models, _Service(), Metrics(), WordListFilter([]))
 
 
 def question(read_images) -> Question:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import sqlite3
-from collections.abc import AsyncIterator
 from contextlib import closing
 from dataclasses import replace
 from datetime import date, timedelta
@@ -15,7 +14,6 @@ import pytest
 from PIL import Image
 
 from core.asking import Asker, Asking, Question
-from core.config import QuotaSettings, Settings
 from core.errors import (
     BadImage,
     ClusterUnavailable,
@@ -29,12 +27,8 @@ from core.errors import (
 )
 from core.generation import GenerationParams
 from core.model.engine import Answer
-from core.moderation import WordListFilter
-from core.quotas import RequestQuotas, TooManyRequests
-from core.serving.metrics import Metrics
-from core.serving.model_choice import ModelCatalog
+from core.quotas import TooManyRequests
 from core.storage import Storage
-from core.tasks.library import TaskLibrary
 from core.usage import NO_TASK, OUTCOMES, UsageCount, UsageReport, outcome_of, usage_chart
 from tests.helpers.settings import IMAGES
 
@@ -62,11 +56,6 @@ def test_each_ending_maps_to_one_of_the_four_outcomes(error: Exception, outcome:
     assert outcome_of(error) == outcome
 
 
-class _Service:
-    def submit(self, *request: object) -> object:
-        return request
-
-
 class _Front:
     """Answers, or ends the wait with ``ending``."""
 
@@ -82,23 +71,6 @@ class _Front:
         if self.ending is not None:
             raise self.ending
         return ANSWER
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Storage]:
-    store = await Storage.open(tmp_path / "bot.db")
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-def asking(store: Storage, builtin_tasks) -> Asking:
-    settings = Settings(quotas=QuotaSettings(user_cooldown_seconds=0))
-    models = ModelCatalog(default="tiny", choices=("tiny",), weight_bytes={}, budget_bytes=0, on_replicas=False)
-    library = TaskLibrary(store, builtin_tasks, rules=None, settings=settings)
-    return Asking(
-        settings, store, library, RequestQuotas(settings.quotas), models, _Service(), Metrics(), WordListFilter([])
-    )
 
 
 def asked(image: bytes = PHOTO, task: str | None = None) -> Question:
