@@ -6,9 +6,11 @@ is the bot's: prefix cache, image cache, lean decode loop. Both generate exactly
 (``min_new_tokens``, stopping at the same tokens), on fresh query images every time, so neither
 is helped by having seen the request before. Times are medians over repetitions after a warm-up.
 
-Usage: ``python bench/serve_bench.py [--repeats N] [--families llama mpt]``. The last line printed
-is one JSON object; its top-level figures are the LLaMA family's. With ``--device cuda`` it runs
-``bench/full_size.py`` instead: OpenFlamingo-9B's shapes with random weights, in bf16, int8 and nf4.
+Usage: ``python bench/serve_bench.py [--repeats N] [--families llama mpt] [--stream]``. The last
+line printed is one JSON object; its top-level figures are the LLaMA family's. ``--stream`` runs
+only the cost of following answers as they decode: the same requests with every one followed and
+with none, in the same run. With ``--device cuda`` it runs ``bench/full_size.py`` instead:
+OpenFlamingo-9B's shapes with random weights, in bf16, int8 and nf4.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.workload import NEW_TOKENS, SIZES, Photos, make_task, upstream_input
 from core.config import ModelSettings, ServiceSettings, Settings
 from core.generation import GenerationParams
+from core.model.decode.decoder import image_key
 from core.model.engine import FlamingoEngine
 from core.model.loading import load_model
 from core.prompts import Task
-from core.serving.local import InferenceService
+from core.serving.local import InferenceService, Ticket
 from tests.helpers.reference import Reference
 from tests.make_tiny_model import TinyModelSpec, write_model
 
@@ -50,6 +53,8 @@ BEAMS = 3
 BEAM_REQUESTS = 4  # beam requests sent at once
 LONG_TOKENS = 128  # a long answer that a short request arrives during
 ARRIVAL_SECONDS = 0.2  # after the long answer started
+STREAM_TOKENS = 48  # a followed answer long enough for many words
+STREAM_CONCURRENCY = (1, 4)
 Requests = list[tuple[Task, Image.Image]]
 
 
@@ -191,6 +196,52 @@ class Bench:
             "short_if_it_waited_s": round(statistics.median(long_s) - ARRIVAL_SECONDS + statistics.median(alone), 4),
         }
 
+    def streaming(self) -> list[dict]:
+        """The same 4-shot requests with every one followed (its text read as soon as it grows) and
+        with none, alternately first, the query images' features forgotten in between so that both
+        encode them: following must not change an answer, nor slow the decode loop."""
+        rng = random.Random(4)
+        tasks = [make_task("four-stream-a", 4, self.photos, rng), make_task("four-stream-b", 4, self.photos, rng)]
+        params = GenerationParams(max_new_tokens=STREAM_TOKENS, min_new_tokens=STREAM_TOKENS)
+
+        async def texts_read(ticket: Ticket) -> int:
+            return len([text async for text in ticket.partial_texts()])
+
+        async def run(requests: Requests, follow: bool) -> tuple[list[tuple[int, ...]], int]:
+            tickets = [self.service.submit([image], t.prompt_template, t, params) for t, image in requests]
+            texts = await asyncio.gather(*(texts_read(ticket) for ticket in tickets)) if follow else []
+            return [(await ticket.answer()).token_ids for ticket in tickets], sum(texts)
+
+        rows = []
+        for count in STREAM_CONCURRENCY:
+            seconds: dict[bool, list[float]] = {True: [], False: []}
+            identical, texts = True, 0
+            for repeat in range(self.repeats + 1):  # the first warms up
+                requests = [(tasks[i % 2], self.photos.fresh()) for i in range(count)]
+                answers = {}
+                for follow in (True, False) if repeat % 2 else (False, True):
+                    started = time.perf_counter()
+                    answers[follow], read = asyncio.run(run(requests, follow))
+                    if repeat:
+                        seconds[follow].append(time.perf_counter() - started)
+                        texts += read
+                    for _, image in requests:
+                        self.engine.decoder.images.discard(image_key(image))
+                identical &= answers[True] == answers[False]
+            followed_s, plain_s = statistics.median(seconds[True]), statistics.median(seconds[False])
+            self.identical &= identical
+            rows.append(
+                {
+                    "requests": count,
+                    "plain_s": round(plain_s, 4),
+                    "followed_s": round(followed_s, 4),
+                    "ratio": round(followed_s / plain_s, 3),
+                    "texts_per_request": round(texts / (count * self.repeats), 1),
+                    "identical": identical,
+                }
+            )
+        return rows
+
     def memory(self) -> dict:
         decoder = self.engine.decoder
         return {
@@ -222,11 +273,23 @@ def _table(family: str, shots: list[dict], concurrency: list[dict], beams: list[
     return "\n".join(lines)
 
 
+def _streaming_table(family: str, rows: list[dict]) -> str:
+    lines = [f"{family}: {STREAM_TOKENS} new tokens per 4-shot request, every one followed or none, medians (s)"]
+    lines.append(f"  {'requests':>8} {'none':>8} {'followed':>9} {'ratio':>6} {'texts':>6} identical")
+    lines += [
+        f"  {r['requests']:>8} {r['plain_s']:>8.3f} {r['followed_s']:>9.3f} {r['ratio']:>6.3f} "
+        f"{r['texts_per_request']:>6} {str(r['identical']).lower()}"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cuda: full-size shapes (bench/full_size.py)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--families", nargs="+", default=["llama", "mpt"], choices=["llama", "mpt"])
+    parser.add_argument("--stream", action="store_true", help="only the cost of following answers as they decode")
     args, rest = parser.parse_known_args()
     transformers.logging.set_verbosity_error()  # upstream generate warns about pad_token_id on every call
     if args.device != "cpu":
@@ -243,6 +306,12 @@ def main() -> None:
         for family in args.families:
             model_dir = write_model(Path(root) / family, TinyModelSpec(family=family, **SIZES))
             bench = Bench(family, model_dir, args.repeats)
+            if args.stream:
+                results[family] = {"streaming": bench.streaming()}
+                bench.service.close()
+                identical &= bench.identical
+                print(_streaming_table(family, results[family]["streaming"]), flush=True)
+                continue
             shots, concurrency, beams = bench.shots(), bench.concurrency(), bench.beams()
             late = bench.late_arrival()
             bench.service.close()
@@ -256,6 +325,9 @@ def main() -> None:
             }
             print(_table(family, shots, concurrency, beams, late), flush=True)
     first = results[args.families[0]]
+    if args.stream:
+        print(json.dumps({"identical": identical, "streaming": results}))
+        return
     summary = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",

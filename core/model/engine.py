@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -25,11 +26,14 @@ from core.generation import GenerationParams, decode_steps, generation_kwargs
 from core.images import crop_extreme_aspect
 from core.model.decode.beam_search import BeamSettings, beam_search
 from core.model.decode.decoder import FlamingoDecoder
-from core.model.decode.state import DecodeJob
+from core.model.decode.state import DecodeJob, Progress
 from core.model.loading import LoadedModel
 from core.prompts import IMAGE_TOKEN, Task, assemble_prompt, check_user_text
 
 log = logging.getLogger(__name__)
+
+# The last whitespace and the word after it, which may still be growing.
+_LAST_WORD = re.compile(r"\s\S*\Z")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class PreparedRequest:
     example_images: Sequence[Image.Image]  # each decoded when read: only on a miss of the task's prefix
     request_images: tuple[Image.Image, ...]
     generate_kwargs: dict[str, Any]
+    # Where its batched decoding publishes the tokens so far, for whoever follows it (``Progress``).
+    progress: Progress = field(default_factory=Progress, compare=False, repr=False)
 
     @property
     def batchable(self) -> bool:
@@ -293,16 +299,34 @@ class FlamingoEngine:
         return kept, jobs
 
     def _answer(self, request: PreparedRequest, started: float, new_tokens: list[int]) -> Answer:
-        stop = next((i for i, token in enumerate(new_tokens) if token in self._stop_ids), None)
-        kept = new_tokens if stop is None else new_tokens[:stop]
+        stop = self._stop(new_tokens)
+        kept = new_tokens[:stop]
         return Answer(
-            text=self.loaded.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+            text=self._text(kept).strip(),
             token_ids=tuple(kept),
             prompt=request.prompt,
             prompt_tokens=request.input_ids.shape[1],
             finished=stop is not None,
             seconds=time.perf_counter() - started,
         )
+
+    def partial_text(self, new_tokens: Sequence[int]) -> str:
+        """An unfinished answer's text up to its last complete word, decoded as the answer will be.
+
+        A word is complete once whitespace follows it: the last one may still grow (or hold a
+        character whose bytes are not all out yet), so it is left out, and the text is a prefix of
+        the final answer's. Cheap enough for the event loop: no model, only the tokenizer.
+        """
+        text = self._text(list(new_tokens[: self._stop(new_tokens)])).lstrip()
+        last_word = _LAST_WORD.search(text)
+        return text[: last_word.start()].rstrip() if last_word else ""
+
+    def _stop(self, new_tokens: Sequence[int]) -> int | None:
+        """Where the answer ends: at its first stop token, None if it has none (yet)."""
+        return next((i for i, token in enumerate(new_tokens) if token in self._stop_ids), None)
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _jobs(self, requests: Sequence[PreparedRequest], stops: Sequence[Callable[[], bool]]) -> list[DecodeJob]:
         """The fast path: each task's prefix from cache (computed on a miss); the requests' own
@@ -317,7 +341,11 @@ class FlamingoEngine:
             )
             own, images = images[: len(request.request_images)], images[len(request.request_images) :]
             kwargs = request.generate_kwargs
-            jobs.append(DecodeJob(prefix, ids[request.prefix_length :], own, kwargs, self._stop_ids, should_stop))
+            jobs.append(
+                DecodeJob(
+                    prefix, ids[request.prefix_length :], own, kwargs, self._stop_ids, should_stop, request.progress
+                )
+            )
         return jobs
 
     def _search_beams(

@@ -3,7 +3,8 @@
 Upstream's Flamingo conditions its layers by mutating them, so two overlapping calls would read
 each other's images. Every model call therefore happens on a single thread, fed by a bounded line
 of waiting requests, fair between servers (``fair_line``); callers wait on a future of their own, so
-answers cannot mix, and can see their place in line or withdraw while they wait.
+answers cannot mix, and can see their place in line, withdraw, or follow the answer's text as it is
+decoded while they wait.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,6 +50,8 @@ class Engine(Protocol):
     rules: PromptRules
 
     def status(self) -> EngineStatus: ...
+
+    def partial_text(self, new_tokens: Sequence[int]) -> str: ...
 
     def prepare(
         self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams
@@ -108,8 +111,37 @@ def _still_wanted(jobs: list[_Job]) -> list[_Job]:
     return wanted
 
 
+class _Follower:
+    """The event loop's side of following a decoding request.
+
+    The worker wakes it at most once per step, and not again until the reader has looked: the
+    reader then takes the latest tokens, so a slow reader skips texts rather than queueing them.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.changed = asyncio.Event()
+        self._woken = False  # set on the worker thread, cleared by the reader before it reads
+
+    def wake(self) -> None:
+        """Called on the worker thread after each token."""
+        if self._woken:
+            return
+        self._woken = True
+        try:
+            self._loop.call_soon_threadsafe(self.changed.set)
+        except RuntimeError:
+            log.debug("a follower's event loop closed while its request decoded")
+
+    async def next_change(self) -> None:
+        await self.changed.wait()
+        self.changed.clear()
+        self._woken = False
+
+
 class Ticket:
-    """A queued request: its place in line while it waits, a way to withdraw it, and its answer."""
+    """A queued request: its place in line while it waits, a way to withdraw it, its answer, and
+    the answer's text so far while it is decoded."""
 
     def __init__(self, service: InferenceService, job: _Job) -> None:
         self._service = service
@@ -129,6 +161,41 @@ class Ticket:
             return await self._job.future
         finally:
             self.cancel()
+
+    async def partial_texts(self) -> AsyncIterator[str]:
+        """The answer's text so far, up to its last complete word, each time it grew since the
+        previous read (the latest only: a slow reader is not handed a backlog); each text is a
+        prefix of the answer's. It ends once the answer is ready (``answer`` has it; the last text
+        lacks at most its last word) or the request was cancelled (what was written stays written),
+        and raises the error ``answer`` raises. Beam search yields nothing: its best beam can change
+        until it ends. One reader at a time; the decoding is done here, on the reader's loop.
+        """
+        job, progress = self._job, self._job.request.progress
+        if progress.wake is not None:
+            raise RuntimeError("a request's answer is followed by one reader at a time")
+        follower = _Follower(asyncio.get_running_loop())
+        settled = lambda _: follower.changed.set()  # noqa: E731
+        job.future.add_done_callback(settled)
+        progress.wake = follower.wake
+        shown = ""
+        try:
+            while True:
+                done = job.future.done()  # once it is, every token was published: the last read has them all
+                text = self._service.engine.partial_text(tuple(progress.tokens))  # a copy, made on this side
+                if text != shown:
+                    shown = text
+                    yield text
+                if done:
+                    break
+                await follower.next_change()
+        finally:
+            progress.wake = None
+            job.future.remove_done_callback(settled)
+        if job.future.cancelled():  # its asker stopped awaiting the answer
+            return
+        error = job.future.exception()
+        if error is not None and not isinstance(error, RequestCancelled):
+            raise error
 
 
 class InferenceService:

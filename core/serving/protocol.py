@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +44,13 @@ class QueuedRequest(Protocol):
     def cancel(self) -> None: ...
 
     async def answer(self) -> Answer: ...
+
+    def partial_texts(self) -> AsyncIterator[str]:
+        """The answer's text so far while it is decoded, up to its last complete word, the latest
+        each time it is read (a prefix of the answer's text). It ends when the answer is ready or
+        the request is cancelled, or at once where the backend cannot stream; it raises any other
+        error ``answer`` raises."""
+        ...
 
 
 class ModelService(Protocol):

@@ -13,6 +13,7 @@ class GatedEngine:
     def __init__(self, engine: FlamingoEngine) -> None:
         self.engine = engine
         self.rules = engine.rules
+        self.partial_text = engine.partial_text
         self.gate = threading.Event()
         self.started = threading.Event()
         self.ran: list[str] = []  # prompts in the order the engine took them

@@ -160,6 +160,8 @@ class FlamingoDecoder:
             token = scores.argmax(dim=-1, keepdim=True)
         row.generated.append(int(token))
         row.sequence = torch.cat([row.sequence, token], dim=1)
+        if row.job.progress is not None:
+            row.job.progress.stepped(row.generated)
         return (
             row.generated[-1] in row.job.stop_ids
             or len(row.generated) >= row.job.kwargs["max_new_tokens"]

@@ -7,7 +7,7 @@ decoder itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,27 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.generation.logits_process import LogitsProcessorList
 
 from core.model.decode.logits import logits_processors
+
+
+class Progress:
+    """A request's tokens as the batched decode loop chooses them, for a reader on another thread.
+
+    Why so little: the loop must not slow down for its readers. Each step it only hands over its
+    row's own token list (no copy) and calls the follower's ``wake``, if any; a reader copies the
+    list when it next runs (one C-level copy under the GIL; the list only grows) and makes text of
+    it on its own side. A request nobody follows costs the loop one call that stores a reference.
+    Beam search publishes nothing: its best beam can change until it ends.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: Sequence[int] = ()
+        self.wake: Callable[[], None] | None = None  # set by the one follower, called on the worker thread
+
+    def stepped(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+        wake = self.wake
+        if wake is not None:
+            wake()
 
 
 @dataclass
@@ -28,6 +49,7 @@ class DecodeJob:
     kwargs: dict[str, Any]
     stop_ids: set[int]
     should_stop: Callable[[], bool]
+    progress: Progress | None = None  # where the batched loop publishes the tokens so far
 
 
 @dataclass

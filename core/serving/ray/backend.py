@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
@@ -155,6 +155,12 @@ class RemoteTicket:
         finally:
             self._service.leave(self)
             self._service.in_flight -= 1
+
+    async def partial_texts(self) -> AsyncIterator[str]:
+        """Nothing, at once: a replica sends its answer whole (streaming it from the replica is a
+        later step), so the text comes from ``answer`` only."""
+        return
+        yield  # what makes this an async iterator
 
     def _remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())

@@ -154,3 +154,11 @@ async def test_a_cluster_lost_or_a_cancel_while_encoding_ends_the_request_at_onc
     with pytest.raises(RequestCancelled):
         await tickets[0].answer()
     assert service._handle.sent == [] and service.in_flight == 0
+
+
+async def test_a_request_on_the_cluster_streams_no_partial_text_yet(service, photos):
+    """A replica sends its answer whole (streaming it from the replica is a later step): following
+    such a request ends at once, and its text comes from its answer."""
+    ticket = service.submit([photos["rocket"]], "<image>Output:", Task("t", "", "<image>Output:"), GenerationParams())
+    assert [text async for text in ticket.partial_texts()] == []
+    ticket.cancel()
