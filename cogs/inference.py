@@ -109,7 +109,7 @@ class Inference(commands.Cog):
 
     async def _answer(self, interaction: Interaction, question: Question, heading: str) -> None:
         """Answer through the use case (``core.asking``) and post it with its buttons."""
-        front = InteractionFront(self.bot, interaction)
+        front = InteractionFront(self.bot, interaction, heading)
         shown = await self.bot.asking.ask(asker_of(interaction), question, front)
         if shown is None:
             return  # cancelled while it waited: the cancel button has said so already
@@ -182,8 +182,14 @@ class Inference(commands.Cog):
             raise NotAllowedHere(
                 "Only the person who asked, or a member with Manage Messages, can cancel this request."
             )
+        del self.bot.waiting[interaction_id]  # no more of its answer is shown: what was written stays
         ticket.cancel()
-        await interaction.response.edit_message(content=f"Cancelled by {interaction.user.mention}.", view=None)
+        written = interaction.message.embeds[:1] if interaction.message else []  # an answer being written
+        for embed in written:
+            embed.set_footer(text="cancelled")
+        await interaction.response.edit_message(
+            content=f"Cancelled by {interaction.user.mention}.", embeds=written, view=None
+        )
 
     async def cog_load(self) -> None:
         # Context menus cannot be cog methods: added here and removed on unload, so reloads work.

@@ -282,6 +282,15 @@ class PrivacySettings(Section):
     purge_interval_minutes: float = Field(60.0, gt=0)
 
 
+class AnswerSettings(Section):
+    stream_edit_seconds: float = Field(
+        1.0, ge=0, description="Least time between edits of an answer being written; 0: posted only when done."
+    )
+    stream_after_seconds: float = Field(
+        2.0, ge=0, description="An answer is shown while written only once it takes this long: short ones are one post."
+    )
+
+
 class MetricsSettings(Section):
     enabled: bool = Field(False, description="Serve /metrics (Prometheus) and /health over HTTP.")
     host: str = Field("127.0.0.1", description="Loopback unless the scraper is on another machine.")
@@ -344,6 +353,7 @@ class Settings(BaseSettings):
     prompts: PromptSettings = PromptSettings()
     generation: GenerationSettings = GenerationSettings()
     service: ServiceSettings = ServiceSettings()
+    answers: AnswerSettings = AnswerSettings()
     discord: DiscordSettings = DiscordSettings()
     limits: LimitSettings = LimitSettings()
     quotas: QuotaSettings = QuotaSettings()

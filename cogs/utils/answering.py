@@ -8,7 +8,9 @@ the Prompt (to its asker) and Report (to moderators) buttons show.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -25,10 +27,16 @@ from core.model.engine import Answer
 from core.serving import QueuedRequest
 from core.serving.model_choice import short_name
 from core.storage.request_store import StoredRequest
+from core.streaming import shown_while_written
+
+log = logging.getLogger(__name__)
 
 ANSWER_COLOUR = discord.Colour.from_rgb(232, 93, 117)
 # Interaction tokens die after 15 minutes; a request must start early enough to be answered before that.
 ANSWER_DEADLINE = timedelta(minutes=12)
+# An answer being written stops being shown a minute before the token expires, which the final answer needs.
+STREAM_DEADLINE = timedelta(minutes=14)
+WRITING = "⏳ Still writing… The asker (or a moderator) can cancel."
 _POLL_SECONDS = 0.5
 UNSTORED_NOTE = "Not stored: the bot cannot save right now, so this answer has no Re-roll or Prompt button."
 
@@ -51,6 +59,14 @@ def answer_message(user: discord.abc.User, shown: Answered, heading: str) -> dic
     return {"embed": embed, "attachments": files}
 
 
+def partial_message(user: discord.abc.User, text: str, heading: str) -> dict:
+    """An answer still being written: its text so far in the answer's embed, marked as unfinished."""
+    embed = discord.Embed(description=clip(text, EMBED_DESCRIPTION_LIMIT), colour=ANSWER_COLOUR)
+    embed.set_author(name=f"{user.display_name} {heading}", icon_url=user.display_avatar.url)
+    embed.set_footer(text="writing…")
+    return {"content": WRITING, "embed": embed}
+
+
 def asker_of(interaction: Interaction) -> Asker:
     """Who asks and where, as the use case needs it (``core.asking``)."""
     channel = interaction.channel
@@ -68,9 +84,10 @@ def asker_of(interaction: Interaction) -> Asker:
     )
 
 
-def answer_deadline(interaction: Interaction) -> float:
-    """The ``time.monotonic()`` after which a request of this interaction should not start."""
-    left = interaction.created_at + ANSWER_DEADLINE - discord.utils.utcnow()
+def answer_deadline(interaction: Interaction, after: timedelta = ANSWER_DEADLINE) -> float:
+    """The ``time.monotonic()`` after which a request of this interaction should not start (or, with
+    ``STREAM_DEADLINE``, its answer no longer be shown while written)."""
+    left = interaction.created_at + after - discord.utils.utcnow()
     return time.monotonic() + left.total_seconds()
 
 
@@ -109,11 +126,13 @@ async def wait_in_line(
 
 class InteractionFront:
     """The use case's front (``core.asking.Front``) for one interaction: a deferred reply, then the
-    place in line with a Cancel button, until the answer is posted before the interaction expires."""
+    place in line with a Cancel button, then the answer as it is written, until the answer is posted
+    before the interaction expires."""
 
-    def __init__(self, bot: FlamingoBot, interaction: Interaction) -> None:
+    def __init__(self, bot: FlamingoBot, interaction: Interaction, heading: str) -> None:
         self.bot = bot
         self.interaction = interaction
+        self.heading = heading
 
     @property
     def deadline(self) -> float:
@@ -128,9 +147,46 @@ class InteractionFront:
         try:
             cancel = button_view(ActionButton("cancel", interaction.id))
             updates = bot.settings.service.queue_update_seconds
-            return await wait_in_line(interaction, ticket, cancel, updates, bot.service.estimated_wait)
+            stream = asyncio.ensure_future(self._stream(ticket, cancel))
+            try:
+                return await wait_in_line(interaction, ticket, cancel, updates, bot.service.estimated_wait)
+            finally:
+                stream.cancel()  # an edit under way is finished first, so the final answer comes after it
+                await asyncio.gather(stream, return_exceptions=True)
         finally:
             bot.waiting.pop(interaction.id, None)
+
+    async def _stream(self, ticket: QueuedRequest, cancel_view: discord.ui.View) -> None:
+        """Show the answer as it is written (``core.streaming``), in the reply the final answer will
+        replace. It stops quietly when an edit fails or the text cannot be followed: the answer
+        itself is waited for, and posted, apart from it."""
+        interaction, bot = self.interaction, self.bot
+        filtered = not asker_of(interaction).nsfw_channel  # where the final answer is filtered, so is each part
+
+        def shows(text: str) -> bool:
+            return not (filtered and bot.asking.answer_filter.blocks(text))
+
+        stop_at = answer_deadline(interaction, STREAM_DEADLINE)
+        try:
+            partials = ticket.partial_texts()
+            async with contextlib.aclosing(
+                shown_while_written(partials, bot.settings.answers, stop_at, shows)
+            ) as texts:
+                async for text in texts:
+                    if interaction.id not in bot.waiting:
+                        return  # cancelled: its message says so, and keeps what was written
+                    message = partial_message(interaction.user, text, self.heading)
+                    edit = asyncio.ensure_future(interaction.edit_original_response(**message, view=cancel_view))
+                    try:
+                        await asyncio.shield(edit)
+                    except asyncio.CancelledError:
+                        await asyncio.gather(edit, return_exceptions=True)
+                        raise
+                    interaction.extras[PLACE_SHOWN] = True
+        except discord.HTTPException as error:
+            log.info("stopped showing an answer as it is written: Discord refused an edit (%s)", error.status)
+        except Exception:  # the answer's own wait reports whatever went wrong
+            log.debug("stopped showing an answer as it is written", exc_info=True)
 
 
 def params_text(params: GenerationParams, settings: GenerationSettings) -> str:

@@ -188,6 +188,7 @@ class MessageRoutes:
             message = record.target
             if kind == 7:
                 self._apply(message, data, files, record.attachment_size_limit, ("data",))
+                message.edited(self.clock())
         elif kind == 8:
             record.choices = checked_choices(data.get("choices"))
         elif kind == 9:
@@ -216,6 +217,7 @@ class MessageRoutes:
             raise DiscordError(404, 10008, "Unknown Message")
         body, files = await self._message_body(request)
         self._apply(record.original, body, files, record.attachment_size_limit)
+        record.original.edited(self.clock())
         record.changed.set()
         return _json(self.message_json(record.original))
 
@@ -284,6 +286,7 @@ class MessageRoutes:
         message, record = self._channel_message(channel, request.match_info["message_id"])
         body, files = await self._message_body(request)
         self._apply(message, body, files, self.attachment_size_limit)
+        message.edited(self.clock())
         self._changed(record)
         return _json(self.message_json(message))
 

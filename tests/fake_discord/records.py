@@ -27,6 +27,16 @@ class DiscordError(Exception):
         return {"message": self.message, "code": self.code} | ({"errors": self.errors} if self.errors else {})
 
 
+@dataclass(frozen=True)
+class Edit:
+    """A message as one edit left it, and when (the stand-in's clock), so tests can follow a stream of edits."""
+
+    at: float
+    content: str
+    embeds: list[dict[str, Any]]
+    components: list[dict[str, Any]]
+
+
 @dataclass
 class Message:
     id: int
@@ -43,6 +53,10 @@ class Message:
     allowed_mentions: dict[str, Any] | None = None
     type: int = 20  # CHAT_INPUT_COMMAND for interaction responses, 0 (DEFAULT) for channel messages
     interaction_metadata: dict[str, Any] | None = None  # who, with which interaction, made a response
+    edits: list[Edit] = field(default_factory=list)  # every edit, oldest first
+
+    def edited(self, at: float) -> None:
+        self.edits.append(Edit(at, self.content, list(self.embeds), list(self.components)))
 
     @property
     def silent(self) -> bool:

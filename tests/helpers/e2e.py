@@ -18,6 +18,7 @@ import pytest
 
 from core.config import PROJECT_ROOT
 from tests.fake_discord.payloads import Attachment, Guild, Member
+from tests.fake_discord.records import Edit
 from tests.fake_discord.server import FakeDiscord, InteractionRecord, Message
 from tests.helpers.settings import IMAGES, free_port
 
@@ -140,8 +141,8 @@ def new_bot(stand_in: FakeDiscord, model_dirs: dict[str, Path], directory: Path)
     )  # type: ignore[attr-defined]
 
 
-def buttons(message: Message) -> dict[str, str]:
-    """Label to custom_id, for every button of a message."""
+def buttons(message: Message | Edit) -> dict[str, str]:
+    """Label to custom_id, for every button of a message (or of one of its edits)."""
     return {button["label"]: button["custom_id"] for row in message.components for button in row.get("components", [])}
 
 
