@@ -139,3 +139,14 @@ async def test_an_edit_discord_refuses_ends_the_showing_and_the_answer_is_posted
     assert refused.served == 1
     assert len(answer.edits) == 1 and answer.embeds[0]["description"] == streaming.said
     assert list(buttons(answer)) == ["Re-roll", "Prompt", "Delete", "Report"]
+
+
+async def test_an_edit_answered_with_a_429_is_retried_without_a_burst_and_the_answer_is_whole(streaming):
+    here = streaming.scene
+    limited = here.discord.limits.inject("PATCH", "/messages/@original", status=429, retry_after=0.3)
+    answer = (await here.ask("comprehend", in_channel=streaming.nsfw, image=here.photo("rocket"), **LONG))[0]
+    assert limited.served == 1  # discord.py waited it out and sent the edit again
+    for earlier, later in itertools.pairwise(written(answer)):
+        assert later.at - earlier.at >= EDIT_SECONDS
+    assert answer.embeds[0]["description"] == streaming.said
+    assert list(buttons(answer)) == ["Re-roll", "Prompt", "Delete", "Report"]
