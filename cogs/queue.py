@@ -11,7 +11,7 @@ from cogs.utils.bot import FlamingoBot, Interaction
 from core.line_view import LineView, view_line
 from core.quotas import QuotaLeft, wait_words
 from core.serving.model_choice import short_name
-from core.wording import duration, plural
+from core.wording import duration, plural, quota_period
 
 _COLOUR = discord.Colour.blurple()
 
@@ -55,7 +55,7 @@ def _yours(view: LineView) -> str:
 
 
 def _quota(quota: QuotaLeft) -> str:
-    period = "hour" if quota.period_seconds == 3600 else duration(quota.period_seconds)
+    period = quota_period(quota.period_seconds)
     left = quota.per_period - quota.used
     back = f" (one more back in {wait_words(quota.next_back_seconds)})" if quota.next_back_seconds is not None else ""
     return (

@@ -28,13 +28,9 @@ from core.guild_settings import MAX_COOLDOWN_SECONDS, GuildSettings, check_quota
 from core.serving.model_choice import ModelCatalog, short_name
 from core.tasks.builtin import DEFAULT_TASK
 from core.usage import KEPT_DAYS, NO_TASK, OUTCOMES, ReportDays, Tally, UsageReport, usage_chart
-from core.wording import plural
+from core.wording import plural, quota_period
 
 _COLOUR = discord.Colour.blurple()
-
-
-def _period(seconds: float) -> str:
-    return "hour" if seconds == 3600 else f"{seconds:g} s"
 
 
 def settings_embed(
@@ -69,7 +65,7 @@ def settings_embed(
                 else "no wait between a member's requests"
             )
             + f" · up to {quotas.guild_in_flight} answered or waiting at once"
-            f" · {quotas.guild_per_period} per {_period(quotas.period_seconds)}"
+            f" · {quotas.guild_per_period} per {quota_period(quotas.period_seconds)}"
         ),
         inline=False,
     )

@@ -44,3 +44,8 @@ def duration(seconds: float) -> str:
             more = rest // smaller_size if smaller_size else 0
             return plural(count, unit) + (f" {plural(more, smaller)}" if more else "")
     raise AssertionError("the last unit always answers")
+
+
+def quota_period(seconds: float) -> str:
+    """A quota's period after "per": "hour" for the usual one, else its length (``10 minutes``)."""
+    return "hour" if seconds == 3600 else duration(seconds)
