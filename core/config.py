@@ -60,6 +60,10 @@ class ModelSettings(Section):
         "huggyllama/llama-7b",
         description="LLaMA-7B in Hugging Face format, for the v1 openflamingo/OpenFlamingo-9B.",
     )
+    language_model: str | None = Field(
+        None,
+        description="Another causal LM of the checkpoint's shape (hub id or directory) under its trained layers.",
+    )
     quantize_cross_attention: bool = Field(
         True, description="With int8 or nf4, quantize the cross-attention layers too, not only the LM."
     )
