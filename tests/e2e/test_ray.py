@@ -9,8 +9,10 @@ import time
 
 import pytest
 
+from cogs.utils.answering import WRITING
 from tests.fake_discord.payloads import MANAGE_GUILD
-from tests.helpers.e2e import E2E, Scene, click, new_bot
+from tests.fake_discord.server import Message
+from tests.helpers.e2e import E2E, Scene, buttons, click, new_bot
 from tests.helpers.ray import RAY_LOOPBACK
 
 pytestmark = [E2E, pytest.mark.ray]
@@ -29,6 +31,8 @@ async def test_the_bot_answers_through_ray_replicas_as_it_does_locally(scene, st
         "FLAMINGO_RAY__NUM_CPUS": "0.5",
         "FLAMINGO_MODEL__CHOICES": json.dumps([str(model_dirs["gptneox"])]),
         "FLAMINGO_RAY__EXTRA_MODEL_MEMORY_GIB": "1",
+        "FLAMINGO_ANSWERS__STREAM_EDIT_SECONDS": "0.1",
+        "FLAMINGO_ANSWERS__STREAM_AFTER_SECONDS": "0.05",
     }
     await bot.start()
     try:
@@ -60,22 +64,34 @@ async def test_the_bot_answers_through_ray_replicas_as_it_does_locally(scene, st
         assert rerolled["footer"]["text"].startswith("model: gptneox · ")
         assert (await here.ask("comprehend", **ask))[0].embeds[0]["description"] == local
 
+        # A long answer is shown as its replica writes it, then posted whole.
+        long = {"image": here.photo("rocket"), "max_new_tokens": 256, "min_new_tokens": 256}
+        streamed = (await here.ask("comprehend", **long, repetition_penalty=2.0, no_repeat_ngram_size=1))[0]
+        final = streamed.embeds[0]["description"]
+        texts = [edit.embeds[0]["description"] for edit in streamed.edits if edit.content == WRITING]
+        assert len(texts) >= 2 and all(final.startswith(text) for text in texts)
+        assert streamed.content == "" and list(buttons(streamed)) == ["Re-roll", "Prompt", "Delete", "Report"]
+
         # A replica killed under load: every interaction is still answered, once.
         # The second driver connects first (seconds), so that the kill lands while the answers are long in coming.
         connected, sent = threading.Event(), threading.Event()
         killer = asyncio.create_task(asyncio.to_thread(_kill_a_busy_replica, ray_head, "flamingo-e2e", connected, sent))
         assert await asyncio.to_thread(connected.wait, 60), "the second driver did not connect"
-        long = {"image": here.photo("rocket"), "max_new_tokens": 256, "min_new_tokens": 256}  # busy for seconds
         records = [await here.send("comprehend", **long) for _ in range(6)]
         sent.set()
         await killer
         for record in records:
-            await record.wait_for(lambda record=record: bool(record.original and record.original.embeds), 120)
+            await record.wait_for(lambda record=record: _answered(record.original), 120)
             assert record.followups == [] and not record.original.ephemeral
         assert "a replica was lost during a request; retrying it once elsewhere" in bot.log()
     finally:
         status = await bot.stop()
         assert status == 0, bot.log()[-4000:]
+
+
+def _answered(message: Message | None) -> bool:
+    """Posted as the answer, not only shown as it was written."""
+    return bool(message and message.embeds and message.content != WRITING)
 
 
 def _kill_a_busy_replica(address: str, app_name: str, connected: threading.Event, sent: threading.Event) -> None:

@@ -16,8 +16,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from PIL import Image
 
@@ -78,6 +78,15 @@ class SentRequest(Protocol):
     def __await__(self) -> Generator[Any, None, Answer]: ...
 
 
+class StreamedRequest(Protocol):
+    """A request whose answer a replica streams: Serve's ``DeploymentResponseGenerator``, as used
+    here. Its items are the answer's text so far, then the answer (``FlamingoReplica.answer_stream``)."""
+
+    def cancel(self) -> object: ...
+
+    def __aiter__(self) -> AsyncIterator[str | Answer]: ...
+
+
 class RemoteTicket:
     """A request for a replica: it waits in the bot's fair line while the replicas are full."""
 
@@ -89,6 +98,7 @@ class RemoteTicket:
         model: str | None,
         party: Party,
         cost: int,
+        streams: bool,
     ) -> None:
         self._service = service
         self._encode = encode
@@ -97,7 +107,13 @@ class RemoteTicket:
         self.cost = cost
         self.turn: asyncio.Future[None] | None = None  # while it waits in the line: done when its turn comes
         self.holds_room = False  # one of the places the replicas take at once is its own
-        self._response: SentRequest | None = None
+        self._response: SentRequest | StreamedRequest | None = None
+        self._streams = streams  # its text can be followed as it is written (not beam search's)
+        self._followed = False  # someone follows its text: the replica is asked to stream it
+        self._written = ""  # its text so far, as the replica last sent it
+        self._changed = asyncio.Event()
+        self._ended = False
+        self._error: BaseException | None = None  # what ended the answer, when it failed
         self._cancelled = False
         self._deadline = deadline
         self._queued_at = time.monotonic()
@@ -114,6 +130,17 @@ class RemoteTicket:
             self._response.cancel()
 
     async def answer(self) -> Answer:
+        """The answer (``_answer``), and its end told to whoever follows its text."""
+        try:
+            return await self._answer()
+        except BaseException as error:
+            self._error = error
+            raise
+        finally:
+            self._ended = True
+            self._changed.set()
+
+    async def _answer(self) -> Answer:
         """The answer; past the deadline the request is withdrawn, as the local line does with late ones.
 
         A replica that dies mid-request (a lost GPU machine, an out-of-memory kill) costs one retry,
@@ -131,15 +158,13 @@ class RemoteTicket:
             if not self._service.reachable:  # lost while encoding or in line: it would wait for its deadline
                 raise ClusterUnavailable(_CLUSTER_LOST)
             started = time.monotonic()
-            self._response = self._service.send(request, self._model)
             try:
-                answer = await self._service.unless_lost(self._response, self._remaining())
+                answer = await self._service.unless_lost(self._sent(request), self._remaining())
             except Exception as error:
                 if not _replica_lost(error):
                     raise
                 log.warning("a replica was lost during a request; retrying it once elsewhere")
-                self._response = self._service.send(request, self._model)
-                answer = await self._service.unless_lost(self._response, self._remaining())
+                answer = await self._service.unless_lost(self._sent(request), self._remaining())
             self._service.times.record(self._queued_at, started)
             return answer
         except TimeoutError:
@@ -156,11 +181,39 @@ class RemoteTicket:
             self._service.leave(self)
             self._service.in_flight -= 1
 
+    async def _sent(self, request: WireRequest) -> Answer:
+        """Sent to a replica, streamed when its text is followed (from when it is sent: in the bot,
+        the follower starts as the request is asked), and its answer received."""
+        if not self._followed:
+            response = self._response = self._service.send(request, self._model)
+            return await response
+        stream = self._response = self._service.send_streamed(request, self._model)
+        async for item in stream:
+            if isinstance(item, Answer):
+                return item
+            self._written = item
+            self._changed.set()
+        raise GenerationFailed("The model's server ended its answer without sending it; try again in a moment.")
+
     async def partial_texts(self) -> AsyncIterator[str]:
-        """Nothing, at once: a replica sends its answer whole (streaming it from the replica is a
-        later step), so the text comes from ``answer`` only."""
-        return
-        yield  # what makes this an async iterator
+        """The answer's text so far as the replica streams it, the latest each time it is read, as
+        the local ``Ticket.partial_texts`` gives it (a retry elsewhere writes it anew). Beam search
+        yields nothing. One reader at a time."""
+        if not self._streams:
+            return
+        self._followed = True
+        shown = ""
+        while True:
+            ended, text = self._ended, self._written
+            if text != shown:
+                shown = text
+                yield text
+            if ended:
+                break
+            await self._changed.wait()
+            self._changed.clear()
+        if self._error is not None and not isinstance(self._error, (RequestCancelled, asyncio.CancelledError)):
+            raise self._error
 
     def _remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
@@ -325,7 +378,7 @@ class RayInferenceService:
         self.line.check_room(party)
         cost = decode_steps(generation_kwargs(params, self.settings.generation), len(images))
         encode = functools.partial(self._wire.request, list(images), prompt, task, params)
-        ticket = RemoteTicket(self, encode, deadline, model, party, cost)
+        ticket = RemoteTicket(self, encode, deadline, model, party, cost, streams=params.num_beams == 1)
         # Its place is taken now, in the order requests arrive; its images are encoded while it waits.
         if self._sent < self._room and not self.line:
             self._sent += 1
@@ -349,12 +402,19 @@ class RayInferenceService:
             if not turn.turn.done():
                 turn.turn.set_result(None)
 
-    def send(self, request: WireRequest, model: str | None = None) -> SentRequest:
-        """To a replica; Serve's multiplexing prefers one that holds ``model`` (None: the default)."""
-        handle = self._handle if model is None else self._handle.options(multiplexed_model_id=model)
-        return handle.answer.remote(request)
+    def _handle_for(self, model: str | None) -> DeploymentHandle[FlamingoReplica]:
+        """Serve's multiplexing prefers a replica that holds ``model`` (None: the default)."""
+        return self._handle if model is None else self._handle.options(multiplexed_model_id=model)
 
-    async def unless_lost(self, response: SentRequest, timeout: float | None) -> Answer:
+    def send(self, request: WireRequest, model: str | None = None) -> SentRequest:
+        return self._handle_for(model).answer.remote(request)
+
+    def send_streamed(self, request: WireRequest, model: str | None = None) -> StreamedRequest:
+        """As ``send``, to a replica that streams the answer's text as it is written."""
+        streamed = self._handle_for(model).options(stream=True).answer_stream.remote(request)
+        return cast(StreamedRequest, streamed)  # Serve types the remote call's result for either option
+
+    async def unless_lost(self, response: Awaitable[Answer], timeout: float | None) -> Answer:
         """Await a replica's answer, ending at once with ``ClusterUnavailable`` if the cluster goes."""
         loop = asyncio.get_running_loop()
         lost: asyncio.Future[None] = loop.create_future()

@@ -9,15 +9,16 @@ first use through Serve's multiplexing within ``ray.extra_model_memory_gib`` (``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from core.config import RaySettings, Settings
 from core.errors import BadParameter
 from core.model.engine import Answer
 from core.serving.local import InferenceService, start_service
 from core.serving.model_choice import ModelCatalog
-from core.serving.ray.wire import WireDecoder, WireRequest
+from core.serving.ray.wire import Asked, WireDecoder, WireRequest
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +106,37 @@ class FlamingoReplica:
             raise BadParameter("This bot's model servers have no memory set aside for models other than the default.")
         return (await self._chosen_model(model)).service
 
-    async def answer(self, request: WireRequest) -> Answer:
+    @contextlib.asynccontextmanager
+    async def _taken(self, request: WireRequest) -> AsyncIterator[tuple[InferenceService, Asked]]:
+        """The request decoded (off the event loop) and the service of the model it asked for,
+        counted as ongoing while it is answered."""
         from ray import serve
 
-        images, prompt, task, params = await asyncio.to_thread(self.wire.request, request)
+        asked = await asyncio.to_thread(self.wire.request, request)
         self.ongoing += 1
         try:
-            service = await self._service_for(serve.get_multiplexed_model_id())
-            return await service.answer(images, prompt, task, params)
+            yield await self._service_for(serve.get_multiplexed_model_id()), asked
         finally:
             self.ongoing -= 1
+
+    async def answer(self, request: WireRequest) -> Answer:
+        async with self._taken(request) as (service, asked):
+            return await service.answer(*asked)
+
+    async def answer_stream(self, request: WireRequest) -> AsyncGenerator[str | Answer, None]:
+        """The answer's text so far as it is decoded (``Ticket.partial_texts``), then the answer itself.
+
+        Serve sends each item to the caller as it is yielded; a caller that stops listening (a
+        cancel, a lost bot) ends this generator, which withdraws the request.
+        """
+        async with self._taken(request) as (service, asked):
+            ticket = service.submit(*asked)
+            try:
+                async for text in ticket.partial_texts():
+                    yield text
+                yield await ticket.answer()
+            finally:
+                ticket.cancel()
 
     def status(self) -> dict:
         """Which actor this is, its models and what its caches hold: for the admin status, metrics, benchmarks."""

@@ -19,6 +19,8 @@ from core.generation import GenerationParams
 from core.model.lru_cache import LruCache
 from core.prompts import Example, Task
 
+Asked = tuple[list[Image.Image], str, Task, GenerationParams]  # a request as a replica's service takes it
+
 
 @dataclass(frozen=True)
 class WireImage:
@@ -116,5 +118,5 @@ class WireDecoder:
                 self._tasks.put(wire.key, task)
         return task
 
-    def request(self, wire: WireRequest) -> tuple[list[Image.Image], str, Task, GenerationParams]:
+    def request(self, wire: WireRequest) -> Asked:
         return [self.image(image) for image in wire.images], wire.prompt, self.task(wire.task), wire.params

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -59,6 +61,30 @@ async def test_a_chosen_model_is_loaded_on_one_replica_and_answers_as_it_would_l
 
     with pytest.raises(BadParameter, match="does not offer that model"):
         remote.submit([photos["rocket"]], "<image>Output:", task, params, model=str(model_dirs["mpt"]))
+
+
+async def test_a_followed_answer_streams_from_its_replica_and_ends_as_the_local_one(
+    remote, engines, model_dirs, photos
+):
+    """Streamed from a replica, for the default model and a chosen one: texts that grow, each a
+    prefix of the answer, which is token for token the local one; the replica is left with nothing."""
+    task = Task("t", "", "<image>Output:")
+    params = GenerationParams(max_new_tokens=96, min_new_tokens=96, repetition_penalty=2.0, no_repeat_ngram_size=1)
+    for model, engine in ((None, engines["llama"]), (str(model_dirs["gptneox"]), engines["gptneox"])):
+        ticket = remote.submit([photos["rocket"]], "<image>Output:", task, params, model=model)
+        following = asyncio.create_task(_all(ticket.partial_texts()))
+        answer = await ticket.answer()
+        texts = await following
+        local = engine.run(engine.prepare([photos["rocket"]], "<image>Output:", task, params))
+        assert (answer.token_ids, answer.text) == (local.token_ids, local.text)
+        assert len(texts) >= 2, texts
+        assert all(len(earlier) < len(later) for earlier, later in itertools.pairwise(texts))
+        assert all(answer.text.startswith(text) for text in texts)
+    assert all(replica["ongoing"] == 0 for replica in await asyncio.to_thread(remote.replica_status))
+
+
+async def _all(texts: AsyncIterator[str]) -> list[str]:
+    return [text async for text in texts]
 
 
 async def test_refusals_come_back_as_the_same_errors(remote, llama_engine, photos):

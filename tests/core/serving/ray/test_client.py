@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
 import core.serving.ray.wire
 from core.config import RaySettings, ServiceSettings
-from core.errors import ClusterUnavailable, RequestCancelled, RequestExpired, ServiceBusy
+from core.errors import BadPrompt, ClusterUnavailable, RequestCancelled, RequestExpired, ServiceBusy
 from core.generation import GenerationParams
 from core.model.engine import Answer
 from core.prompts import Example, Task
@@ -18,18 +19,54 @@ from core.serving.ray.backend import RayInferenceService
 from tests.helpers.settings import tiny_settings
 
 
+class RequestCancelledError(Exception):
+    """What Serve raises to the caller of a request it cancelled (matched by name, as Serve's is)."""
+
+
+class StandInStream:
+    """``handle.options(stream=True).answer_stream.remote(request)``: items as the test puts them."""
+
+    def __init__(self) -> None:
+        self.items: asyncio.Queue[str | Answer | BaseException] = asyncio.Queue()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.items.put_nowait(RequestCancelledError())
+
+    async def __aiter__(self):
+        while True:
+            item = await self.items.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, Answer):
+                return
+
+
 class StandInHandle:
-    """``handle.answer.remote(request)``: each request is kept, and answered only when told."""
+    """``handle.answer.remote(request)``: each request is kept, and answered only when told; with
+    ``options(stream=True)``, each streamed request gets a ``StandInStream``."""
 
     def __init__(self) -> None:
         self.answer = self
         self.sent: list[core.serving.ray.wire.WireRequest] = []
         self.responses: list[asyncio.Future[Answer]] = []
+        self.streams: list[StandInStream] = []
 
     def remote(self, request: core.serving.ray.wire.WireRequest) -> asyncio.Future[Answer]:
         self.sent.append(request)
         self.responses.append(asyncio.get_running_loop().create_future())
         return self.responses[-1]
+
+    def options(self, stream: bool = False) -> SimpleNamespace:
+        assert stream
+        return SimpleNamespace(answer_stream=SimpleNamespace(remote=self._streamed))
+
+    def _streamed(self, request: core.serving.ray.wire.WireRequest) -> StandInStream:
+        self.sent.append(request)
+        self.streams.append(StandInStream())
+        return self.streams[-1]
 
 
 @pytest.fixture
@@ -156,9 +193,72 @@ async def test_a_cluster_lost_or_a_cancel_while_encoding_ends_the_request_at_onc
     assert service._handle.sent == [] and service.in_flight == 0
 
 
-async def test_a_request_on_the_cluster_streams_no_partial_text_yet(service, photos):
-    """A replica sends its answer whole (streaming it from the replica is a later step): following
-    such a request ends at once, and its text comes from its answer."""
-    ticket = service.submit([photos["rocket"]], "<image>Output:", Task("t", "", "<image>Output:"), GenerationParams())
-    assert [text async for text in ticket.partial_texts()] == []
+async def _sent_stream(handle: StandInHandle, count: int = 1) -> StandInStream:
+    """The ``count``-th request streamed, once it is sent."""
+    while len(handle.streams) < count:
+        await asyncio.sleep(0.01)
+    return handle.streams[count - 1]
+
+
+async def _read(texts, count: int, into: list[str]) -> None:
+    while len(into) < count:
+        into.append(await anext(texts))
+
+
+async def test_a_followed_request_is_streamed_from_the_replica_and_its_texts_shown_as_they_come(service, photos):
+    task = Task("t", "", "<image>Output:")
+    ticket = service.submit([photos["rocket"]], "<image>Output:", task, GenerationParams())
+    texts, shown = ticket.partial_texts(), []
+    reading = asyncio.create_task(_read(texts, 1, shown))
+    answering = asyncio.create_task(ticket.answer())
+    stream = await _sent_stream(service._handle)
+    assert service._handle.responses == []  # streamed, not sent whole
+    for count, text in enumerate(("a", "a black"), 1):
+        stream.items.put_nowait(text)
+        await asyncio.wait_for(reading, 5)
+        assert shown[-1] == text
+        reading = asyncio.create_task(_read(texts, count + 1, shown))
+    stream.items.put_nowait(Answer("a black cat", (1, 2, 3), "", 3, True, 0.1))
+    assert (await answering).text == "a black cat"
+    reading.cancel()
+    assert [text async for text in texts] == [] and shown == ["a", "a black"]
+    assert service.in_flight == 0
+
+
+async def test_an_unfollowed_request_or_a_beam_search_is_sent_whole(service, photos):
+    task = Task("t", "", "<image>Output:")
+    beams = service.submit([photos["rocket"]], "<image>Output:", task, GenerationParams(num_beams=2))
+    assert [text async for text in beams.partial_texts()] == []  # its best beam can change until it ends
+    answering = asyncio.create_task(beams.answer())
+    while not service._handle.responses:
+        await asyncio.sleep(0.01)
+    service._handle.responses[0].set_result(Answer("a cat", (1,), "", 3, True, 0.1))
+    assert (await answering).text == "a cat" and service._handle.streams == []
+
+
+async def test_a_streamed_request_cancelled_or_failed_ends_its_texts_as_its_answer_ends(service, photos):
+    task = Task("t", "", "<image>Output:")
+    ticket = service.submit([photos["rocket"]], "<image>Output:", task, GenerationParams())
+    texts = ticket.partial_texts()
+    first = asyncio.create_task(anext(texts))
+    answering = asyncio.create_task(ticket.answer())
+    stream = await _sent_stream(service._handle)
+    stream.items.put_nowait("a")
+    assert await first == "a"
     ticket.cancel()
+    assert stream.cancelled
+    with pytest.raises(RequestCancelled):
+        await answering
+    assert [text async for text in texts] == []  # what was written stays written; no error
+
+    service.line.capacity = 2
+    failing = service.submit([photos["rocket"]], "<image>Output:", task, GenerationParams())
+    texts = failing.partial_texts()
+    first = asyncio.create_task(anext(texts))
+    answering = asyncio.create_task(failing.answer())
+    stream = await _sent_stream(service._handle, 2)
+    stream.items.put_nowait(BadPrompt("That prompt is too long for this model."))
+    with pytest.raises(BadPrompt):
+        await answering
+    with pytest.raises(BadPrompt):
+        await first
