@@ -114,6 +114,12 @@ class FairLine(Generic[T]):
         self._finish = {party: end for party, end in self._finish.items() if end > self._clock}
         return [place.item for place in taken]
 
+    def put_back(self, item: T, party: Party) -> None:
+        """Return a request taken to run but stopped before it finished (to let others run) to the front
+        of the line, room or not: it keeps the turn it had, and its cost already counted for its party."""
+        self._places.insert(0, _Place(item, party, self._clock, -1))  # no place starts before the clock
+        self._held[party] += 1
+
     def clear(self) -> list[T]:
         return self.take(len(self._places))
 

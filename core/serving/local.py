@@ -5,6 +5,10 @@ each other's images. Every model call therefore happens on a single thread, fed 
 of waiting requests, fair between servers (``fair_line``); callers wait on a future of their own, so
 answers cannot mix, and can see their place in line, withdraw, or follow the answer's text as it is
 decoded while they wait.
+
+Background requests (a task's evaluation) wait in a line of their own and run only beside members'
+requests, never in their place (``InferenceService._joiners``): a member's request waits at most one
+step longer for them.
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ log = logging.getLogger(__name__)
 # A stopped batch ends at its next token: a few seconds at most, even for the 9B model on a CPU.
 _STOPPING_SECONDS = 30.0
 
+_STOPPED_BY_CLOSING = "The bot is shutting down; your request was stopped before it finished."
+
+# Background requests waiting: an evaluation queues its examples one at a time, so this is about how many
+# servers may evaluate at once. Small, as each place holds a prepared request (its images) for as long as
+# members keep the model busy, and members' own line bounds theirs apart (``max_queue``).
+BACKGROUND_QUEUE = 8
+
 
 class Engine(Protocol):
     rules: PromptRules
@@ -76,6 +87,13 @@ class _Job:
     stopped_by: FlamingoError | None = None  # why it was stopped while it ran, when not by its asker
     queued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # when the worker took it
+    party: Party = None
+    background: bool = False
+    yielding: bool = False  # a background request stopped for a member's beam search, to run again after it
+
+    def should_stop(self) -> bool:
+        """Its asker withdrew it, or it makes way for a member's beam search."""
+        return self.cancelled.is_set() or self.yielding
 
 
 def _notify(job: _Job, outcome: Answer | BaseException) -> None:
@@ -203,6 +221,7 @@ class InferenceService:
         self.engine = engine
         self._max_batch = max_batch
         self._waiting: FairLine[_Job] = FairLine(max_queue, shares)
+        self._background: FairLine[_Job] = FairLine(BACKGROUND_QUEUE, shares)
         self._ready = threading.Condition()
         self._closed = False
         self._request_seconds = 0.0  # how long the latest answer took to run, for telling users their wait
@@ -213,6 +232,7 @@ class InferenceService:
 
     @property
     def waiting(self) -> int:
+        """Members' requests waiting; background ones, which never hold them back, are not counted."""
         return len(self._waiting)
 
     @property
@@ -236,8 +256,9 @@ class InferenceService:
         return ServiceStatus(engine.model, self.waiting, reachable=True, engine=engine)
 
     def line_status(self) -> LineStatus:
+        """Members' requests only: background ones take no member's place (``_joiners``)."""
         with self._ready:
-            waiting, running = len(self._waiting), len(self._running)
+            waiting, running = len(self._waiting), sum(not job.background for job in self._running)
         return LineStatus(waiting, running, self.times.typical())
 
     def estimated_wait(self, position: int) -> float:
@@ -253,26 +274,34 @@ class InferenceService:
         deadline: float | None = None,
         model: str | None = None,
         party: Party = None,
+        background: bool = False,
     ) -> Ticket:
         """Validate and queue, or refuse at once; call from the event loop. ``model``: None, the loaded one;
-        ``party``: the server asking (None: direct messages), whose share of the line it takes."""
+        ``party``: the server asking (None: direct messages), whose share of the line it takes;
+        ``background``: a job's request (a task's evaluation), in a line of its own and run only beside
+        members' requests; greedy, as it may be stopped and run again (``_joiners``). Its wait depends on
+        members' traffic, so its deadline is only held when it is taken, never estimated up front."""
         if self._closed:
             raise ServiceClosed("The bot is shutting down; try again in a moment.")
         if model is not None:
             raise BadParameter("This bot runs one model in its own process; it cannot answer with another.")
+        if background and (params.num_beams > 1 or params.do_sample):
+            raise BadParameter("A background request is greedy: it may be stopped and run again from its start.")
         request = self.engine.prepare(images, prompt, task, params)
         loop = asyncio.get_running_loop()
-        job = _Job(request, loop, loop.create_future(), deadline)
+        job = _Job(request, loop, loop.create_future(), deadline, party=party, background=background)
+        line = self._line(job)
         with self._ready:
             if self._closed:  # closed while the request was prepared
                 raise ServiceClosed("The bot is shutting down; try again in a moment.")
-            self._waiting.check_room(party)
+            line.check_room(party)
             if (
-                deadline is not None
-                and time.monotonic() + self.estimated_wait(self._waiting.place_for(party)) > deadline
+                not background
+                and deadline is not None
+                and time.monotonic() + self.estimated_wait(line.place_for(party)) > deadline
             ):
                 raise ServiceBusy("The queue is too long to answer you in time; try again in a few minutes.")
-            self._waiting.add(job, party, request.cost)
+            line.add(job, party, request.cost)
             self._ready.notify()
         return Ticket(self, job)
 
@@ -280,14 +309,18 @@ class InferenceService:
         """Queue and wait. Cancelling the awaiting task withdraws the request."""
         return await self.submit(images, prompt, task, params).answer()
 
+    def _line(self, job: _Job) -> FairLine[_Job]:
+        return self._background if job.background else self._waiting
+
     def _position(self, job: _Job) -> int | None:
+        """In its own line: a background request's place among background requests."""
         with self._ready:
-            return self._waiting.position(job)
+            return self._line(job).position(job)
 
     def _withdraw(self, job: _Job) -> None:
         job.cancelled.set()
         with self._ready:
-            waiting = self._waiting.remove(job)
+            waiting = self._line(job).remove(job)
         if waiting:
             _notify(job, RequestCancelled("The request was cancelled before it ran."))
 
@@ -295,19 +328,23 @@ class InferenceService:
         """The requests at the front of the line, up to a batch, decoded together; None once closed.
 
         Only requests of the first one's kind: beam searches run before the batch's decoding, so a
-        short request queued before a long search must not wait for it.
+        short request queued before a long search must not wait for it. With no member's request
+        waiting, one background request runs, which members join as they come.
         """
         with self._ready:
-            while not self._waiting and not self._closed:
+            while not self._waiting and not self._background and not self._closed:
                 self._ready.wait()
             if self._closed:
                 return None
-            line = list(self._waiting)
-            kind = line[0].request.batchable
-            taken = 1
-            while taken < min(len(line), self._max_batch) and line[taken].request.batchable == kind:
-                taken += 1
-            batch = self._waiting.take(taken)
+            if self._waiting:
+                line = list(self._waiting)
+                kind = line[0].request.batchable
+                taken = 1
+                while taken < min(len(line), self._max_batch) and line[taken].request.batchable == kind:
+                    taken += 1
+                batch = self._waiting.take(taken)
+            else:
+                batch = self._background.take(1)
         return _still_wanted(batch)
 
     def _joiners(self, running: int) -> list[_Job]:
@@ -316,15 +353,27 @@ class InferenceService:
         A request that cannot join (beam search, which runs in a search of its own) stops the
         joining, so a steady stream of short requests cannot hold it back: the batch drains and
         it runs next.
+
+        Members have the whole ``max_batch``; one background row at most runs beside them, on top of
+        it, joining only when no member's request waits, so it never takes a member's place. It
+        yields to a member's beam search (stopped at the next step and put back first in its line,
+        to run again from its start), so it never keeps the batch from draining either.
         """
         with self._ready:
             if self._closed:
                 return []
+            background = [job for job in self._running if job.background]
+            members = running - len(background)
             line = list(self._waiting)
             taken = 0
-            while taken < len(line) and running + taken < self._max_batch and line[taken].request.batchable:
+            while taken < len(line) and members + taken < self._max_batch and line[taken].request.batchable:
                 taken += 1
             joiners = self._waiting.take(taken)
+            if taken < len(line) and not line[taken].request.batchable:
+                for job in background:
+                    job.yielding = True
+            elif taken == len(line) and not background:
+                joiners += self._background.take(1)
         return _still_wanted(joiners)
 
     def _work(self) -> None:
@@ -342,12 +391,19 @@ class InferenceService:
             joiners = self._joiners(running)
             self._track_running(joiners)
             pending.update((next(numbers), job) for job in joiners)  # numbered in order, as the engine does
-            return [(job.request, job.cancelled.is_set) for job in joiners]
+            return [(job.request, job.should_stop) for job in joiners]
 
         def deliver(index: int, outcome: Answer | FlamingoError) -> None:
             job = pending.pop(index)
             with self._ready:
                 self._running.discard(job)
+                if job.yielding and not job.cancelled.is_set():  # stopped for a member's beam search
+                    if not self._closed:
+                        job.yielding = False
+                        self._background.put_back(job, job.party)
+                        return
+                    job.stopped_by = ServiceClosed(_STOPPED_BY_CLOSING)
+                    job.cancelled.set()
             if isinstance(outcome, FlamingoError):
                 _notify(job, outcome)
                 return
@@ -356,12 +412,13 @@ class InferenceService:
                 _notify(job, job.stopped_by or RequestCancelled("The request was cancelled while it ran."))
             else:
                 assert job.started_at is not None  # set as the worker took it
-                self.times.record(job.queued_at, job.started_at)
+                if not job.background:  # its wait, behind members' requests by design, says nothing of theirs
+                    self.times.record(job.queued_at, job.started_at)
                 _notify(job, outcome)
 
         error: BaseException | None = None
         try:
-            requests, stops = [job.request for job in jobs], [job.cancelled.is_set for job in jobs]
+            requests, stops = [job.request for job in jobs], [job.should_stop for job in jobs]
             del jobs
             self.engine.run_many(requests, stops, deliver, joining)
         except FlamingoError as known:
@@ -383,12 +440,12 @@ class InferenceService:
             self._running.update(jobs)
 
     def close(self, grace_seconds: float = 60.0) -> None:
-        """Refuse new work, withdraw waiting requests, and stop the worker after the current batch;
-        a batch still running after ``grace_seconds`` (long answers on a CPU take minutes) is
-        stopped at its next token, and its askers are told, before the bot disconnects."""
+        """Refuse new work, withdraw waiting requests (background ones too), and stop the worker after
+        the current batch; a batch still running after ``grace_seconds`` (long answers on a CPU take
+        minutes) is stopped at its next token, and its askers are told, before the bot disconnects."""
         with self._ready:
             self._closed = True
-            withdrawn = self._waiting.clear()
+            withdrawn = self._waiting.clear() + self._background.clear()
             self._ready.notify_all()
         for job in withdrawn:
             job.cancelled.set()
@@ -399,7 +456,7 @@ class InferenceService:
         with self._ready:
             running = list(self._running)
         for job in running:
-            job.stopped_by = ServiceClosed("The bot is shutting down; your request was stopped before it finished.")
+            job.stopped_by = ServiceClosed(_STOPPED_BY_CLOSING)
             job.cancelled.set()
         self._worker.join(timeout=_STOPPING_SECONDS)
 

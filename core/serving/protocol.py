@@ -28,7 +28,8 @@ class ServiceStatus:
 
 @dataclass(frozen=True)
 class LineStatus:
-    """The model's line as ``/queue`` shows it to members, whichever backend serves it."""
+    """The model's line as ``/queue`` shows it to members, whichever backend serves it: members' requests
+    only, as background ones (task evaluations) run beside them and never hold them back."""
 
     waiting: int  # in the bot's line for the model
     running: int  # taken from it: being answered
@@ -88,9 +89,13 @@ class ModelService(Protocol):
         deadline: float | None = None,
         model: str | None = None,
         party: Party = None,
+        background: bool = False,
     ) -> QueuedRequest:
         """Queue a request, or refuse it at once (busy, closed, a model not offered). ``party``: the
-        server asking (None: direct messages, one group), whose fair share of the line it takes."""
+        server asking (None: direct messages, one group), whose fair share of the line it takes.
+        ``background``: a job's greedy request (a task's evaluation), queued apart from members' line
+        (fair between parties, bounded on its own, not in ``waiting`` or ``line_status``) and run only
+        where it holds no member's request back by more than a decode step or its own prefill."""
         ...
 
     async def answer(

@@ -38,6 +38,7 @@ from core.model.loading import load_text_side
 from core.prompts import Task
 from core.serving.fair_line import FairLine, Party
 from core.serving.line_times import RecentTimes
+from core.serving.local import BACKGROUND_QUEUE
 from core.serving.model_choice import ModelCatalog
 from core.serving.protocol import LineStatus, ServiceStatus
 from core.serving.ray.replica import FlamingoReplica, deployment_options
@@ -99,6 +100,7 @@ class RemoteTicket:
         party: Party,
         cost: int,
         streams: bool,
+        background: bool = False,
     ) -> None:
         self._service = service
         self._encode = encode
@@ -107,6 +109,7 @@ class RemoteTicket:
         self.cost = cost
         self.turn: asyncio.Future[None] | None = None  # while it waits in the line: done when its turn comes
         self.holds_room = False  # one of the places the replicas take at once is its own
+        self.background = background  # a job's request, in the background line (``RayInferenceService``)
         self._response: SentRequest | StreamedRequest | None = None
         self._streams = streams  # its text can be followed as it is written (not beam search's)
         self._followed = False  # someone follows its text: the replica is asked to stream it
@@ -120,11 +123,11 @@ class RemoteTicket:
 
     @property
     def position(self) -> int | None:
-        return self._service.line.position(self)
+        return self._service.line_of(self).position(self)
 
     def cancel(self) -> None:
         self._cancelled = True
-        if self._service.line.remove(self) and self.turn is not None and not self.turn.done():
+        if self._service.line_of(self).remove(self) and self.turn is not None and not self.turn.done():
             self.turn.set_exception(RequestCancelled("The request was cancelled before it ran."))
         if self._response is not None:
             self._response.cancel()
@@ -306,6 +309,10 @@ class RayInferenceService:
         # Serve's own queue is first come, first served and unbounded: the bot sends no more than the
         # replicas take at once, and keeps the rest in a line fair between servers.
         self.line: FairLine[RemoteTicket] = FairLine(settings.service.max_queue)
+        # Background requests (task evaluations): one at a time on the cluster, in the place each
+        # replica keeps for one (``deployment_options``), sent only while no member's request waits.
+        self.background_line: FairLine[RemoteTicket] = FairLine(BACKGROUND_QUEUE)
+        self._background_sent = False
         ray = settings.ray
         self._room = ray.max_ongoing_requests * (ray.max_replicas or ray.replicas)
         self._sent = 0
@@ -366,21 +373,30 @@ class RayInferenceService:
         deadline: float | None = None,
         model: str | None = None,
         party: Party = None,
+        background: bool = False,
     ) -> RemoteTicket:
-        """Checked here, queued fairly between servers (``party``) on the replica it reaches."""
+        """Checked here, queued fairly between servers (``party``) on the replica it reaches;
+        ``background`` as ``InferenceService.submit`` has it, run there as such."""
         if self._closed:
             raise ServiceClosed("The bot is shutting down; try again in a moment.")
         if not self.reachable:
             raise ClusterUnavailable(_CLUSTER_LOST)
         if model not in self._rules:
             raise BadParameter("This bot does not offer that model; a server admin can choose another in /settings.")
+        if background and (params.num_beams > 1 or params.do_sample):
+            raise BadParameter("A background request is greedy: it may be stopped and run again from its start.")
         self._rules[model].check_text(prompt, len(images))
-        self.line.check_room(party)
+        line = self.background_line if background else self.line
+        line.check_room(party)
         cost = decode_steps(generation_kwargs(params, self.settings.generation), len(images))
-        encode = functools.partial(self._wire.request, list(images), prompt, task, params)
-        ticket = RemoteTicket(self, encode, deadline, model, party, cost, streams=params.num_beams == 1)
+        encode = functools.partial(self._wire.request, list(images), prompt, task, params, background)
+        ticket = RemoteTicket(self, encode, deadline, model, party, cost, params.num_beams == 1, background)
         # Its place is taken now, in the order requests arrive; its images are encoded while it waits.
-        if self._sent < self._room and not self.line:
+        if background:
+            line.add(ticket, party, cost)
+            ticket.turn = asyncio.get_running_loop().create_future()
+            self._send_background()
+        elif self._sent < self._room and not self.line:
             self._sent += 1
             ticket.holds_room = True
         else:
@@ -388,19 +404,37 @@ class RayInferenceService:
             ticket.turn = asyncio.get_running_loop().create_future()
         return ticket
 
+    def line_of(self, ticket: RemoteTicket) -> FairLine[RemoteTicket]:
+        return self.background_line if ticket.background else self.line
+
     def leave(self, ticket: RemoteTicket) -> None:
         """The ticket is answered or given up: out of the line, or its place at a replica to the next in line."""
-        if self.line.remove(ticket) or not ticket.holds_room:
+        if self.line_of(ticket).remove(ticket) or not ticket.holds_room:
             return
         ticket.holds_room = False
-        self._sent -= 1
-        while self._sent < self._room and self.line:
-            [turn] = self.line.take(1)
-            assert turn.turn is not None
-            self._sent += 1
-            turn.holds_room = True
-            if not turn.turn.done():
-                turn.turn.set_result(None)
+        if ticket.background:
+            self._background_sent = False
+        else:
+            self._sent -= 1
+            while self._sent < self._room and self.line:
+                [turn] = self.line.take(1)
+                self._start(turn)
+                self._sent += 1
+        self._send_background()
+
+    def _send_background(self) -> None:
+        """The next background request goes to the cluster while no member's request waits and none runs."""
+        if self.background_line and not self.line and not self._background_sent:
+            [turn] = self.background_line.take(1)
+            self._start(turn)
+            self._background_sent = True
+
+    @staticmethod
+    def _start(ticket: RemoteTicket) -> None:
+        assert ticket.turn is not None
+        ticket.holds_room = True
+        if not ticket.turn.done():
+            ticket.turn.set_result(None)
 
     def _handle_for(self, model: str | None) -> DeploymentHandle[FlamingoReplica]:
         """Serve's multiplexing prefers a replica that holds ``model`` (None: the default)."""

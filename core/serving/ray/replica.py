@@ -30,7 +30,9 @@ def deployment_options(config: RaySettings) -> dict:
     no accepted request.
     """
     options: dict = {
-        "max_ongoing_requests": config.max_ongoing_requests,
+        # One place more than members' requests take: a background request's (a task's evaluation),
+        # which the bot sends one at a time, so that it never waits for a member's place, nor takes one.
+        "max_ongoing_requests": config.max_ongoing_requests + 1,
         "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         "health_check_period_s": 10,
         "graceful_shutdown_wait_loop_s": 2,
@@ -121,7 +123,7 @@ class FlamingoReplica:
 
     async def answer(self, request: WireRequest) -> Answer:
         async with self._taken(request) as (service, asked):
-            return await service.answer(*asked)
+            return await service.submit(*asked, background=request.background).answer()
 
     async def answer_stream(self, request: WireRequest) -> AsyncGenerator[str | Answer, None]:
         """The answer's text so far as it is decoded (``Ticket.partial_texts``), then the answer itself.
@@ -130,7 +132,7 @@ class FlamingoReplica:
         cancel, a lost bot) ends this generator, which withdraws the request.
         """
         async with self._taken(request) as (service, asked):
-            ticket = service.submit(*asked)
+            ticket = service.submit(*asked, background=request.background)
             try:
                 async for text in ticket.partial_texts():
                     yield text

@@ -55,6 +55,7 @@ class WireRequest:
     prompt: str
     task: WireTask
     params: GenerationParams
+    background: bool = False  # a job's request (a task's evaluation), run beside members' on the replica
 
 
 class WireEncoder:
@@ -67,8 +68,11 @@ class WireEncoder:
         )
         self._lock = threading.Lock()  # requests are encoded on worker threads
 
-    def request(self, images: list[Image.Image], prompt: str, task: Task, params: GenerationParams) -> WireRequest:
-        return WireRequest(tuple(WireImage.of(image) for image in images), prompt, self._task(task), params)
+    def request(
+        self, images: list[Image.Image], prompt: str, task: Task, params: GenerationParams, background: bool = False
+    ) -> WireRequest:
+        images_sent = tuple(WireImage.of(image) for image in images)
+        return WireRequest(images_sent, prompt, self._task(task), params, background)
 
     def _task(self, task: Task) -> WireTask:
         if task.key is None:

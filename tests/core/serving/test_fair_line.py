@@ -90,3 +90,19 @@ def test_a_line_behind_the_bots_own_keeps_no_shares():
         line.add(n, None, cost=1)
     with pytest.raises(ServiceBusy, match="busy"):
         line.add(5, None, cost=1)
+
+
+def test_a_request_put_back_goes_first_even_in_a_full_line():
+    """A background request stopped to let a member's beam search run keeps its turn."""
+    line: FairLine[str] = FairLine(2)
+    line.add("a0", 1, cost=5)
+    assert line.take(1) == ["a0"]
+    line.add("b0", 2, cost=1)
+    line.add("c0", 3, cost=1)
+    line.put_back("a0", 1)
+    assert list(line) == ["a0", "b0", "c0"]
+    assert line.position("a0") == 1
+    assert line.take(1) == ["a0"]
+    assert line.remove("c0")
+    line.add("d0", 4, cost=1)  # arrivals after it queue by their own turns, as before
+    assert list(line) == ["b0", "d0"]

@@ -83,6 +83,14 @@ async def test_a_followed_answer_streams_from_its_replica_and_ends_as_the_local_
     assert all(replica["ongoing"] == 0 for replica in await asyncio.to_thread(remote.replica_status))
 
 
+async def test_a_background_request_is_answered_by_a_replica_as_a_members_is(remote, llama_engine, photos):
+    task = Task("pets", "", "<image>Output:", (Example(photos["chelsea"], "<image>Output:a cat."),), key="test/pets/1")
+    params = GenerationParams(max_new_tokens=8)
+    local = llama_engine.run(llama_engine.prepare([photos["coffee"]], "<image>Output:", task, params))
+    answer = await remote.submit([photos["coffee"]], "<image>Output:", task, params, background=True).answer()
+    assert (answer.token_ids, answer.text) == (local.token_ids, local.text)
+
+
 async def _all(texts: AsyncIterator[str]) -> list[str]:
     return [text async for text in texts]
 

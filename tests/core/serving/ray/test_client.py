@@ -11,7 +11,7 @@ import pytest
 
 import core.serving.ray.wire
 from core.config import RaySettings, ServiceSettings
-from core.errors import BadPrompt, ClusterUnavailable, RequestCancelled, RequestExpired, ServiceBusy
+from core.errors import BadParameter, BadPrompt, ClusterUnavailable, RequestCancelled, RequestExpired, ServiceBusy
 from core.generation import GenerationParams
 from core.model.engine import Answer
 from core.prompts import Example, Task
@@ -262,3 +262,52 @@ async def test_a_streamed_request_cancelled_or_failed_ends_its_texts_as_its_answ
         await answering
     with pytest.raises(BadPrompt):
         await first
+
+
+async def test_a_background_request_goes_to_the_cluster_only_while_no_members_request_waits(
+    model_dirs, llama_engine, photos
+):
+    """A task's evaluation, one request at a time, in a place of its own beside members': it never
+    waits for a member's place nor takes one, and it waits while members wait."""
+    settings = tiny_settings(model_dirs["llama"])
+    settings.service = ServiceSettings(backend="ray", max_queue=4)
+    settings.ray = RaySettings(max_ongoing_requests=1, replicas=1)
+    service = RayInferenceService(settings, {None: llama_engine.rules}, StandInHandle())
+    task = Task("t", "", "<image>Output:")
+    handle, params = service._handle, GenerationParams()
+    try:
+        with pytest.raises(BadParameter, match="greedy"):
+            service.submit([photos["rocket"]], "<image>Output:", task, GenerationParams(num_beams=2), background=True)
+        member = service.submit([photos["rocket"]], "<image>Member 1:", task, params, party=1)
+        waiting = service.submit([photos["rocket"]], "<image>Member 2:", task, params, party=2)
+        jobs = [
+            service.submit([photos["rocket"]], f"<image>Job {n}:", task, params, party=3, background=True)
+            for n in (1, 2)
+        ]
+        answering = [asyncio.create_task(ticket.answer()) for ticket in (member, waiting, *jobs)]
+        while len(handle.sent) < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert [request.prompt for request in handle.sent] == ["<image>Member 1:"]  # a member waits: no job goes
+        assert [job.position for job in jobs] == [1, 2] and service.line_status().waiting == 1
+        handle.responses[0].set_result(Answer("a cat", (1,), "", 3, True, 0.1))
+        while len(handle.sent) < 3:
+            await asyncio.sleep(0.01)
+        # The member's place went to the next member, and the first job went beside it, with its flag.
+        assert [(request.prompt, request.background) for request in handle.sent[1:]] == [
+            ("<image>Member 2:", False),
+            ("<image>Job 1:", True),
+        ]
+        await asyncio.sleep(0.1)
+        assert len(handle.sent) == 3  # one job at a time
+        handle.responses[2].set_result(Answer("a dog", (2,), "", 3, True, 0.1))
+        while len(handle.sent) < 4:
+            await asyncio.sleep(0.01)
+        assert handle.sent[3].prompt == "<image>Job 2:"
+        for response in handle.responses[1:]:
+            if not response.done():
+                response.set_result(Answer("a cat", (1,), "", 3, True, 0.1))
+        assert [answer.text for answer in await asyncio.gather(*answering)] == ["a cat", "a cat", "a dog", "a cat"]
+        assert service.in_flight == 0 and service._sent == 0 and not service._background_sent
+    finally:
+        service.close()

@@ -77,6 +77,7 @@ def test_replica_count_or_autoscaling_bounds_come_from_config():
 
     fixed = deployment_options(RaySettings(replicas=3, num_gpus=1))
     assert (fixed["num_replicas"], fixed["ray_actor_options"]["num_gpus"]) == (3, 1)
+    assert fixed["max_ongoing_requests"] == RaySettings().max_ongoing_requests + 1  # a place for a background job
     assert "autoscaling_config" not in fixed
     scaled = deployment_options(RaySettings(replicas=1, max_replicas=4, max_ongoing_requests=32))
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
