@@ -18,11 +18,9 @@ from cogs.utils.bot import FlamingoBot, Interaction
 from cogs.utils.buttons import UNSTORED, ActionButton, answer_view, answered_request
 from cogs.utils.options import drop_options, generation_options, limit_options
 from core.asking import ImageReader, Question
-from core.errors import BadImage, NotAllowedHere, RequestCancelled, UnknownTask
+from core.errors import NotAllowedHere, RequestCancelled, UnknownTask
 from core.generation import GenerationParams, Value, reroll_params
-from core.images import check_file_size
 from core.prompts import assemble_prompt
-from core.serving.model_choice import short_name
 
 
 def _stored(images: tuple[bytes, ...]) -> ImageReader:
@@ -66,7 +64,7 @@ class Inference(commands.Cog):
         params = GenerationParams(**options)
         images = [a for a in (image, image2, image3, image4) if a is not None]
         # Refusals that need no download and no model are given at once, privately.
-        self.bot.asking.check(prompt, [(a.size, a.filename) for a in images], params)
+        await self.bot.asking.check(asker_of(interaction), prompt, [(a.size, a.filename) for a in images], params)
         await self._answer(interaction, Question(self._reader(images), prompt, task, params), "asked")
 
     async def describe_image(self, interaction: Interaction, message: discord.Message) -> None:
@@ -75,12 +73,12 @@ class Inference(commands.Cog):
         Only attachments are read: fetching links from a message would let anyone make the bot
         request any address.
         """
-        images = [a for a in message.attachments if (a.content_type or "").startswith("image/")]
-        if not images:
-            raise BadImage("That message has no attached image; I only read attached images, not links.")
-        check_file_size(images[0].size, self.bot.settings.images)
+        images = [a for a in message.attachments if (a.content_type or "").startswith("image/")][:1]
+        await self.bot.asking.check(
+            asker_of(interaction), None, [(a.size, a.filename) for a in images], GenerationParams()
+        )
         owner = await self._picture_owner(interaction, message)
-        question = Question(self._reader(images[:1]), None, None, GenerationParams(), origin=owner)
+        question = Question(self._reader(images), None, None, GenerationParams(), origin=owner)
         await self._answer(interaction, question, "asked")
 
     async def _picture_owner(self, interaction: Interaction, message: discord.Message) -> int:
@@ -133,9 +131,7 @@ class Inference(commands.Cog):
             full = assemble_prompt([example.text for example in task.examples], stored.prompt)
         except UnknownTask:
             full = f"{stored.prompt}\n(task “{stored.task}” has since been deleted)"
-        embed = prompt_embed(
-            stored, full, short_name(stored.model or self.bot.models.default), self.bot.settings.generation
-        )
+        embed = prompt_embed(stored, full, self.bot.settings)
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     async def on_delete(self, interaction: Interaction, request_id: int) -> None:

@@ -20,7 +20,7 @@ from typing import Protocol
 from PIL import Image
 
 from core.config import Settings
-from core.errors import BadImage, BadPrompt, NotAllowedHere, RequestCancelled, StorageUnavailable
+from core.errors import BadImage, BadPrompt, FlamingoError, NotAllowedHere, RequestCancelled, StorageUnavailable
 from core.generation import GenerationParams, generation_kwargs
 from core.guild_settings import GuildSettings
 from core.images import check_file_size, check_signature, encode_for_storage, read_image
@@ -167,10 +167,22 @@ class Asking:
         self.metrics = metrics
         self.answer_filter = answer_filter
 
-    def check(self, prompt: str | None, files: Sequence[tuple[int, str | None]], params: GenerationParams) -> None:
+    async def check(
+        self, asker: Asker, prompt: str | None, files: Sequence[tuple[int, str | None]], params: GenerationParams
+    ) -> None:
         """Refusals that need no download and no model, given at once: the parameters, the number and
-        sizes of the files (``(bytes, filename)`` each), and the prompt against them."""
+        sizes of the files (``(bytes, filename)`` each; none: the message held no image), and the prompt
+        against them. A refusal is counted in the server's usage like any other, under no task."""
+        try:
+            self._check(prompt, files, params)
+        except FlamingoError as error:
+            await self._count(asker, NO_TASK, outcome_of(error))
+            raise
+
+    def _check(self, prompt: str | None, files: Sequence[tuple[int, str | None]], params: GenerationParams) -> None:
         settings = self.settings
+        if not files:
+            raise BadImage("That message has no attached image; I only read attached images, not links.")
         generation_kwargs(params, settings.generation)
         if len(files) > settings.images.max_per_request:
             raise BadImage(f"At most {settings.images.max_per_request} images can be read at once.")

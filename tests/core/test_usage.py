@@ -16,6 +16,8 @@ from PIL import Image
 from core.asking import Asker, Asking, Question
 from core.errors import (
     BadImage,
+    BadParameter,
+    BadPrompt,
     ClusterUnavailable,
     GenerationFailed,
     NotAllowedHere,
@@ -106,6 +108,21 @@ async def test_every_ending_of_a_servers_request_is_counted_once_with_its_task(a
         "vqa": ({"failed": 2, "cancelled": 1}, 0),
         NO_TASK: ({"refused": 2}, 0),
     }
+
+
+async def test_a_refusal_given_before_anything_is_read_is_counted_under_no_task(asking: Asking, store: Storage) -> None:
+    """The front end's first check (parameters, files, prompt) refuses before a task is resolved;
+    a message with no image to describe is one such refusal."""
+    member = Asker(user_id=7, guild_id=GUILD, channel_id=2)
+    with pytest.raises(BadPrompt):
+        await asking.check(member, None, [(1000, "a.jpg"), (1000, "b.jpg")], GenerationParams())
+    with pytest.raises(BadImage, match="no attached image"):
+        await asking.check(member, None, [], GenerationParams())
+    with pytest.raises(BadParameter):
+        await asking.check(member, None, [(1000, "a.jpg")], GenerationParams(max_new_tokens=10_000))
+    await asking.check(member, None, [(1000, "a.jpg")], GenerationParams())  # let through: counted when it ends
+    tasks = (await store.usage(GUILD, 7)).per_task()
+    assert {task: dict(tally.outcomes) for task, tally in tasks.items()} == {NO_TASK: {"refused": 3}}
 
 
 async def test_direct_messages_are_not_counted(asking: Asking, store: Storage, tmp_path: Path) -> None:
