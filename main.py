@@ -1,8 +1,9 @@
-"""Entry point: ``python main.py`` runs the bot; ``describe`` answers offline; ``backup`` copies the database.
+"""Entry point: ``python main.py`` runs the bot; ``describe`` answers offline; ``evaluate`` scores models
+on a task offline; ``backup`` copies the database.
 
 Configuration and the token are checked before the model stack is imported (torch and friends
 take seconds), so a missing token is reported at once. ``describe`` prints only the answer on
-stdout; progress and errors go to stderr.
+stdout, ``evaluate`` only its table (or JSON); progress and errors go to stderr.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
+import json
 import logging
 import os
 import signal
@@ -30,6 +33,9 @@ from core.config import (
     load_settings,
 )
 from core.errors import BadImage, FlamingoError, UnknownTask
+from core.evaluation import leave_one_out
+from core.evaluation.report import ModelRun, as_json, as_table
+from core.evaluation.sources import TEXTS_FILE, load_task
 from core.generation import OPTIONS, GenerationParams, generation_kwargs
 from core.images import load_image
 from core.prompts import END_OF_CHUNK, check_user_text
@@ -78,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
         "--device", help=f"auto, cpu, cuda or cuda:N (default: the settings' model.device, {shipped.device} as shipped)"
     )
     describe.add_argument(
+        "--language-model",
+        help="another causal LM (hub id or directory) of the model's shape under its trained layers "
+        "(default: the settings' model.language_model, none as shipped)",
+    )
+    describe.add_argument(
         "--skip-resource-checks",
         action="store_true",
         help="load even when free memory or disk looks too small for the model "
@@ -105,12 +116,49 @@ def _parser() -> argparse.ArgumentParser:
             default=option.default,
             help=f"{option.help} (default: {shown}{bounds})",
         )
+    evaluate = commands.add_parser(
+        "evaluate",
+        parents=[config_too],
+        help="score models on a task, each example answered with the task's other examples as context",
+        description="Each example of the task is held out in turn: the model answers its image, with the other "
+        "examples as context and the example's text up to its answer as the prompt (the answer begins after "
+        "the longest ending of the task's template that the text holds), greedily. The answers are scored "
+        "against the examples' own by exact match after VQA normalisation and by token F1.",
+        epilog=f'A folder holds the images and a {TEXTS_FILE}, a JSON object: "examples" maps each image\'s file '
+        'name to its example text, in order, and an optional "template" is the task\'s template (default: '
+        f"the {DEFAULT_TASK} task's), e.g. "
+        '{"template": "<image>Output:", "examples": {"cat.jpg": "<image>Output:A cat on a sofa.", '
+        '"dog.jpg": "<image>Output:A dog in the snow."}}',
+    )
+    evaluate.add_argument(
+        "--task",
+        default=DEFAULT_TASK,
+        metavar="NAME|FILE|DIR",
+        help="a built-in task's name, a task file from /tasks export, or a folder of images with "
+        f"{TEXTS_FILE}; a path that exists is read as a file or folder (default: {DEFAULT_TASK})",
+    )
+    evaluate.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="MODEL",
+        help="registry name or local model directory; give it again to compare models, loaded one at a time "
+        f"(default: the settings' model.name, {shipped.name} as shipped)",
+    )
+    evaluate.add_argument(
+        "--language-model",
+        help="another causal LM (hub id or directory) of the models' shape under each one's trained layers "
+        "(default: the settings' model.language_model, none as shipped)",
+    )
+    evaluate.add_argument(
+        "--json", action="store_true", help="print one JSON line instead of the table (default: the table)"
+    )
     return parser
 
 
 def _describe_settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
-    chosen = ("model", "precision", "device", "skip_resource_checks")
+    chosen = ("model", "precision", "device", "language_model", "skip_resource_checks")
     overrides = {key: getattr(args, key) for key in chosen if getattr(args, key)}
     if "model" in overrides:
         overrides["name"] = overrides.pop("model")
@@ -156,6 +204,41 @@ def describe(args: argparse.Namespace) -> int:
         log.info("(the model gave an empty answer)")
     print(answer.text)
     return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    # Every input is read and checked before the first (slow) model load.
+    planned = leave_one_out.plan(load_task(args.task, settings, lambda path: _read_image(path, settings)))
+    changes = {} if args.language_model is None else {"language_model": args.language_model}
+    runs = []
+    for name in args.models or [settings.model.name]:
+        model = settings.model.model_copy(update={"name": name} | changes)
+        chosen = settings.model_copy(update={"model": model})
+        runs.append(ModelRun(name, model.language_model, _evaluate_with(planned, chosen)))
+        gc.collect()  # the model went with its service: free it before the next loads
+    print(json.dumps(as_json(runs), ensure_ascii=False) if args.json else as_table(runs))
+    return 0
+
+
+def _evaluate_with(planned: leave_one_out.Plan, settings: Settings) -> leave_one_out.Evaluation:
+    from core.serving.local import start_service
+
+    with contextlib.redirect_stdout(sys.stderr):
+        service = start_service(settings)
+    scored: list[leave_one_out.ExampleScore] = []
+
+    def progress(score: leave_one_out.ExampleScore) -> None:
+        scored.append(score)
+        name, total = settings.model.name, len(planned.cases)
+        log.info("%s: %d of %d scored (example %d: F1 %.2f)", name, len(scored), total, score.position, score.f1)
+
+    try:
+        return asyncio.run(
+            leave_one_out.evaluate(planned, service.answer, service.rules.count_tokens, settings.generation, progress)
+        )
+    finally:
+        service.close()
 
 
 # At DEBUG these log every interaction's payload (prompts, user ids, interaction tokens, signed
@@ -262,9 +345,9 @@ def backup(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("describe", "backup"):
+    if args.command in ("describe", "evaluate", "backup"):
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    command = {"describe": describe, "backup": backup}.get(args.command, run_bot)
+    command = {"describe": describe, "evaluate": evaluate, "backup": backup}.get(args.command, run_bot)
     try:
         return command(args)
     except (FlamingoError, ConfigError) as error:

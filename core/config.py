@@ -62,7 +62,8 @@ class ModelSettings(Section):
     )
     language_model: str | None = Field(
         None,
-        description="Another causal LM of the checkpoint's shape (hub id or directory) under its trained layers.",
+        description="Another causal LM (hub id or directory) of the checkpoint's architecture and shape, under "
+        "its trained layers; for the v1 9B, loaded instead of llama_path's. Not applied to choices.",
     )
     quantize_cross_attention: bool = Field(
         True, description="With int8 or nf4, quantize the cross-attention layers too, not only the LM."

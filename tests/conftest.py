@@ -23,7 +23,7 @@ from core.serving.local import InferenceService
 from core.tasks.builtin import load_builtin_tasks
 from tests.helpers.ray import RAY, RAY_LOOPBACK, RayHead
 from tests.helpers.settings import IMAGES, tiny_settings
-from tests.make_tiny_model import FAMILIES, REMOTE_CODE_FAMILY, TinyModelSpec, write_model
+from tests.make_tiny_model import FAMILIES, REMOTE_CODE_FAMILY, TinyModelSpec, write_language_model, write_model
 
 # Every Ray process the tests start, and every Ray client, stays on loopback.
 os.environ.update(RAY_LOOPBACK)
@@ -34,6 +34,19 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     families = (*FAMILIES, REMOTE_CODE_FAMILY)
     return {family: write_model(root / family, TinyModelSpec(family=family)) for family in families}
+
+
+@pytest.fixture(scope="session")
+def other_language_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Plain causal LMs for the tiny LLaMA checkpoint's layers: one of its shape, one smaller."""
+    root = tmp_path_factory.mktemp("language-models")
+    shapes = {
+        "twin": TinyModelSpec(family="llama", seed=1),
+        "small": TinyModelSpec(family="llama", hidden=32, layers=2),
+    }
+    for name, spec in shapes.items():
+        write_language_model(root / name, spec)
+    return {name: root / name for name in shapes}
 
 
 @pytest.fixture(scope="session")

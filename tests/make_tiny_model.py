@@ -230,16 +230,23 @@ def build_flamingo_checkpoint(
     return state
 
 
-def write_model(out_dir: Path, spec: TinyModelSpec) -> Path:
-    """Write the model directory and return its path."""
+def write_language_model(out_dir: Path, spec: TinyModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A plain causal LM directory (weights and tokenizer, as a hub repository holds them), with
+    ``spec.seed``'s random weights: a model of one shape under another seed is another model."""
     torch.manual_seed(spec.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec)
     lm = build_language_model(spec, tokenizer)
+    lm.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return lm, tokenizer
+
+
+def write_model(out_dir: Path, spec: TinyModelSpec) -> Path:
+    """Write the model directory and return its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     # Upstream recognises MPT-1B by this name in the path (and adds the embedding accessors it lacks).
     lm_dir = "mpt-1b-redpajama-200b" if spec.family == REMOTE_CODE_FAMILY else "lm"
-    lm.save_pretrained(out_dir / lm_dir)
-    tokenizer.save_pretrained(out_dir / lm_dir)
+    lm, tokenizer = write_language_model(out_dir / lm_dir, spec)
 
     vision_dir = out_dir / "vision"
     vision_dir.mkdir(exist_ok=True)

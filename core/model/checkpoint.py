@@ -7,6 +7,7 @@ vision encoder or the frozen language model, and no key may be unknown.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from core.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
 
 # Buffers that older transformers saved with the model and current versions no longer define.
 _STALE_BUFFER_SUFFIXES = (
@@ -97,3 +100,44 @@ def select_checkpoint_tensors(
     if problems:
         raise ModelLoadError(f"checkpoint {source} does not fit this model: {'; '.join(problems)}")
     return {key: value for key, value in checkpoint.items() if key in expected}
+
+
+def keep_language_model(
+    model: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    language_model: nn.Module,
+    trained_modules: Iterable[nn.Module],
+    embedding_tables: Iterable[torch.Tensor],
+    flamingo_rows: Mapping[int, int],
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (as ``select_checkpoint_tensors`` chose them) for its layers on
+    another language model of the same shape, which keeps its own weights.
+
+    Checkpoints hold the language model's embedding tables besides the trained layers: upstream's
+    training masks the input embeddings' gradients to the rows of ``<image>`` and ``<|endofchunk|>``
+    and saves every table whole, so that the rows of the tokens it added are the same in each model.
+    Of each table held, the rows of Flamingo's tokens (``flamingo_rows``: the checkpoint's row to the
+    model's, for those two and a ``<PAD>`` both tokenizers hold, untrained but as saved) are copied
+    here into the new model's; every other row stays its own, as does any other tensor of the
+    language model, which is skipped. What is returned to load: the perceiver, the cross-attention
+    layers, and any vision tensors.
+    """
+    expected = model.state_dict(keep_vars=True)
+    trained = {id(t) for module in trained_modules for t in module.state_dict(keep_vars=True).values()}
+    own = {id(t) for t in language_model.state_dict(keep_vars=True).values()} - trained
+    tables = {id(table) for table in embedding_tables}
+    kept: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for key, value in tensors.items():
+        target = expected[key]
+        if id(target) not in own:
+            kept[key] = value
+        elif id(target) in tables:
+            with torch.no_grad():
+                for saved, row in flamingo_rows.items():
+                    target[row] = value[saved]
+        else:
+            skipped.append(key)
+    if skipped:
+        log.info("The language model keeps its own weights for %s", _listing("tensors in the checkpoint", skipped))
+    return kept

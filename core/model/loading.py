@@ -34,7 +34,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.config import ModelSettings
 from core.errors import ModelLoadError
-from core.model.checkpoint import read_state_dict, select_checkpoint_tensors
+from core.model.checkpoint import keep_language_model, read_state_dict, select_checkpoint_tensors
 from core.model.hub import check_tokenizer_reachable, progress_bars_for, unreachable
 from core.model.layers.flamingo_layer import install as install_reusable_media_layers
 from core.model.registry import ModelSpec, resolve_model
@@ -50,6 +50,7 @@ _DECODER_LAYERS = {
     "mosaicgpt": "transformer.blocks",
 }
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError, HfHubHTTPError)
+_PAD = "<PAD>"
 
 
 @dataclass(frozen=True)
@@ -173,9 +174,14 @@ def _load_failure(part: str, spec: ModelSpec, error: BaseException) -> ModelLoad
     return unreachable(error) or ModelLoadError(f"cannot load the {part} of {spec.name}: {detail}")
 
 
+def spec_of(settings: ModelSettings) -> ModelSpec:
+    """The model the settings name, on ``model.language_model`` when one is set."""
+    return resolve_model(settings.name, settings.llama_path, settings.language_model)
+
+
 def load_text_side(settings: ModelSettings) -> tuple[PreTrainedTokenizerBase, int]:
     """The tokenizer and context length alone, without weights: for a process whose model runs elsewhere."""
-    spec = resolve_model(settings.name, settings.llama_path)
+    spec = spec_of(settings)
     check_tokenizer_reachable(spec)
     try:
         config = AutoConfig.from_pretrained(
@@ -191,8 +197,79 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     # Same tokens in the same order as upstream, so ids match the trained embedding rows.
     tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_CHUNK, IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+        tokenizer.add_special_tokens({"pad_token": _PAD})
     return tokenizer
+
+
+@dataclass(frozen=True)
+class LanguageModelShape:
+    """What a checkpoint's trained layers need of the language model under them."""
+
+    architecture: str
+    hidden_size: int
+    layers: int
+    vocabulary: int  # with Flamingo's tokens: the embedding tables' rows
+    # Not compared: the ids Flamingo's tokens got, which differ when one tokenizer had a pad token of its own.
+    flamingo_ids: dict[str, int]
+
+
+# What must be equal, in words.
+_SHAPE_WORDS = {
+    "architecture": "architecture",
+    "hidden_size": "hidden size",
+    "layers": "layer count",
+    "vocabulary": "vocabulary with Flamingo's tokens",
+}
+
+
+def _config_int(config: PretrainedConfig, *names: str) -> int:
+    """A size under whichever name the family's config gives it (MosaicGPT maps no standard names)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"{type(config).__name__} has none of {', '.join(names)}")
+
+
+def language_model_shape(spec: ModelSpec) -> LanguageModelShape:
+    """From the LM's config and tokenizer alone, without its weights."""
+    try:
+        config = AutoConfig.from_pretrained(
+            spec.lang_encoder_path, revision=spec.lang_encoder_revision, trust_remote_code=spec.trust_remote_code
+        )
+        tokenizer = load_tokenizer(spec)
+        vocabulary = tokenizer.get_vocab()
+        return LanguageModelShape(
+            config.model_type,
+            _config_int(config, "hidden_size", "d_model", "n_embd"),
+            _config_int(config, "num_hidden_layers", "n_layers", "n_layer"),
+            len(tokenizer),
+            {token: vocabulary[token] for token in (END_OF_CHUNK, IMAGE_TOKEN, _PAD) if token in vocabulary},
+        )
+    except _LOAD_ERRORS as error:
+        raise _load_failure("language model", spec, error) from None
+
+
+def check_transfer(spec: ModelSpec) -> dict[int, int]:
+    """For a checkpoint's layers on another language model: refuse, in one line naming what differs,
+    one they do not fit (another architecture, hidden size, layer count or vocabulary size), else
+    return where the checkpoint's trained rows of Flamingo's tokens go in the new model's embeddings
+    (checkpoint row to model row; ``<PAD>`` only where both tokenizers hold it)."""
+    original = spec.transferred_from
+    if original is None:
+        return {}
+    theirs, ours = language_model_shape(original), language_model_shape(spec)
+    differences = [
+        f"{words} {getattr(theirs, name)} vs {getattr(ours, name)}"
+        for name, words in _SHAPE_WORDS.items()
+        if getattr(theirs, name) != getattr(ours, name)
+    ]
+    if differences:
+        raise ModelLoadError(
+            f"cannot put the layers of {original.name} on {spec.lang_encoder_path}: {', '.join(differences)}"
+        )
+    log.info("Putting the trained layers of %s on %s", original.name, spec.lang_encoder_path)
+    return {theirs.flamingo_ids[token]: row for token, row in ours.flamingo_ids.items() if token in theirs.flamingo_ids}
 
 
 class _HasWte(Protocol):
@@ -237,6 +314,13 @@ def embedding_table(layer: torch.nn.Module) -> torch.Tensor:
     return cast(torch.Tensor, layer.weight)  # nn.Module types attribute reads as ``Tensor | Module``
 
 
+def embedding_tables(lm: PreTrainedModel) -> list[torch.Tensor]:
+    """The input embeddings' table, and the output's when untied (tied, they are one tensor)."""
+    found = (lm.get_input_embeddings(), lm.get_output_embeddings())
+    tables = {id(table): table for table in (embedding_table(layer) for layer in found if layer is not None)}
+    return list(tables.values())
+
+
 def _resize_embeddings(lm: PreTrainedModel, vocab_size: int) -> None:
     """Fit the embeddings to the tokenizer, as upstream does, with deterministic new rows.
 
@@ -245,10 +329,8 @@ def _resize_embeddings(lm: PreTrainedModel, vocab_size: int) -> None:
     """
     old_size = embedding_table(lm.get_input_embeddings()).shape[0]
     lm.resize_token_embeddings(vocab_size, mean_resizing=False)
-    found = (lm.get_input_embeddings(), lm.get_output_embeddings())
-    tables = {id(table): table for table in (embedding_table(layer) for layer in found if layer is not None)}
     with torch.no_grad():
-        for table in tables.values():
+        for table in embedding_tables(lm):
             if table.shape[0] > old_size:
                 table[old_size:] = table[:old_size].mean(dim=0)
 
@@ -366,11 +448,13 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     and ``describe`` load through ``core.model.resources.load_checked``, which looks at the hub and
     checks memory and disk first."""
     started = time.perf_counter()
-    spec = resolve_model(settings.name, settings.llama_path)
+    spec = spec_of(settings)
     device = pick_device(settings.device)
     plan = plan_precision(settings.precision, device)
     step = "vision encoder"
     with progress_bars_for(sys.stderr):
+        flamingo_rows = check_transfer(spec)  # before any weights: a language model the layers do not fit
+
         try:
             log.info("Loading vision encoder %s", spec.clip_vision_encoder_path)
             visual, transform, vision_width = _load_vision(spec)
@@ -390,6 +474,8 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             model = assemble_flamingo(lm, visual, vision_width, tokenizer, spec.cross_attn_every_n_layers)
             trained = [model.perceiver, lm.gated_cross_attn_layers]
             tensors = select_checkpoint_tensors(model, checkpoint, trained, source=checkpoint_file)
+            if spec.transferred_from is not None:
+                tensors = keep_language_model(model, tensors, lm, trained, embedding_tables(lm), flamingo_rows)
             model.load_state_dict(tensors, strict=False)
             place_model(model, plan, device, settings.quantize_cross_attention)
         except torch.OutOfMemoryError:

@@ -41,6 +41,9 @@ class ModelSpec:
     checkpoint_path: str
     lang_encoder_revision: str | None = None
     trust_remote_code: bool = False
+    # Set when the checkpoint's layers sit on another language model: the model as released, whose
+    # language model they were trained with (its config and tokenizer are what the new one must match).
+    transferred_from: ModelSpec | None = None
 
     def __post_init__(self) -> None:
         local = Path(self.lang_encoder_path).is_dir()
@@ -186,8 +189,14 @@ def _local_spec(directory: Path, manifest: LocalManifest) -> ModelSpec:
     )
 
 
-def resolve_model(name_or_dir: str, llama_path: str | None = None) -> ModelSpec:
-    """A registry name (or alias) or a directory with ``flamingo.json``."""
+def resolve_model(name_or_dir: str, llama_path: str | None = None, language_model: str | None = None) -> ModelSpec:
+    """A registry name (or alias) or a directory with ``flamingo.json``, its trained layers on
+    ``language_model`` when one is given (see ``on_language_model``)."""
+    spec = _released(name_or_dir, llama_path)
+    return spec if language_model is None else on_language_model(spec, language_model)
+
+
+def _released(name_or_dir: str, llama_path: str | None) -> ModelSpec:
     directory = Path(name_or_dir).expanduser()
     if (directory / MANIFEST_NAME).is_file():
         return spec_from_directory(directory)
@@ -201,3 +210,36 @@ def resolve_model(name_or_dir: str, llama_path: str | None = None) -> ModelSpec:
     if name == _V1_NAME and llama_path:
         spec = replace(spec, lang_encoder_path=llama_path, tokenizer_path=llama_path)
     return spec
+
+
+def transferred_name(model: str, language_model: str) -> str:
+    """How a checkpoint's layers on another language model are named wherever a model is shown."""
+    return f"{model} with {language_model} as its language model"
+
+
+def on_language_model(spec: ModelSpec, language_model: str) -> ModelSpec:
+    """``spec``'s checkpoint on another causal LM (hub id or directory), with that LM's own tokenizer.
+
+    The language model of a registry entry is pinned to that entry's revision and runs its code as the
+    entry does; any other hub id runs no code of its own. A local directory may run its own code when
+    the checkpoint's language model does, as the same architecture then needs it (the operator's own).
+    Naming the checkpoint's own language model is a transfer too, to the model as released but for any
+    rows of its own vocabulary that training changed (upstream trains only those of Flamingo's tokens).
+    """
+    directory = Path(language_model).expanduser()
+    if directory.is_dir():
+        path, revision, remote_code = str(directory.resolve()), None, spec.trust_remote_code
+    else:
+        known = next((entry for entry in REGISTRY.values() if entry.lang_encoder_path == language_model), None)
+        path = language_model
+        revision = known.lang_encoder_revision if known else None
+        remote_code = known.trust_remote_code if known else False
+    return replace(
+        spec,
+        name=transferred_name(spec.name, path),
+        lang_encoder_path=path,
+        tokenizer_path=path,
+        lang_encoder_revision=revision,
+        trust_remote_code=remote_code,
+        transferred_from=spec,
+    )

@@ -21,8 +21,8 @@ from core.config import ModelSettings
 from core.errors import ModelLoadError
 from core.model.footprint import parameter_counts
 from core.model.hub import HubFile, files_to_download
-from core.model.loading import LoadedModel, PrecisionPlan, load_model, pick_device, plan_precision
-from core.model.registry import ModelSpec, resolve_model
+from core.model.loading import LoadedModel, PrecisionPlan, load_model, pick_device, plan_precision, spec_of
+from core.model.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,9 @@ def check_disk(downloads: Sequence[HubFile]) -> None:
 
 def load_checked(settings: ModelSettings) -> LoadedModel:
     """``load_model`` after the hub, memory and disk checks (``settings.skip_resource_checks`` leaves
-    out the size checks, for an operator who knows better)."""
-    spec = resolve_model(settings.name, settings.llama_path)
+    out the size checks, for an operator who knows better). A ``model.language_model`` is sized and
+    downloaded in place of the checkpoint's own; ``load_model`` compares their shapes first thing."""
+    spec = spec_of(settings)
     device = pick_device(settings.device)
     plan = plan_precision(settings.precision, device)
     prepare_to_load(spec, plan, device, settings.quantize_cross_attention, settings.skip_resource_checks)
