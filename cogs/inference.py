@@ -131,7 +131,7 @@ class Inference(commands.Cog):
             full = assemble_prompt([example.text for example in task.examples], stored.prompt)
         except UnknownTask:
             full = f"{stored.prompt}\n(task “{stored.task}” has since been deleted)"
-        embed = prompt_embed(stored, full, self.bot.settings)
+        embed = prompt_embed(stored, full, self.bot.asking.models, self.bot.settings.generation)
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     async def on_delete(self, interaction: Interaction, request_id: int) -> None:

@@ -34,6 +34,7 @@ from pydantic_settings import (
 )
 
 from core.generation import OPTIONS, Range
+from core.model.registry import transferred_name
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config.toml"
@@ -74,6 +75,15 @@ class ModelSettings(Section):
     skip_resource_checks: bool = Field(
         False, description="Load even when free memory or the hub cache's disk looks too small for the model."
     )
+
+    @property
+    def shown_name(self) -> str:
+        """The model as status lines name it: saying so when its layers sit on another language model."""
+        return self.name if self.language_model is None else transferred_name(self.name, self.language_model)
+
+    def chosen(self, name: str) -> ModelSettings:
+        """The settings a model a server chose loads with: as released (``language_model`` is the default's)."""
+        return self.model_copy(update={"name": name, "language_model": None})
 
 
 class ImageSettings(Section):

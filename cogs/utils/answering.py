@@ -21,12 +21,11 @@ from cogs.utils.bot import FlamingoBot, Interaction
 from cogs.utils.buttons import ActionButton, button_view
 from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, PLACE_SHOWN, clip, defer_answer, verbatim
 from core.asking import Answered, Asker
-from core.config import GenerationSettings, ModelSettings, Settings
+from core.config import GenerationSettings
 from core.generation import GenerationParams
 from core.model.engine import Answer
-from core.model.registry import transferred_name
 from core.serving import QueuedRequest
-from core.serving.model_choice import short_name
+from core.serving.model_choice import ModelCatalog, short_name
 from core.storage.request_store import StoredRequest
 from core.streaming import shown_while_written
 
@@ -202,21 +201,16 @@ def params_text(params: GenerationParams, settings: GenerationSettings) -> str:
     return " · ".join(shown)
 
 
-def default_model_shown(model: ModelSettings) -> str:
-    """The bot's own model by its short name, saying so when its layers sit on ``model.language_model``."""
-    name = short_name(model.name)
-    return name if model.language_model is None else transferred_name(name, short_name(model.language_model))
-
-
-def prompt_embed(stored: StoredRequest, full_prompt: str, settings: Settings) -> discord.Embed:
+def prompt_embed(
+    stored: StoredRequest, full_prompt: str, models: ModelCatalog, settings: GenerationSettings
+) -> discord.Embed:
     embed = discord.Embed(title="Full prompt", colour=ANSWER_COLOUR)
     embed.description = clip(f"```\n{verbatim(full_prompt)}\n```", 4000)
     embed.add_field(name="Task", value=stored.task)
     # A stored model is one a server chose, never the default, which is shown as configured now.
-    model = short_name(stored.model) if stored.model else default_model_shown(settings.model)
-    embed.add_field(name="Model", value=clip(model, EMBED_FIELD_LIMIT))
+    embed.add_field(name="Model", value=clip(models.shown(stored.model or models.default), EMBED_FIELD_LIMIT))
     embed.add_field(
-        name="Parameters", value=clip(params_text(stored.params, settings.generation), EMBED_FIELD_LIMIT), inline=False
+        name="Parameters", value=clip(params_text(stored.params, settings), EMBED_FIELD_LIMIT), inline=False
     )
     return embed
 

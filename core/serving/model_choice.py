@@ -18,7 +18,7 @@ from core.config import Settings
 from core.errors import BadParameter, ModelLoadError
 from core.model.footprint import parameter_counts
 from core.model.loading import PrecisionPlan, plan_precision
-from core.model.registry import REGISTRY, resolve_model
+from core.model.registry import REGISTRY, resolve_model, transferred_name
 from core.wording import quoted
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class ModelCatalog:
     weight_bytes: dict[str, int]  # of each choice but the default, in the replicas' precision
     budget_bytes: int  # per replica, for models other than the default
     on_replicas: bool  # False: the model runs in the bot's process and cannot change
+    language_model: str | None = None  # the default's layers sit on this LM (``model.language_model``)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelCatalog:
@@ -67,7 +68,7 @@ class ModelCatalog:
                     log.warning("model.choices: %s is left out: %s", name, error)
             choices = (default, *sizes)
         budget = round(settings.ray.extra_model_memory_gib * GIB)
-        return cls(default, choices, sizes, budget, on_replicas)
+        return cls(default, choices, sizes, budget, on_replicas, settings.model.language_model)
 
     @property
     def models_per_replica(self) -> int:
@@ -87,9 +88,15 @@ class ModelCatalog:
             return [self.default]
         return [self.default, *(name for name, size in self.weight_bytes.items() if size <= self.budget_bytes)]
 
+    def shown(self, model: str) -> str:
+        """A model by its short name; the default says so when its layers sit on another LM."""
+        if model != self.default or self.language_model is None:
+            return short_name(model)
+        return transferred_name(short_name(model), short_name(self.language_model))
+
     def describe(self, model: str) -> str:
         if model == self.default:
-            return f"{short_name(model)} (the default, always loaded)"
+            return f"{self.shown(model)} (the default, always loaded)"
         return f"{short_name(model)} ({_size(self.weight_bytes[model])})"
 
     def lookup(self, typed: str) -> str:

@@ -334,7 +334,7 @@ class RayInferenceService:
         _check_reachable(settings.ray.address)
         rules: dict[str | None, PromptRules] = {None: PromptRules(*load_text_side(settings.model), settings)}
         for model in ModelCatalog.from_settings(settings).offered()[1:]:
-            chosen = settings.model.model_copy(update={"name": model})
+            chosen = settings.model.chosen(model)
             rules[model] = PromptRules(*load_text_side(chosen), settings)
         _join(settings.ray)
         return cls(settings, rules, _deploy(settings))
@@ -355,7 +355,7 @@ class RayInferenceService:
     def status(self) -> ServiceStatus:
         ray = self.settings.ray
         cluster = f"{ray.replicas} replica(s) of {ray.app_name} at {ray.address}"
-        return ServiceStatus(self.settings.model.name, self.waiting, self.reachable, cluster=cluster)
+        return ServiceStatus(self.settings.model.shown_name, self.waiting, self.reachable, cluster=cluster)
 
     def estimated_wait(self, position: int) -> float:
         return 0.0

@@ -96,7 +96,7 @@ class FlamingoReplica:
 
     async def _load_chosen(self, model: str) -> ChosenModel:
         self.catalog.check_choice(model)
-        settings = self.settings.model_copy(update={"model": self.settings.model.model_copy(update={"name": model})})
+        settings = self.settings.model_copy(update={"model": self.settings.model.chosen(model)})
         log.info("loading %s, which a server chose", model)
         return ChosenModel(model, await asyncio.to_thread(start_service, settings, False), self.chosen)
 

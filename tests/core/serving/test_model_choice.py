@@ -101,3 +101,19 @@ def test_on_ray_choices_are_sized_in_the_replicas_precision(model_dirs):
     for choice in choices[:2]:
         assert catalog.weight_bytes[choice] == parameter_counts(resolve_model(choice)).weight_bytes(fp32)
     assert catalog.models_per_replica == 1  # each is about 7 MB: one fits in 10 MiB, two do not
+
+
+def test_the_default_on_another_language_model_says_so_and_a_chosen_model_loads_as_released():
+    catalog = ModelCatalog(
+        "models/default", ("models/default", "models/a"), {"models/a": GIB}, 8 * GIB, True, "hub/instruct-lm"
+    )
+    assert catalog.shown("models/default") == "default with instruct-lm as its language model"
+    assert (
+        catalog.describe("models/default")
+        == "default with instruct-lm as its language model (the default, always loaded)"
+    )
+    assert catalog.shown("models/a") == "a" and catalog.describe("models/a") == "a (1.0 GiB)"
+    model = ModelSettings(name="models/default", language_model="hub/instruct-lm")
+    assert model.shown_name == "models/default with hub/instruct-lm as its language model"
+    chosen = model.chosen("models/a")  # what a replica loads for a server's choice
+    assert (chosen.name, chosen.language_model, chosen.shown_name) == ("models/a", None, "models/a")
