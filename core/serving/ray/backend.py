@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import socket
 import threading
@@ -358,7 +359,10 @@ class RayInferenceService:
         return ServiceStatus(self.settings.model.shown_name, self.waiting, self.reachable, cluster=cluster)
 
     def estimated_wait(self, position: int) -> float:
-        return 0.0
+        """Seconds until a request at ``position`` in the bot's line is sent: a place at the replicas
+        frees as an answer ends, so about one typical answer per ``room`` requests ahead (0 before any)."""
+        typical = self.times.typical()
+        return 0.0 if typical is None else math.ceil(position / self._room) * typical.answering
 
     def line_status(self) -> LineStatus:
         """This bot process's line; the replicas' own queues (other processes' requests) are not seen."""

@@ -15,6 +15,7 @@ from core.errors import BadParameter, BadPrompt, ClusterUnavailable, RequestCanc
 from core.generation import GenerationParams
 from core.model.engine import Answer
 from core.prompts import Example, Task
+from core.serving.line_times import RecentTimes
 from core.serving.ray.backend import RayInferenceService
 from tests.helpers.settings import tiny_settings
 
@@ -311,3 +312,15 @@ async def test_a_background_request_goes_to_the_cluster_only_while_no_members_re
         assert service.in_flight == 0 and service._sent == 0 and not service._background_sent
     finally:
         service.close()
+
+
+def test_a_place_in_the_bots_line_is_given_a_wait_from_recent_answers(service):
+    """It was always 0 on Ray: members in line were never told how long they would wait."""
+    now = [100.0]
+    service.times = RecentTimes(clock=lambda: now[0])
+    assert service.estimated_wait(3) == 0.0  # nothing answered lately: no figure to give
+    for answering in (2.0, 4.0, 3.0):
+        service.times.record(now[0] - 1.0 - answering, now[0] - answering)
+    assert service._room == 1 and service.estimated_wait(1) == 3.0 and service.estimated_wait(3) == 9.0
+    service._room = 2  # two places at the replicas: a second request ahead waits for the same answer
+    assert service.estimated_wait(2) == 3.0 and service.estimated_wait(3) == 6.0
