@@ -57,7 +57,7 @@ def help_embed(
         name="Tasks",
         value=(
             "`/tasks list` and `/tasks show` browse them. Members with Manage Server build this server's "
-            "own with `/manage-tasks` (create, add-example, copy a built-in, import, set-default, …) "
+            "own with `/manage-tasks` (create, add-example, copy a built-in, import, set-default, evaluate, …) "
             "and choose channels, a role, quotas and the model with `/settings`."
         ),
         inline=False,

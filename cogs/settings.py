@@ -17,7 +17,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.utils.autocomplete import MAX_CHOICES
+from cogs.utils.autocomplete import model_names
 from cogs.utils.bot import FlamingoBot, Interaction
 from cogs.utils.checks import ManageServerGroup, ManageServerSubgroup, server_id
 from cogs.utils.options import limit_options
@@ -25,7 +25,7 @@ from cogs.utils.replies import EMBED_FIELD_LIMIT, clip
 from core.config import QuotaSettings
 from core.errors import BadParameter, NotAllowedHere
 from core.guild_settings import MAX_COOLDOWN_SECONDS, GuildSettings, check_quota_change
-from core.serving.model_choice import ModelCatalog, short_name
+from core.serving.model_choice import ModelCatalog
 from core.tasks.builtin import DEFAULT_TASK
 from core.usage import KEPT_DAYS, NO_TASK, OUTCOMES, ReportDays, Tally, UsageReport, usage_chart
 from core.wording import plural, quota_period
@@ -239,6 +239,7 @@ class ServerSettings(commands.Cog):
 
     @group.command(name="model", description="The model that answers on this server")
     @app_commands.describe(model="A model this bot offers; the default one if left empty")
+    @app_commands.autocomplete(model=model_names)
     async def model(self, interaction: Interaction, model: str | None = None) -> None:
         models = self.bot.models
         chosen = models.default if model is None else models.lookup(model)
@@ -246,23 +247,6 @@ class ServerSettings(commands.Cog):
         stored = None if chosen == models.default else chosen
         note = f"This server's answers now come from {models.describe(chosen)}."
         await self._change(interaction, lambda r: replace(r, model=stored), note)
-
-    @model.autocomplete("model")
-    async def _model_names(self, interaction: Interaction, current: str) -> list[app_commands.Choice[str]]:
-        """Every model this bot knows, those that cannot run here too: choosing one says why."""
-        models = self.bot.models
-        typed = current.casefold()
-        # A choice's value holds at most 100 characters: a longer folder name can still be typed.
-        names = [m for m in models.choices if typed in short_name(m).casefold() and len(short_name(m)) <= 100]
-        names = names[:MAX_CHOICES]
-        offered = models.offered()
-        return [
-            app_commands.Choice(
-                name=(models.describe(m) if m in offered else f"{short_name(m)} (cannot run here)")[:100],
-                value=short_name(m),
-            )
-            for m in names
-        ]
 
     @group.command(name="reports", description="The channel where reported answers are posted (empty: none)")
     @app_commands.describe(channel="A channel only moderators read; leave empty to turn reports off")

@@ -6,28 +6,44 @@ Two groups rather than one, because Discord ignores ``default_permissions`` on s
 from __future__ import annotations
 
 import asyncio
+import csv
 import functools
 import io
+import logging
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.utils.answering import asker_of
+from cogs.utils.answering import answer_deadline, asker_of
 from cogs.utils.attachments import download
-from cogs.utils.autocomplete import task_names
+from cogs.utils.autocomplete import model_names, task_names
 from cogs.utils.bot import FlamingoBot, Interaction
+from cogs.utils.buttons import CancelEvaluationButton
 from cogs.utils.checks import ManageServerGroup, server_id
 from cogs.utils.options import limit_options
-from cogs.utils.replies import EMBED_DESCRIPTION_LIMIT, EMBED_FIELD_LIMIT, EMBED_TOTAL_LIMIT, clip, verbatim
+from cogs.utils.replies import (
+    EMBED_DESCRIPTION_LIMIT,
+    EMBED_FIELD_LIMIT,
+    EMBED_TOTAL_LIMIT,
+    PLACE_SHOWN,
+    clip,
+    verbatim,
+)
 from core.errors import LimitReached
+from core.evaluation.jobs import EvaluationJob, EvaluationResult
 from core.images import check_file_size
-from core.tasks.archive import BadArchive, archive_filename, write_archive
+from core.serving.model_choice import ModelCatalog
+from core.tasks.archive import FILENAME_SUFFIX, BadArchive, archive_filename, write_archive
 from core.tasks.library import MAX_NAME_CHARS, TaskLibrary, UploadReader
 from core.tasks.views import LibraryUsage, TaskDetails, TaskInfo
-from core.wording import byte_size, plural
+from core.wording import byte_size, duration, plural
+
+log = logging.getLogger(__name__)
 
 _COLOUR = discord.Colour.blurple()
+# The least time between two edits of an evaluation's progress: Discord limits a message's edits.
+PROGRESS_SECONDS = 5.0
 
 
 def _line(task: TaskInfo) -> str:
@@ -74,6 +90,94 @@ def task_details_message(details: TaskDetails) -> dict:
         embeds.append(embed)
         files.append(discord.File(io.BytesIO(example.image), filename=filename))
     return {"embeds": embeds, "files": files}
+
+
+def evaluation_progress(job: EvaluationJob, model: str) -> str:
+    """``model`` as the catalog shows it (``ModelCatalog.shown``)."""
+    return (
+        f"⏳ Evaluating task **{job.task}** with {model}: {job.answered} of "
+        f"{plural(job.total, 'example')} answered. Members' requests go first, so this may take a while."
+    )
+
+
+def evaluation_embed(result: EvaluationResult, model: str) -> discord.Embed:
+    """The scores as percentages, what was scored and left out, and the time the answers took;
+    ``model`` as the catalog shows it, saying so when its layers sit on another language model."""
+    evaluation, stopped = result.evaluation, result.stopped
+    scored = len(evaluation.examples)
+    lines = ["Each example answered with the others as its context, and scored as a VQA answer."]
+    if stopped is not None:
+        lines.insert(0, f"**Stopped early:** {stopped} The scores are of the {plural(scored, 'example')} answered.")
+    colour = _COLOUR if stopped is None else discord.Colour.orange()
+    embed = discord.Embed(title=f"Evaluation of {evaluation.task}", description="\n".join(lines), colour=colour)
+    embed.add_field(name="Model", value=clip(model, EMBED_FIELD_LIMIT))
+    if scored:
+        embed.add_field(name="Exact match", value=f"{evaluation.exact_match:.1%}")
+        embed.add_field(name="F1", value=f"{evaluation.f1:.1%}")
+    examples = f"{scored} of {result.total} scored" if stopped is not None else f"{scored} scored"
+    if evaluation.unsplit:
+        examples += f" · {len(evaluation.unsplit)} left out (no answer found in the text)"
+    embed.add_field(name="Examples", value=examples)
+    seconds = evaluation.seconds
+    took = duration(seconds) if seconds >= 60 else f"{seconds:.1f} s"
+    per_example = f" ({seconds / scored:.1f} s each)" if scored else ""
+    embed.add_field(name="Time", value=took + per_example)
+    embed.set_footer(text="Every example, expected and answered, is in the attached file.")
+    return embed
+
+
+def evaluation_table(result: EvaluationResult) -> bytes:
+    """One CSV row per example, in the task's order: the scored ones, and those left out with why."""
+    rows: list[tuple[int, str, str, str, str, str]] = [
+        (s.position, s.expected, s.answered, f"{s.exact_match:.0f}", f"{s.f1:.2f}", "")
+        for s in result.evaluation.examples
+    ]
+    rows += [(u.position, "", "", "", "", f"not scored: {u.reason}") for u in result.evaluation.unsplit]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["position", "expected", "answered", "exact_match", "f1", "note"])
+    writer.writerows(sorted(rows))
+    return out.getvalue().encode()
+
+
+class EvaluationMessage:
+    """The deferred reply as an evaluation's progress (``core.evaluation.jobs.EvaluationFront``): the
+    examples answered, edited at most every ``PROGRESS_SECONDS``, with a Cancel button."""
+
+    def __init__(self, interaction: Interaction, models: ModelCatalog) -> None:
+        self.interaction = interaction
+        self.models = models
+        self.deadline = answer_deadline(interaction)
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def started(self, job: EvaluationJob) -> None:
+        self.interaction.extras[PLACE_SHOWN] = True  # a failure replaces the progress, and its button
+        await self._show(job)
+        self._ticker = asyncio.create_task(self._tick(job))
+
+    async def _tick(self, job: EvaluationJob) -> None:
+        shown = job.answered
+        while True:
+            await asyncio.sleep(PROGRESS_SECONDS)
+            if job.answered != shown:
+                shown = job.answered
+                try:
+                    await self._show(job)
+                except discord.HTTPException:  # the result replaces it anyway
+                    log.warning("could not show an evaluation's progress", exc_info=True)
+
+    async def _show(self, job: EvaluationJob) -> None:
+        view = discord.ui.View(timeout=None)
+        view.add_item(CancelEvaluationButton(job.id))
+        await self.interaction.edit_original_response(
+            content=evaluation_progress(job, self.models.shown(job.model)), view=view
+        )
+
+    async def stop(self) -> None:
+        """No more progress: an edit under way is finished first, so the result comes after it."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
 
 
 class Tasks(commands.Cog):
@@ -245,6 +349,39 @@ class Tasks(commands.Cog):
         chosen = await self.library.set_default(server_id(interaction), task)
         shown = chosen or await self.library.default_task_name(interaction.guild_id)
         await self._done(interaction, f"The default task is now **{shown}**.")
+
+    @manage.command(description="Score a model on a task: each example answered with the others as context")
+    @app_commands.describe(
+        task="The task (at least 2 examples)", model="A model this bot offers (default: this server's)"
+    )
+    @app_commands.autocomplete(task=task_names, model=model_names)
+    async def evaluate(self, interaction: Interaction, task: str, model: str | None = None) -> None:
+        guild_id = server_id(interaction)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        models = self.bot.asking.models
+        progress = EvaluationMessage(interaction, models)
+        try:
+            result = await self.bot.evaluations.evaluate(
+                interaction.id, guild_id, interaction.user.id, task, model, progress
+            )
+        finally:
+            await progress.stop()
+        filename = f"{archive_filename(result.evaluation.task).removesuffix(FILENAME_SUFFIX)}-evaluation.csv"
+        await interaction.edit_original_response(
+            content=None,
+            embed=evaluation_embed(result, models.shown(result.model)),
+            attachments=[discord.File(io.BytesIO(evaluation_table(result)), filename=filename)],
+            view=None,
+        )
+
+    async def on_cancel_evaluation(self, interaction: Interaction, job_id: int) -> None:
+        """The evaluation's own reply shows how it ended, with what it answered: the click only acknowledges."""
+        manages = interaction.permissions.manage_guild
+        self.bot.evaluations.cancel(server_id(interaction), job_id, interaction.user.id, manages)
+        await interaction.response.defer()
+
+    async def cog_load(self) -> None:
+        self.bot.add_dynamic_items(CancelEvaluationButton)  # the same class on every load (cogs/utils/buttons.py)
 
     def _reader(self, attachment: discord.Attachment) -> UploadReader:
         """The attachment's download, made only once the library lets the change in (quotas, checks)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from core.config import QuotaSettings
 from core.errors import FlamingoError
 from core.guild_settings import MAX_COOLDOWN_SECONDS
-from core.wording import plural
+from core.wording import plural, quota_period
 
 
 class TooManyRequests(FlamingoError):
@@ -73,6 +73,23 @@ class QuotaLeft:
     period_seconds: float
     next_back_seconds: float | None  # until the oldest counted request leaves the period; None: none counted
     cooldown_seconds: float  # until the user may ask again; 0: now
+
+
+@dataclass
+class Charge:
+    """Requests taken from a period's quota at once (``RequestQuotas.charge``); those a job did not
+    send after all can be given back."""
+
+    _recent: deque[float]
+    _at: float
+    unused: int  # taken and not given back
+
+    def give_back(self, count: int) -> None:
+        """Return ``count`` of them (at most those still taken), unless they have aged out of the period meanwhile."""
+        for _ in range(min(count, self.unused)):
+            self.unused -= 1
+            if self._at in self._recent:
+                self._recent.remove(self._at)
 
 
 @dataclass
@@ -147,6 +164,33 @@ class RequestQuotas:
             raise
         finally:
             place.in_flight -= 1
+
+    def charge(self, guild_id: int, count: int, limits: QuotaSettings | None = None) -> Charge:
+        """Take ``count`` requests from a server's per-period quota at once (a job's, such as a task's
+        evaluation), or raise ``TooManyRequests`` saying when they will fit, taking nothing. Neither a
+        member's cooldown nor the requests in flight: the job holds one place in the model's line
+        at a time, behind members' requests, so it keeps none of them from being let in."""
+        now = self.clock()
+        self._prune(now)
+        settings, words = limits or self.settings, self.wording
+        per_period = settings.guild_per_period
+        if count > per_period:
+            raise TooManyRequests(
+                f"That needs {plural(count, words.noun)}, more than this server's "
+                f"{plural(per_period, words.noun)} per {quota_period(settings.period_seconds)}."
+            )
+        recent = self._places.setdefault(_key(guild_id, 0), _Place()).recent  # the server's, whoever asks
+        while recent and now - recent[0] >= settings.period_seconds:
+            recent.popleft()
+        over = len(recent) + count - per_period
+        if over > 0:  # it fits once the ``over`` oldest counted requests have left the period
+            wait = settings.period_seconds - (now - recent[over - 1])
+            raise TooManyRequests(
+                f"That needs {plural(count, words.noun)}, and this server has used {len(recent)} of its "
+                f"{per_period} for now; there will be room in {wait_words(wait)}."
+            )
+        recent.extend([now] * count)
+        return Charge(recent, now, count)
 
     def left(self, guild_id: int | None, user_id: int, limits: QuotaSettings | None = None) -> QuotaLeft:
         """What ``admit`` would find now, changing nothing (``/queue`` only looks)."""

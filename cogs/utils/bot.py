@@ -1,4 +1,4 @@
-"""The bot: owns the one model service, the task store and the task library.
+"""The bot: owns the one model service, the task store, the task library and the evaluations under way.
 
 They live here, not in a cog module, so that reloading a cog swaps its code without reloading the
 model's weights or reopening the database.
@@ -27,6 +27,7 @@ from cogs.utils.errors import reply_with_error
 from core.asking import Asking
 from core.config import ConfigError, Settings
 from core.errors import StorageUnavailable
+from core.evaluation.jobs import TaskEvaluations
 from core.moderation import AnswerFilter, ReportLog, WordListFilter
 from core.quotas import RequestQuotas
 from core.serving import ModelService, QueuedRequest, start_model_service
@@ -74,6 +75,7 @@ class FlamingoBot(commands.AutoShardedBot):
     quotas: RequestQuotas
     models: ModelCatalog
     asking: Asking
+    evaluations: TaskEvaluations
 
     def __init__(self, settings: Settings, service: ModelService | None = None) -> None:
         # Both are needed: REST routes come from Route.BASE, and every shard connects (and falls back
@@ -148,6 +150,9 @@ class FlamingoBot(commands.AutoShardedBot):
             self.service,
             self.metrics,
             self.answer_filter,
+        )
+        self.evaluations = TaskEvaluations(
+            self.settings, self.store, self.library, self.quotas, self.models, self.service
         )
         for extension in EXTENSIONS:
             await self.load_extension(extension)

@@ -75,6 +75,28 @@ class ForgetExamplesButton(
         await _handle(interaction, "Privacy", "on_forget_examples", self.user_id)
 
 
+class CancelEvaluationButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"flamingo-evaluation:(?P<job>[0-9]{1,20})"
+):
+    """Stops a task's evaluation (``/manage-tasks evaluate``), named by its interaction's id."""
+
+    def __init__(self, job_id: int) -> None:
+        button: discord.ui.Button[discord.ui.View] = discord.ui.Button(
+            label="Cancel", emoji="✖️", style=discord.ButtonStyle.danger, custom_id=f"flamingo-evaluation:{job_id}"
+        )
+        super().__init__(button)
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> Self:
+        return cls(int(match["job"]))
+
+    async def callback(self, interaction: Interaction) -> None:  # type: ignore[override]  # only this bot sends its buttons
+        await _handle(interaction, "Tasks", "on_cancel_evaluation", self.job_id)
+
+
 async def _handle(interaction: Interaction, cog_name: str, method: str, target_id: int) -> None:
     """A click, handled by the cog as it is now (held while cogs reload, finished before a shutdown).
     discord.py only logs what a dynamic item raises; the user is told here instead."""

@@ -24,7 +24,7 @@ from core.config import Settings
 from core.errors import BadImage, FlamingoError, UnknownTask
 from core.images import load_image
 from core.prompts import END_OF_CHUNK, Example, Task, check_user_text
-from core.tasks.archive import ArchiveLimits, BadArchive, read_archive
+from core.tasks.archive import BadArchive, archive_limits, read_archive
 from core.tasks.builtin import DEFAULT_TASK, load_builtin_tasks
 
 TEXTS_FILE = "texts.json"
@@ -40,20 +40,6 @@ class _TextsFile(BaseModel):
     examples: dict[str, str]
 
 
-def _archive_limits(settings: Settings) -> ArchiveLimits:
-    """The limits ``/manage-tasks import`` reads a task file under (``TaskLibrary.archive_limits``)."""
-    from core.tasks.library import MAX_NAME_CHARS  # the library needs the database's modules: not for folders
-
-    limits = settings.limits
-    longest = max(limits.max_example_chars, limits.max_template_chars, limits.max_description_chars, MAX_NAME_CHARS)
-    return ArchiveLimits(
-        max_bytes=limits.max_import_bytes,
-        max_uncompressed_bytes=2 * limits.max_import_bytes,
-        max_examples=limits.max_examples_per_task,
-        max_text_chars=longest,
-    )
-
-
 def _checked(text: str, settings: Settings, what: str) -> str:
     return check_user_text(
         text, images=1, reserved=[END_OF_CHUNK], max_chars=settings.limits.max_example_chars, what=what
@@ -65,8 +51,10 @@ def _from_file(path: Path, settings: Settings) -> Task:
         data = path.read_bytes()
     except OSError as error:
         raise BadArchive(f"Cannot read {path}: {error.strerror or error}.") from None
+    from core.tasks.library import MAX_NAME_CHARS  # the library needs the database's modules: not for folders
+
     try:
-        archive = read_archive(data, _archive_limits(settings))
+        archive = read_archive(data, archive_limits(settings.limits, MAX_NAME_CHARS))
     except BadArchive as error:
         raise BadArchive(f"{path}: {error}") from None
     examples = []

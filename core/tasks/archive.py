@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from core.config import LimitSettings
 from core.errors import FlamingoError
 from core.wording import quoted
 
@@ -88,6 +89,18 @@ class ArchiveLimits:
         """task.json's bound, from its texts' (each character at most six bytes, as a JSON escape):
         it is read whole before its fields are checked, so it must not be allowed the images' room."""
         return 4096 + (3 + self.max_examples) * (6 * self.max_text_chars + 256)
+
+
+def archive_limits(limits: LimitSettings, max_name_chars: int) -> ArchiveLimits:
+    """What a task file is read under, from the task rules' limits (its texts: the longest a task
+    may hold, ``max_name_chars`` its name's): shared by ``/manage-tasks import`` and the command line."""
+    longest = max(limits.max_example_chars, limits.max_template_chars, limits.max_description_chars, max_name_chars)
+    return ArchiveLimits(
+        max_bytes=limits.max_import_bytes,
+        max_uncompressed_bytes=2 * limits.max_import_bytes,
+        max_examples=limits.max_examples_per_task,
+        max_text_chars=longest,
+    )
 
 
 def archive_filename(name: str) -> str:

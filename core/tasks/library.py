@@ -32,7 +32,7 @@ from core.model.lru_cache import LruCache
 from core.prompts import IMAGE_TOKEN, Example, Task, assemble_prompt
 from core.quotas import TASK_UPLOADS, Admission, RequestQuotas
 from core.storage.task_store import StoredTask, TaskStore
-from core.tasks.archive import ArchivedExample, ArchiveLimits, BadArchive, TaskArchive
+from core.tasks.archive import ArchivedExample, ArchiveLimits, BadArchive, TaskArchive, archive_limits
 from core.tasks.builtin import DEFAULT_TASK
 from core.tasks.uploads import stored_image, task_file
 from core.tasks.views import ExampleView, LibraryUsage, TaskDetails, TaskInfo
@@ -231,14 +231,7 @@ class TaskLibrary:
 
     @property
     def archive_limits(self) -> ArchiveLimits:
-        limits = self.limits
-        longest = max(limits.max_example_chars, limits.max_template_chars, limits.max_description_chars, MAX_NAME_CHARS)
-        return ArchiveLimits(
-            max_bytes=limits.max_import_bytes,
-            max_uncompressed_bytes=2 * limits.max_import_bytes,
-            max_examples=limits.max_examples_per_task,
-            max_text_chars=longest,
-        )
+        return archive_limits(self.limits, MAX_NAME_CHARS)
 
     async def _stored_images(self, examples: Sequence[ArchivedExample]) -> list[bytes]:
         """Each image decoded under the upload rules and re-encoded, one job each, so that other

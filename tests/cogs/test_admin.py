@@ -10,7 +10,7 @@ import pytest
 
 import cogs.utils.bot
 from cogs.utils.bot import FlamingoBot
-from cogs.utils.buttons import ActionButton, ForgetExamplesButton
+from cogs.utils.buttons import ActionButton, CancelEvaluationButton, ForgetExamplesButton
 from core.config import ConfigError, DiscordSettings, StorageSettings
 from core.model.decode.graphed_steps import StaticSteps
 from tests.fake_discord.server import FakeDiscord
@@ -149,11 +149,11 @@ async def test_a_cog_that_fails_to_reload_keeps_running_says_why_and_the_others_
 async def test_every_answer_button_is_one_class_whatever_was_reloaded(world):
     """An answer posted by a request that outlived a reload registered the old class again."""
     registered = lambda: set(world.bot._connection._view_store._dynamic_items.values())  # noqa: E731
-    assert registered() == {ActionButton, ForgetExamplesButton}
+    assert registered() == {ActionButton, ForgetExamplesButton, CancelEvaluationButton}
     owner = world.admin_guild.members[world.discord.owner.id]
     await world.reply("admin reload", member=owner, guild=world.admin_guild, cog="cogs.inference")
     answer = (await world.reply("comprehend", image=photo(world), max_new_tokens=2))[0]
-    assert answer.components and registered() == {ActionButton, ForgetExamplesButton}
+    assert answer.components and registered() == {ActionButton, ForgetExamplesButton, CancelEvaluationButton}
 
 
 async def test_an_interaction_arriving_during_a_reload_is_held_and_answered(world, monkeypatch):

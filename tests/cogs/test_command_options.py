@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import discord
 from discord import app_commands
 
 from cogs.inference import Inference
+from cogs.utils.autocomplete import model_names
 from cogs.utils.options import limit_options
 from core.serving.model_choice import short_name
 
@@ -117,8 +119,8 @@ async def test_model_choices_fit_discords_100_characters(world):
     long_folder = "/srv/models/" + "x" * 101
     catalog = world.bot.models
     world.bot.models = dataclasses.replace(catalog, choices=(*catalog.choices, long_folder))
-    cog = world.bot.get_cog("ServerSettings")
-    choices = await cog._model_names(None, "")
+    interaction = types.SimpleNamespace(client=world.bot)
+    choices = await model_names(interaction, "")
     assert choices and all(len(choice.value) <= 100 and len(choice.name) <= 100 for choice in choices)
     assert [choice.value for choice in choices] == [short_name(name) for name in catalog.choices][: len(choices)]
 
@@ -129,3 +131,12 @@ async def test_settings_show_reads_a_zero_cooldown_as_no_wait(world):
     assert fields["Quotas (the bot's defaults)"] == (
         "no wait between a member's requests · up to 64 answered or waiting at once · 10000 per hour"
     )
+
+
+async def test_evaluate_completes_the_task_and_the_model_as_they_are_typed(world):
+    declared = options(registered(world, "manage-tasks"), "evaluate")
+    assert [(name, option.get("required", False)) for name, option in declared.items()] == [
+        ("task", True),
+        ("model", False),
+    ]
+    assert declared["task"]["autocomplete"] and declared["model"]["autocomplete"]

@@ -141,3 +141,52 @@ def test_what_is_left_is_read_without_spending_anything():
         pass
     clock.now += 3596
     assert quotas.left(5, 7) == QuotaLeft(0, 3, 1, 2, 3600, 4, 0.0)  # the first has left the period
+
+
+def test_a_job_takes_its_count_from_the_period_at_once_and_members_then_find_it_used():
+    clock = Clock()
+    quotas = RequestQuotas(QuotaSettings(user_cooldown_seconds=0, guild_per_period=10, period_seconds=3600), clock)
+    quotas.charge(5, 8)
+    assert quotas.left(5, 1).used == 8
+    with quotas.admit(5, 1), quotas.admit(5, 2):
+        pass
+    with pytest.raises(TooManyRequests, match="used its 10 requests for now"), quotas.admit(5, 3):
+        pass
+    assert quotas.left(6, 1).used == 0  # another server's quota is its own
+
+
+def test_a_job_that_does_not_fit_is_refused_with_when_it_will_and_takes_nothing():
+    clock = Clock()
+    quotas = RequestQuotas(QuotaSettings(user_cooldown_seconds=0, guild_per_period=10, period_seconds=3600), clock)
+    for user in range(6):
+        with quotas.admit(5, user):
+            clock.now += 60
+    with pytest.raises(
+        TooManyRequests,
+        match=r"^That needs 8 requests, and this server has used 6 of its 10 for now; there will be room in 57 min\.$",
+    ):
+        quotas.charge(5, 8)
+    assert quotas.left(5, 1).used == 6
+    clock.now += 56 * 60  # the 4th oldest leaves the period 57 min after the refusal
+    with pytest.raises(TooManyRequests):
+        quotas.charge(5, 8)
+    clock.now += 60
+    quotas.charge(5, 8)
+    assert quotas.left(5, 1).used == 10
+
+
+def test_a_job_larger_than_the_whole_quota_is_refused_for_good():
+    quotas = RequestQuotas(QuotaSettings(guild_per_period=5, period_seconds=3600), Clock())
+    refusal = r"^That needs 8 requests, more than this server's 5 requests per hour\.$"
+    with pytest.raises(TooManyRequests, match=refusal):
+        quotas.charge(5, 8)
+
+
+def test_what_a_job_did_not_send_is_given_back_once():
+    clock = Clock()
+    quotas = RequestQuotas(QuotaSettings(guild_per_period=10, period_seconds=3600), clock)
+    charge = quotas.charge(5, 8)
+    charge.give_back(5)
+    charge.give_back(5)  # only the 3 still taken
+    assert quotas.left(5, 1).used == 0
+    assert charge.unused == 0
