@@ -130,6 +130,8 @@ def padded_batch(rows: list[Running], device: torch.device) -> tuple[DynamicCach
     while rows[0].key_values:
         index = len(layers)
         keys, values = zip(*(row.key_values.pop(0) for row in rows), strict=True)
+        for row in rows:
+            row.buffer = None  # its views are what ``keys`` and ``values`` took
         layers.append((_left_padded(rows, keys, index, 0), _left_padded(rows, values, index, 1)))
         del keys, values
     mask = torch.stack([F.pad(torch.ones(n, dtype=torch.long, device=device), (length - n, 0)) for n in cached])

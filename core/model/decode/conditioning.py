@@ -25,6 +25,7 @@ from transformers import DynamicCache
 from core.model.decode.mosaic_cache import CacheWithPast, TupleCacheView, keeps_tuple_cache
 from core.model.decode.state import Running
 from core.model.layers.flamingo_layer import ReusableMediaLayer, media_keys_values
+from core.model.layers.layer_stack import LanguageModelParts, LayerCache
 
 
 class LayerConditioning:
@@ -117,13 +118,19 @@ class LayerConditioning:
         for layer in self.layers:
             layer.use_media(None)
 
-    def forward(self, ids: torch.Tensor, image_index: torch.Tensor, cache: DynamicCache, past: int) -> torch.Tensor:
-        """Logits of the last position; ``image_index`` is each token's 1-based image (0: none)."""
-        # Upstream numbers a token's image by a cumulative sum over media flags; giving it the
-        # per-token increments of our index reproduces the same numbers for any offset.
+    def _locate_media(self, image_index: torch.Tensor) -> None:
+        """Tell the layers each token's 1-based image (0: none).
+
+        Upstream numbers a token's image by a cumulative sum over media flags; giving it the
+        per-token increments of our index reproduces the same numbers for any offset.
+        """
         increments = torch.diff(image_index, dim=1, prepend=torch.zeros_like(image_index[:, :1]))
         for layer in self.layers:
             layer.condition_media_locations(increments)
+
+    def forward(self, ids: torch.Tensor, image_index: torch.Tensor, cache: DynamicCache, past: int) -> torch.Tensor:
+        """Logits of the last position; ``image_index`` is each token's 1-based image (0: none)."""
+        self._locate_media(image_index)
         output = self._lm_forward(
             self.model.lang_encoder,
             input_ids=ids,
@@ -132,6 +139,18 @@ class LayerConditioning:
             use_cache=True,
         )
         return output.logits[:, -1, :]
+
+    def forward_driven(
+        self, parts: LanguageModelParts, ids: torch.Tensor, image_index: torch.Tensor, cache: LayerCache, past: int
+    ) -> torch.Tensor:
+        """As ``forward`` for one row, through the layers driven directly: into a cache of our own
+        (a row's buffer) with no copy of its past, LLaMA's projections side by side."""
+        self._locate_media(image_index)
+        queries = ids.shape[1]
+        positions = torch.arange(past, past + queries, device=self.device)[None]
+        column = torch.arange(past + queries, device=self.device)
+        masked = (column > positions[..., None])[:, None] if queries > 1 else None  # causal; one token sees all
+        return parts.last_logits(self.layers, ids, cache, masked, column - (past + queries - 1), positions)
 
     def step_tokens(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | CacheWithPast, mask: torch.Tensor

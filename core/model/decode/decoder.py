@@ -29,7 +29,15 @@ from core.model.decode.conditioning import LayerConditioning
 from core.model.decode.graphed_steps import StaticStep, StaticSteps, supports_static_steps
 from core.model.decode.logits import processed
 from core.model.decode.shared_prefix import SharedPrefixSteps
-from core.model.decode.state import DecodeJob, PrefixState, Running, after_prefix, layer_keys_values, tensor_bytes
+from core.model.decode.state import (
+    DecodeJob,
+    PrefixState,
+    RowCache,
+    Running,
+    after_prefix,
+    layer_keys_values,
+    tensor_bytes,
+)
 from core.model.layers.layer_stack import language_model_parts
 from core.model.lru_cache import LruCache
 
@@ -122,15 +130,32 @@ class FlamingoDecoder:
         return state
 
     def prefill(self, job: DecodeJob, media_token_id: int) -> Running:
-        """Run one request's own tokens against its task's prefix: alone, so exactly as unbatched."""
+        """Run one request's own tokens against its task's prefix: alone, so exactly as unbatched.
+
+        With the language model's parts, through its layers driven directly and straight into the
+        buffer the row decodes in (``RowCache``): transformers' forward copied the prefix's keys and
+        values into its cache, the row's own out of it, and both into that buffer again; it also built
+        its masks through vmap. The same bits: the same layers' arithmetic, the same mask, the head
+        over every token as transformers takes it (tested against the LM's forward). On a GPU, whose
+        attention kernels are chosen by the mask's type, the LM's forward still runs it.
+        """
         conditioning, prefix = self.conditioning, job.prefix
         media = torch.stack(job.request_images).unsqueeze(0) if job.request_images else None
         start = 1 if prefix.last_image is not None else 0
         ids = torch.tensor([job.request_ids], device=conditioning.device)
         image_index = start + (ids == media_token_id).cumsum(dim=1)
-        cache = DynamicCache(ddp_cache_data=prefix.key_values) if prefix.key_values else DynamicCache()
         last_image = prefix.last_image
         reading = conditioning.reading(media) if last_image is None else conditioning.reading_after(last_image, media)
+        if self._parts is not None and conditioning.device.type == "cpu":  # checked to the bit on CPUs only
+            capacity = len(prefix.token_ids) + len(job.request_ids) + job.kwargs["max_new_tokens"]
+            shape = (len(conditioning.layers), self._parts.key_value_heads, self._parts.head_dim)
+            buffer = RowCache(prefix, capacity, shape, conditioning.dtype, conditioning.device)
+            buffer.begin_step(len(job.request_ids))
+            with reading:
+                logits = conditioning.forward_driven(self._parts, ids, image_index, buffer, past=len(prefix.token_ids))
+                latest = [layer.latest_image_keys_values() for layer in conditioning.layers]
+            return Running.prefilled(job, logits, buffer.own_key_values(0), latest, conditioning.device, buffer)
+        cache = DynamicCache(ddp_cache_data=prefix.key_values) if prefix.key_values else DynamicCache()
         with reading:
             logits = conditioning.forward(ids, image_index, cache, past=len(prefix.token_ids))
             latest = [layer.latest_image_keys_values() for layer in conditioning.layers]

@@ -109,7 +109,7 @@ class StaticStep:
                     self.values[index][n, :, first : first + row.prefix_length] = prefix_values[0]
                 self.keys[index][n, :, length - own : length] = keys[0]
                 self.values[index][n, :, length - own : length] = values[0]
-            row.key_values = []
+            row.key_values, row.buffer = [], None
         self.slot.fill_(length)
         self.next_slot = length
         self.make_image_buffers(rows)

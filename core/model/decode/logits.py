@@ -49,6 +49,12 @@ def logits_processors(
 
 
 def processed(processors: LogitsProcessorList, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """The scores after ``processors``, which transformers types as taking torch's legacy ``LongTensor`` and
-    ``FloatTensor`` classes, never what torch's operations are typed to return."""
-    return processors(cast("torch.LongTensor", ids), cast("torch.FloatTensor", scores))
+    """The scores after ``processors``, each called as ``LogitsProcessorList`` calls one that takes no
+    other arguments (as every one ``logits_processors`` makes): without the list's inspection of each
+    one's signature on every call (choosing a decode step's token took 49 µs with it, 28 µs without).
+
+    transformers types them as taking torch's legacy ``LongTensor`` and ``FloatTensor`` classes, never
+    what torch's operations are typed to return."""
+    for processor in processors:
+        scores = processor(cast("torch.LongTensor", ids), cast("torch.FloatTensor", scores))
+    return scores

@@ -9,7 +9,9 @@ the same places, so MPT's position bias (taken from the place in the row) and th
 are as before. Only the gathered tensors of one layer exist at a time.
 
 A row decoding alone has nothing to share and no padding: its cache is one buffer per layer
-(``RowCache``), whose attention reads a view of the past instead of a gathered copy of it.
+(``RowCache``), whose attention reads a view of the past instead of a gathered copy of it. Its
+prefill writes into that buffer already (``FlamingoDecoder.prefill``), so the row starts decoding
+without a copy.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from core.model.decode.state import PrefixState, RowCache, Running
+
 if TYPE_CHECKING:
     from core.model.decode.conditioning import LayerConditioning
-    from core.model.decode.state import PrefixState, Running
     from core.model.layers.layer_stack import LanguageModelParts
 
 
@@ -103,6 +106,8 @@ class SharedPrefixCache:
         while rows[0].key_values:  # layer by layer, so each row's old copy goes as soon as it is stored
             index = len(self.keys)
             parts = [row.key_values.pop(0) for row in rows]
+            for row in rows:
+                row.buffer = None  # its views are what ``parts`` took
             for which, store in enumerate((self.keys, self.values)):
                 first_part = parts[0][which]
                 buffer = layout.store(index, which, first_part.shape[1], first_part.shape[3], first_part)
@@ -157,58 +162,6 @@ class SharedPrefixCache:
         ]
 
 
-class RowCache:
-    """One row's keys and values, its prefix's included, in one buffer per layer with room for its
-    remaining tokens: each step writes its token's at the end and reads the past as a view."""
-
-    def __init__(self, row: Running) -> None:
-        """Take the row's own cache, after a copy of its prefix's."""
-        self.prefix_length = row.prefix_length
-        self.length = row.cached_length
-        capacity = self.length + row.job.kwargs["max_new_tokens"] - len(row.generated)
-        self.keys: list[torch.Tensor] = []  # per layer, (1, heads, capacity, dim)
-        self.values: list[torch.Tensor] = []
-        while row.key_values:  # layer by layer, so each old copy goes as soon as it is stored
-            index = len(self.keys)
-            own = row.key_values.pop(0)
-            for which, store in enumerate((self.keys, self.values)):
-                part = own[which]
-                buffer = part.new_empty((1, part.shape[1], capacity, part.shape[3]))
-                if self.prefix_length:
-                    buffer[:, :, : self.prefix_length] = row.job.prefix.key_values[index][which]
-                buffer[:, :, self.prefix_length : self.length] = part
-                store.append(buffer)
-
-    def begin_step(self) -> None:
-        """The row gets one more place, at the end of its buffer, for the token this forward runs."""
-        self.length += 1
-
-    def end_step(self) -> None:
-        """Nothing to advance: ``begin_step`` made the place, which ``update`` filled."""
-
-    def update(
-        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the step's (1, heads, 1, dim) keys and values; the row's whole keys and values, as views."""
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[:, :, self.length - 1 : self.length] = key
-        values[:, :, self.length - 1 : self.length] = value
-        return keys[:, :, : self.length], values[:, :, : self.length]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length - 1
-
-    def masked(self) -> None:
-        return None  # nothing to mask: the row alone has no padding
-
-    def own_key_values(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The row's tokens after its prefix, (1, heads, tokens, dim) per layer, as views."""
-        return [
-            (keys[:, :, self.prefix_length : self.length], values[:, :, self.prefix_length : self.length])
-            for keys, values in zip(self.keys, self.values, strict=True)
-        ]
-
-
 class SharedPrefixSteps:
     """The rows stepped through the LM's layers, over a cache that holds each prefix once.
 
@@ -225,7 +178,7 @@ class SharedPrefixSteps:
         self.parts = parts
         self.cache: SharedPrefixCache | RowCache
         if parts is not None and len(rows) == 1:
-            self.cache = RowCache(rows[0])
+            self.cache = RowCache.taking(rows[0])
         else:
             self.cache = SharedPrefixCache(rows, conditioning.device)
             self.mask = (self.cache.slots != 0).long()
@@ -254,4 +207,5 @@ class SharedPrefixSteps:
     def hand_back(self, n: int, row: Running) -> None:
         """Row ``n`` leaves the batch with its caches: views of the batch's, let go when the next batch takes them."""
         row.key_values = self.cache.own_key_values(n)
+        row.buffer = self.cache if isinstance(self.cache, RowCache) else None
         row.image_keys_values = [None if kv is None else (kv[0][n : n + 1], kv[1][n : n + 1]) for kv in self.images]

@@ -22,7 +22,7 @@ from transformers import GPTNeoXForCausalLM, LlamaForCausalLM, MptForCausalLM
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
 from core.model.layers.flamingo_layer import ReusableMediaLayer
-from core.model.layers.llama_layer import FusedLlamaLayer, fused_llama_layer
+from core.model.layers.llama_layer import FusedLlamaLayer, RotaryTable, fused_llama_layer
 
 
 class LayerCache(Protocol):
@@ -50,16 +50,23 @@ class LanguageModelParts:
     # LLaMA's layers on a CPU, by index, with their projections side by side (``core.model.layers.llama_layer``);
     # empty, or None at an index: transformers' layer.
     fused_layers: tuple[FusedLlamaLayer | None, ...] = ()
+    rotary_table: RotaryTable | None = None  # with fused layers: the rotary embedding looked up by position
 
     def layer_arguments(
-        self, hidden: torch.Tensor, masked: torch.Tensor | None, distance: torch.Tensor, positions: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        masked: torch.Tensor | None,
+        distance: torch.Tensor,
+        positions: torch.Tensor,
+        embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """The layers' keyword arguments for (rows, queries) tokens over (rows, keys) columns.
 
         ``masked``: (rows, 1, queries, keys), True where a query may not look, or None where every
         query may look at every key (one token of one row, as transformers leaves it unmasked);
         ``distance``: (keys,), each column's offset from the newest (0 for it, negative before it);
-        ``positions``: (rows, queries), each token's place in its own sequence.
+        ``positions``: (rows, queries), each token's place in its own sequence; ``embeddings``: their
+        rotary embedding, where it is known already.
         """
         if self.rotary is None:  # as build_mpt_alibi_tensor: int32 offsets times float slopes
             assert self.alibi_slopes is not None  # given with every rotary-less (MPT) family
@@ -71,7 +78,7 @@ class LanguageModelParts:
             mask = mask.masked_fill(masked, torch.finfo(hidden.dtype).min)
         return {
             "position_ids": positions,
-            "position_embeddings": self.rotary(hidden, positions),
+            "position_embeddings": embeddings if embeddings is not None else self.rotary(hidden, positions),
             "attention_mask": mask,
         }
 
@@ -86,16 +93,19 @@ class LanguageModelParts:
     ) -> torch.Tensor:
         """(rows, vocab) logits of each row's last token, through every layer."""
         hidden = self.embed(tokens)
-        arguments = self.layer_arguments(hidden, masked, distance, positions)
+        embeddings, rotation = self.rotary_table(hidden, positions) if self.rotary_table is not None else (None, None)
+        arguments = self.layer_arguments(hidden, masked, distance, positions, embeddings)
         arguments[self.cache_argument] = cache
         for index, layer in enumerate(layers):
             fused = self.fused_layers[index] if self.fused_layers else None
-            if fused is not None:
-                hidden = fused(layer.cross_attend(hidden), arguments, cache)
+            if fused is not None and rotation is not None:
+                hidden = fused(layer.cross_attend(hidden), rotation, arguments["attention_mask"], cache)
                 continue
             output = layer(hidden, use_cache=True, cache_position=None, **arguments)
             hidden = output[0] if isinstance(output, tuple) else output  # LLaMA's layers return the tensor alone
-        return self.head(self.norm(hidden[:, -1:]))[:, -1, :]
+        # Over every query, as the LM's own forward (and upstream's generate) takes it: the products
+        # of more rows may round otherwise than of the last alone.
+        return self.head(self.norm(hidden))[:, -1, :]
 
 
 def language_model_parts(lm: nn.Module) -> LanguageModelParts | None:
@@ -122,4 +132,5 @@ def language_model_parts(lm: nn.Module) -> LanguageModelParts | None:
     fused: tuple[FusedLlamaLayer | None, ...] = ()
     if isinstance(lm, LlamaForCausalLM) and embed.weight.device.type == "cpu":  # measured and checked on CPUs only
         fused = tuple(fused_llama_layer(layer.decoder_layer) for layer in model.layers)
-    return LanguageModelParts(embed, norm, head, rotary, None, cache_argument, heads, head_dim, fused)
+    table = RotaryTable(rotary) if any(fused) else None
+    return LanguageModelParts(embed, norm, head, rotary, None, cache_argument, heads, head_dim, fused, table)

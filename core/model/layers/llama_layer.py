@@ -11,13 +11,15 @@ goes through for every layer and token.
 Whether one product gives each output the very dot product the separate ones give depends on the
 shapes and the machine's BLAS (on this project's CPUs: yes for the benchmark model's and the 7B's
 projections, no for some smaller ones), so the matrices are put side by side only where a probe of
-one row gives the same bits; a decode step of one row, which must equal upstream's, then does.
-Batches of rows are held to the batched paths' near-tie rule anyway.
+one row gives the same bits; a decode step of one row, which must equal upstream's, then does. The
+BLAS may also pick another kernel for another number of rows (a prefill's tokens, a batch's rows),
+so each row count is probed once too, and one that differs takes the products apart.
 
 The operations are transformers' ``LlamaDecoderLayer.forward`` (its RMS norms, rotary embedding,
-attention function and MLP activation) in its order. The layer's own linear modules keep their
-weights as views of the side-by-side matrices, so transformers' forward (upstream ``generate``,
-the engine's prefills) still runs on the same model and memory holds each weight once. Quantized
+attention function and MLP activation) in its order, each giving the same bits; the rotary
+embedding turns the query and the key in one go (``RotaryTable``). The layer's own linear
+modules keep their weights as views of the side-by-side matrices, so transformers' forward
+(upstream ``generate``) still runs on the same model and memory holds each weight once. Quantized
 or biased projections are left as they are, and such a layer runs through transformers' forward.
 """
 
@@ -32,35 +34,73 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
-    LlamaRMSNorm,
-    apply_rotary_pos_emb,
     eager_attention_forward,
 )
 
 
-def _rms_norm(norm: LlamaRMSNorm, hidden: torch.Tensor) -> torch.Tensor:
+def _rms_norm(weight: torch.Tensor, epsilon: float, hidden: torch.Tensor) -> torch.Tensor:
     """``LlamaRMSNorm.forward``: in float32, then back to the hidden states' dtype."""
     dtype = hidden.dtype
     if dtype != torch.float32:
         hidden = hidden.to(torch.float32)
     variance = hidden.pow(2).mean(-1, keepdim=True)
-    hidden = hidden * torch.rsqrt(variance + norm.variance_epsilon)
-    return norm.weight * (hidden if dtype == torch.float32 else hidden.to(dtype))
+    hidden = hidden * torch.rsqrt(variance + epsilon)
+    return weight * (hidden if dtype == torch.float32 else hidden.to(dtype))
 
 
-def _agree(joined: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
-    """Whether one row's product with the joined matrix is, to the bit, its products with each."""
+# The rotary embedding's cosines and its sines with the first half negated, (rows, 1, queries, dim).
+Rotation = tuple[torch.Tensor, torch.Tensor]
+
+
+class RotaryTable:
+    """The rotary embedding by position, for the forwards through fused layers: computed once (again
+    when a longer row comes), so that a decode step looks its position up instead of computing it
+    again, about a dozen small operations; each angle is one product, then its cosine and sine, so
+    a position's values have the same bits whatever other positions are computed beside it.
+
+    It also gives the rotation as the fused layers apply it: transformers' ``apply_rotary_pos_emb``
+    takes ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x)`` is ``x``'s halves swapped with
+    the new first half negated. Negating the sine's first half instead and rolling ``x`` by half its
+    width gives each product the same bits (a product's sign is its factors'), in one roll instead
+    of two slices, a negation and a concatenation, for the query and the key at once.
+    """
+
+    def __init__(self, rotary: nn.Module) -> None:
+        self.rotary = rotary
+        self.cos = self.sin = self.signed_sin = torch.empty(0)  # (positions, dim)
+
+    def __call__(
+        self, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], Rotation]:
+        """For (rows, queries) ``positions``: transformers' (cos, sin), each (rows, queries, dim), and the rotation."""
+        needed = int(positions.max()) + 1
+        if needed > len(self.cos):
+            everywhere = torch.arange(max(needed, 2 * len(self.cos)), device=positions.device)[None]
+            cos, sin = self.rotary(hidden, everywhere)
+            half = sin.shape[-1] // 2
+            self.cos, self.sin = cos[0], sin[0]
+            self.signed_sin = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
+        cos, sin = self.cos[positions], self.sin[positions]
+        return (cos, sin), (cos.unsqueeze(1), self.signed_sin[positions].unsqueeze(1))
+
+
+def _agree(joined: torch.Tensor, weights: Sequence[torch.Tensor], rows: int = 1) -> bool:
+    """Whether ``rows`` rows' product with the joined matrix is, to the bit, their products with each."""
     generator = torch.Generator(joined.device).manual_seed(0)
-    row = torch.randn(1, joined.shape[1], generator=generator, device=joined.device).to(joined.dtype)
+    probe = torch.randn(rows, joined.shape[1], generator=generator, device=joined.device).to(joined.dtype)
     with torch.inference_mode():
-        return torch.equal(F.linear(row, joined), torch.cat([F.linear(row, weight) for weight in weights], dim=-1))
+        return torch.equal(F.linear(probe, joined), torch.cat([F.linear(probe, weight) for weight in weights], dim=-1))
+
+
+def _plain(linears: Sequence[nn.Module]) -> bool:
+    """Whether each is a plain matrix product: not quantized, no bias."""
+    return all(type(linear) is nn.Linear and linear.bias is None for linear in linears)
 
 
 def _joined(linears: Sequence[nn.Linear]) -> torch.Tensor | None:
-    """The linears' weights one after another in one matrix; None where one is quantized or has a
-    bias (its product is then not a plain matrix product), or where the joined product would not
-    give the same bits."""
-    if any(type(linear) is not nn.Linear or linear.bias is not None for linear in linears):
+    """The linears' weights one after another in one matrix; None where one is not a plain matrix
+    product, or where the joined product would not give the same bits."""
+    if not _plain(linears):
         return None
     weights = [linear.weight.detach() for linear in linears]
     joined = torch.cat(weights)
@@ -76,44 +116,68 @@ def _view_into(linears: Sequence[nn.Linear], joined: torch.Tensor) -> None:
         start += rows
 
 
+class _JoinedProduct:
+    """Linears' weights side by side in one matrix: one product for theirs, where it gives their bits."""
+
+    def __init__(self, matrix: torch.Tensor, linears: Sequence[nn.Linear]) -> None:
+        self.matrix = matrix
+        self.linears = linears
+        self.agree = {1: True}  # by rows in a product: whether the probe found the separate products' bits
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.numel() // hidden.shape[-1]
+        agree = self.agree.get(rows)
+        if agree is None:
+            agree = self.agree[rows] = _agree(self.matrix, [linear.weight for linear in self.linears], rows)
+        if agree:
+            return F.linear(hidden, self.matrix)
+        return torch.cat([F.linear(hidden, linear.weight) for linear in self.linears], dim=-1)
+
+
 class FusedLlamaLayer:
     """One LLaMA decoder layer run as transformers runs it, with its projections side by side."""
 
     def __init__(self, layer: LlamaDecoderLayer, query_key_value: torch.Tensor, gate_up: torch.Tensor) -> None:
-        self.layer = layer
-        attention = layer.self_attn
+        attention, mlp = layer.self_attn, layer.mlp
         self.attention = attention
-        self.sizes = [attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features]
-        self.query_key_value = query_key_value
-        self.gate_up = gate_up
-        self.intermediate = layer.mlp.gate_proj.out_features
+        # What a forward reads of the modules, held here: looking each up through ``nn.Module`` for
+        # every layer and token cost as much as a small operation.
+        self.norms = [
+            (norm.weight, norm.variance_epsilon) for norm in (layer.input_layernorm, layer.post_attention_layernorm)
+        ]
+        self.output, self.down = attention.o_proj.weight, mlp.down_proj.weight
+        self.activation = mlp.act_fn
+        self.head_dim, self.layer_index = attention.head_dim, attention.layer_idx
+        self.query_key_value = _JoinedProduct(query_key_value, [attention.q_proj, attention.k_proj, attention.v_proj])
+        self.gate_up = _JoinedProduct(gate_up, [mlp.gate_proj, mlp.up_proj])
+        self.query_key_heads = [
+            linear.out_features // attention.head_dim for linear in (attention.q_proj, attention.k_proj)
+        ]
+        self.rotated_heads = sum(self.query_key_heads)
+        self.gate_up_sizes = [mlp.gate_proj.out_features, mlp.up_proj.out_features]
 
-    def __call__(self, hidden: torch.Tensor, arguments: dict[str, Any], cache: Any) -> torch.Tensor:
-        layer, attention = self.layer, self.attention
+    def __call__(self, hidden: torch.Tensor, rotation: Rotation, mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
+        """``rotation``: the ``RotaryTable``'s, for the forward's positions."""
+        attention = self.attention
         shape = hidden.shape[:-1]
-        heads_shape = (*shape, -1, attention.head_dim)
         residual = hidden
-        normed = _rms_norm(layer.input_layernorm, hidden)
-        query, key, value = F.linear(normed, self.query_key_value).split(self.sizes, dim=-1)
-        query = query.view(heads_shape).transpose(1, 2)
-        key = key.view(heads_shape).transpose(1, 2)
-        value = value.view(heads_shape).transpose(1, 2)
-        cos, sin = arguments["position_embeddings"]
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        key, value = cache.update(key, value, attention.layer_idx)
+        normed = _rms_norm(*self.norms[0], hidden)
+        heads = self.query_key_value(normed).view(*shape, -1, self.head_dim).transpose(1, 2)
+        cos, signed_sin = rotation
+        rotated = heads[:, : self.rotated_heads]  # the query's heads, then the key's: one rotation for both
+        rotated = rotated * cos + rotated.roll(self.head_dim // 2, dims=-1) * signed_sin
+        query, key = rotated.split_with_sizes(self.query_key_heads, dim=1)
+        key, value = cache.update(key, heads[:, self.rotated_heads :], self.layer_index)
         implementation = attention.config._attn_implementation
         attend: Callable[..., tuple[torch.Tensor, Any]] = (
             eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
         )
-        output, _ = attend(
-            attention, query, key, value, arguments["attention_mask"], dropout=0.0, scaling=attention.scaling
-        )
-        hidden = residual + attention.o_proj(output.reshape(*shape, -1))
+        output, _ = attend(attention, query, key, value, mask, dropout=0.0, scaling=attention.scaling)
+        hidden = residual + F.linear(output.reshape(*shape, -1), self.output)
         residual = hidden
-        normed = _rms_norm(layer.post_attention_layernorm, hidden)
-        gate, up = F.linear(normed, self.gate_up).split(self.intermediate, dim=-1)
-        mlp = layer.mlp
-        return residual + mlp.down_proj(mlp.act_fn(gate) * up)
+        normed = _rms_norm(*self.norms[1], hidden)
+        gate, up = self.gate_up(normed).split_with_sizes(self.gate_up_sizes, dim=-1)
+        return residual + F.linear(self.activation(gate) * up, self.down)
 
 
 # Where a layer keeps what ``fused_llama_layer`` made of it, so that it is made once however many times
@@ -130,7 +194,7 @@ def fused_llama_layer(layer: LlamaDecoderLayer) -> FusedLlamaLayer | None:
         mlp_projections = [mlp.gate_proj, mlp.up_proj]
         query_key_value, gate_up = _joined(attention_projections), _joined(mlp_projections)
         fused = None
-        if query_key_value is not None and gate_up is not None:
+        if query_key_value is not None and gate_up is not None and _plain([attention.o_proj, mlp.down_proj]):
             _view_into(attention_projections, query_key_value)
             _view_into(mlp_projections, gate_up)
             fused = FusedLlamaLayer(layer, query_key_value, gate_up)

@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from core.model.layers import llama_layer
 from core.model.layers.layer_stack import language_model_parts
-from core.model.layers.llama_layer import fused_llama_layer
+from core.model.layers.llama_layer import RotaryTable, fused_llama_layer
 
 
 def _layer(**config: object) -> tuple[LlamaDecoderLayer, LlamaRotaryEmbedding]:
@@ -38,8 +38,11 @@ def test_one_token_through_the_fused_layer_is_transformers_to_the_bit():
         assert query.untyped_storage().nbytes() == query.numel() * query.element_size()  # its own, not a view
         return
     attention = layer.self_attn
-    assert attention.q_proj.weight.untyped_storage().data_ptr() == fused.query_key_value.untyped_storage().data_ptr()
-    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == fused.gate_up.untyped_storage().data_ptr()
+    assert (
+        attention.q_proj.weight.untyped_storage().data_ptr()
+        == fused.query_key_value.matrix.untyped_storage().data_ptr()
+    )
+    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == fused.gate_up.matrix.untyped_storage().data_ptr()
     past = 7
     hidden = torch.randn(1, 1, 512)
     embeddings = rotary(hidden, torch.tensor([[past]]))
@@ -47,10 +50,44 @@ def test_one_token_through_the_fused_layer_is_transformers_to_the_bit():
     with torch.inference_mode():
         theirs_cache, ours_cache = DynamicCache(ddp_cache_data=earlier), DynamicCache(ddp_cache_data=earlier)
         theirs = layer(hidden, attention_mask=None, position_embeddings=embeddings, past_key_values=theirs_cache)
-        ours = fused(hidden, {"attention_mask": None, "position_embeddings": embeddings}, ours_cache)
+        table_embeddings, rotation = RotaryTable(rotary)(hidden, torch.tensor([[past]]))
+        ours = fused(hidden, rotation, None, ours_cache)
+    assert all(torch.equal(looked_up, own) for looked_up, own in zip(table_embeddings, embeddings, strict=True))
     assert torch.equal(ours, theirs)
     assert torch.equal(ours_cache.layers[0].keys, theirs_cache.layers[0].keys)
     assert torch.equal(ours_cache.layers[0].values, theirs_cache.layers[0].values)
+
+
+def test_the_rotary_table_looks_up_transformers_bits_at_every_position():
+    """Positions looked up in one table (grown as rows get longer) give what transformers computes
+    for each alone, for rows at different places."""
+    _, rotary = _layer()
+    table = RotaryTable(rotary)
+    hidden = torch.randn(2, 1, 512)
+    with torch.inference_mode():
+        for first in (3, 40, 200, 900):
+            positions = torch.tensor([[first], [first + 17]])
+            (cos, sin), _ = table(hidden, positions)
+            for row in range(2):
+                own_cos, own_sin = rotary(hidden[row : row + 1], positions[row : row + 1])
+                assert torch.equal(cos[row], own_cos[0]) and torch.equal(sin[row], own_sin[0])
+    assert len(table.cos) >= 918
+
+
+def test_a_row_count_whose_joined_product_differs_takes_the_products_apart(monkeypatch):
+    """The probe is per number of rows too: where it finds other bits, the separate products run."""
+    layer, _ = _layer()
+    fused = fused_llama_layer(layer)
+    if fused is None:
+        return  # transformers' layer runs it all
+    monkeypatch.setattr(llama_layer, "_agree", lambda joined, weights, rows=1: rows == 1)
+    hidden = torch.randn(1, 3, 512)
+    attention = layer.self_attn
+    with torch.inference_mode():
+        got = fused.query_key_value(hidden)
+        apart = torch.cat([attention.q_proj(hidden), attention.k_proj(hidden), attention.v_proj(hidden)], dim=-1)
+    assert torch.equal(got, apart)
+    assert fused.query_key_value.agree == {1: True, 3: False}
 
 
 def test_a_layer_whose_joined_products_differ_is_left_to_transformers(monkeypatch):

@@ -9,8 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.generation import GenerationParams
 from core.model.decode.beam_search import padded_batch
-from core.model.decode.shared_prefix import RowCache, SharedPrefixSteps
+from core.model.decode.shared_prefix import SharedPrefixSteps
+from core.model.decode.state import RowCache
+from core.prompts import Example, Task
 from tests.helpers.decode import prefilled_rows
 from tests.make_tiny_model import FAMILIES
 
@@ -109,3 +112,32 @@ def test_the_gathered_rows_are_the_padded_batch_exactly(engines, photos, family)
             keys, values = cache.update(new_keys, new_values, index)
             assert torch.equal(keys, torch.cat([layer.keys, new_keys], dim=2))
             assert torch.equal(values, torch.cat([layer.values, new_values], dim=2))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prefill_straight_into_the_row_buffer_equals_the_lm_forward(engines, photos, family):
+    """A request's own tokens through the layers driven directly, into the buffer its row decodes in,
+    give the LM forward's logits and keys and values to the bit; the row then decodes in that
+    buffer, not a copy of it."""
+    engine = engines[family]
+    decoder = engine.decoder
+    media_token = engine.loaded.model.media_token_id
+    examples = [Example(photos[name], f"<image>Output:A photo of {name}.") for name in ("astronaut", "coffee")]
+    task = Task("buffer", "", "<image>Output:", tuple(examples), key="buffer/2")
+    request = engine.prepare([photos["rocket"]], "<image>Output:", task, GenerationParams(max_new_tokens=8))
+    (job,) = engine._jobs([request], [lambda: False])
+    parts = decoder._parts
+    assert parts is not None
+    with torch.inference_mode():
+        row = decoder.prefill(job, media_token)
+        decoder._parts = None  # the LM's own forward, over a cache of transformers'
+        try:
+            expected = decoder.prefill(job, media_token)
+        finally:
+            decoder._parts = parts
+    assert row.buffer is not None and expected.buffer is None
+    assert torch.equal(row.logits, expected.logits)
+    for ours, theirs in zip(row.key_values, expected.key_values, strict=True):
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    buffer = row.buffer
+    assert SharedPrefixSteps(decoder.conditioning, [row], parts).cache is buffer
