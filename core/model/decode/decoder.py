@@ -215,11 +215,16 @@ class FlamingoDecoder:
         numbers = itertools.count()
 
         def admit(new_jobs: Sequence[DecodeJob]) -> None:
-            for row in self.prefill_many(new_jobs, media_token_id):
-                index = next(numbers)
-                if not self._finish_if_done(index, row, row.logits, finished):
-                    rows[index] = row
-                    active.append(index)
+            """Prefill them, then at once those that arrived meanwhile: a request that came during
+            another's prefill does not wait a decode step more for it (a task's evaluation, run in
+            the background, then delays a member by at most the rest of its own prefill)."""
+            while new_jobs:
+                for row in self.prefill_many(new_jobs, media_token_id):
+                    index = next(numbers)
+                    if not self._finish_if_done(index, row, row.logits, finished):
+                        rows[index] = row
+                        active.append(index)
+                new_jobs = joining(len(active))
 
         with torch.inference_mode():
             admit(jobs)

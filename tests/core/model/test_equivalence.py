@@ -340,3 +340,28 @@ def test_batched_requests_match_the_reference_except_at_near_ties(
     assert stepping == "eager" or engine.decoder.static_steps.used > 0
     print(f"{family} {stepping}: {near_ties} of {len(cases)} batched requests diverged at a near tie")
     assert near_ties <= 1  # rare, or batching itself has drifted (none diverge on these cases today)
+
+
+def test_a_request_that_arrives_during_a_prefill_joins_before_the_next_step(llama_engine, photos):
+    """It waited a decode step more for the batch it came to: with a task's evaluation prefilled
+    in the background, a member's request was held by that prefill and then a step."""
+    engine = llama_engine
+    task = _keyed(photos, ["astronaut"], key="join/llama/1")
+    first, second = (
+        engine.prepare([photos[query]], "<image>Output:", task, GenerationParams(max_new_tokens=6))
+        for query in ("rocket", "coffee")
+    )
+    tokens_when_asked: list[int] = []
+
+    def joining(running: int):
+        tokens_when_asked.append(len(first.progress.tokens))
+        return [(second, lambda: False)] if len(tokens_when_asked) == 1 else []
+
+    answers: dict[int, tuple[int, ...]] = {}
+    engine.run_many([first], [lambda: False], lambda i, answer: answers.__setitem__(i, answer.token_ids), joining)
+    assert tokens_when_asked[0] == 1  # its prefill's token only: asked before the first one decoded a step
+    alone = [
+        engine.run(engine.prepare([photos[q]], "<image>Output:", task, GenerationParams(max_new_tokens=6)))
+        for q in ("rocket", "coffee")
+    ]
+    assert answers == {0: alone[0].token_ids, 1: alone[1].token_ids}
