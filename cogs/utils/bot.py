@@ -151,9 +151,7 @@ class FlamingoBot(commands.AutoShardedBot):
             self.metrics,
             self.answer_filter,
         )
-        self.evaluations = TaskEvaluations(
-            self.settings, self.store, self.library, self.quotas, self.models, self.service
-        )
+        self.evaluations = TaskEvaluations(self.asking)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         if self.settings.discord.sync_commands_on_start:

@@ -25,17 +25,12 @@ from typing import Protocol
 
 from PIL import Image
 
-from core.config import Settings
+from core.asking import Asking
 from core.errors import FlamingoError, NotAllowedHere, RequestCancelled, RequestExpired
 from core.evaluation.leave_one_out import Evaluation, ExampleScore, Plan, evaluate, plan
 from core.generation import GenerationParams
 from core.model.engine import Answer
 from core.prompts import Task
-from core.quotas import RequestQuotas
-from core.serving import ModelService
-from core.serving.model_choice import ModelCatalog
-from core.storage import Storage
-from core.tasks.library import TaskLibrary
 from core.wording import quoted
 
 _LATE = "Its time ran out, with members' requests keeping the model busy: the result could not be shown later."
@@ -101,23 +96,11 @@ class EvaluationFront(Protocol):
 
 
 class TaskEvaluations:
-    """The bot's evaluations, one per server at a time, over its library, quotas, models and model service."""
+    """The bot's evaluations, one per server at a time, over what members' requests use (``Asking``):
+    the server's settings, its tasks, its quota, the models it may choose and the model service."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        store: Storage,
-        library: TaskLibrary,
-        quotas: RequestQuotas,
-        models: ModelCatalog,
-        service: ModelService,
-    ) -> None:
-        self.settings = settings
-        self.store = store
-        self.library = library
-        self.quotas = quotas
-        self.models = models
-        self.service = service
+    def __init__(self, asking: Asking) -> None:
+        self.asking = asking
         self._running: dict[int, EvaluationJob] = {}
 
     def running(self, guild_id: int) -> EvaluationJob | None:
@@ -154,12 +137,13 @@ class TaskEvaluations:
         return job
 
     async def _evaluate(self, job: EvaluationJob, model: str | None, front: EvaluationFront) -> EvaluationResult:
-        rules = await self.store.guild_settings(job.guild_id)
-        chosen = self.models.in_force(rules.model) if model is None else self.models.lookup(model)
-        self.models.check_choice(chosen)
-        planned = plan(await self.library.resolve(job.guild_id, job.task))
+        asking, models = self.asking, self.asking.models
+        rules = await asking.rules(job.guild_id)
+        chosen = models.in_force(rules.model) if model is None else models.lookup(model)
+        models.check_choice(chosen)
+        planned = plan(await asking.library.resolve(job.guild_id, job.task))
         job.task, job.model, job.total = planned.task.name, chosen, len(planned.cases)
-        charge = self.quotas.charge(job.guild_id, job.total, rules.quotas(self.settings.quotas))
+        charge = asking.quotas.charge(job.guild_id, job.total, rules.quotas(asking.settings.quotas))
         try:
             await front.started(job)
             return await self._run(job, planned, front.deadline)
@@ -167,10 +151,11 @@ class TaskEvaluations:
             charge.give_back(job.total - job.answered)
 
     async def _run(self, job: EvaluationJob, planned: Plan, deadline: float | None) -> EvaluationResult:
-        other = None if job.model == self.models.default else job.model
+        service = self.asking.service
+        other = None if job.model == self.asking.models.default else job.model
 
         async def answer(images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams) -> Answer:
-            ticket = self.service.submit(images, prompt, task, params, deadline, other, job.guild_id, background=True)
+            ticket = service.submit(images, prompt, task, params, deadline, other, job.guild_id, background=True)
             try:
                 return await ticket.answer()
             except asyncio.CancelledError:
@@ -178,9 +163,8 @@ class TaskEvaluations:
                 raise
 
         started = time.perf_counter()
-        rules = self.service.rules
         runner = asyncio.ensure_future(
-            evaluate(planned, answer, rules.count_tokens, self.settings.generation, job.scores.append)
+            evaluate(planned, answer, service.rules.count_tokens, self.asking.settings.generation, job.scores.append)
         )
         job.follow(runner)
         try:

@@ -9,13 +9,16 @@ from collections.abc import Callable
 
 import pytest
 
+from core.asking import Asking
 from core.config import QuotaSettings, Settings
 from core.errors import BadParameter, GenerationFailed, NotAllowedHere, RequestCancelled, RequestExpired
 from core.evaluation.jobs import EvaluationJob, EvaluationRunning, TaskEvaluations
 from core.evaluation.leave_one_out import CannotEvaluate
 from core.model.engine import Answer
+from core.moderation import WordListFilter
 from core.prompts import Task
 from core.quotas import RequestQuotas, TooManyRequests
+from core.serving.metrics import Metrics
 from core.serving.model_choice import ModelCatalog
 from core.tasks.library import TaskLibrary
 
@@ -87,7 +90,7 @@ def make_evaluations(store, tasks) -> Callable[..., TaskEvaluations]:
         settings = Settings(quotas=QuotaSettings(user_cooldown_seconds=0, guild_per_period=per_period))
         library = TaskLibrary(store, tasks, rules=rules or service.rules, settings=settings)
         quotas = RequestQuotas(settings.quotas)
-        return TaskEvaluations(settings, store, library, quotas, MODELS, service)
+        return TaskEvaluations(Asking(settings, store, library, quotas, MODELS, service, Metrics(), WordListFilter([])))
 
     return make
 
@@ -116,7 +119,7 @@ async def test_each_example_is_answered_by_the_model_in_the_background_of_the_se
     assert [score.position for score in result.evaluation.examples] == [1, 2, 3, 4]
     assert [score.expected for score in result.evaluation.examples] == ["camera", "spoon", "cat", "no"]
     assert submitted == [{"background": True}] * 4
-    assert evaluations.quotas.left(GUILD, MODERATOR).used == 4
+    assert evaluations.asking.quotas.left(GUILD, MODERATOR).used == 4
     assert evaluations.running(GUILD) is None
 
 
@@ -143,11 +146,12 @@ async def test_the_examples_are_charged_to_the_servers_quota_and_a_refusal_costs
     for count in range(1, 5):
         (await line.asked(count)).answer_with("no")
     await running
-    assert evaluations.quotas.left(GUILD, MODERATOR).used == 4
+    assert evaluations.asking.quotas.left(GUILD, MODERATOR).used == 4
     with pytest.raises(TooManyRequests, match=r"^That needs 4 requests, and this server has used 4 of its 6 for now"):
         await evaluations.evaluate(2, GUILD, MODERATOR, "vqa", None, _Front())
-    assert evaluations.quotas.left(GUILD, MODERATOR).used == 4 and len(line.tickets) == 4
-    with evaluations.quotas.admit(GUILD, 11), evaluations.quotas.admit(GUILD, 12):  # members' two are left
+    assert evaluations.asking.quotas.left(GUILD, MODERATOR).used == 4 and len(line.tickets) == 4
+    quotas = evaluations.asking.quotas
+    with quotas.admit(GUILD, 11), quotas.admit(GUILD, 12):  # members' two are left
         pass
 
 
@@ -166,7 +170,7 @@ async def test_a_task_or_model_that_cannot_be_evaluated_is_refused_for_nothing(
     evaluations = make_evaluations(line)
     with pytest.raises(refusal, match=match):
         await evaluations.evaluate(1, GUILD, MODERATOR, task, model, _Front())
-    assert evaluations.quotas.left(GUILD, MODERATOR).used == 0 and not line.tickets
+    assert evaluations.asking.quotas.left(GUILD, MODERATOR).used == 0 and not line.tickets
     assert evaluations.running(GUILD) is None
 
 
@@ -189,7 +193,7 @@ async def test_a_cancel_withdraws_the_request_under_way_and_scores_what_was_answ
     assert result.cancelled and result.stopped == "Cancelled by <@12>."
     assert [(s.position, s.exact_match) for s in result.evaluation.examples] == [(1, 1.0), (2, 0.0)]
     assert result.total == 4 and result.evaluation.exact_match == 0.5
-    assert evaluations.quotas.left(GUILD, MODERATOR).used == 2  # the examples not answered are given back
+    assert evaluations.asking.quotas.left(GUILD, MODERATOR).used == 2  # the examples not answered are given back
     assert evaluations.running(GUILD) is None
 
 
@@ -203,7 +207,7 @@ async def test_a_cancel_while_the_evaluation_is_shown_stops_it_before_any_reques
 
     result = await evaluations.evaluate(1, GUILD, MODERATOR, "vqa", None, Cancelling())
     assert result.cancelled and not result.evaluation.examples and not line.tickets
-    assert evaluations.quotas.left(GUILD, MODERATOR).used == 0
+    assert evaluations.asking.quotas.left(GUILD, MODERATOR).used == 0
 
 
 @pytest.mark.parametrize(
@@ -222,4 +226,4 @@ async def test_a_failing_or_late_model_ends_the_evaluation_with_what_it_answered
     result = await running
     assert not result.cancelled and result.stopped is not None and result.stopped.startswith(stopped)
     assert len(result.evaluation.examples) == 1 and len(line.tickets) == 2
-    assert evaluations.quotas.left(GUILD, MODERATOR).used == 1
+    assert evaluations.asking.quotas.left(GUILD, MODERATOR).used == 1
