@@ -6,7 +6,6 @@ Two groups rather than one, because Discord ignores ``default_permissions`` on s
 from __future__ import annotations
 
 import asyncio
-import csv
 import functools
 import io
 import logging
@@ -32,6 +31,7 @@ from cogs.utils.replies import (
 )
 from core.errors import LimitReached
 from core.evaluation.jobs import EvaluationJob, EvaluationResult
+from core.evaluation.report import as_csv
 from core.images import check_file_size
 from core.serving.model_choice import ModelCatalog
 from core.tasks.archive import FILENAME_SUFFIX, BadArchive, archive_filename, write_archive
@@ -124,20 +124,6 @@ def evaluation_embed(result: EvaluationResult, model: str) -> discord.Embed:
     embed.add_field(name="Time", value=took + per_example)
     embed.set_footer(text="Every example, expected and answered, is in the attached file.")
     return embed
-
-
-def evaluation_table(result: EvaluationResult) -> bytes:
-    """One CSV row per example, in the task's order: the scored ones, and those left out with why."""
-    rows: list[tuple[int, str, str, str, str, str]] = [
-        (s.position, s.expected, s.answered, f"{s.exact_match:.0f}", f"{s.f1:.2f}", "")
-        for s in result.evaluation.examples
-    ]
-    rows += [(u.position, "", "", "", "", f"not scored: {u.reason}") for u in result.evaluation.unsplit]
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["position", "expected", "answered", "exact_match", "f1", "note"])
-    writer.writerows(sorted(rows))
-    return out.getvalue().encode()
 
 
 class EvaluationMessage:
@@ -370,7 +356,7 @@ class Tasks(commands.Cog):
         await interaction.edit_original_response(
             content=None,
             embed=evaluation_embed(result, models.shown(result.model)),
-            attachments=[discord.File(io.BytesIO(evaluation_table(result)), filename=filename)],
+            attachments=[discord.File(io.BytesIO(as_csv(result.evaluation)), filename=filename)],
             view=None,
         )
 

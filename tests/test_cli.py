@@ -5,28 +5,19 @@ from __future__ import annotations
 import io
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from core.config import PROJECT_ROOT
 from core.generation import GenerationParams
+from tests.helpers.cli import OFFLINE, run_main
 from tests.helpers.settings import IMAGES
 
 
 def describe(*args: str | Path, hf_home: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"} | ({"HF_HOME": str(hf_home)} if hf_home else {})
-    return subprocess.run(
-        [sys.executable, "main.py", "describe", *map(str, args)],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    return run_main("describe", *args, env=OFFLINE | ({"HF_HOME": str(hf_home)} if hf_home else {}))
 
 
 def _save(path: Path, image: Image.Image, **kwargs: object) -> Path:

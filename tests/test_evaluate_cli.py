@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from core.config import PROJECT_ROOT
 from core.tasks.archive import ArchivedExample, TaskArchive, write_archive
+from tests.helpers.cli import run_main
 from tests.helpers.settings import IMAGES
 
 pytestmark = pytest.mark.evaluate
@@ -22,14 +22,7 @@ CAPTION = "<image>Output:"
 
 
 def evaluate(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "main.py", "evaluate", *map(str, args)],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
+    return run_main("evaluate", *args)
 
 
 def _last_json(result: subprocess.CompletedProcess[str]) -> dict:

@@ -15,18 +15,12 @@ import pytest
 import main
 from core.config import PROJECT_ROOT
 from core.storage.task_store import TaskStore
+from tests.helpers.cli import run_main
 
 
-def run_main(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {"PATH": "/usr/bin:/bin", "DISCORD_TOKEN": ""}
-    return subprocess.run(
-        [sys.executable, "main.py", *args],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=base | (env or {}),
-    )
+def main_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """With an empty token unless ``env`` gives one, and no hub setting: what each test needs, it sets."""
+    return run_main(*args, env={"PATH": "/usr/bin:/bin", "DISCORD_TOKEN": ""} | (env or {}), timeout=120)
 
 
 def test_running_without_a_token_says_how_to_set_it_without_importing_the_model_stack():
@@ -50,7 +44,7 @@ def test_running_without_a_token_says_how_to_set_it_without_importing_the_model_
 def test_a_bad_setting_is_one_line(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text('[model]\nprecision = "fp8"\n')
-    result = run_main("--config", str(config), env={"DISCORD_TOKEN": "x"})
+    result = main_process("--config", str(config), env={"DISCORD_TOKEN": "x"})
     assert result.returncode == 2
     assert result.stderr.startswith("error: bad setting model.precision: Input should be 'auto'")
     assert result.stderr.count("\n") == 1
@@ -59,14 +53,16 @@ def test_a_bad_setting_is_one_line(tmp_path):
 def test_a_misspelt_variable_or_a_token_in_the_file_is_one_line_naming_what_is_meant(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text("")
-    result = run_main("--config", str(config), env={"DISCORD_TOKEN": "x", "FLAMINGO_QUOTA__USER_COOLDOWN_SECONDS": "5"})
+    result = main_process(
+        "--config", str(config), env={"DISCORD_TOKEN": "x", "FLAMINGO_QUOTA__USER_COOLDOWN_SECONDS": "5"}
+    )
     assert result.returncode == 2
     assert result.stderr == (
         "error: unknown setting FLAMINGO_QUOTA__USER_COOLDOWN_SECONDS; "
         "did you mean FLAMINGO_QUOTAS__USER_COOLDOWN_SECONDS?\n"
     )
     config.write_text('[discord]\ntoken = "abc"\n')
-    result = run_main("--config", str(config), "backup", str(tmp_path / "copy.db"))
+    result = main_process("--config", str(config), "backup", str(tmp_path / "copy.db"))
     assert result.returncode == 2
     assert result.stderr == (
         "error: config.toml must not hold the bot token (discord.token); "
@@ -120,7 +116,7 @@ def test_backup_copies_the_database_while_it_is_open(tmp_path):
 
     store = asyncio.run(populate())
     target = tmp_path / "copy.db"
-    result = run_main("--config", str(config), "backup", str(target))
+    result = main_process("--config", str(config), "backup", str(target))
     assert result.returncode == 0, result.stderr
     with sqlite3.connect(target) as copy:
         assert copy.execute("SELECT name FROM tasks").fetchall() == [("cats",)]
@@ -131,7 +127,7 @@ def test_backup_copies_the_database_while_it_is_open(tmp_path):
 def test_backup_without_a_database_is_one_line(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text(f'[storage]\ndatabase = "{tmp_path / "none.db"}"\n')
-    result = run_main("--config", str(config), "backup", str(tmp_path / "x.db"))
+    result = main_process("--config", str(config), "backup", str(tmp_path / "x.db"))
     assert result.returncode == 2
     assert result.stderr == f"error: there is no database at {tmp_path / 'none.db'} yet\n"
     assert not Path(tmp_path / "x.db").exists()
@@ -149,10 +145,10 @@ def test_backup_refuses_the_database_itself_and_unwritable_targets_in_one_line(t
         (tmp_path / "notes.txt", f"error: could not back up to {tmp_path / 'notes.txt'}: file is not a database\n"),
     ]:
         (tmp_path / "sub").mkdir(exist_ok=True)
-        result = run_main("--config", str(config), "backup", str(target))
+        result = main_process("--config", str(config), "backup", str(target))
         assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
     assert (tmp_path / "notes.txt").read_text().startswith("not a database")
-    into_folder = run_main("--config", str(config), "backup", str(tmp_path / "sub"))
+    into_folder = main_process("--config", str(config), "backup", str(tmp_path / "sub"))
     assert into_folder.returncode == 0
     assert into_folder.stderr == f"Copied {database} to {tmp_path / 'sub' / 'live.db'}\n"
     with sqlite3.connect(tmp_path / "sub" / "live.db") as copy:
@@ -164,12 +160,12 @@ def test_backup_into_a_folder_named_with_a_slash_makes_it_and_config_may_follow_
     config = tmp_path / "staging.toml"
     config.write_text(f'[storage]\ndatabase = "{database}"\n')
     asyncio.run(asyncio.run(TaskStore.open(database)).close())
-    result = run_main("backup", f"{tmp_path / 'backups' / 'nightly'}/", "--config", str(config))
+    result = main_process("backup", f"{tmp_path / 'backups' / 'nightly'}/", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "backups" / "nightly" / "live.db").is_file()
     blocked = tmp_path / "file"
     blocked.write_text("in the way")
-    result = run_main("backup", f"{blocked / 'sub'}/", "--config", str(config))
+    result = main_process("backup", f"{blocked / 'sub'}/", "--config", str(config))
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: could not back up to {blocked / 'sub' / 'live.db'}: ")
     assert result.stderr.count("\n") == 1
@@ -180,7 +176,7 @@ def test_discord_out_of_reach_is_one_line(tmp_path):
     config.write_text(f'[storage]\ndatabase = "{tmp_path / "tasks.db"}"\n')
     closed_port = "http://127.0.0.1:9/api/v10"
     environment = {"DISCORD_TOKEN": "x", "FLAMINGO_DISCORD__API_BASE_URL": closed_port}
-    result = run_main("--config", str(config), env=environment)
+    result = main_process("--config", str(config), env=environment)
     assert result.returncode == 2
     last = result.stderr.splitlines()[-1]
     assert last.startswith(f"error: cannot reach Discord at {closed_port}: Cannot connect"), result.stderr

@@ -1,7 +1,10 @@
-"""One task's evaluations by several models, side by side: a text table, or the same as JSON."""
+"""One task's evaluations by several models, side by side: a text table, or the same as JSON; or one
+evaluation's examples as CSV, the file ``/manage-tasks evaluate`` attaches."""
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +48,19 @@ def as_json(runs: Sequence[ModelRun]) -> dict[str, Any]:
         ],
         "unsplit": [{"position": left.position, "text": left.text, "reason": left.reason} for left in first.unsplit],
     }
+
+
+def as_csv(evaluation: Evaluation) -> bytes:
+    """One row per example, in the task's order: the scored ones, and those left out with why."""
+    rows: list[tuple[int, str, str, str, str, str]] = [
+        (s.position, s.expected, s.answered, f"{s.exact_match:.0f}", f"{s.f1:.2f}", "") for s in evaluation.examples
+    ]
+    rows += [(u.position, "", "", "", "", f"not scored: {u.reason}") for u in evaluation.unsplit]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["position", "expected", "answered", "exact_match", "f1", "note"])
+    writer.writerows(sorted(rows))
+    return out.getvalue().encode()
 
 
 def _columns(rows: list[list[str]]) -> list[str]:

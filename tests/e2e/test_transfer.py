@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 
 import pytest
 
-from core.config import PROJECT_ROOT
 from tests.fake_discord.payloads import MANAGE_GUILD
+from tests.helpers.cli import run_main
 from tests.helpers.e2e import E2E, Scene, click, new_bot
 from tests.helpers.settings import IMAGES
 
@@ -63,19 +61,8 @@ async def test_describe_puts_the_layers_on_the_language_model_it_is_given(model_
         "--max-new-tokens",
         "6",
     ]
-    own = await asyncio.to_thread(_main, *ask)
-    transferred = await asyncio.to_thread(_main, *ask, "--language-model", other_language_models["twin"])
+    own = await asyncio.to_thread(run_main, *ask)
+    transferred = await asyncio.to_thread(run_main, *ask, "--language-model", other_language_models["twin"])
     assert (own.returncode, transferred.returncode) == (0, 0), transferred.stderr[-2000:]
     assert transferred.stdout != own.stdout
     assert f"Putting the trained layers of {model_dirs['llama'].resolve()} on " in transferred.stderr
-
-
-def _main(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "main.py", *map(str, args)],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )

@@ -37,6 +37,7 @@ from core.model.hub import HubFile, files_to_download, progress_bars_for, unreac
 from core.model.loading import load_text_side, plan_precision
 from core.model.registry import resolve_model
 from core.model.resources import GB, GIB, check_memory, load_checked, prepare_to_load
+from tests.helpers.cli import run_main
 from tests.helpers.settings import IMAGES, free_port
 
 DEFAULT = "openflamingo/OpenFlamingo-9B-vitl-mpt7b"
@@ -325,14 +326,7 @@ def test_describe_without_a_route_to_the_hub_is_one_line_at_once(tmp_path):
     """It took 55 s and 49 lines (every retry of the hub client, twice) before naming no way out."""
     env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "main.py", "describe", str(IMAGES / "chelsea.jpg"), "--model", DEFAULT],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    result = run_main("describe", IMAGES / "chelsea.jpg", "--model", DEFAULT, env=env)
     elapsed = time.monotonic() - started
     assert result.returncode == 2
     assert result.stdout == ""
