@@ -191,7 +191,7 @@ class SharedPrefixSteps:
         """One new token for every row: logits (rows, vocab). Each row reads its latest image."""
         device = self.conditioning.device
         self.cache.begin_step()
-        tokens = torch.cat([row.sequence[:, -1:] for row in rows])
+        tokens = rows[0].sequence[:, -1:] if len(rows) == 1 else torch.cat([row.sequence[:, -1:] for row in rows])
         positions = torch.tensor([[row.sequence.shape[1] - 1] for row in rows], device=device)
         if self.parts is None:
             assert isinstance(self.cache, SharedPrefixCache)  # a row alone takes its own only with the parts

@@ -19,12 +19,55 @@ from open_flamingo.src.flamingo_lm import FlamingoLayer
 from open_flamingo.src.helpers import GatedCrossAttentionBlock
 from torch import nn
 
+from core.model.layers.direct_calls import direct
+
 
 def media_keys_values(block: GatedCrossAttentionBlock, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of (batch, images, latents, dim) media, shaped (batch, heads, images*latents, dim_head)."""
     attn = block.attn
     k, v = attn.to_kv(rearrange(media, "b t n d -> b (t n) d")).chunk(2, dim=-1)
     return tuple(rearrange_many((k, v), "b n (h d) -> b h n d", h=attn.heads))
+
+
+class _Gate:
+    """A gate's tanh, computed again only when the gate's parameter has changed (its version)."""
+
+    def __init__(self, gate: nn.Parameter) -> None:
+        self.gate = gate
+        self.version = -1
+        self.value: torch.Tensor = gate
+
+    def __call__(self) -> torch.Tensor:
+        if self.gate._version != self.version:
+            with torch.inference_mode(False), torch.no_grad():
+                self.value = self.gate.tanh()
+            self.version = self.gate._version
+        return self.value
+
+
+class _BlockSteps:
+    """What a forward calls of a gated block, held once: its modules as functions
+    (``core.model.layers.direct_calls``) and its gates' tanh. At batch 1 on a CPU a step's
+    cross-attention is a few small products and a dozen small operations, and the six module calls
+    and two tanh cost about as much again."""
+
+    def __init__(self, block: GatedCrossAttentionBlock) -> None:
+        attn = block.attn
+        self.norm, self.to_q, self.to_out = direct(attn.norm), direct(attn.to_q), direct(attn.to_out)
+        self.ff = [direct(module) for module in block.ff]
+        self.attn_gate, self.ff_gate = _Gate(block.attn_gate), _Gate(block.ff_gate)
+
+
+# Where a block keeps its ``_BlockSteps``, so that it is made once and goes with the model.
+_STEPS = "_flamingo_block_steps"
+
+
+def _block_steps(block: GatedCrossAttentionBlock) -> _BlockSteps:
+    steps: _BlockSteps | None = getattr(block, _STEPS, None)
+    if steps is None:
+        steps = _BlockSteps(block)
+        object.__setattr__(block, _STEPS, steps)  # not a submodule: its modules are the block's own
+    return steps
 
 
 def gated_cross_attention(
@@ -39,13 +82,14 @@ def gated_cross_attention(
 
     ``media_locations`` None: every token reads the only image, as in a decode step. Both of
     upstream's masks then change nothing, so they are not built: a dozen small operations less
-    per layer and token, the same numbers.
+    per layer and token, the same numbers; and the block's modules are called as functions.
     """
     attn = block.attn
     k, v = keys_values
     residual = x
     rows, tokens = x.shape[:2]
-    q = attn.to_q(attn.norm(x))
+    steps = _block_steps(block)
+    q = steps.to_q(steps.norm(x))
     q = q.view(rows, tokens, attn.heads, -1).transpose(1, 2) * attn.scale  # as einops' rearrange lays it out
     sim = q @ k.transpose(-1, -2)  # upstream's einsum, as the same batched product without its parsing
     if media_locations is None:
@@ -63,8 +107,9 @@ def gated_cross_attention(
         weights = sim.softmax(dim=-1)
         weights = weights.masked_fill(rearrange(text_time == 0, "b i -> b 1 i 1"), 0.0)
     out = (weights @ v).transpose(1, 2).reshape(rows, tokens, -1)
-    x = attn.to_out(out) * block.attn_gate.tanh() + residual
-    return block.ff(x) * block.ff_gate.tanh() + x
+    x = steps.to_out(out) * steps.attn_gate() + residual
+    norm, project_in, activation, project_out = steps.ff
+    return project_out(activation(project_in(norm(x)))) * steps.ff_gate() + x
 
 
 # What a forward's conditioning sets on a layer (upstream's and ours), and clears after it: plain

@@ -33,20 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
     LlamaDecoderLayer,
     eager_attention_forward,
 )
 
-
-def _rms_norm(weight: torch.Tensor, epsilon: float, hidden: torch.Tensor) -> torch.Tensor:
-    """``LlamaRMSNorm.forward``: in float32, then back to the hidden states' dtype."""
-    dtype = hidden.dtype
-    if dtype != torch.float32:
-        hidden = hidden.to(torch.float32)
-    variance = hidden.pow(2).mean(-1, keepdim=True)
-    hidden = hidden * torch.rsqrt(variance + epsilon)
-    return weight * (hidden if dtype == torch.float32 else hidden.to(dtype))
-
+from core.model.layers.direct_calls import direct
 
 # The rotary embedding's cosines and its sines with the first half negated, (rows, 1, queries, dim).
 Rotation = tuple[torch.Tensor, torch.Tensor]
@@ -67,21 +59,27 @@ class RotaryTable:
 
     def __init__(self, rotary: nn.Module) -> None:
         self.rotary = rotary
-        self.cos = self.sin = self.signed_sin = torch.empty(0)  # (positions, dim)
+        self.cos = self.signed_sin = torch.empty(0)  # (positions, dim)
 
-    def __call__(
-        self, hidden: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], Rotation]:
-        """For (rows, queries) ``positions``: transformers' (cos, sin), each (rows, queries, dim), and the rotation."""
-        needed = int(positions.max()) + 1
+    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor) -> Rotation:
+        """The rotation for (rows, queries) ``positions``; one position (a lone row's step) is sliced
+        out of the table rather than gathered."""
+        if positions.numel() == 1:
+            position = int(positions)
+            self._cover(position + 1, hidden, positions.device)
+            at = slice(position, position + 1)
+            return self.cos[at].view(1, 1, 1, -1), self.signed_sin[at].view(1, 1, 1, -1)
+        self._cover(int(positions.max()) + 1, hidden, positions.device)
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
+
+    def _cover(self, needed: int, hidden: torch.Tensor, device: torch.device) -> None:
+        """Compute the table again, at least twice as long, when a position lies beyond it."""
         if needed > len(self.cos):
-            everywhere = torch.arange(max(needed, 2 * len(self.cos)), device=positions.device)[None]
+            everywhere = torch.arange(max(needed, 2 * len(self.cos)), device=device)[None]
             cos, sin = self.rotary(hidden, everywhere)
             half = sin.shape[-1] // 2
-            self.cos, self.sin = cos[0], sin[0]
-            self.signed_sin = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
-        cos, sin = self.cos[positions], self.sin[positions]
-        return (cos, sin), (cos.unsqueeze(1), self.signed_sin[positions].unsqueeze(1))
+            self.cos, sin = cos[0], sin[0]
+            self.signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
 
 
 def _agree(joined: torch.Tensor, weights: Sequence[torch.Tensor], rows: int = 1) -> bool:
@@ -134,19 +132,50 @@ class _JoinedProduct:
         return torch.cat([F.linear(hidden, linear.weight) for linear in self.linears], dim=-1)
 
 
+def _attention(attention: LlamaAttention) -> Callable[..., torch.Tensor]:
+    """The layer's attention function, chosen once: transformers looks it up and checks its options
+    for every layer and token. With SDPA and as many key/value heads as query heads, torch's function
+    is called as transformers' ``sdpa_attention_forward`` calls it (the mask cut to the keys, causal
+    only for several queries without a mask, the output laid out (rows, queries, heads, dim)), so
+    with the same bits; otherwise through transformers' own function."""
+    implementation = attention.config._attn_implementation
+    scaling, causal_module = attention.scaling, getattr(attention, "is_causal", True)
+    if implementation == "sdpa" and attention.num_key_value_groups == 1:
+
+        def sdpa(
+            query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+        ) -> torch.Tensor:
+            if mask is not None:
+                mask = mask[:, :, :, : key.shape[-2]]
+            causal = query.shape[2] > 1 and mask is None and causal_module
+            output = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, dropout_p=0.0, scale=scaling, is_causal=causal
+            )
+            return output.transpose(1, 2).contiguous()
+
+        return sdpa
+    function: Callable[..., tuple[torch.Tensor, Any]] = (
+        eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+    )
+
+    def transformers_attention(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        return function(attention, query, key, value, mask, dropout=0.0, scaling=scaling)[0]
+
+    return transformers_attention
+
+
 class FusedLlamaLayer:
     """One LLaMA decoder layer run as transformers runs it, with its projections side by side."""
 
     def __init__(self, layer: LlamaDecoderLayer, query_key_value: torch.Tensor, gate_up: torch.Tensor) -> None:
         attention, mlp = layer.self_attn, layer.mlp
-        self.attention = attention
         # What a forward reads of the modules, held here: looking each up through ``nn.Module`` for
         # every layer and token cost as much as a small operation.
-        self.norms = [
-            (norm.weight, norm.variance_epsilon) for norm in (layer.input_layernorm, layer.post_attention_layernorm)
-        ]
+        self.norms = [direct(layer.input_layernorm), direct(layer.post_attention_layernorm)]
         self.output, self.down = attention.o_proj.weight, mlp.down_proj.weight
-        self.activation = mlp.act_fn
+        self.activation = direct(mlp.act_fn)
         self.head_dim, self.layer_index = attention.head_dim, attention.layer_idx
         self.query_key_value = _JoinedProduct(query_key_value, [attention.q_proj, attention.k_proj, attention.v_proj])
         self.gate_up = _JoinedProduct(gate_up, [mlp.gate_proj, mlp.up_proj])
@@ -155,27 +184,23 @@ class FusedLlamaLayer:
         ]
         self.rotated_heads = sum(self.query_key_heads)
         self.gate_up_sizes = [mlp.gate_proj.out_features, mlp.up_proj.out_features]
+        self.attend = _attention(attention)
 
     def __call__(self, hidden: torch.Tensor, rotation: Rotation, mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
         """``rotation``: the ``RotaryTable``'s, for the forward's positions."""
-        attention = self.attention
         shape = hidden.shape[:-1]
         residual = hidden
-        normed = _rms_norm(*self.norms[0], hidden)
+        normed = self.norms[0](hidden)
         heads = self.query_key_value(normed).view(*shape, -1, self.head_dim).transpose(1, 2)
         cos, signed_sin = rotation
         rotated = heads[:, : self.rotated_heads]  # the query's heads, then the key's: one rotation for both
         rotated = rotated * cos + rotated.roll(self.head_dim // 2, dims=-1) * signed_sin
         query, key = rotated.split_with_sizes(self.query_key_heads, dim=1)
         key, value = cache.update(key, heads[:, self.rotated_heads :], self.layer_index)
-        implementation = attention.config._attn_implementation
-        attend: Callable[..., tuple[torch.Tensor, Any]] = (
-            eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
-        )
-        output, _ = attend(attention, query, key, value, mask, dropout=0.0, scaling=attention.scaling)
+        output = self.attend(query, key, value, mask)
         hidden = residual + F.linear(output.reshape(*shape, -1), self.output)
         residual = hidden
-        normed = _rms_norm(*self.norms[1], hidden)
+        normed = self.norms[1](hidden)
         gate, up = self.gate_up(normed).split_with_sizes(self.gate_up_sizes, dim=-1)
         return residual + F.linear(self.activation(gate) * up, self.down)
 

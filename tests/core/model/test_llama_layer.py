@@ -10,11 +10,12 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from core.model.layers import llama_layer
+from core.model.layers import layer_stack, llama_layer
 from core.model.layers.layer_stack import language_model_parts
 from core.model.layers.llama_layer import RotaryTable, fused_llama_layer
 
@@ -50,28 +51,68 @@ def test_one_token_through_the_fused_layer_is_transformers_to_the_bit():
     with torch.inference_mode():
         theirs_cache, ours_cache = DynamicCache(ddp_cache_data=earlier), DynamicCache(ddp_cache_data=earlier)
         theirs = layer(hidden, attention_mask=None, position_embeddings=embeddings, past_key_values=theirs_cache)
-        table_embeddings, rotation = RotaryTable(rotary)(hidden, torch.tensor([[past]]))
-        ours = fused(hidden, rotation, None, ours_cache)
-    assert all(torch.equal(looked_up, own) for looked_up, own in zip(table_embeddings, embeddings, strict=True))
+        ours = fused(hidden, RotaryTable(rotary)(hidden, torch.tensor([[past]])), None, ours_cache)
     assert torch.equal(ours, theirs)
     assert torch.equal(ours_cache.layers[0].keys, theirs_cache.layers[0].keys)
     assert torch.equal(ours_cache.layers[0].values, theirs_cache.layers[0].values)
 
 
+@pytest.mark.parametrize("masked", [True, False], ids=["a prefill's mask", "causal without a mask"])
+def test_several_tokens_through_the_fused_layer_are_transformers_to_the_bit(masked):
+    """A prefill's tokens: torch's attention called directly as transformers calls it, with the
+    mask cut to the keys, or causal where there is none."""
+    layer, rotary = _layer()
+    fused = fused_llama_layer(layer)
+    if fused is None:
+        return  # transformers' layer runs it all
+    past, queries = 0 if not masked else 5, 3
+    hidden = torch.randn(1, queries, 512)
+    positions = torch.arange(past, past + queries)[None]
+    mask = None
+    if masked:  # the float mask of ``LanguageModelParts.additive_mask``, wider than the keys as transformers' may be
+        columns = torch.arange(past + queries + 2)
+        mask = torch.zeros(1, 1, queries, len(columns)).masked_fill(
+            columns > positions[..., None][:, None], torch.finfo(torch.float32).min
+        )
+    earlier = [(torch.randn(1, 8, past, 64), torch.randn(1, 8, past, 64))] if past else None
+    with torch.inference_mode():
+        theirs_cache, ours_cache = DynamicCache(ddp_cache_data=earlier), DynamicCache(ddp_cache_data=earlier)
+        theirs = layer(
+            hidden, attention_mask=mask, position_embeddings=rotary(hidden, positions), past_key_values=theirs_cache
+        )
+        ours = fused(hidden, RotaryTable(rotary)(hidden, positions), mask, ours_cache)
+    assert torch.equal(ours, theirs)
+
+
+def _rotation(rotary: LlamaRotaryEmbedding, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """transformers' cosines and its sines with the first half negated, computed for these positions alone."""
+    cos, sin = rotary(hidden, positions)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
 def test_the_rotary_table_looks_up_transformers_bits_at_every_position():
     """Positions looked up in one table (grown as rows get longer) give what transformers computes
-    for each alone, for rows at different places."""
+    for each alone: rows at different places, several queries, and one position (sliced out)."""
     _, rotary = _layer()
     table = RotaryTable(rotary)
     hidden = torch.randn(2, 1, 512)
     with torch.inference_mode():
         for first in (3, 40, 200, 900):
             positions = torch.tensor([[first], [first + 17]])
-            (cos, sin), _ = table(hidden, positions)
+            cos, signed_sin = table(hidden, positions)  # (rows, 1, queries, dim)
             for row in range(2):
-                own_cos, own_sin = rotary(hidden[row : row + 1], positions[row : row + 1])
-                assert torch.equal(cos[row], own_cos[0]) and torch.equal(sin[row], own_sin[0])
-    assert len(table.cos) >= 918
+                own_cos, own_signed_sin = _rotation(rotary, hidden[row : row + 1], positions[row : row + 1])
+                assert torch.equal(cos[row], own_cos) and torch.equal(signed_sin[row], own_signed_sin)
+            several = torch.arange(first, first + 5)[None]
+            cos, signed_sin = table(hidden[:1], several)
+            own_cos, own_signed_sin = _rotation(rotary, hidden[:1], several)
+            assert torch.equal(cos[:, 0], own_cos) and torch.equal(signed_sin[:, 0], own_signed_sin)
+        cos, signed_sin = table(hidden[:1], torch.tensor([[1500]]))  # one position, past the table's end
+        own_cos, own_signed_sin = _rotation(rotary, hidden[:1], torch.tensor([[1500]]))
+        assert cos.shape == (1, 1, 1, 64)
+        assert torch.equal(cos[0], own_cos) and torch.equal(signed_sin[0], own_signed_sin)
+    assert len(table.cos) >= 1501
 
 
 def test_a_row_count_whose_joined_product_differs_takes_the_products_apart(monkeypatch):
@@ -121,3 +162,13 @@ def test_a_fused_layer_goes_with_its_model():
     del layer
     gc.collect()
     assert gone() is None
+
+
+def test_one_layer_that_cannot_be_fused_leaves_them_all_to_transformers(llama_engine, monkeypatch):
+    """Fused layers are all or none: a forward through them takes the rotation and nothing else."""
+    lm = llama_engine.loaded.model.lang_encoder
+    third = lm.model.layers[2].decoder_layer
+    real = layer_stack.fused_llama_layer
+    monkeypatch.setattr(layer_stack, "fused_llama_layer", lambda layer: None if layer is third else real(layer))
+    parts = language_model_parts(lm)
+    assert parts is not None and parts.fused_layers == () and parts.rotary_table is None
