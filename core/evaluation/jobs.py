@@ -164,7 +164,13 @@ class TaskEvaluations:
 
         started = time.perf_counter()
         runner = asyncio.ensure_future(
-            evaluate(planned, answer, service.rules.count_tokens, self.asking.settings.generation, job.scores.append)
+            evaluate(
+                planned,
+                answer,
+                service.rules_for(other).count_tokens,
+                self.asking.settings.generation,
+                job.scores.append,
+            )
         )
         job.follow(runner)
         try:

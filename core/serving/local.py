@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 _STOPPING_SECONDS = 30.0
 
 _STOPPED_BY_CLOSING = "The bot is shutting down; your request was stopped before it finished."
+_ONE_MODEL = "This bot runs one model in its own process; it cannot answer with another."
 
 # Background requests waiting: an evaluation queues its examples one at a time, so this is about how many
 # servers may evaluate at once. Small, as each place holds a prepared request (its images) for as long as
@@ -239,6 +240,12 @@ class InferenceService:
     def rules(self) -> PromptRules:
         return self.engine.rules
 
+    def rules_for(self, model: str | None) -> PromptRules:
+        """The rules of the model that answers: here only the loaded one (None)."""
+        if model is not None:
+            raise BadParameter(_ONE_MODEL)
+        return self.engine.rules
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -284,7 +291,7 @@ class InferenceService:
         if self._closed:
             raise ServiceClosed("The bot is shutting down; try again in a moment.")
         if model is not None:
-            raise BadParameter("This bot runs one model in its own process; it cannot answer with another.")
+            raise BadParameter(_ONE_MODEL)
         if background and (params.num_beams > 1 or params.do_sample):
             raise BadParameter("A background request is greedy: it may be stopped and run again from its start.")
         request = self.engine.prepare(images, prompt, task, params)

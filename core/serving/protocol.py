@@ -60,6 +60,11 @@ class ModelService(Protocol):
     @property
     def rules(self) -> PromptRules: ...
 
+    def rules_for(self, model: str | None) -> PromptRules:
+        """The rules of the model that answers (None: the default): another model counts tokens with
+        its own tokenizer. Raises ``BadParameter`` for a model the service cannot run."""
+        ...
+
     @property
     def waiting(self) -> int: ...
 

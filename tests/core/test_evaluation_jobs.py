@@ -51,9 +51,15 @@ class _Line:
 
     def __init__(self) -> None:
         self.tickets: list[_Ticket] = []
+        self.room: list[int] = []  # each request's new tokens
+
+    def rules_for(self, model: str | None) -> object:
+        """Another model's tokenizer (here: "wide", which reads each character as a token) counts otherwise."""
+        return self.rules if model is None else types.SimpleNamespace(count_tokens=len)
 
     def submit(self, images, prompt, task, params, deadline=None, model=None, party=None, background=False):
         self.tickets.append(_Ticket(prompt, {"model": model, "party": party, "background": background}))
+        self.room.append(params.max_new_tokens)
         return self.tickets[-1]
 
     async def asked(self, count: int) -> _Ticket:
@@ -86,11 +92,13 @@ def tasks(builtin_tasks) -> dict[str, Task]:
 
 @pytest.fixture
 def make_evaluations(store, tasks) -> Callable[..., TaskEvaluations]:
-    def make(service: object, per_period: int = 100, rules: object = None) -> TaskEvaluations:
+    def make(
+        service: object, per_period: int = 100, rules: object = None, models: ModelCatalog = MODELS
+    ) -> TaskEvaluations:
         settings = Settings(quotas=QuotaSettings(user_cooldown_seconds=0, guild_per_period=per_period))
         library = TaskLibrary(store, tasks, rules=rules or service.rules, settings=settings)
         quotas = RequestQuotas(settings.quotas)
-        return TaskEvaluations(Asking(settings, store, library, quotas, MODELS, service, Metrics(), WordListFilter([])))
+        return TaskEvaluations(Asking(settings, store, library, quotas, models, service, Metrics(), WordListFilter([])))
 
     return make
 
@@ -153,6 +161,22 @@ async def test_the_examples_are_charged_to_the_servers_quota_and_a_refusal_costs
     quotas = evaluations.asking.quotas
     with quotas.admit(GUILD, 11), quotas.admit(GUILD, 12):  # members' two are left
         pass
+
+
+async def test_each_answers_room_is_counted_by_the_model_that_answers(make_evaluations) -> None:
+    """The expected answer's tokens and a margin of 8: another model's in its own tokenizer, or a
+    right answer it tokenises longer would be cut short and scored wrong."""
+    models = ModelCatalog("tiny", ("tiny", "wide"), {"wide": 1}, budget_bytes=2, on_replicas=True)
+    for model, room in ((None, [9, 9, 9, 9]), ("wide", [14, 13, 11, 10])):  # camera, spoon, cat, no
+        line = _Line()
+        running = asyncio.ensure_future(
+            make_evaluations(line, models=models).evaluate(1, GUILD, MODERATOR, "vqa", model, _Front())
+        )
+        for count in range(1, 5):
+            (await line.asked(count)).answer_with("no")
+        await running
+        assert line.room == room
+        assert {ticket.asked["model"] for ticket in line.tickets} == {model}
 
 
 @pytest.mark.parametrize(

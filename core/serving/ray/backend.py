@@ -358,6 +358,13 @@ class RayInferenceService:
         cluster = f"{ray.replicas} replica(s) of {ray.app_name} at {ray.address}"
         return ServiceStatus(self.settings.model.shown_name, self.waiting, self.reachable, cluster=cluster)
 
+    def rules_for(self, model: str | None) -> PromptRules:
+        """The rules of the model that answers (None: the default), from its own tokenizer."""
+        rules = self._rules.get(model)
+        if rules is None:
+            raise BadParameter("This bot does not offer that model; a server admin can choose another in /settings.")
+        return rules
+
     def estimated_wait(self, position: int) -> float:
         """Seconds until a request at ``position`` in the bot's line is sent: a place at the replicas
         frees as an answer ends, so about one typical answer per ``room`` requests ahead (0 before any)."""
@@ -385,11 +392,10 @@ class RayInferenceService:
             raise ServiceClosed("The bot is shutting down; try again in a moment.")
         if not self.reachable:
             raise ClusterUnavailable(_CLUSTER_LOST)
-        if model not in self._rules:
-            raise BadParameter("This bot does not offer that model; a server admin can choose another in /settings.")
+        rules = self.rules_for(model)
         if background and (params.num_beams > 1 or params.do_sample):
             raise BadParameter("A background request is greedy: it may be stopped and run again from its start.")
-        self._rules[model].check_text(prompt, len(images))
+        rules.check_text(prompt, len(images))
         line = self.background_line if background else self.line
         line.check_room(party)
         cost = decode_steps(generation_kwargs(params, self.settings.generation), len(images))

@@ -9,7 +9,15 @@ import time
 import pytest
 import torch
 
-from core.errors import BadPrompt, GenerationFailed, RequestCancelled, RequestExpired, ServiceBusy, ServiceClosed
+from core.errors import (
+    BadParameter,
+    BadPrompt,
+    GenerationFailed,
+    RequestCancelled,
+    RequestExpired,
+    ServiceBusy,
+    ServiceClosed,
+)
 from core.generation import GenerationParams
 from core.model.engine import holds_conditioning
 from core.prompts import Example, Task
@@ -291,3 +299,15 @@ async def test_beam_search_waiting_in_line_is_not_overtaken_by_joiners(llama_eng
     await asyncio.gather(beams.answer(), after.answer())
     # The beam request starts the next run; the greedy one behind it waits for that run, not joining the first.
     assert [p.rsplit(">", 1)[-1] for p in gated.ran] == ["Long:", "Beams:", "After:"]
+
+
+async def test_the_service_in_this_process_reads_only_its_own_model(make_service, llama_engine, photos):
+    service = make_service(llama_engine)
+    assert service.rules_for(None) is llama_engine.rules
+    message = r"^This bot runs one model in its own process; it cannot answer with another\."
+    with pytest.raises(BadParameter, match=message):
+        service.rules_for("mpt")
+    with pytest.raises(BadParameter, match=message):
+        service.submit(
+            [photos["rocket"]], "<image>Output:", Task("t", "", "<image>Output:"), GenerationParams(), model="mpt"
+        )

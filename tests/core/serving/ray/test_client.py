@@ -324,3 +324,23 @@ def test_a_place_in_the_bots_line_is_given_a_wait_from_recent_answers(service):
     assert service._room == 1 and service.estimated_wait(1) == 3.0 and service.estimated_wait(3) == 9.0
     service._room = 2  # two places at the replicas: a second request ahead waits for the same answer
     assert service.estimated_wait(2) == 3.0 and service.estimated_wait(3) == 6.0
+
+
+def test_each_model_offered_is_read_with_its_own_rules(model_dirs, engines, photos):
+    """Another model's tokenizer counts a text otherwise (an evaluation's room for each answer) and
+    reserves other tokens; a model not offered is refused by name."""
+    settings = tiny_settings(model_dirs["llama"])
+    settings.service = ServiceSettings(backend="ray")
+    rules = {None: engines["llama"].rules, "mpt": engines["mpt"].rules}
+    service = RayInferenceService(settings, rules, StandInHandle())
+    try:
+        assert service.rules_for(None) is service.rules is rules[None]
+        assert service.rules_for("mpt") is rules["mpt"]
+        with pytest.raises(BadParameter, match=r"^This bot does not offer that model"):
+            service.rules_for("gpt")
+        with pytest.raises(BadParameter, match=r"^This bot does not offer that model"):
+            service.submit(
+                [photos["rocket"]], "<image>Output:", Task("t", "", "<image>Output:"), GenerationParams(), model="gpt"
+            )
+    finally:
+        service.close()
