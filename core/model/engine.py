@@ -45,6 +45,7 @@ class PreparedRequest:
     example_images: Sequence[Image.Image]  # each decoded when read: only on a miss of the task's prefix
     request_images: tuple[Image.Image, ...]
     generate_kwargs: dict[str, Any]
+    background: bool = False  # a background job's (``InferenceService.submit``): its caches' entries yield
     # Where its batched decoding publishes the tokens so far, for whoever follows it (``Progress``).
     progress: Progress = field(default_factory=Progress, compare=False, repr=False)
 
@@ -175,7 +176,7 @@ class FlamingoEngine:
         return self.loaded.image_transform(crop_extreme_aspect(image))
 
     def prepare(
-        self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams
+        self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams, background: bool = False
     ) -> PreparedRequest:
         kwargs = generation_kwargs(params, self.settings.generation)
         request_text = self.rules.check_text(prompt, len(images))
@@ -204,6 +205,7 @@ class FlamingoEngine:
             example_images=task.example_images,
             request_images=tuple(images),
             generate_kwargs=kwargs,
+            background=background,
         )
 
     def run(self, request: PreparedRequest, should_stop: Callable[[], bool] = lambda: False) -> Answer:
@@ -329,23 +331,32 @@ class FlamingoEngine:
         return self.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _jobs(self, requests: Sequence[PreparedRequest], stops: Sequence[Callable[[], bool]]) -> list[DecodeJob]:
-        """The fast path: each task's prefix from cache (computed on a miss); the requests' own
-        images encoded together, in one vision forward for all of them."""
+        """The fast path: each task's prefix from cache (computed on a miss); members' own images
+        encoded together, in one vision forward for all of them, a background job's apart (its cache
+        entries take only free room)."""
         media_token = self.loaded.model.media_token_id
-        images = self.decoder.image_features([image for r in requests for image in r.request_images], self._pixels)
+        features: dict[int, list[torch.Tensor]] = {}
+        for background in (False, True):  # members' images kept as usual, a background job's only where room is free
+            chosen = [n for n, request in enumerate(requests) if request.background == background]
+            images = [image for n in chosen for image in requests[n].request_images]
+            encoded = self.decoder.image_features(images, self._pixels, background) if images else []
+            for n in chosen:
+                count = len(requests[n].request_images)
+                features[n], encoded = encoded[:count], encoded[count:]
         jobs = []
-        for request, should_stop in zip(requests, stops, strict=True):
+        for n, (request, should_stop) in enumerate(zip(requests, stops, strict=True)):
             ids = request.input_ids[0].tolist()
             prefix = self.decoder.prefix(
-                request.task_key, ids[: request.prefix_length], request.example_images, self._pixels, media_token
+                request.task_key,
+                ids[: request.prefix_length],
+                request.example_images,
+                self._pixels,
+                media_token,
+                request.background,
             )
-            own, images = images[: len(request.request_images)], images[len(request.request_images) :]
             kwargs = request.generate_kwargs
-            jobs.append(
-                DecodeJob(
-                    prefix, ids[request.prefix_length :], own, kwargs, self._stop_ids, should_stop, request.progress
-                )
-            )
+            own_ids = ids[request.prefix_length :]
+            jobs.append(DecodeJob(prefix, own_ids, features[n], kwargs, self._stop_ids, should_stop, request.progress))
         return jobs
 
     def _search_beams(

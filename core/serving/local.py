@@ -66,7 +66,7 @@ class Engine(Protocol):
     def partial_text(self, new_tokens: Sequence[int]) -> str: ...
 
     def prepare(
-        self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams
+        self, images: Sequence[Image.Image], prompt: str, task: Task, params: GenerationParams, background: bool = False
     ) -> PreparedRequest: ...
 
     def run_many(
@@ -294,7 +294,7 @@ class InferenceService:
             raise BadParameter(_ONE_MODEL)
         if background and (params.num_beams > 1 or params.do_sample):
             raise BadParameter("A background request is greedy: it may be stopped and run again from its start.")
-        request = self.engine.prepare(images, prompt, task, params)
+        request = self.engine.prepare(images, prompt, task, params, background)
         loop = asyncio.get_running_loop()
         job = _Job(request, loop, loop.create_future(), deadline, party=party, background=background)
         line = self._line(job)

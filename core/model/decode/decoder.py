@@ -81,13 +81,14 @@ class FlamingoDecoder:
         )
 
     def image_features(
-        self, images: Sequence[Image.Image], pixels: Callable[[Image.Image], torch.Tensor]
+        self, images: Sequence[Image.Image], pixels: Callable[[Image.Image], torch.Tensor], background: bool = False
     ) -> list[torch.Tensor]:
         """(latents, dim) per image; images seen before come from the cache, the others are encoded
-        together, at most ``VISION_BATCH`` per forward."""
+        together, at most ``VISION_BATCH`` per forward. ``background``: a background job's, kept only in
+        room nobody else needs (``LruCache``)."""
         model, device, dtype = self.conditioning.model, self.conditioning.device, self.conditioning.dtype
         keys = [image_key(image) for image in images]
-        cached = {key: self.images.get(key) for key in dict.fromkeys(keys)}
+        cached = {key: self.images.get(key, refresh=not background) for key in dict.fromkeys(keys)}
         found = {key: features for key, features in cached.items() if features is not None}
         missing = [key for key, features in cached.items() if features is None]
         for start in range(0, len(missing), VISION_BATCH):
@@ -98,7 +99,7 @@ class FlamingoDecoder:
                 latents = model.perceiver(rearrange(tokens, "(b t f) v d -> b t f v d", b=1, f=1))[0]
             for key, features in zip(chunk, latents, strict=True):
                 found[key] = features
-                self.images.put(key, features)
+                self.images.put(key, features, evicting=not background)
         return [found[key] for key in keys]
 
     def prefix(
@@ -108,16 +109,18 @@ class FlamingoDecoder:
         example_images: Sequence[Image.Image],
         pixels: Callable[[Image.Image], torch.Tensor],
         media_token_id: int,
+        background: bool = False,
     ) -> PrefixState:
+        """The task's prefix state, from the cache or computed and kept; ``background`` as ``image_features``."""
         key = (task_key, tuple(token_ids)) if task_key is not None else None
-        state = self.prefixes.get(key) if key is not None else None
+        state = self.prefixes.get(key, refresh=not background) if key is not None else None
         if state is not None:
             return state
         conditioning = self.conditioning
         cache = DynamicCache()
         last_image = None
         if token_ids:
-            features = self.image_features(example_images, pixels)
+            features = self.image_features(example_images, pixels, background)
             media = torch.stack(features).unsqueeze(0) if features else None
             ids = torch.tensor([token_ids], device=conditioning.device)
             with torch.inference_mode(), conditioning.reading(media):
@@ -126,7 +129,7 @@ class FlamingoDecoder:
                     last_image = tuple(layer.latest_image_keys_values() for layer in conditioning.layers)
         state = PrefixState(tuple(token_ids), tuple(layer_keys_values(layer) for layer in cache.layers), last_image)
         if key is not None:
-            self.prefixes.put(key, state)
+            self.prefixes.put(key, state, evicting=not background)
         return state
 
     def prefill(self, job: DecodeJob, media_token_id: int) -> Running:

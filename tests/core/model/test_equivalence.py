@@ -270,6 +270,20 @@ def test_prefix_cache_is_bounded_in_bytes():
     assert cache.get("huge") is None
 
 
+def test_a_background_jobs_entries_take_only_free_room_and_go_first():
+    from core.model.lru_cache import LruCache
+
+    cache: LruCache[str, bytes] = LruCache(10, len)
+    cache.put("member", b"1234")
+    cache.put("evaluation", b"56789", evicting=False)  # fits in the free room
+    cache.put("crowded out", b"xx", evicting=False)  # would need another's room: not kept
+    assert cache.get("crowded out") is None and cache.get("member") == b"1234"
+    assert cache.get("evaluation", refresh=False) == b"56789"  # its own read does not keep it
+    cache.put("another member", b"abc")  # needs room: the background entry goes first, though newer
+    assert cache.get("evaluation") is None
+    assert cache.get("member") == b"1234" and cache.get("another member") == b"abc"
+
+
 NEAR_TIE = 1e-4
 
 

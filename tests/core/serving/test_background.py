@@ -11,6 +11,7 @@ import pytest
 
 from core.errors import BadParameter, RequestCancelled, RequestExpired, ServiceBusy, ServiceClosed
 from core.generation import GenerationParams
+from core.model.lru_cache import LruCache
 from core.prompts import Example, Task
 from core.serving.local import BACKGROUND_QUEUE, InferenceService, Ticket
 from tests.helpers.gated_engine import GatedEngine
@@ -213,3 +214,32 @@ async def test_a_background_request_is_greedy(llama_engine, make_service, photos
     service = make_service(llama_engine)
     with pytest.raises(BadParameter, match="greedy"):
         ask(service, photos, task, "Eval", params, background=True)
+
+
+def _keyed(photos, name: str, photo: str) -> Task:
+    return Task(name, "", "<image>Output:", (Example(photos[photo], "<image>Output:A photo."),), key=name)
+
+
+async def test_an_evaluations_prefixes_never_push_out_a_members(llama_engine, make_service, photos, monkeypatch):
+    """A background request's task prefix (and its images' features) is kept only in room nobody else
+    needs: a server evaluating its tasks must not cost the others their cached tasks."""
+    decoder = llama_engine.decoder
+    monkeypatch.setattr(decoder, "prefixes", LruCache(2**40, decoder.prefixes._size_of))
+    service = make_service(llama_engine)
+    members, evaluated, newer = (
+        _keyed(photos, *names) for names in (("a", "chelsea"), ("b", "camera"), ("c", "coffee"))
+    )
+    await ask(service, photos, members, "Member").answer()
+    size = decoder.prefixes.bytes
+    decoder.prefixes.capacity = size * 5 // 2  # room for two of these prefixes, not three
+    await ask(service, photos, evaluated, "Eval", background=True).answer()
+    assert decoder.prefixes.bytes == 2 * size  # kept in the free room
+    await ask(service, photos, newer, "Member").answer()  # needs room: the evaluation's goes, though newer
+    misses = decoder.prefixes.misses
+    await ask(service, photos, members, "Member").answer()
+    assert decoder.prefixes.misses == misses  # the member's task is still there
+    await ask(service, photos, evaluated, "Eval", background=True).answer()
+    assert decoder.prefixes.misses == misses + 1 and decoder.prefixes.bytes == 2 * size  # no free room: not kept
+    for task in (members, newer):
+        await ask(service, photos, task, "Member").answer()
+    assert decoder.prefixes.misses == misses + 1
