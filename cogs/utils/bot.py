@@ -33,6 +33,7 @@ from core.quotas import RequestQuotas
 from core.serving import ModelService, QueuedRequest, start_model_service
 from core.serving.metrics import Health, Metrics, gather_caches, serve_metrics
 from core.serving.model_choice import ModelCatalog
+from core.serving.systemd import notify
 from core.storage import Storage
 from core.storage.request_store import RequestBudget
 from core.tasks.builtin import load_builtin_tasks
@@ -136,6 +137,7 @@ class FlamingoBot(commands.AutoShardedBot):
                 why = os.strerror(error.errno) if error.errno else str(error)
                 raise ConfigError(f"cannot serve metrics on {metrics.host}:{metrics.port}: {why}") from None
         given = self._given_service
+        notify("STATUS=Loading the model")
         self.service = given if given is not None else await asyncio.to_thread(start_model_service, self.settings)
         self.models = await asyncio.to_thread(ModelCatalog.from_settings, self.settings)
         builtins = await asyncio.to_thread(load_builtin_tasks, self.settings.data_dir, self.settings.images)
@@ -157,6 +159,7 @@ class FlamingoBot(commands.AutoShardedBot):
         if self.settings.discord.sync_commands_on_start:
             await self.sync_commands()
         self.started_up = True
+        notify("STATUS=Connecting to Discord")
 
     async def _check_admin_guild(self) -> None:
         """Syncing /admin to a guild the bot is not in would fail only after the model had loaded."""
@@ -218,6 +221,8 @@ class FlamingoBot(commands.AutoShardedBot):
         with contextlib.suppress(StorageUnavailable):
             await self.store.reconcile_presence({guild.id for guild in self.guilds})
         log.info("ready: in %d servers, over %d shard(s)", len(self.guilds), self.shard_count or 1)
+        if not self.closing:
+            notify("READY=1", f"STATUS=Answering in {len(self.guilds)} servers")
         if self._purging is None and not self.closing:
             # Only now: a server that re-added the bot while it was away is known to be back, and
             # keeps what it had however long ago it left.
@@ -289,6 +294,7 @@ class FlamingoBot(commands.AutoShardedBot):
     async def close(self) -> None:
         """Finish the requests being answered (stopping them after the service's grace), refuse the
         queued ones, let every command and click under way reply, then disconnect and close the database."""
+        notify("STOPPING=1", "STATUS=Stopping: finishing the answers under way")
         done = []  # the closing line says only what was running: a refused token opens nothing
         if getattr(self, "service", None) is not None:
             await asyncio.to_thread(self.service.close)

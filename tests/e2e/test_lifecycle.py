@@ -58,6 +58,36 @@ async def test_tasks_and_answer_buttons_survive_a_restart_and_sigterm_stops_clea
     assert bot.log().count("Closed: answers delivered, the database closed") == 2
 
 
+async def test_systemd_is_told_what_the_bot_does_and_when_it_answers(stand_in, model_dirs, tmp_path):
+    """``Type=notify``: READY=1 only once Discord is connected (after the model loaded), what it is
+    doing for ``systemctl status`` meanwhile, and STOPPING=1 as a SIGTERM stops it."""
+    told: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(tmp_path / "notify"))
+        manager.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        async def listen() -> None:
+            while True:
+                told.append((await loop.sock_recv(manager, 4096)).decode())
+
+        listening = asyncio.create_task(listen())
+        bot = new_bot(stand_in, model_dirs, tmp_path)
+        bot.env["NOTIFY_SOCKET"] = str(tmp_path / "notify")
+        await bot.start()
+        async with asyncio.timeout(30):
+            while not any("READY=1" in message for message in told):
+                await asyncio.sleep(0.05)
+        assert told[:2] == ["STATUS=Loading the model", "STATUS=Connecting to Discord"]
+        assert told[2].startswith("READY=1\nSTATUS=Answering in ")
+        assert await bot.stop(signal.SIGTERM) == 0
+        async with asyncio.timeout(10):
+            while not any(message.startswith("STOPPING=1") for message in told):
+                await asyncio.sleep(0.05)
+        listening.cancel()
+    assert told[-1] == "STOPPING=1\nSTATUS=Stopping: finishing the answers under way"
+
+
 async def test_a_signal_while_the_model_loads_stops_the_bot_at_once(stand_in, model_dirs, tmp_path):
     """Loading can take minutes and cannot be interrupted; nothing is being answered yet."""
     bot = new_bot(stand_in, model_dirs, tmp_path)
