@@ -11,6 +11,8 @@ import torch
 from core.errors import GenerationFailed, RequestCancelled
 from core.generation import GenerationParams
 from core.model.decode.graphed_steps import StaticSteps
+from core.model.decode.shared_prefix import SharedPrefixSteps
+from core.model.decode.state import Running
 from core.prompts import Example, Task
 from tests.helpers.gated_engine import GatedEngine
 
@@ -152,16 +154,15 @@ async def test_cancelling_mid_stream_ends_the_stream_and_keeps_what_was_written(
 async def test_a_failed_request_fails_its_stream_with_the_answers_error(
     llama_engine, make_service, photos, task, monkeypatch
 ):
-    norm = llama_engine.loaded.model.lang_encoder.model.norm
-    forward, calls = norm.forward, []
+    step, calls = SharedPrefixSteps.step, []
 
-    def failing_later(*args, **kwargs):  # once per forward: the prefix's, the request's, then each step's
+    def failing_later(self: SharedPrefixSteps, rows: list[Running]) -> torch.Tensor:
         calls.append(1)
         if len(calls) > 30:
             raise RuntimeError("simulated fault in a decode step")
-        return forward(*args, **kwargs)
+        return step(self, rows)
 
-    monkeypatch.setattr(norm, "forward", failing_later)
+    monkeypatch.setattr(SharedPrefixSteps, "step", failing_later)
     service = make_service(llama_engine)
     ticket = service.submit([photos["coffee"]], "<image>Output:", task, LONG)
     texts = []
