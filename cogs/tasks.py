@@ -30,7 +30,7 @@ from cogs.utils.replies import (
     verbatim,
 )
 from core.errors import LimitReached
-from core.evaluation.jobs import EvaluationJob, EvaluationResult
+from core.evaluation.jobs import EvaluationJob, EvaluationResult, EvaluationRunning
 from core.evaluation.report import as_csv
 from core.images import check_file_size
 from core.serving.model_choice import ModelCatalog
@@ -350,6 +350,13 @@ class Tasks(commands.Cog):
             result = await self.bot.evaluations.evaluate(
                 interaction.id, guild_id, interaction.user.id, task, model, progress
             )
+        except EvaluationRunning as running:  # its own message, and its Cancel, may be another moderator's
+            view = discord.ui.View(timeout=None)
+            view.add_item(CancelEvaluationButton(running.job_id))
+            await interaction.edit_original_response(
+                content=f"{running} You can also cancel it with this button.", view=view
+            )
+            return
         finally:
             await progress.stop()
         filename = f"{archive_filename(result.evaluation.task).removesuffix(FILENAME_SUFFIX)}-evaluation.csv"

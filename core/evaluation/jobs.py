@@ -37,7 +37,11 @@ _LATE = "Its time ran out, with members' requests keeping the model busy: the re
 
 
 class EvaluationRunning(FlamingoError):
-    """The server already has an evaluation under way."""
+    """The server already has an evaluation under way: ``job_id``, which a front end may offer to cancel."""
+
+    def __init__(self, message: str, job_id: int) -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 class EvaluationJob:
@@ -116,7 +120,8 @@ class TaskEvaluations:
         if current is not None:
             raise EvaluationRunning(
                 f"<@{current.user_id}> is already evaluating task {quoted(current.task)} on this server, and "
-                "one evaluation runs at a time; try again once it ends (they can cancel it from its message)."
+                "one evaluation runs at a time; try again once it ends.",
+                current.id,
             )
         job = self._running[guild_id] = EvaluationJob(job_id, guild_id, user_id, task)
         try:

@@ -137,8 +137,11 @@ async def test_a_server_runs_one_evaluation_at_a_time(make_evaluations) -> None:
     first = started(evaluations, _Front())
     ticket = await line.asked(1)
     assert ticket.asked == {"model": None, "party": GUILD, "background": True}
-    with pytest.raises(EvaluationRunning, match=rf"^<@{MODERATOR}> is already evaluating task “vqa” on this server"):
+    with pytest.raises(
+        EvaluationRunning, match=rf"^<@{MODERATOR}> is already evaluating task “vqa” on this server"
+    ) as running:
         await evaluations.evaluate(2, GUILD, 10, "caption", None, _Front())
+    assert running.value.job_id == 1  # the one under way, for a front end to offer its cancel
     other = started(evaluations, _Front(), guild=OTHER_GUILD, job_id=3)  # another server's is its own
     await line.asked(2)
     for count in range(1, 9):

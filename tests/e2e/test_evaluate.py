@@ -97,10 +97,11 @@ async def test_a_second_evaluation_waits_and_a_cancel_keeps_what_was_answered_wh
 
     [second] = await scene.ask("manage-tasks evaluate", scene.moderator, task="caption")
     assert second.content.startswith(f"<@{scene.moderator.id}> is already evaluating task “pets” on this server")
+    assert second.content.endswith("You can also cancel it with this button.") and list(buttons(second)) == ["Cancel"]
 
     [refused] = await (await click(scene, progress, "Cancel", scene.reader)).answered()
     assert refused.content == "Only the member who started this evaluation, or one with Manage Server, can cancel it."
-    await click(scene, progress, "Cancel", scene.moderator)
+    await click(scene, second, "Cancel", scene.moderator)  # the refusal's button stops the one under way
     [result] = await evaluating.answered()
     assert result.embeds[0]["description"].startswith(f"**Stopped early:** Cancelled by <@{scene.moderator.id}>.")
     scored = int(_fields(result)["Examples"].split(" of 4 scored")[0])
