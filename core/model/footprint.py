@@ -91,6 +91,7 @@ class ParameterCounts:
     total: int
     language_linear: int  # weights int8 and nf4 quantize in the LM: its linear layers but the output head
     cross_attention_linear: int  # and in the cross-attention layers, unless model.quantize_cross_attention is off
+    language_model: int  # the LM's own parameters; the rest (vision, perceiver, cross-attention) are built in fp32
 
     def weight_bytes(self, plan: PrecisionPlan, quantize_cross_attention: bool = True) -> int:
         """Bytes of weights loaded as ``plan`` says: quantized layers packed, the rest in its dtype."""
@@ -102,6 +103,14 @@ class ParameterCounts:
         if plan.quantization.load_in_8bit:  # a byte per weight; an fp32 scale per output row is under 0.1%
             return quantized + rest
         return round(quantized * (0.5 + 4 / 64)) + rest  # nf4: half a byte, an fp32 absmax per 64
+
+    def host_bytes(self, plan: PrecisionPlan) -> int:
+        """This machine's memory a load onto a GPU passes through at its peak, before the model moves
+        there (``core.model.loading.place_model``): the vision encoder, the perceiver and the
+        cross-attention layers as upstream builds them, in fp32, and the language model in the plan's
+        dtype, unless quantized (its loader then puts it on the GPU shard by shard)."""
+        built = (self.total - self.language_model) * torch.float32.itemsize
+        return built if plan.quantization is not None else built + self.language_model * plan.dtype.itemsize
 
 
 class _QuietMetaBuild(logging.Filter):
@@ -162,4 +171,4 @@ def parameter_counts(spec: ModelSpec) -> ParameterCounts:
     finally:
         logging.getLogger().removeFilter(quiet)
     total = _count(lm) + _count(vision) + _count(perceiver) + _count(cross)
-    return ParameterCounts(total, _linear_weights(lm, lm.get_output_embeddings()), _linear_weights(cross))
+    return ParameterCounts(total, _linear_weights(lm, lm.get_output_embeddings()), _linear_weights(cross), _count(lm))

@@ -19,7 +19,7 @@ from huggingface_hub import constants
 
 from core.config import ModelSettings
 from core.errors import ModelLoadError
-from core.model.footprint import parameter_counts
+from core.model.footprint import ParameterCounts, parameter_counts
 from core.model.hub import HubFile, files_to_download
 from core.model.loading import LoadedModel, PrecisionPlan, load_model, pick_device, plan_precision, spec_of
 from core.model.registry import ModelSpec
@@ -53,6 +53,8 @@ def check_memory(spec: ModelSpec, plan: PrecisionPlan, device: torch.device, qua
     weights = counts.weight_bytes(plan, quantize_cross_attention)
     available = _available_memory(device)
     if weights + MEMORY_HEADROOM <= available:
+        if device.type == "cuda":
+            _check_host_memory(spec, counts, plan, device)
         return
     smaller = {
         name: counts.weight_bytes(plan_precision(name, device), quantize_cross_attention)
@@ -71,6 +73,30 @@ def check_memory(spec: ModelSpec, plan: PrecisionPlan, device: torch.device, qua
     raise ModelLoadError(
         f"{spec.name} in {plan.name} needs {weights / GIB:.1f} GiB for its weights and about "
         f"{MEMORY_HEADROOM / GIB:.0f} GiB to run, but {device} has {available / GIB:.1f} GiB free; {advice}; {OVERRIDE}"
+    )
+
+
+def _check_host_memory(spec: ModelSpec, counts: ParameterCounts, plan: PrecisionPlan, device: torch.device) -> None:
+    """Refuse a GPU load whose way through this machine's memory does not fit: the kernel would kill
+    the bot minutes into the load, with nothing in its log to say why."""
+    needed = counts.host_bytes(plan)
+    available = psutil.virtual_memory().available
+    if needed + MEMORY_HEADROOM <= available:
+        return
+    quantized = counts.host_bytes(plan_precision("int8", device))
+    advice = (
+        f"int8 and nf4 load the language model straight to the GPU and need about {quantized / GIB:.1f} GiB here "
+        "(--precision, or model.precision in config.toml)"
+        if plan.quantization is None and quantized + MEMORY_HEADROOM <= available
+        else "free memory on this machine or add swap"
+    )
+    parts = "its vision and cross-attention layers as built, in fp32" + (
+        f", and its language model in {plan.name}" if plan.quantization is None else ""
+    )
+    raise ModelLoadError(
+        f"{spec.name} in {plan.name} passes through about {needed / GIB:.1f} GiB of this machine's memory on its "
+        f"way to {device} ({parts}) and needs about {MEMORY_HEADROOM / GIB:.0f} GiB more, but {available / GIB:.1f} "
+        f"GiB is available; {advice}; {OVERRIDE}"
     )
 
 

@@ -117,8 +117,10 @@ def _free_disk(monkeypatch, free: int) -> None:
     monkeypatch.setattr(resources.shutil, "disk_usage", lambda path: SimpleNamespace(total=free, used=0, free=free))
 
 
-def _free_memory(monkeypatch, free: int) -> None:
-    monkeypatch.setattr(resources.psutil, "virtual_memory", lambda: SimpleNamespace(available=free))
+def _free_memory(monkeypatch, free: int, host: int | None = None) -> None:
+    """``free`` on the device (and on this machine, unless ``host`` says otherwise)."""
+    available = free if host is None else host
+    monkeypatch.setattr(resources.psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * GIB))
 
 
@@ -268,6 +270,32 @@ def test_a_gpu_short_of_memory_is_offered_only_what_fits_it(monkeypatch):
     _free_memory(monkeypatch, 3 * GIB)
     with pytest.raises(ModelLoadError, match=r"has 3\.0 GiB free; choose a smaller model"):
         check_memory(resolve_model(DEFAULT), plan_precision("bf16", GPU), GPU, True)
+
+
+def test_a_gpu_load_that_this_machines_memory_cannot_carry_is_refused_before_it_starts(monkeypatch):
+    """The language model (unless quantized), the vision encoder and the cross-attention layers are in
+    this machine's memory before they move to the GPU: too little, and the kernel kills the bot mid-load."""
+    _free_memory(monkeypatch, 40 * GIB, host=12 * GIB)
+    with pytest.raises(ModelLoadError) as refused:
+        check_memory(resolve_model(DEFAULT), plan_precision("bf16", GPU), GPU, True)
+    assert str(refused.value) == (
+        f"{DEFAULT} in bf16 passes through about 17.9 GiB of this machine's memory on its way to cuda:0 (its "
+        "vision and cross-attention layers as built, in fp32, and its language model in bf16) and needs about "
+        "1 GiB more, but 12.0 GiB is available; int8 and nf4 load the language model straight to the GPU and "
+        "need about 5.5 GiB here (--precision, or model.precision in config.toml); --skip-resource-checks "
+        "(model.skip_resource_checks = true in config.toml) skips this check"
+    )
+    check_memory(resolve_model(DEFAULT), plan_precision("int8", GPU), GPU, True)  # fits
+    _free_memory(monkeypatch, 40 * GIB, host=4 * GIB)
+    with pytest.raises(
+        ModelLoadError,
+        match=r"in int8 passes through about 5\.5 GiB .* \(its vision and "
+        r"cross-attention layers as built, in fp32\) .* 4\.0 GiB is available; free memory on this "
+        r"machine or add swap; --skip-resource-checks",
+    ):
+        check_memory(resolve_model(DEFAULT), plan_precision("int8", GPU), GPU, True)
+    _free_memory(monkeypatch, 40 * GIB, host=20 * GIB)
+    check_memory(resolve_model(DEFAULT), plan_precision("bf16", GPU), GPU, True)
 
 
 def test_sizing_a_model_before_loading_it_says_nothing(monkeypatch, caplog):
