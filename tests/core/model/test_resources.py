@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -250,11 +251,16 @@ def test_offline_mode_keeps_the_loaders_own_words():
     assert unreachable(offline) is None
 
 
+def _refusal(precision: str, device: torch.device) -> str:
+    """Why the default model in ``precision`` is refused on ``device``, with the memory stood in."""
+    with pytest.raises(ModelLoadError) as refused:
+        check_memory(resolve_model(DEFAULT), plan_precision(precision, device), device, True)
+    return str(refused.value)
+
+
 def test_too_little_memory_names_the_sizes_and_the_precisions_that_fit(monkeypatch):
     _free_memory(monkeypatch, 20 * GIB)
-    with pytest.raises(ModelLoadError) as refused:
-        check_memory(resolve_model(DEFAULT), plan_precision("auto", CPU), CPU, True)
-    assert str(refused.value) == (
+    assert _refusal("auto", CPU) == (
         f"{DEFAULT} in fp32 needs 30.3 GiB for its weights and about 1 GiB to run, but cpu has 20.0 GiB free; "
         "a smaller precision fits: bf16 (15.1 GiB), int8 (8.1 GiB), nf4 (6.1 GiB) (--precision, or model.precision "
         "in config.toml); --skip-resource-checks (model.skip_resource_checks = true in config.toml) skips this check"
@@ -263,22 +269,16 @@ def test_too_little_memory_names_the_sizes_and_the_precisions_that_fit(monkeypat
 
 def test_a_gpu_short_of_memory_is_offered_only_what_fits_it(monkeypatch):
     _free_memory(monkeypatch, 7 * GIB)
-    with pytest.raises(
-        ModelLoadError, match=r"in bf16 needs 15\.1 GiB .* but cuda:0 has 7\.0 GiB free; .*fits: nf4 \(5"
-    ):
-        check_memory(resolve_model(DEFAULT), plan_precision("bf16", GPU), GPU, True)
+    assert re.search(r"in bf16 needs 15\.1 GiB .* but cuda:0 has 7\.0 GiB free; .*fits: nf4 \(5", _refusal("bf16", GPU))
     _free_memory(monkeypatch, 3 * GIB)
-    with pytest.raises(ModelLoadError, match=r"has 3\.0 GiB free; choose a smaller model"):
-        check_memory(resolve_model(DEFAULT), plan_precision("bf16", GPU), GPU, True)
+    assert "has 3.0 GiB free; choose a smaller model" in _refusal("bf16", GPU)
 
 
 def test_a_gpu_load_that_this_machines_memory_cannot_carry_is_refused_before_it_starts(monkeypatch):
     """The language model (unless quantized), the vision encoder and the cross-attention layers are in
     this machine's memory before they move to the GPU: too little, and the kernel kills the bot mid-load."""
     _free_memory(monkeypatch, 40 * GIB, host=12 * GIB)
-    with pytest.raises(ModelLoadError) as refused:
-        check_memory(resolve_model(DEFAULT), plan_precision("bf16", GPU), GPU, True)
-    assert str(refused.value) == (
+    assert _refusal("bf16", GPU) == (
         f"{DEFAULT} in bf16 passes through about 17.9 GiB of this machine's memory on its way to cuda:0 (its "
         "vision and cross-attention layers as built, in fp32, and its language model in bf16) and needs about "
         "1 GiB more, but 12.0 GiB is available; int8 and nf4 load the language model straight to the GPU and "
@@ -287,13 +287,11 @@ def test_a_gpu_load_that_this_machines_memory_cannot_carry_is_refused_before_it_
     )
     check_memory(resolve_model(DEFAULT), plan_precision("int8", GPU), GPU, True)  # fits
     _free_memory(monkeypatch, 40 * GIB, host=4 * GIB)
-    with pytest.raises(
-        ModelLoadError,
-        match=r"in int8 passes through about 5\.5 GiB .* \(its vision and "
-        r"cross-attention layers as built, in fp32\) .* 4\.0 GiB is available; free memory on this "
-        r"machine or add swap; --skip-resource-checks",
-    ):
-        check_memory(resolve_model(DEFAULT), plan_precision("int8", GPU), GPU, True)
+    assert re.search(
+        r"in int8 passes through about 5\.5 GiB .* \(its vision and cross-attention layers as built, in fp32\) "
+        r".* 4\.0 GiB is available; free memory on this machine or add swap; --skip-resource-checks",
+        _refusal("int8", GPU),
+    )
     _free_memory(monkeypatch, 40 * GIB, host=20 * GIB)
     check_memory(resolve_model(DEFAULT), plan_precision("bf16", GPU), GPU, True)
 
