@@ -88,7 +88,7 @@ def _check_host_memory(spec: ModelSpec, counts: ParameterCounts, plan: Precision
         f"int8 and nf4 load the language model straight to the GPU and need about {quantized / GIB:.1f} GiB here "
         "(--precision, or model.precision in config.toml)"
         if plan.quantization is None and quantized + MEMORY_HEADROOM <= available
-        else "free memory on this machine or add swap"
+        else "free memory on this machine (with swap to spare, the load may still go through, slowly)"
     )
     parts = "its vision and cross-attention layers as built, in fp32" + (
         f", and its language model in {plan.name}" if plan.quantization is None else ""
