@@ -126,6 +126,13 @@ def evaluation_embed(result: EvaluationResult, model: str) -> discord.Embed:
     return embed
 
 
+def _cancelling(job_id: int) -> discord.ui.View:
+    """The Cancel button of the evaluation ``job_id``."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(CancelEvaluationButton(job_id))
+    return view
+
+
 class EvaluationMessage:
     """The deferred reply as an evaluation's progress (``core.evaluation.jobs.EvaluationFront``): the
     examples answered, edited at most every ``PROGRESS_SECONDS``, with a Cancel button."""
@@ -153,10 +160,8 @@ class EvaluationMessage:
                     log.warning("could not show an evaluation's progress", exc_info=True)
 
     async def _show(self, job: EvaluationJob) -> None:
-        view = discord.ui.View(timeout=None)
-        view.add_item(CancelEvaluationButton(job.id))
         await self.interaction.edit_original_response(
-            content=evaluation_progress(job, self.models.shown(job.model)), view=view
+            content=evaluation_progress(job, self.models.shown(job.model)), view=_cancelling(job.id)
         )
 
     async def stop(self) -> None:
@@ -351,10 +356,8 @@ class Tasks(commands.Cog):
                 interaction.id, guild_id, interaction.user.id, task, model, progress
             )
         except EvaluationRunning as running:  # its own message, and its Cancel, may be another moderator's
-            view = discord.ui.View(timeout=None)
-            view.add_item(CancelEvaluationButton(running.job_id))
             await interaction.edit_original_response(
-                content=f"{running} You can also cancel it with this button.", view=view
+                content=f"{running} You can also cancel it with this button.", view=_cancelling(running.job_id)
             )
             return
         finally:

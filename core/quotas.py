@@ -99,6 +99,12 @@ class _Place:
     in_flight: int = 0
     recent: deque[float] = field(default_factory=deque)
 
+    def within(self, now: float, period: float) -> deque[float]:
+        """Its requests counted in the period ending ``now``, those before it let go."""
+        while self.recent and now - self.recent[0] >= period:
+            self.recent.popleft()
+        return self.recent
+
 
 # How often idle users and places are forgotten, so that memory follows the active ones.
 PRUNE_SECONDS = 600.0
@@ -133,9 +139,7 @@ class RequestQuotas:
             raise TooManyRequests(words.too_fast.format(wait=wait_words(wait)))
         in_dms = guild_id is None
         place = self._places.setdefault(_key(guild_id, user_id), _Place())
-        recent = place.recent
-        while recent and now - recent[0] >= settings.period_seconds:
-            recent.popleft()
+        recent = place.within(now, settings.period_seconds)
         if place.in_flight >= settings.guild_in_flight:
             who = "You already have" if in_dms else "This server already has"
             raise TooManyRequests(
@@ -179,9 +183,8 @@ class RequestQuotas:
                 f"That needs {plural(count, words.noun)}, more than this server's "
                 f"{plural(per_period, words.noun)} per {quota_period(settings.period_seconds)}."
             )
-        recent = self._places.setdefault(_key(guild_id, 0), _Place()).recent  # the server's, whoever asks
-        while recent and now - recent[0] >= settings.period_seconds:
-            recent.popleft()
+        place = self._places.setdefault(_key(guild_id, 0), _Place())  # the server's, whoever asks
+        recent = place.within(now, settings.period_seconds)
         over = len(recent) + count - per_period
         if over > 0:  # it fits once the ``over`` oldest counted requests have left the period
             wait = settings.period_seconds - (now - recent[over - 1])
